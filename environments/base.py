@@ -1,0 +1,146 @@
+"""Interfaces of stage 1, environment construction (survey §8, §8.2).
+
+A :class:`TaskFamily` generates task instances (with seeds and train/eval splits) and makes a
+live :class:`Environment` for one episode of an instance. Environments speak text: ``reset``
+returns the prompt, ``step`` takes the policy's decoded action text and returns the next
+observation. Families that execute untrusted code get a :class:`~environments.sandbox.base.Sandbox`
+from the environment-construction stage; pure-Python MDPs (bifurcation) declare
+``needs_sandbox = False`` and run in the rollout process.
+
+Families register themselves with :func:`register_family`; each declares a config dataclass
+(``Config``) whose fields are the keys allowed under ``env.`` in the run config.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Optional
+
+from stages.schema import GroundTruthCredit
+
+
+@dataclass
+class EnvConfig:
+    """Base of every task family's config; ``name`` selects the family."""
+
+    name: str = "bifurcation"  # task family (registry name)
+
+
+@dataclass(frozen=True)
+class TaskInstance:
+    """One task instance; ``spec`` is JSON-serialisable and fully determines the task."""
+
+    task_id: str
+    split: str
+    seed: int
+    spec: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
+
+
+@dataclass
+class StepResult:
+    observation: str
+    reward: float
+    done: bool
+    #: environment's parse of the action ("A"), or None when the action was invalid
+    action: Optional[str]
+    #: state key of the *next* state (hashable; GiGPO anchor states)
+    state_key: str
+    success: bool = False
+    #: why the episode ended (only meaningful when done)
+    reason: str = ""
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+class Environment(abc.ABC):
+    """A live episode of one task instance."""
+
+    @abc.abstractmethod
+    def reset(self) -> str:
+        """Start the episode; return the prompt text (task description + first observation)."""
+
+    @abc.abstractmethod
+    def step(self, action_text: str) -> StepResult:
+        """Apply the policy's decoded action text."""
+
+    @abc.abstractmethod
+    def state_key(self) -> str:
+        """Hashable key of the current state."""
+
+    def ground_truth(self, actions: list[Optional[str]]) -> Optional[GroundTruthCredit]:
+        """Exact per-turn credit of the episode's taken actions, where the MDP is known."""
+        return None
+
+    def snapshot(self) -> Any:
+        """An opaque handle from which :meth:`restore` can resume this state."""
+        raise NotImplementedError(f"{type(self).__name__} does not support snapshots")
+
+    def restore(self, handle: Any) -> None:
+        raise NotImplementedError(f"{type(self).__name__} does not support snapshots")
+
+    def close(self) -> None:
+        """Release sandboxes and other resources (idempotent)."""
+
+
+class TaskFamily(abc.ABC):
+    """A family of tasks: instance generation, environment factory, verifier, description."""
+
+    name: ClassVar[str]
+    Config: ClassVar[type[EnvConfig]] = EnvConfig
+    #: whether environments of this family execute code in a sandbox
+    needs_sandbox: ClassVar[bool] = False
+
+    def __init__(self, cfg: EnvConfig):
+        self.cfg = cfg
+
+    @abc.abstractmethod
+    def instances(self, split: str, n: int, seed: int) -> list[TaskInstance]:
+        """``n`` deterministic instances of ``split`` ("train" or "eval") for ``seed``."""
+
+    @abc.abstractmethod
+    def make(self, instance: TaskInstance, sandbox: Any = None, episode_seed: int = 0) -> Environment:
+        """A fresh environment for one episode of ``instance``.
+
+        ``episode_seed`` seeds the environment's own randomness (stochastic transitions), so
+        the episodes of a group (same instance, distinct seeds) differ reproducibly."""
+
+    @abc.abstractmethod
+    def describe(self) -> dict[str, str]:
+        """Reporting fields (Appendix C): data source, size, filtering, metric definition."""
+
+    def verify(self, trajectory: Any) -> Optional[tuple[float, bool, dict[str, Any]]]:
+        """Post-hoc verifier of a finished episode: (terminal reward, success, info).
+
+        ``None`` (the default) means the environment's own terminal reward and success, recorded
+        during the rollout, are final. Families whose verdict needs extra work after the episode
+        (hidden unit tests, answer checking) override this; the reward stage calls it."""
+        return None
+
+    def warmup_corpus(self, n: int, seed: int) -> list[tuple[str, list[tuple[str, str]]]]:
+        """Episodes for the supervised format warm-up: (prompt, [(action_text, observation), ...])
+        with valid actions chosen uniformly at random (teaches format, not the answer)."""
+        raise NotImplementedError(f"task family {self.name!r} has no warm-up corpus")
+
+
+_FAMILIES: dict[str, type[TaskFamily]] = {}
+
+
+def register_family(cls: type[TaskFamily]) -> type[TaskFamily]:
+    if cls.name in _FAMILIES:
+        raise ValueError(f"task family {cls.name!r} registered twice")
+    _FAMILIES[cls.name] = cls
+    return cls
+
+
+def family_names() -> list[str]:
+    import environments.tasks  # noqa: F401  (registers the built-in families)
+
+    return sorted(_FAMILIES)
+
+
+def get_family_class(name: str) -> type[TaskFamily]:
+    import environments.tasks  # noqa: F401
+
+    if name not in _FAMILIES:
+        raise KeyError(f"unknown env {name!r}; known task families: {', '.join(sorted(_FAMILIES))}")
+    return _FAMILIES[name]

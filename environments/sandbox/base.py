@@ -1,0 +1,98 @@
+"""Sandbox interface for environment construction (survey §8.2: reset cost, safety).
+
+Every backend (``process`` here; ``docker`` next) implements the same five operations:
+create (the backend's ``create``), exec with a hard timeout, snapshot/fork, reset, close.
+A fault inside a sandbox (timeout, crash, memory, huge output) never raises out of ``exec``:
+it comes back as an :class:`ExecResult` with ``reason`` set, so the episode can end with a
+recorded reason and the run goes on.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence, Union
+
+
+@dataclass
+class SandboxConfig:
+    """Keys allowed under ``sandbox.`` in the run config."""
+
+    backend: str = "process"  # process | docker | auto (auto: docker when reachable)
+    exec_timeout_s: float = 10.0  # hard wall-clock limit of one exec
+    memory_mb: int = 512  # address-space / memory limit per sandbox
+    cpu_seconds: int = 30  # CPU-time limit per exec (process backend rlimit)
+    max_processes: int = 64  # pids limit (fork bombs)
+    max_output_bytes: int = 1_000_000  # stdout/stderr kept per exec; the rest is dropped and flagged
+    max_file_mb: int = 64  # largest file a sandbox may write
+    network: bool = False  # allow network access (off by default)
+
+
+@dataclass
+class ExecResult:
+    exit_code: Optional[int]
+    stdout: bytes
+    stderr: bytes
+    wall_seconds: float
+    timed_out: bool = False
+    truncated: bool = False
+    #: "" when the command ran to completion; otherwise timeout, killed, oom, output_limit, error
+    reason: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.reason == "" and self.exit_code == 0
+
+
+class Sandbox(abc.ABC):
+    """An isolated working directory plus the processes run in it."""
+
+    @abc.abstractmethod
+    def exec(
+        self,
+        cmd: Union[str, Sequence[str]],
+        timeout_s: Optional[float] = None,
+        stdin: Optional[bytes] = None,
+    ) -> ExecResult:
+        """Run ``cmd`` inside the sandbox with a hard timeout; kill its whole process tree on expiry."""
+
+    @abc.abstractmethod
+    def write_file(self, path: str, data: bytes) -> None:
+        """Write ``data`` to ``path`` relative to the sandbox work directory."""
+
+    @abc.abstractmethod
+    def read_file(self, path: str) -> bytes:
+        """Read ``path`` relative to the sandbox work directory."""
+
+    @abc.abstractmethod
+    def snapshot(self) -> Any:
+        """Capture the sandbox state; the handle can be passed to the backend's ``fork``."""
+
+    @abc.abstractmethod
+    def reset(self) -> None:
+        """Return to the state right after creation (cheaper than close + create)."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Kill everything and release all resources (idempotent)."""
+
+    def __enter__(self) -> "Sandbox":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class SandboxBackend(abc.ABC):
+    name: str
+
+    @abc.abstractmethod
+    def create(self) -> Sandbox:
+        """A fresh sandbox."""
+
+    @abc.abstractmethod
+    def fork(self, snapshot: Any) -> Sandbox:
+        """A new sandbox starting from ``snapshot`` (re-run from an intermediate turn)."""
+
+    def close(self) -> None:
+        """Release everything this backend created."""

@@ -1,0 +1,516 @@
+"""Controlled bifurcation tasks with exact ground-truth credit (survey §4.6, §9.3).
+
+A multi-turn text episode of ``horizon`` turns. At every turn the environment shows a cue (a
+lowercase letter) and the policy answers with one uppercase letter. A few turns are
+*decisive* (bifurcation points): there, the hidden rule's action for the cue keeps the episode
+on track (with probability ``1 - slip_prob``) and any other answer puts it off track for good.
+The remaining turns are *routine*: any valid letter is fine. The terminal reward is 1.0 iff
+the episode is still on track at the end. Because the MDP is known, every turn's exact value,
+Q-value and advantage under a reference policy are computed by dynamic programming
+(:func:`exact_values`, :meth:`BifurcationEnv.ground_truth`): the instrument against which
+every credit method is measured.
+
+Semantics
+---------
+* A *rule* (a random permutation without fixed points drawn from ``rule_seed``, see
+  :func:`make_rule`) maps cue ``a, b, c, ...`` to action ``A, B, C, ...``; it is shared by all
+  instances, so it is learnable across episodes.
+* An instance fixes which turns are decisive and the cue of every turn (``instance.spec``:
+  ``horizon``, ``num_actions``, ``decisive``, ``cues``, ``answers``; JSON-serialisable).
+  With ``distractors=True`` routine turns show a random cue as well, so decisive turns look
+  like routine ones (unless ``mark_decisive``); with ``distractors=False`` routine turns show
+  cue ``-``. The optimal policy answers the rule's action on every turn.
+* State = (turn t, on-track bit). At a decisive turn: the rule's action keeps the bit with
+  probability ``1 - slip_prob`` (a *slip* clears it: stochastic transition); a wrong letter
+  clears it. At a routine turn a valid letter keeps the bit. **An invalid action (anything
+  whose ``strip()`` is not exactly one valid letter) clears the bit on any turn: format errors
+  fail the episode.** Once off track the episode can never succeed.
+* ``terminate_on_error``: a wrong decisive letter or an invalid action ends the episode at once
+  (terminal reward 0; variable trajectory length). Slips do not end the episode.
+* Rewards: the *turn* reward ``r_t`` is ``decisive_reward`` for the rule's action at a decisive
+  turn (whether or not it slips, on or off track), else 0. The *terminal* reward is 1.0 on
+  success, else 0.0. ``StepResult.reward`` is ``r_t``, plus the terminal reward on the final
+  step, whose ``info["terminal_reward"]`` gives the terminal part on its own (the agent loop
+  splits it off into ``Trajectory.reward``; ``info["turn_reward"]`` is ``r_t`` on every step).
+  The return is ``sum_t r_t + terminal``; ground-truth values are expectations of it.
+* Randomness: slips only. Each episode draws its slip table (one uniform per turn) from
+  ``random.Random`` seeded by (instance seed, ``episode_seed``), so the same instance and
+  episode seed replay exactly, whatever the actions. :meth:`BifurcationEnv.restore` replays
+  the same future slips unless given ``reseed`` (MC rollouts from a snapshot want fresh ones).
+
+Text protocol
+-------------
+The rollout and warm-up code rely on this; the transcript of an episode is exactly the
+concatenation ``prompt + action_0 + obs_1 + action_1 + obs_2 + ... + action_{T-1} + obs_T``
+with nothing inserted.
+
+* Prompt: ``"Follow the rule. Answer with one letter: A B.\\n"`` (the valid letters, space
+  separated) followed by the first turn's observation.
+* Turn observation: ``"t{k} cue {c} :"`` with k = 1..H (1-based) and c the cue (``-`` on
+  routine turns without distractors); with ``mark_decisive`` decisive turns read
+  ``"t{k} cue {c} ! :"``. Every observation where the policy must act ends with ``":"``
+  (no trailing space), right where the policy answers.
+* **The policy emits the letter and a newline: ``"A\\n"``** (no space: the observation's ``":"``
+  is followed directly by the letter). The newline ends the turn: ``"\\n"`` is the stop text (a
+  rollout engine stops at the first token whose text contains ``"\\n"``, and that token is part
+  of the action). Warm-up episodes use exactly ``"A\\n"``.
+* Parsing is lenient about whitespace: ``action_text.strip()`` must equal a valid letter
+  (``"A"``, ``" A"``, ``"A\\n"`` are all action A); anything else is invalid
+  (``StepResult.action`` is None).
+* Observation after a step: the next turn's observation, or ``"done: success"`` /
+  ``"done: failure"`` at the end. It does **not** start with ``"\\n"`` when the action text
+  ended with ``"\\n"`` (the normal case); when the action text did not end with a newline
+  (e.g. cut by the token limit) the observation is prefixed with ``"\\n"``, so every
+  observation starts on a fresh line either way.
+
+Example (H=3, decisive turn 2, rule a->B, b->A)::
+
+    Follow the rule. Answer with one letter: A B.
+    t1 cue a :A
+    t2 cue b :A
+    t3 cue a :B
+    done: success
+
+State keys (GiGPO anchors): ``"{task_id}|t={t}|cue={c}|on={0|1}"`` for the state in which turn
+``t`` (0-based) is taken, ``"{task_id}|end|t={t}|on={0|1}"`` for terminal states. They expose
+the hidden on-track bit (the *true* MDP state): two episodes of an instance share a key iff
+they are in the same true state.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Any, Optional, Sequence
+
+from environments.base import EnvConfig, Environment, StepResult, TaskFamily, TaskInstance, register_family
+from stages.schema import GroundTruthCredit
+
+LETTERS = "ABCDEF"
+CUES = "abcdef"
+MAX_ACTIONS = len(LETTERS)
+SPLITS = ("train", "eval")
+REFERENCE_POLICIES = ("uniform", "optimal")
+#: the text the policy emits for action ``L`` (warm-up corpus, scripted agents)
+ACTION_FORMAT = "{}\n"
+#: the text that ends a policy turn
+STOP_TEXT = "\n"
+NO_CUE = "-"
+
+
+@dataclass
+class BifurcationConfig(EnvConfig):
+    """Keys allowed under ``env.`` for the bifurcation family."""
+
+    name: str = "bifurcation"  # task family (registry name)
+    horizon: int = 4  # turns per episode (H)
+    num_decisive: int = 2  # decisive turns (bifurcation points) per instance, 0..horizon
+    num_actions: int = 2  # valid actions A, B, ... (2..6); cues a, b, ... likewise
+    slip_prob: float = 0.0  # probability that a correct decisive action still fails (stochastic transition)
+    distractors: bool = True  # routine turns show a cue too, so decisive turns are not marked
+    mark_decisive: bool = False  # print a "!" marker on decisive turns
+    terminate_on_error: bool = False  # a wrong decisive or invalid action ends the episode at once
+    decisive_reward: float = 0.0  # turn reward for a correct decisive action (besides terminal 1.0 on success)
+    train_size: int = 512  # train-split instance pool size
+    eval_size: int = 128  # eval-split instance pool size
+    rule_seed: int = 0  # seed of the hidden cue->action rule shared by all instances
+    reference_policy: str = "uniform"  # policy of the ground-truth V/Q/A: uniform (over valid actions) | optimal
+
+
+def _check_config(cfg: Any) -> None:
+    def bad(field: str, why: str) -> ValueError:
+        return ValueError(f"env.{field}={getattr(cfg, field)!r}: {why}")
+
+    if not 1 <= cfg.horizon:
+        raise bad("horizon", "must be >= 1")
+    if not 0 <= cfg.num_decisive <= cfg.horizon:
+        raise bad("num_decisive", f"must be between 0 and horizon={cfg.horizon}")
+    if not 2 <= cfg.num_actions <= MAX_ACTIONS:
+        raise bad("num_actions", f"must be between 2 and {MAX_ACTIONS}")
+    if not 0.0 <= cfg.slip_prob <= 1.0:
+        raise bad("slip_prob", "must be a probability in [0, 1]")
+    if cfg.reference_policy not in REFERENCE_POLICIES:
+        raise bad("reference_policy", f"must be one of {', '.join(REFERENCE_POLICIES)}")
+    if cfg.train_size < 0 or cfg.eval_size < 0:
+        raise ValueError("env.train_size and env.eval_size must be >= 0")
+
+
+def _derive_seed(*parts: Any) -> int:
+    """A 63-bit seed from a tuple of parts (stable across processes and Python versions)."""
+    digest = hashlib.sha256("|".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
+
+
+def make_rule(rule_seed: int, num_actions: int) -> dict[str, str]:
+    """The hidden rule: cue letter -> action letter, a random *derangement* (no cue maps to its
+    own capital, so the rule cannot be guessed by copying the cue). With 2 actions the only
+    derangement is a->B, b->A, whatever ``rule_seed``."""
+    rng = random.Random(_derive_seed("bifurcation-rule", rule_seed, num_actions))
+    while True:
+        actions = list(LETTERS[:num_actions])
+        rng.shuffle(actions)
+        if all(actions[i] != LETTERS[i] for i in range(num_actions)):
+            return {CUES[i]: actions[i] for i in range(num_actions)}
+
+
+def parse_action(action_text: str, num_actions: int) -> Optional[str]:
+    """The valid letter ``action_text`` denotes, or None (invalid)."""
+    a = action_text.strip() if isinstance(action_text, str) else None
+    return a if a is not None and len(a) == 1 and a in LETTERS[:num_actions] else None
+
+
+def format_action(letter: str) -> str:
+    """The exact text a well-formatted policy emits for ``letter`` (``"A\\n"``)."""
+    return ACTION_FORMAT.format(letter)
+
+
+# ----------------------------------------------------------------------------- exact values
+
+
+def _dynamics(cfg: Any) -> tuple[Fraction, Fraction, bool, bool]:
+    return (
+        Fraction(cfg.slip_prob),
+        Fraction(cfg.decisive_reward),
+        bool(cfg.terminate_on_error),
+        cfg.reference_policy == "optimal",
+    )
+
+
+def _exact_tables(spec: dict[str, Any], cfg: Any) -> tuple[list[list[Fraction]], list[list[dict[Optional[str], Fraction]]]]:
+    """Backward induction in exact rational arithmetic (so routine advantages are exactly 0)."""
+    H = int(spec["horizon"])
+    letters = list(LETTERS[: int(spec["num_actions"])])
+    decisive = set(spec["decisive"])
+    answers = spec["answers"]
+    slip, r_dec, terminate, optimal = _dynamics(cfg)
+    V: list[list[Fraction]] = [[Fraction(0), Fraction(0)] for _ in range(H + 1)]
+    V[H] = [Fraction(0), Fraction(1)]  # terminal reward 1.0 iff on track
+    Q: list[list[dict[Optional[str], Fraction]]] = [[{}, {}] for _ in range(H)]
+    for t in reversed(range(H)):
+        for on in (0, 1):
+            q: dict[Optional[str], Fraction] = {}
+            for a in letters + [None]:
+                correct = t in decisive and a is not None and a == answers[t]
+                error = a is None or (t in decisive and not correct)
+                r = r_dec if correct else Fraction(0)
+                if error:
+                    cont = Fraction(0) if terminate else V[t + 1][0]
+                elif correct:
+                    cont = (1 - slip) * V[t + 1][on] + slip * V[t + 1][0]
+                else:
+                    cont = V[t + 1][on]
+                q[a] = r + cont
+            Q[t][on] = q
+            vals = [q[a] for a in letters]
+            V[t][on] = max(vals) if optimal else sum(vals, Fraction(0)) / len(vals)
+    return V, Q
+
+
+def exact_values(spec: dict[str, Any], cfg: Any) -> tuple[list[list[float]], list[list[dict[Optional[str], float]]]]:
+    """Exact V and Q of an instance under ``cfg.reference_policy``, by backward induction.
+
+    ``V[t][on]`` for t = 0..H (``V[H]`` = terminal reward), ``on`` in {0, 1};
+    ``Q[t][on][a]`` for t = 0..H-1 and ``a`` each valid letter or ``None`` (an invalid action).
+    Values are expected returns (turn rewards + terminal reward) from the state onwards.
+    """
+    V, Q = _exact_tables(spec, cfg)
+    return (
+        [[float(v) for v in row] for row in V],
+        [[{a: float(x) for a, x in q.items()} for q in row] for row in Q],
+    )
+
+
+# ----------------------------------------------------------------------------- environment
+
+
+class BifurcationEnv(Environment):
+    """One episode of a bifurcation instance (see the module docstring for the protocol)."""
+
+    def __init__(
+        self,
+        cfg: Any,
+        instance: TaskInstance,
+        episode_seed: int = 0,
+        tables: Optional[tuple[list[list[Fraction]], list[list[dict[Optional[str], Fraction]]]]] = None,
+    ):
+        spec = instance.spec
+        self.cfg = cfg
+        self.instance = instance
+        self.episode_seed = int(episode_seed)
+        self.horizon = int(spec["horizon"])
+        self.num_actions = int(spec["num_actions"])
+        self.letters = LETTERS[: self.num_actions]
+        self.decisive = [t in set(spec["decisive"]) for t in range(self.horizon)]
+        self.cues: list[str] = list(spec["cues"])
+        self.answers: list[Optional[str]] = list(spec["answers"])
+        self._tables = tables
+        #: slip outcome of each turn (privileged; only matters on decisive turns)
+        self.slips = self._draw_slips(random.Random(_derive_seed("episode", instance.seed, self.episode_seed)))
+        self._started = False
+        self._t = 0
+        self._on = True
+        self._done = False
+        self._success = False
+        self.actions: list[Optional[str]] = []
+
+    def _draw_slips(self, rng: random.Random) -> list[bool]:
+        p = float(self.cfg.slip_prob)
+        return [rng.random() < p for _ in range(self.horizon)]
+
+    # -- text ------------------------------------------------------------------------------
+
+    @property
+    def prompt_header(self) -> str:
+        return f"Follow the rule. Answer with one letter: {' '.join(self.letters)}.\n"
+
+    def observation(self, t: int) -> str:
+        mark = " !" if self.cfg.mark_decisive and self.decisive[t] else ""
+        return f"t{t + 1} cue {self.cues[t]}{mark} :"
+
+    # -- Environment API -----------------------------------------------------------------
+
+    def reset(self) -> str:
+        self._started = True
+        self._t, self._on, self._done, self._success = 0, True, False, False
+        self.actions = []
+        return self.prompt_header + self.observation(0)
+
+    def _key(self, t: int, on: bool, terminal: bool) -> str:
+        tid = self.instance.task_id
+        if terminal:
+            return f"{tid}|end|t={t}|on={int(on)}"
+        return f"{tid}|t={t}|cue={self.cues[t]}|on={int(on)}"
+
+    def state_key(self) -> str:
+        return self._key(self._t, self._on, self._done)
+
+    def _transition(self, t: int, on: bool, a: Optional[str], slips: Sequence[bool]) -> tuple[bool, float, bool]:
+        """(next on-track bit, turn reward, terminated early) of action ``a`` at turn ``t``."""
+        correct = self.decisive[t] and a is not None and a == self.answers[t]
+        error = a is None or (self.decisive[t] and not correct)
+        reward = float(self.cfg.decisive_reward) if correct else 0.0
+        if error:
+            return False, reward, bool(self.cfg.terminate_on_error)
+        if correct and slips[t]:
+            return False, reward, False
+        return on, reward, False
+
+    def step(self, action_text: str) -> StepResult:
+        if not self._started:
+            raise RuntimeError("call reset() before step()")
+        if self._done:
+            raise RuntimeError(f"episode of {self.instance.task_id} is over; call reset()")
+        t = self._t
+        a = parse_action(action_text, self.num_actions)
+        on, reward, terminated = self._transition(t, self._on, a, self.slips)
+        self.actions.append(a)
+        self._on = on
+        self._t = t + 1
+        done = terminated or self._t >= self.horizon
+        prefix = "" if isinstance(action_text, str) and action_text.endswith("\n") else "\n"
+        info: dict[str, Any] = {"turn": t, "valid": a is not None, "turn_reward": reward}
+        if done:
+            self._done = True
+            self._success = on
+            info["terminal_reward"] = 1.0 if on else 0.0
+            reward += info["terminal_reward"]
+            obs = prefix + ("done: success" if on else "done: failure")
+            reason = "success" if on else ("invalid_action" if terminated and a is None else "failure")
+        else:
+            obs = prefix + self.observation(self._t)
+            reason = ""
+        return StepResult(
+            observation=obs,
+            reward=reward,
+            done=done,
+            action=a,
+            state_key=self.state_key(),
+            success=self._success if done else False,
+            reason=reason,
+            info=info,
+        )
+
+    @property
+    def done(self) -> bool:
+        return self._done
+
+    def _get_tables(self) -> tuple[list[list[Fraction]], list[list[dict[Optional[str], Fraction]]]]:
+        if self._tables is None:
+            self._tables = _exact_tables(self.instance.spec, self.cfg)
+        return self._tables
+
+    def ground_truth(self, actions: list[Optional[str]]) -> GroundTruthCredit:
+        """Exact credit of the taken actions (letters, or None for invalid) under the reference policy.
+
+        ``value[t] = V(s_t)``, ``q_value[t] = Q(s_t, a_t)``, ``advantage[t] = Q - V``, where
+        ``s_t``'s on-track bit follows this episode's realized slips (its slip table), so the
+        result describes the episode that was actually played with these actions.
+        A string that is not a bare letter is parsed like action text."""
+        V, Q = self._get_tables()
+        values: list[float] = []
+        qs: list[float] = []
+        advs: list[float] = []
+        on = True
+        ended = False
+        for t, a in enumerate(actions):
+            if ended or t >= self.horizon:
+                raise ValueError(
+                    f"ground_truth: {len(actions)} actions, but the episode of {self.instance.task_id} "
+                    f"ends after {t} turns"
+                )
+            if a is not None:
+                a = parse_action(a, self.num_actions)
+            v, q = V[t][int(on)], Q[t][int(on)][a]
+            values.append(float(v))
+            qs.append(float(q))
+            advs.append(float(q - v))
+            on, _, ended = self._transition(t, on, a, self.slips)
+        return GroundTruthCredit(
+            value=values,
+            q_value=qs,
+            advantage=advs,
+            decisive=list(self.decisive[: len(actions)]),
+            reference_policy=str(self.cfg.reference_policy),
+        )
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "t": self._t,
+            "on": self._on,
+            "done": self._done,
+            "success": self._success,
+            "started": self._started,
+            "actions": list(self.actions),
+            "slips": list(self.slips),
+        }
+
+    def restore(self, handle: dict[str, Any], reseed: Optional[int] = None) -> None:
+        """Resume from ``handle``. With ``reseed`` the slips of the turns not yet taken are
+        redrawn from (instance seed, episode seed, reseed): independent futures for MC rollouts."""
+        self._t, self._on, self._done = handle["t"], handle["on"], handle["done"]
+        self._success, self._started = handle["success"], handle["started"]
+        self.actions = list(handle["actions"])
+        self.slips = list(handle["slips"])
+        if reseed is not None:
+            fresh = self._draw_slips(random.Random(_derive_seed("reseed", self.instance.seed, self.episode_seed, reseed)))
+            self.slips = self.slips[: self._t] + fresh[self._t :]
+
+
+# ----------------------------------------------------------------------------- family
+
+
+@register_family
+class BifurcationFamily(TaskFamily):
+    name = "bifurcation"
+    Config = BifurcationConfig
+    needs_sandbox = False
+
+    def __init__(self, cfg: Optional[Any] = None):
+        super().__init__(cfg if cfg is not None else BifurcationConfig())
+        _check_config(self.cfg)
+        #: the hidden rule (privileged: for scripted agents and tests)
+        self.rule = make_rule(self.cfg.rule_seed, self.cfg.num_actions)
+        self._tables_cache: dict[str, Any] = {}
+
+    def pool_size(self, split: str) -> int:
+        """Configured instance count of ``split`` (``train_size`` / ``eval_size``)."""
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
+        return int(self.cfg.train_size if split == "train" else self.cfg.eval_size)
+
+    def instance(self, split: str, index: int, seed: int) -> TaskInstance:
+        """Instance ``index`` of ``split`` for ``seed`` (train/eval use disjoint seed streams)."""
+        cfg = self.cfg
+        iseed = _derive_seed("bifurcation-instance", split, seed, index)
+        rng = random.Random(iseed)
+        H = int(cfg.horizon)
+        decisive = sorted(rng.sample(range(H), int(cfg.num_decisive)))
+        cues: list[str] = []
+        for t in range(H):
+            c = CUES[rng.randrange(cfg.num_actions)]  # drawn on every turn: same stream either way
+            cues.append(c if (t in decisive or cfg.distractors) else NO_CUE)
+        answers = [self.rule[cues[t]] if t in decisive else None for t in range(H)]
+        spec = {
+            "horizon": H,
+            "num_actions": int(cfg.num_actions),
+            "decisive": decisive,
+            "cues": cues,
+            "answers": answers,
+            "rule_seed": int(cfg.rule_seed),
+        }
+        return TaskInstance(task_id=f"bif-{split}-s{seed}-{index}", split=split, seed=iseed, spec=spec)
+
+    def instances(self, split: str, n: int, seed: int) -> list[TaskInstance]:
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
+        if n < 0:
+            raise ValueError(f"instances: n must be >= 0, got {n}")
+        return [self.instance(split, i, seed) for i in range(n)]
+
+    def _tables(self, instance: TaskInstance) -> Any:
+        key = f"{instance.task_id}|{instance.seed}"
+        tables = self._tables_cache.get(key)
+        if tables is None:
+            if len(self._tables_cache) > 4096:
+                self._tables_cache.clear()
+            tables = self._tables_cache[key] = _exact_tables(instance.spec, self.cfg)
+        return tables
+
+    def make(self, instance: TaskInstance, sandbox: Any = None, episode_seed: int = 0) -> BifurcationEnv:
+        spec = instance.spec
+        for k in ("horizon", "num_actions", "decisive", "cues", "answers"):
+            if k not in spec:
+                raise ValueError(f"instance {instance.task_id}: spec lacks {k!r} (not a bifurcation instance?)")
+        return BifurcationEnv(self.cfg, instance, episode_seed=episode_seed, tables=self._tables(instance))
+
+    def exact_values(self, instance: TaskInstance) -> tuple[list[list[float]], list[list[dict[Optional[str], float]]]]:
+        return exact_values(instance.spec, self.cfg)
+
+    def describe(self) -> dict[str, str]:
+        c = self.cfg
+        structure = (
+            f"H={c.horizon}, {c.num_decisive} decisive turns, {c.num_actions} actions, slip_prob={c.slip_prob}, "
+            f"distractors={c.distractors}, mark_decisive={c.mark_decisive}, "
+            f"terminate_on_error={c.terminate_on_error}, decisive_reward={c.decisive_reward}"
+        )
+        metric = (
+            "success rate = fraction of episodes ending on track (every decisive turn answered with the "
+            "rule's action and not slipped, no invalid action on any turn); terminal reward 1.0 on success "
+            "else 0.0"
+        )
+        if c.decisive_reward:
+            metric += f"; plus a turn reward of {c.decisive_reward} per correct decisive action"
+        return {
+            "source": f"procedurally generated bifurcation MDPs, rule_seed={c.rule_seed} ({structure})",
+            "size": f"train: {c.train_size} instances; eval: {c.eval_size} instances",
+            "filtering": "none",
+            "metric": metric,
+            "benchmark": (
+                f"bifurcation ({structure}); splits: train, eval (disjoint seed streams; instance "
+                "layouts may repeat when the layout space is small)"
+            ),
+            "ground_truth": f"exact V/Q/advantage by dynamic programming under the {c.reference_policy} reference policy",
+            "text_protocol": "policy emits '<LETTER>\\n' right after the observation's ':'; a turn ends at the first '\\n'",
+        }
+
+    def warmup_corpus(self, n: int, seed: int) -> list[tuple[str, list[tuple[str, str]]]]:
+        """``n`` episodes with uniformly random valid actions, each written as ``"A\\n"``.
+
+        Instances come from a separate "warmup" seed stream (not the train or eval pools)."""
+        out: list[tuple[str, list[tuple[str, str]]]] = []
+        for i in range(n):
+            inst = self.instance("warmup", i, seed)
+            rng = random.Random(_derive_seed("warmup-actions", seed, i))
+            env = self.make(inst, episode_seed=rng.getrandbits(31))
+            prompt = env.reset()
+            turns: list[tuple[str, str]] = []
+            while True:
+                text = format_action(rng.choice(env.letters))
+                res = env.step(text)
+                turns.append((text, res.observation))
+                if res.done:
+                    break
+            out.append((prompt, turns))
+        return out

@@ -1,0 +1,64 @@
+"""Python entry points behind the CLI: start, resume and inspect runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+from flows.config import ConfigError, load_config
+from flows.runtime import RunState, creditflow_home
+
+
+def preflight(cfg: Any) -> None:
+    """Checks that need the outside world, done before any compute (ConfigError on failure)."""
+    if cfg.sandbox.backend == "docker":
+        try:
+            import docker
+
+            docker.from_env(timeout=5).ping()
+        except Exception as exc:
+            raise ConfigError(
+                f"sandbox.backend=docker but no Docker engine is reachable ({type(exc).__name__}: {exc}); "
+                "start dockerd or use sandbox.backend=process"
+            ) from None
+
+
+def start_run(overrides: Optional[list[str]] = None, home: Optional[Path] = None, progress: bool = True,
+              run_id: Optional[str] = None) -> dict[str, Any]:
+    """Validate the config, create the run directory and drive the Prefect flow."""
+    from flows import train
+
+    cfg = load_config(overrides)
+    preflight(cfg)
+    state = RunState.create(cfg, home or creditflow_home(), run_id=run_id)
+    train._RUNS[state.run_id] = state
+    return train.train_flow(state.run_id, str(state.home), progress)
+
+
+def resume_run(run_id: str, overrides: Optional[list[str]] = None, home: Optional[Path] = None,
+               progress: bool = True) -> dict[str, Any]:
+    """Continue a run from where it stopped; finished stages load from persisted results."""
+    from flows import train
+
+    state = RunState.open(run_id, home or creditflow_home(), overrides)
+    preflight(state.cfg)
+    state.save_config()
+    train._RUNS[state.run_id] = state
+    return train.train_flow(state.run_id, str(state.home), progress)
+
+
+def tracker_for(home: Optional[Path] = None, uri: Optional[str] = None, experiment: str = "creditflow"):
+    from flows.tracking import Tracker, default_tracking_uri
+
+    home = home or creditflow_home()
+    return Tracker(uri or default_tracking_uri(home), experiment, home)
+
+
+def find_mlflow_run(tracker: Any, run_id: str) -> Any:
+    runs = tracker.client.search_runs([tracker.experiment_id], filter_string=f"tags.`creditflow.run_id` = '{run_id}'")
+    if runs:
+        return runs[0]
+    try:
+        return tracker.client.get_run(run_id)
+    except Exception:
+        raise ConfigError(f"no run {run_id!r} in the tracking store {tracker.uri}") from None

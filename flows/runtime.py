@@ -1,0 +1,250 @@
+"""Live state of one training run inside the flow process (never persisted by Prefect).
+
+Holds what stages need but cannot be pickled cheaply: the task family, the policy and its
+tokenizer, the rollout engine, the trainer (optimizer, critic, reference model) and the credit
+method. Everything here can be rebuilt from the run directory: ``config.yaml`` plus the latest
+checkpoint named by the persisted update results — which is exactly what a resume does.
+
+Run directory layout (``$CREDITFLOW_HOME/runs/<run_id>/``)::
+
+    config.yaml          resolved config            run.json        ids, hashes, links
+    results/             Prefect persisted results  checkpoints/    init, iter_0000, ...
+    executions.jsonl     one line per stage body actually executed (resume audit)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import secrets
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from environments.base import TaskFamily, get_family_class
+from flows.config import ConfigError, config_hash, load_config, parse_crash_at, to_object
+from stages.credit.base import CreditMethod, build_method
+from stages.update.checkpoint import load_checkpoint, save_checkpoint
+
+
+def creditflow_home() -> Path:
+    return Path(os.environ.get("CREDITFLOW_HOME", "./.creditflow")).expanduser().resolve()
+
+
+def new_run_id() -> str:
+    return datetime.now(timezone.utc).strftime("cf-%Y%m%d-%H%M%S-") + secrets.token_hex(3)
+
+
+class RunLockedError(RuntimeError):
+    pass
+
+
+@dataclass
+class RunPaths:
+    root: Path
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def info(self) -> Path:
+        return self.root / "run.json"
+
+    @property
+    def results(self) -> Path:
+        return self.root / "results"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def executions(self) -> Path:
+        return self.root / "executions.jsonl"
+
+    @property
+    def lock(self) -> Path:
+        return self.root / ".lock"
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+@dataclass
+class RunState:
+    run_id: str
+    home: Path
+    cfg: DictConfig
+    paths: RunPaths
+    info: dict[str, Any]
+    family: TaskFamily = field(init=False)
+    method: CreditMethod = field(init=False)
+    policy: Any = None
+    tokenizer: Any = None
+    engine: Any = None
+    trainer: Any = None
+    model_info: dict[str, Any] = field(default_factory=dict)
+    policy_version: Optional[str] = None
+    _lock_fh: Any = None
+
+    def __post_init__(self) -> None:
+        obj = to_object(self.cfg)
+        self.obj = obj
+        self.family = get_family_class(obj.env.name)(obj.env)
+        self.method = build_method(obj.credit)
+        self.chash = config_hash(self.cfg)
+
+    # ------------------------------------------------------------------ creation / lookup
+    @classmethod
+    def create(cls, cfg: DictConfig, home: Optional[Path] = None, run_id: Optional[str] = None) -> "RunState":
+        home = home or creditflow_home()
+        run_id = run_id or new_run_id()
+        paths = RunPaths(home / "runs" / run_id)
+        if paths.root.exists():
+            raise ConfigError(f"run {run_id} already exists at {paths.root}; use `creditflow resume {run_id}`")
+        paths.root.mkdir(parents=True)
+        _atomic_write(paths.config, OmegaConf.to_yaml(cfg))
+        info = {
+            "run_id": run_id,
+            "created": datetime.now(timezone.utc).isoformat(),
+            "config_hash": config_hash(cfg),
+            "mlflow_run_id": None,
+            "prefect_flow_runs": [],
+        }
+        _atomic_write(paths.info, json.dumps(info, indent=1))
+        return cls(run_id=run_id, home=home, cfg=cfg, paths=paths, info=info)
+
+    @classmethod
+    def open(cls, run_id: str, home: Optional[Path] = None, overrides: Optional[list[str]] = None) -> "RunState":
+        home = home or creditflow_home()
+        paths = RunPaths(home / "runs" / run_id)
+        if not paths.config.is_file():
+            known = sorted(p.name for p in (home / "runs").glob("*")) if (home / "runs").is_dir() else []
+            raise ConfigError(
+                f"no run {run_id!r} under {home / 'runs'}" + (f"; known runs: {', '.join(known[-10:])}" if known else "")
+            )
+        saved = OmegaConf.load(paths.config)
+        # an injected crash belongs to the invocation that asked for it, never to the resume
+        cfg = load_config(["debug.crash_at=null"] + list(overrides or []), base=saved)
+        if config_hash(cfg) != config_hash(saved):
+            raise ConfigError(
+                "these overrides change what the run computes (its config hash); only iterations, eval, "
+                "tracking, report and debug keys may change on resume"
+            )
+        info = json.loads(paths.info.read_text())
+        return cls(run_id=run_id, home=home, cfg=cfg, paths=paths, info=info)
+
+    def save_info(self) -> None:
+        _atomic_write(self.paths.info, json.dumps(self.info, indent=1))
+
+    def save_config(self) -> None:
+        _atomic_write(self.paths.config, OmegaConf.to_yaml(self.cfg))
+
+    @contextlib.contextmanager
+    def locked(self):
+        """Exclusive lock on the run directory: two processes never drive the same run."""
+        fh = open(self.paths.lock, "a+")
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.close()
+            raise RunLockedError(f"run {self.run_id} is being driven by another process") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+            fh.close()
+
+    # ------------------------------------------------------------------ execution audit
+    def record_execution(self, iteration: int, stage: str) -> None:
+        with open(self.paths.executions, "a") as fh:
+            fh.write(json.dumps({"iteration": iteration, "stage": stage, "pid": os.getpid(), "t": time.time()}) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    def executions(self) -> list[dict[str, Any]]:
+        if not self.paths.executions.is_file():
+            return []
+        return [json.loads(line) for line in self.paths.executions.read_text().splitlines() if line.strip()]
+
+    def maybe_crash(self, iteration: int, stage: str) -> None:
+        spec = self.cfg.debug.crash_at
+        if not spec:
+            return
+        it, st, mode = parse_crash_at(spec)
+        if it == iteration and st == stage:
+            if mode == "kill":
+                os.kill(os.getpid(), 9)
+            raise InjectedCrash(f"injected crash in stage {stage!r} of iteration {iteration} (debug.crash_at={spec})")
+
+    # ------------------------------------------------------------------ live objects
+    @property
+    def device(self) -> torch.device:
+        want = self.cfg.model.device
+        if want == "cuda" or (want == "auto" and torch.cuda.is_available()):
+            if not torch.cuda.is_available():
+                raise ConfigError("model.device=cuda but no CUDA device is available")
+            return torch.device("cuda")
+        return torch.device("cpu")
+
+    def build_policy(self) -> dict[str, Any]:
+        """Build (or load from the home cache) the base policy, tokenizer, engine and trainer."""
+        if self.policy is not None:
+            return self.model_info
+        from stages.rollout.hf_engine import HFEngine
+        from stages.rollout.policy import get_policy
+        from stages.update.trainer import PolicyTrainer
+
+        torch.manual_seed(self.obj.seed)
+        model, tokenizer, info = get_policy(self.obj.model, self.family, self.home, self.obj.seed)
+        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[self.cfg.model.dtype]
+        model = model.to(device=self.device, dtype=dtype).eval()
+        self.policy, self.tokenizer, self.model_info = model, tokenizer, dict(info)
+        self.engine = HFEngine(model, pad_token_id=tokenizer.pad_token_id)
+        self.trainer = PolicyTrainer(
+            model, self.obj.update, temperature=self.obj.rollout.temperature,
+            needs_critic="critic" in self.method.needs,
+        )
+        return self.model_info
+
+    def save_init_checkpoint(self) -> str:
+        self.build_policy()
+        path = save_checkpoint(
+            self.paths.checkpoints, "init", self.policy, self.trainer.critic, self.trainer.optim_state(),
+            meta={"iteration": -1, "run_id": self.run_id},
+        )
+        self.policy_version = str(path)
+        return str(path)
+
+    def ensure_policy(self, checkpoint: str) -> None:
+        """Make the live policy (and critic, optimizer state) equal to ``checkpoint``."""
+        self.build_policy()
+        if self.policy_version == checkpoint:
+            return
+        _, optim_state = load_checkpoint(Path(checkpoint), self.policy, self.trainer.critic)
+        self.trainer.load_optim_state(optim_state)
+        self.engine.sync_weights(self.policy)
+        self.policy_version = checkpoint
+
+    def seed_for(self, iteration: int, stage: str) -> int:
+        import zlib
+
+        return zlib.crc32(f"{self.obj.seed}:{iteration}:{stage}".encode()) & 0x7FFFFFFF
+
+
+class InjectedCrash(RuntimeError):
+    """Raised by ``debug.crash_at`` (tests of resume)."""

@@ -1,0 +1,415 @@
+"""The training flow: the five stages of survey §8 as tracked, resumable Prefect tasks.
+
+Reads like the pipeline diagram::
+
+    prepare ─▶ eval(before) ─▶ for each iteration:
+        env construction ─▶ rollout ─▶ reward ─▶ credit assignment ─▶ policy update
+    ─▶ eval(after) ─▶ checklist
+
+Every task persists its result under ``runs/<id>/results`` with the cache key
+``(run id, iteration, stage, config hash)``. A resumed run re-enters the same keys, so stages
+that finished load from storage and only the interrupted stage and its successors execute
+(``executions.jsonl`` records every stage body that actually ran). Metrics of an iteration go to
+MLflow in one batch after its update, exactly once per step (see :mod:`flows.tracking`).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import resource
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+from prefect import flow, get_run_logger, task  # noqa: E402
+from prefect.artifacts import create_markdown_artifact  # noqa: E402
+from prefect.context import get_run_context  # noqa: E402
+from prefect.utilities.annotations import quote  # noqa: E402
+
+from environments.construct import EnvBatch, build_env_batch  # noqa: E402
+from flows import checklist as checklist_mod  # noqa: E402
+from flows.config import flatten, to_yaml  # noqa: E402
+from flows.runtime import RunState  # noqa: E402
+from flows.tracking import Tracker, default_tracking_uri  # noqa: E402
+from stages.credit.base import CreditContext  # noqa: E402
+from stages.credit.stats import credit_statistics  # noqa: E402
+from stages.reward.verifier import compute_rewards  # noqa: E402
+from stages.schema import Batch, CreditResult, Overhead  # noqa: E402
+
+STAGES = ("env", "rollout", "reward", "credit", "update")
+
+# live run states of this process, by run id (tasks look them up; Prefect never pickles them)
+_RUNS: dict[str, RunState] = {}
+
+
+@dataclass
+class StageResult:
+    """What a stage task returns and Prefect persists."""
+
+    value: Any
+    stats: dict[str, float] = field(default_factory=dict)
+    overhead: Overhead = field(default_factory=Overhead)
+    wall_seconds: float = 0.0
+    cpu_seconds: float = 0.0
+
+
+def _cpu_seconds() -> float:
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
+
+def _cache_key(context: Any, parameters: dict[str, Any]) -> str:
+    return f"{parameters['run_id']}-{parameters['stage_key']}-{parameters['chash']}"
+
+
+class Progress:
+    """One line per stage and iteration on stdout (the CLI's progress display)."""
+
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled
+
+    def __call__(self, text: str, end: str = "\n") -> None:
+        if self.enabled:
+            print(text, end=end, flush=True)
+
+
+def _stage(name: str) -> Callable:
+    """Wrap a stage body ``fn(state, iteration, *args)`` as a persisted, cache-keyed Prefect task."""
+
+    def deco(fn: Callable) -> Any:
+        def body(run_id: str, stage_key: str, chash: str, iteration: int, *args: Any) -> StageResult:
+            state = _RUNS[run_id]
+            state.record_execution(iteration, name)
+            state.maybe_crash(iteration, name)
+            t0, c0 = time.perf_counter(), _cpu_seconds()
+            out: StageResult = fn(state, iteration, *args)
+            out.wall_seconds = time.perf_counter() - t0
+            out.cpu_seconds = _cpu_seconds() - c0
+            return out
+
+        body.__name__ = f"{name}_stage"
+        body.__qualname__ = body.__name__
+        body.__doc__ = fn.__doc__
+        return task(name=name, persist_result=True, cache_key_fn=_cache_key, retries=0)(body)
+
+    return deco
+
+
+# ---------------------------------------------------------------------------- the five stages
+@_stage("prepare")
+def prepare_stage(state: RunState, iteration: int) -> StageResult:
+    """Build (or load from cache) the base policy, warm it up, write the init checkpoint."""
+    info = state.build_policy()
+    path = state.save_init_checkpoint()
+    return StageResult(value={"checkpoint": path, "model": info})
+
+
+@_stage("env")
+def env_stage(state: RunState, iteration: int) -> StageResult:
+    """Stage 1: environment construction (task instances x group size, episode seeds)."""
+    cfg = state.obj
+    pool = getattr(cfg.env, "train_size", cfg.rollout.tasks_per_iteration)
+    envb = build_env_batch(state.family, cfg.rollout.tasks_per_iteration, cfg.rollout.group_size, pool,
+                           iteration, cfg.seed, split="train")
+    return StageResult(value=envb, stats={"episodes": len(envb.slots), "groups": envb.num_groups},
+                       overhead=envb.overhead)
+
+
+def _run_episodes(state: RunState, envb: EnvBatch, seed: int, temperature: float) -> tuple[Batch, Overhead, int]:
+    """Make live environments for the slots, run them with the engine, close them."""
+    from dataclasses import replace
+
+    from stages.rollout.agent_loop import run_episodes
+
+    envs = [state.family.make(s.instance, episode_seed=s.episode_seed) for s in envb.slots]
+    rollout_cfg = replace(state.obj.rollout, temperature=temperature)
+    try:
+        trajs = run_episodes(
+            state.engine, state.tokenizer, envs,
+            group_ids=[s.group_id for s in envb.slots],
+            task_ids=[s.instance.task_id for s in envb.slots],
+            uids=[s.uid for s in envb.slots],
+            env_name=envb.family, cfg=rollout_cfg, seed=seed,
+        )
+    finally:
+        for env in envs:
+            env.close()
+    steps = sum(len(t.turns) for t in trajs)
+    gen_tokens = sum(t.num_policy_tokens for t in trajs)
+    return Batch(trajectories=trajs), Overhead(env_resets=len(envs), env_steps=steps), gen_tokens
+
+
+@_stage("rollout")
+def rollout_stage(state: RunState, iteration: int, envb: EnvBatch, checkpoint: str) -> StageResult:
+    """Stage 2: multi-turn rollouts with the current policy (transformers engine)."""
+    state.ensure_policy(checkpoint)
+    batch, overhead, gen_tokens = _run_episodes(state, envb, state.seed_for(iteration, "rollout"),
+                                                state.obj.rollout.temperature)
+    batch.iteration = iteration
+    turns = [len(t.turns) for t in batch.trajectories]
+    tokens = [len(t.response_ids) for t in batch.trajectories]
+    stats = {
+        "generated_tokens": float(gen_tokens),
+        "turns_mean": sum(turns) / max(len(turns), 1),
+        "tokens_mean": sum(tokens) / max(len(tokens), 1),
+        "env_resets": float(overhead.env_resets),
+        "env_steps": float(overhead.env_steps),
+    }
+    return StageResult(value=batch, stats=stats, overhead=overhead)
+
+
+@_stage("reward")
+def reward_stage(state: RunState, iteration: int, batch: Batch) -> StageResult:
+    """Stage 3: terminal rewards from the family's verifier, per-turn rewards, fault handling."""
+    batch, stats, overhead = compute_rewards(batch, state.family)
+    return StageResult(value=batch, stats=stats, overhead=overhead)
+
+
+@_stage("credit")
+def credit_stage(state: RunState, iteration: int, batch: Batch, checkpoint: str) -> StageResult:
+    """Stage 4: the configured credit-assignment method."""
+    ctx = CreditContext(generator=None)
+    if "critic" in state.method.needs:
+        state.ensure_policy(checkpoint)
+        ctx.critic = state.trainer.critic
+    tensors = batch.to_tensors(pad_token_id=_pad_id(state))
+    result: CreditResult = state.method(tensors, batch, ctx)
+    stats = credit_statistics(tensors, result)
+    return StageResult(value=result, stats=stats, overhead=result.overhead)
+
+
+@_stage("update")
+def update_stage(state: RunState, iteration: int, batch: Batch, credit: CreditResult, checkpoint: str) -> StageResult:
+    """Stage 5: policy update (PPO-clip / GRPO loss), atomic checkpoint."""
+    from stages.update.checkpoint import prune_checkpoints, save_checkpoint
+
+    state.ensure_policy(checkpoint)
+    tensors = batch.to_tensors(pad_token_id=_pad_id(state))
+    stats = state.trainer.update(tensors, credit, seed=state.seed_for(iteration, "update"))
+    path = save_checkpoint(
+        state.paths.checkpoints, f"iter_{iteration:04d}", state.policy, state.trainer.critic,
+        state.trainer.optim_state(), meta={"iteration": iteration, "run_id": state.run_id, "stats": stats},
+        before_rename=lambda: state.maybe_crash(iteration, "checkpoint"),
+    )
+    state.policy_version = str(path)
+    prune_checkpoints(state.paths.checkpoints, keep=max(state.obj.update.keep_checkpoints, 2))
+    return StageResult(value={"checkpoint": str(path)}, stats=stats)
+
+
+@_stage("eval")
+def eval_stage(state: RunState, iteration: int, checkpoint: str) -> StageResult:
+    """Success rate on the eval split (same eval episodes before and after training: paired)."""
+    state.ensure_policy(checkpoint)
+    cfg = state.obj
+    pool = getattr(cfg.env, "eval_size", cfg.eval_episodes)
+    envb = build_env_batch(state.family, cfg.eval_episodes, 1, pool, iteration=10**6, seed=cfg.seed, split="eval")
+    batch, overhead, _ = _run_episodes(state, envb, seed=state.seed_for(10**6, "eval"),
+                                       temperature=cfg.eval_temperature)
+    batch, stats, _ = compute_rewards(batch, state.family)
+    n = len(batch)
+    lo, hi = checklist_mod.wilson_interval(sum(t.success for t in batch.trajectories), n)
+    return StageResult(value={"success_rate": stats["success_rate"], "ci95": (lo, hi), "episodes": n},
+                       stats={"success_rate": stats["success_rate"], "ci95_low": lo, "ci95_high": hi},
+                       overhead=overhead)
+
+
+def _pad_id(state: RunState) -> int:
+    tok = state.tokenizer
+    if tok is None:
+        return 0
+    return tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+
+
+# ---------------------------------------------------------------------------- the flow
+def _git_commit() -> str:
+    try:
+        root = Path(__file__).resolve().parent.parent
+        return subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=5).stdout.strip() or "unknown"
+    except Exception:
+        return "unknown"
+
+
+def _tracker(state: RunState) -> Tracker:
+    uri = state.cfg.tracking.mlflow_uri or default_tracking_uri(state.home)
+    return Tracker(uri, state.cfg.tracking.experiment, state.home)
+
+
+def _prefect_flow_run_id() -> str:
+    try:
+        return str(get_run_context().flow_run.id)
+    except Exception:
+        return ""
+
+
+@flow(name="creditflow-train", persist_result=False, log_prints=False)
+def train_flow(run_id: str, home: Optional[str] = None, progress: bool = True) -> dict[str, Any]:
+    """One training run (create it with :func:`flows.api.create_run`, or resume an existing one)."""
+    state = RunState.open(run_id, Path(home) if home else None) if run_id not in _RUNS else _RUNS[run_id]
+    _RUNS[run_id] = state
+    say = Progress(progress)
+    try:
+        with state.locked():
+            return _drive(state, say)
+    finally:
+        _RUNS.pop(run_id, None)
+
+
+def _drive(state: RunState, say: Progress) -> dict[str, Any]:
+    cfg = state.obj
+    logger = get_run_logger()
+    storage = state.paths.results
+    storage.mkdir(parents=True, exist_ok=True)
+
+    def run(stage_task: Any, stage_key: str, iteration: int, *args: Any) -> tuple[StageResult, bool]:
+        """Run (or load from the persisted cache) one stage; also say whether it was cached."""
+        before = len(state.executions())
+        result = stage_task.with_options(result_storage=storage)(state.run_id, stage_key, state.chash, iteration,
+                                                                 *[quote(a) for a in args])
+        cached = len(state.executions()) == before
+        return result, cached
+
+    tracker = _tracker(state)
+    flow_run_id = _prefect_flow_run_id()
+    if state.info.get("mlflow_run_id"):
+        tracker.attach(state.info["mlflow_run_id"])
+    else:
+        tracker.start(cfg.run_name or state.run_id, tags={
+            "creditflow.run_id": state.run_id,
+            "creditflow.config_hash": state.chash,
+            "mlflow.source.git.commit": _git_commit(),
+        })
+        state.info["mlflow_run_id"] = tracker.run_id
+    state.info.setdefault("prefect_flow_runs", []).append(flow_run_id)
+    state.save_info()
+    tracker.log_params(flatten(state.cfg))
+    tracker.set_tags({"prefect.flow_run_id": flow_run_id,
+                      "prefect.flow_run_ids": ",".join(x for x in state.info["prefect_flow_runs"] if x),
+                      "creditflow.method": cfg.credit.method, "creditflow.env": cfg.env.name})
+    tracker.log_text(to_yaml(state.cfg), "config/resolved.yaml")
+    try:
+        create_markdown_artifact(
+            key=f"mlflow-{state.run_id.lower()}"[:60].replace("_", "-"),
+            markdown=f"MLflow run `{tracker.run_id}` (experiment `{cfg.tracking.experiment}`, tracking URI "
+                     f"`{tracker.uri}`) for creditflow run `{state.run_id}`.",
+            description="MLflow run of this training run",
+        )
+    except Exception as exc:  # the artifact is a convenience link; never fail a run for it
+        logger.warning("could not create the Prefect artifact linking the MLflow run: %s", exc)
+
+    acc = checklist_mod.Accumulator()
+    say(f"creditflow run {state.run_id}: method={cfg.credit.method} env={cfg.env.name} "
+        f"model={cfg.model.name} iterations={cfg.iterations}")
+    prep, cached = run(prepare_stage, "prepare", -1)
+    acc.add_stage(prep)
+    state.model_info = prep.value["model"]
+    checkpoint = prep.value["checkpoint"]
+    say(f"  prepare {'(cached)' if cached else ''} model {state.model_info.get('name')} "
+        f"{state.model_info.get('num_parameters', 0):,} params")
+    ev, cached = run(eval_stage, "eval-before", -1, checkpoint)
+    acc.add_stage(ev)
+    before = ev.value
+    say(f"  eval before training: success {before['success_rate']:.3f} "
+        f"(95% CI {before['ci95'][0]:.3f}-{before['ci95'][1]:.3f}, {before['episodes']} episodes)")
+    for it in range(cfg.iterations):
+        line = f"  [iter {it + 1}/{cfg.iterations}]"
+        say(line, end="")
+        results: dict[str, StageResult] = {}
+        envb, c = run(env_stage, f"it{it}-env", it)
+        results["env"] = envb
+        say(f" env{'*' if c else ''} {envb.wall_seconds:.2f}s", end="")
+        roll, c = run(rollout_stage, f"it{it}-rollout", it, envb.value, checkpoint)
+        results["rollout"] = roll
+        say(f" | rollout{'*' if c else ''} {roll.wall_seconds:.2f}s", end="")
+        rew, c = run(reward_stage, f"it{it}-reward", it, roll.value)
+        results["reward"] = rew
+        say(f" | reward{'*' if c else ''} {rew.wall_seconds:.2f}s", end="")
+        cred, c = run(credit_stage, f"it{it}-credit", it, rew.value, checkpoint)
+        results["credit"] = cred
+        say(f" | credit{'*' if c else ''} {cred.wall_seconds:.2f}s", end="")
+        upd, c = run(update_stage, f"it{it}-update", it, rew.value, cred.value, checkpoint)
+        results["update"] = upd
+        checkpoint = upd.value["checkpoint"]
+        say(f" | update{'*' if c else ''} {upd.wall_seconds:.2f}s"
+            f" | success {rew.stats['success_rate']:.2f} loss {upd.stats.get('loss', float('nan')):.4f}")
+        for r in results.values():
+            acc.add_stage(r)
+        acc.add_batch(rew.value, cred.overhead)
+        metrics = _iteration_metrics(results)
+        if cfg.eval_every and (it + 1) % cfg.eval_every == 0 and it + 1 < cfg.iterations:
+            mid, _ = run(eval_stage, f"eval-it{it}", it, checkpoint)
+            acc.add_stage(mid)
+            metrics.update({f"eval.{k}": v for k, v in mid.stats.items()})
+        if tracker.log_step(it, metrics):
+            heat_every = cfg.tracking.heatmap_every
+            if heat_every and ((it + 1) % heat_every == 0 or it + 1 == cfg.iterations):
+                _log_heatmap(tracker, rew.value, cred.value, it)
+            tracker.set_tags(_checklist_tags(state, checklist_mod.fill(state, acc, tracker, before, None)))
+    ev, cached = run(eval_stage, f"eval-after-{cfg.iterations}", cfg.iterations, checkpoint)
+    acc.add_stage(ev)
+    after = ev.value
+    say(f"  eval after training:  success {after['success_rate']:.3f} "
+        f"(95% CI {after['ci95'][0]:.3f}-{after['ci95'][1]:.3f}, {after['episodes']} episodes)")
+    tracker.log_step(cfg.iterations, {"eval.success_rate_before": before["success_rate"],
+                                      "eval.success_rate": after["success_rate"],
+                                      "eval.ci95_low": after["ci95"][0], "eval.ci95_high": after["ci95"][1]})
+    items = checklist_mod.fill(state, acc, tracker, before, after)
+    tracker.set_tags(_checklist_tags(state, items))
+    tracker.set_tags({"creditflow.success_before": f"{before['success_rate']:.4f}",
+                      "creditflow.success_after": f"{after['success_rate']:.4f}"})
+    tracker.log_json(checklist_mod.as_json(items), "checklist.json")
+    tracker.finish("FINISHED")
+    state.info["status"] = "finished"
+    state.save_info()
+    return {
+        "run_id": state.run_id,
+        "mlflow_run_id": tracker.run_id,
+        "tracking_uri": tracker.uri,
+        "experiment": cfg.tracking.experiment,
+        "success_before": before["success_rate"],
+        "success_after": after["success_rate"],
+        "checklist": items,
+    }
+
+
+def _checklist_tags(state: RunState, items: list) -> dict[str, str]:
+    return {**checklist_mod.as_tags(items), **{k: str(v) for k, v in getattr(state, "_checklist_raw", {}).items()}}
+
+
+def _iteration_metrics(results: dict[str, StageResult]) -> dict[str, float]:
+    m: dict[str, float] = {}
+    for stage, r in results.items():
+        m[f"time.{stage}_seconds"] = r.wall_seconds
+        m[f"time.{stage}_cpu_seconds"] = r.cpu_seconds
+        for k, v in r.overhead.as_dict().items():
+            if k != "wall_seconds" and v:
+                m[f"overhead.{stage}.{k}"] = float(v)
+    m["overhead.credit.wall_seconds"] = results["credit"].overhead.wall_seconds
+    for k, v in results["rollout"].stats.items():
+        m[f"rollout.{k}"] = v
+    for k, v in results["reward"].stats.items():
+        m[f"reward.{k}"] = v
+    for k, v in results["credit"].stats.items():
+        m[f"credit.{k}"] = v
+    for k, v in results["update"].stats.items():
+        m[f"update.{k}"] = v
+    return {k: float(v) for k, v in m.items() if isinstance(v, (int, float)) and math.isfinite(float(v))}
+
+
+def _log_heatmap(tracker: Tracker, batch: Batch, credit: CreditResult, iteration: int) -> None:
+    try:
+        from flows.heatmap import credit_heatmap
+
+        fig = credit_heatmap(batch, credit, title=f"iteration {iteration}")
+        tracker.log_figure(fig, f"heatmaps/credit_iter_{iteration:04d}.png")
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
+    except Exception as exc:  # plotting must never kill training; say why
+        print(f"warning: credit heatmap for iteration {iteration} failed: {exc}", file=sys.stderr)

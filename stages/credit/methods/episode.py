@@ -1,0 +1,259 @@
+"""Episode-level baselines: GRPO, RLOO, REINFORCE++ (and its group baseline), PPO's GAE.
+
+These are the baselines every finer-grained credit method is compared against (survey §2.3,
+§2.5; Appendix C "episode-level baseline"). Each is a thin wrapper around the verl-exact,
+vectorized estimators of :mod:`stages.credit.functional`; the wrappers pick the inputs out of
+:class:`~stages.schema.BatchTensors`, zero the advantages outside ``response_mask`` and report
+the credit at the method's native granularity ((B,) per episode, or (B, R) per token).
+
+ReMax (Li et al. 2023) is deliberately *not* registered: its baseline is the reward of an extra
+greedy rollout per prompt, which the rollout stage does not produce; it is available as
+:func:`stages.credit.functional.remax`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from stages.credit import functional as F
+from stages.credit.base import CreditConfig, CreditContext, CreditMethod, register_method
+from stages.schema import Batch, BatchTensors, CreditResult, Overhead
+
+# --------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------
+
+
+def _inputs(tensors: BatchTensors) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(token_level_rewards, binary response_mask)`` in the rewards' float dtype."""
+    rewards = tensors.token_level_rewards
+    if not rewards.is_floating_point():
+        rewards = rewards.float()
+    return rewards, (tensors.response_mask != 0).to(rewards.dtype)
+
+
+def _need_tokens(name: str, mask: torch.Tensor) -> None:
+    """Batch-whitened methods need >= 2 policy tokens (unbiased variance), as in verl."""
+    n = int(mask.sum().item())
+    if n < 2:
+        raise ValueError(
+            f"credit method {name!r} whitens advantages over the batch's policy tokens and needs at "
+            f"least 2 of them, got {n} (response_mask sums to {n})"
+        )
+
+
+def _group_diagnostics(scores: torch.Tensor, index: torch.Tensor) -> dict[str, float]:
+    """Group diagnostics: number of groups, fraction of singleton groups, and fraction of
+    multi-rollout groups whose scores are all equal (zero learning signal for group baselines)."""
+    gid, G = F.group_ids(index, scores.shape[0], device=scores.device)
+    if G == 0:
+        return {"groups": 0.0}
+    kw = {"dtype": scores.dtype, "device": scores.device}
+    count = torch.zeros(G, **kw).index_add_(0, gid, torch.ones_like(scores))
+    hi = torch.full((G,), -float("inf"), **kw).scatter_reduce_(0, gid, scores, "amax")
+    lo = torch.full((G,), float("inf"), **kw).scatter_reduce_(0, gid, scores, "amin")
+    multi = count > 1
+    n_multi = int(multi.sum())
+    flat = multi & (hi == lo)
+    return {
+        "groups": float(G),
+        "singleton_group_fraction": float((~multi).sum()) / G,
+        "flat_group_fraction": float(flat.sum()) / n_multi if n_multi else 0.0,
+        "score_mean": float(scores.mean()),
+    }
+
+
+def _episode_result(scalars: torch.Tensor, mask: torch.Tensor, stats: dict[str, float]) -> CreditResult:
+    adv = scalars.unsqueeze(-1) * mask
+    stats = dict(stats)
+    stats["episode_credit_abs_mean"] = float(scalars.abs().mean()) if scalars.numel() else 0.0
+    return CreditResult(advantages=adv, granularity="episode", credit=scalars, stats=stats)
+
+
+# --------------------------------------------------------------------------------------------
+# GRPO
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class GRPOConfig(CreditConfig):
+    method: str = "grpo"  # credit-assignment method (registry name)
+    norm_adv_by_std: bool = True  # divide by the group std (GRPO, Shao et al. 2024; §2.3 eq. 2); false: Dr. GRPO
+    epsilon: float = 1e-6  # added to the group std before dividing (Shao et al. 2024; verl's epsilon)
+
+
+@register_method
+class GRPO(CreditMethod):
+    """Group-relative advantage ``(R_i - mean_g) / (std_g + eps)`` of each episode's total reward,
+    broadcast to all its policy tokens (Shao et al. 2024; survey §2.3 eq. 2).
+
+    ``credit.norm_adv_by_std=false`` gives the unscaled ``R_i - mean_g`` (Dr. GRPO); it is an
+    option of this method, not a separate one.
+    """
+
+    name = "grpo"
+    Config = GRPOConfig
+    granularity = "episode"
+    methodology = "MC (group baseline)"
+    episode_level_baseline = True
+    reference = "Shao et al. 2024 (DeepSeekMath, GRPO); survey §2.3 eq. 2"
+
+    def assign(self, tensors: BatchTensors, batch: Batch, ctx: CreditContext) -> CreditResult:
+        cfg: GRPOConfig = self.cfg  # type: ignore[assignment]
+        rewards, mask = _inputs(tensors)
+        scalars = F._grpo_scalars(rewards, mask, tensors.index, cfg.epsilon, cfg.norm_adv_by_std)
+        return _episode_result(scalars, mask, _group_diagnostics(rewards.sum(-1), tensors.index))
+
+
+# --------------------------------------------------------------------------------------------
+# RLOO
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RLOOConfig(CreditConfig):
+    method: str = "rloo"  # credit-assignment method (registry name; leave-one-out baseline, Ahmadian et al. 2024)
+
+
+@register_method
+class RLOO(CreditMethod):
+    """REINFORCE with a leave-one-out baseline: ``R_i - mean_{j != i} R_j`` within the group
+    (Ahmadian et al. 2024; group baselines, survey §2.3). Singleton groups keep ``R_i`` (verl)."""
+
+    name = "rloo"
+    Config = RLOOConfig
+    granularity = "episode"
+    methodology = "MC (leave-one-out baseline)"
+    episode_level_baseline = True
+    reference = "Ahmadian et al. 2024 (Back to Basics: REINFORCE-style optimization, RLOO); survey §2.3"
+
+    def assign(self, tensors: BatchTensors, batch: Batch, ctx: CreditContext) -> CreditResult:
+        rewards, mask = _inputs(tensors)
+        scalars = F._rloo_scalars(rewards, mask, tensors.index)
+        return _episode_result(scalars, mask, _group_diagnostics(rewards.sum(-1), tensors.index))
+
+
+# --------------------------------------------------------------------------------------------
+# REINFORCE++
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ReinforcePPConfig(CreditConfig):
+    method: str = "reinforce_pp"  # credit-assignment method (registry name; REINFORCE++, Hu 2025)
+    gamma: float = 1.0  # discount of the per-token return-to-go (Hu 2025, REINFORCE++)
+
+
+@register_method
+class ReinforcePP(CreditMethod):
+    """REINFORCE++: discounted return-to-go over policy tokens, whitened over the batch
+    (Hu 2025; survey §2.3). Token-level because, with turn rewards or ``gamma < 1``, the return
+    differs from token to token; observation tokens are skipped (verl 0.9 semantics)."""
+
+    name = "reinforce_pp"
+    Config = ReinforcePPConfig
+    granularity = "token"
+    methodology = "MC (return-to-go, batch normalization)"
+    episode_level_baseline = True
+    reference = "Hu 2025 (REINFORCE++); survey §2.3"
+
+    def assign(self, tensors: BatchTensors, batch: Batch, ctx: CreditContext) -> CreditResult:
+        cfg: ReinforcePPConfig = self.cfg  # type: ignore[assignment]
+        rewards, mask = _inputs(tensors)
+        _need_tokens(self.name, mask)
+        adv, returns = F.reinforce_pp(rewards, mask, cfg.gamma)
+        n = mask.sum().clamp(min=1)
+        stats = {"return_mean": float((returns * mask).sum() / n)}
+        return CreditResult(advantages=adv, granularity="token", credit=adv, returns=returns, stats=stats)
+
+
+@dataclass
+class ReinforcePPBaselineConfig(CreditConfig):
+    method: str = "reinforce_pp_baseline"  # credit-assignment method (registry name; REINFORCE++-baseline, Hu 2025)
+    epsilon: float = 1e-6  # accepted for verl parity and unused, as in verl (Hu 2025, REINFORCE++-baseline)
+
+
+@register_method
+class ReinforcePPBaseline(CreditMethod):
+    """REINFORCE++-baseline: episode reward minus its group mean, then whitened over all policy
+    tokens of the batch (Hu 2025; survey §2.3)."""
+
+    name = "reinforce_pp_baseline"
+    Config = ReinforcePPBaselineConfig
+    granularity = "episode"
+    methodology = "MC (group-mean baseline, batch normalization)"
+    episode_level_baseline = True
+    reference = "Hu 2025 (REINFORCE++-baseline); survey §2.3"
+
+    def assign(self, tensors: BatchTensors, batch: Batch, ctx: CreditContext) -> CreditResult:
+        rewards, mask = _inputs(tensors)
+        _need_tokens(self.name, mask)
+        adv, scalars = F._reinforce_pp_baseline_impl(rewards, mask, tensors.index)
+        result = _episode_result(scalars, mask, _group_diagnostics(rewards.sum(-1), tensors.index))
+        result.advantages = adv
+        return result
+
+
+# --------------------------------------------------------------------------------------------
+# GAE (PPO)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class GAEConfig(CreditConfig):
+    method: str = "gae"  # credit-assignment method (registry name; PPO with GAE, Schulman et al. 2016/2017)
+    gamma: float = 1.0  # discount factor of the TD errors (Schulman et al. 2016, GAE)
+    lam: float = 0.95  # GAE lambda: 0 = one-step TD, 1 = Monte-Carlo return minus value (Schulman et al. 2016)
+
+
+@register_method
+class GAE(CreditMethod):
+    """PPO's Generalized Advantage Estimation with a learned critic (Schulman et al. 2016;
+    survey §2.5). Observation tokens are skipped (verl's masked multi-turn GAE); advantages are
+    whitened over the batch's policy tokens. One critic forward pass per trajectory."""
+
+    name = "gae"
+    Config = GAEConfig
+    granularity = "token"
+    methodology = "TD (GAE, learned critic)"
+    episode_level_baseline = True
+    needs = frozenset({"critic"})
+    reference = "Schulman et al. 2016 (GAE), PPO; survey §2.5"
+
+    def assign(self, tensors: BatchTensors, batch: Batch, ctx: CreditContext) -> CreditResult:
+        cfg: GAEConfig = self.cfg  # type: ignore[assignment]
+        rewards, mask = _inputs(tensors)
+        _need_tokens(self.name, mask)
+        assert ctx.critic is not None  # CreditMethod.__call__ checked ``needs``
+        with torch.no_grad():
+            values = ctx.critic.values(tensors)
+        if not isinstance(values, torch.Tensor) or tuple(values.shape) != tuple(rewards.shape):
+            got = tuple(values.shape) if isinstance(values, torch.Tensor) else type(values).__name__
+            raise ValueError(
+                f"credit method 'gae': critic.values() must return a (B, R) = {tuple(rewards.shape)} "
+                f"tensor, got {got}"
+            )
+        values = values.detach().to(dtype=rewards.dtype, device=rewards.device)
+        adv, returns = F.gae(rewards, values, mask, cfg.gamma, cfg.lam)
+        adv = adv * mask
+        n = mask.sum().clamp(min=1)
+        v_mean = (values * mask).sum() / n
+        r_mean = (returns * mask).sum() / n
+        var_r = (((returns - r_mean) * mask) ** 2).sum() / n
+        resid = returns - values
+        var_resid = (((resid - (resid * mask).sum() / n) * mask) ** 2).sum() / n
+        stats = {"value_mean": float(v_mean), "return_mean": float(r_mean)}
+        if float(var_r) > 0:  # share of the returns' variance the critic explains
+            stats["explained_variance"] = float(1 - var_resid / var_r)
+        overhead = Overhead(extra_forward_passes=int(rewards.shape[0]))
+        return CreditResult(
+            advantages=adv,
+            granularity="token",
+            credit=adv,
+            overhead=overhead,
+            returns=returns,
+            values=values,
+            stats=stats,
+        )

@@ -1,0 +1,209 @@
+"""The multi-turn agent loop of stage 2, rollout generation (survey §8, stage 2; §2.2).
+
+:func:`run_episodes` plays a batch of episodes turn by turn. Every turn, all episodes still
+running generate together in **one** :meth:`RolloutEngine.generate` call (the policy's turn ends
+at the ``"\\n"`` stop token or eos); each episode's new tokens are decoded and passed to its
+environment's ``step``; the action tokens (``policy_mask`` True, behaviour log-probs and
+entropies from the engine) and then the tokenized observation (``policy_mask`` False, log-prob
+and entropy 0.0) are appended to the episode's response. Text pieces (prompt, observations) are
+tokenized on their own with ``add_special_tokens=False``; the warm-up tokenizes the same way.
+
+An episode ends when its environment says done (``done_reason`` = the environment's reason) or
+when the next turn could overflow ``cfg.max_context_tokens`` (context + ``max_new_tokens_per_turn``
+> limit; ``done_reason = "length"``).
+
+Rewards (survey §2.3, §8 stage 3):
+
+* ``Turn.reward`` is the *turn* reward the environment returned for that step
+  (``StepResult.reward``; e.g. bifurcation's ``decisive_reward`` for a correct decisive action).
+* ``Trajectory.reward`` is the *terminal* (episodic) reward, read from the final step's
+  ``StepResult.info["terminal_reward"]`` (bifurcation: 1.0 on success, else 0.0; it is *not*
+  part of ``StepResult.reward``). An environment that does not report ``terminal_reward``
+  is treated as putting its whole final-step reward on the episode: then that reward goes to
+  ``Trajectory.reward`` and the final ``Turn.reward`` is 0. Either way nothing is counted twice:
+  the return is ``sum(turn.reward) + trajectory.reward``.
+* Episodes cut by ``"length"`` get ``Trajectory.reward = 0``.
+
+Bookkeeping: ``Trajectory.meta`` has ``env_steps``, ``env_resets``, ``generated_tokens``,
+``engine_calls`` (calls this episode took part in) and ``wall_seconds`` (the whole batch's
+rollout wall time); :func:`rollout_stats` summarises a list of trajectories. The caller owns the
+environments (and closes them).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from typing import Any, Optional
+
+from environments.base import Environment, StepResult
+from stages.rollout.config import RolloutConfig
+from stages.rollout.engine import GenerationRequest, RolloutEngine
+from stages.schema import Trajectory, Turn
+
+
+def _turn_seed(seed: int, uid: str, turn: int) -> int:
+    h = hashlib.blake2b(f"{seed}|{uid}|{turn}".encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") & ((1 << 63) - 1)
+
+
+def split_final_reward(result: StepResult) -> tuple[float, float]:
+    """(turn reward, terminal reward) of an episode's final step (see module docstring)."""
+    if "terminal_reward" in result.info:
+        return float(result.reward), float(result.info["terminal_reward"])
+    return 0.0, float(result.reward)
+
+
+def _stop_ids(tokenizer: Any) -> set[int]:
+    from stages.rollout.policy import stop_token_ids
+
+    return stop_token_ids(tokenizer)
+
+
+def run_episodes(
+    engine: RolloutEngine,
+    tokenizer: Any,
+    envs: list[Environment],
+    group_ids: list[int],
+    task_ids: list[str],
+    uids: list[str],
+    env_name: str,
+    cfg: RolloutConfig,
+    seed: int,
+    snapshots: bool = False,
+) -> list[Trajectory]:
+    """Play one episode in each of ``envs`` (reset here) and return their trajectories.
+
+    ``snapshots=True`` stores ``env.snapshot()`` of the state each action was taken in
+    (``Trajectory.snapshots``, one per turn) for methods that re-run from a turn.
+    """
+    n = len(envs)
+    for name, seq in (("group_ids", group_ids), ("task_ids", task_ids), ("uids", uids)):
+        if len(seq) != n:
+            raise ValueError(f"run_episodes: {name} has {len(seq)} entries for {n} environments")
+    t0 = time.perf_counter()
+    stop_ids = _stop_ids(tokenizer)
+    prompts = [env.reset() for env in envs]
+    prompt_ids: list[list[int]] = [list(x) for x in tokenizer(prompts, add_special_tokens=False)["input_ids"]] if n else []
+    resp: list[list[int]] = [[] for _ in range(n)]
+    mask: list[list[bool]] = [[] for _ in range(n)]
+    lps: list[list[float]] = [[] for _ in range(n)]
+    ents: list[list[float]] = [[] for _ in range(n)]
+    turns: list[list[Turn]] = [[] for _ in range(n)]
+    snaps: list[list[Any]] = [[] for _ in range(n)]
+    active = [True] * n
+    reason = [""] * n
+    success = [False] * n
+    terminal = [0.0] * n
+    steps = [0] * n
+    gen_tokens = [0] * n
+    calls = [0] * n
+    limit = cfg.max_context_tokens
+    turn_idx = 0
+    while True:
+        for i in range(n):
+            if active[i] and len(prompt_ids[i]) + len(resp[i]) + cfg.max_new_tokens_per_turn > limit:
+                active[i], reason[i] = False, "length"
+        idx = [i for i in range(n) if active[i]]
+        if not idx:
+            break
+        requests = [
+            GenerationRequest(context_ids=prompt_ids[i] + resp[i], seed=_turn_seed(seed, uids[i], turn_idx)) for i in idx
+        ]
+        outs = engine.generate(requests, cfg.max_new_tokens_per_turn, stop_ids, cfg.temperature, cfg.top_p)
+        results: list[StepResult] = []
+        for i, out in zip(idx, outs):
+            calls[i] += 1
+            text = tokenizer.decode(out.token_ids, skip_special_tokens=True)
+            key = envs[i].state_key()
+            if snapshots:
+                snaps[i].append(envs[i].snapshot())
+            res = envs[i].step(text)
+            steps[i] += 1
+            results.append(res)
+            a0 = len(resp[i])
+            resp[i].extend(out.token_ids)
+            mask[i].extend([True] * len(out.token_ids))
+            lps[i].extend(out.logprobs)
+            ents[i].extend(out.entropies)
+            gen_tokens[i] += len(out.token_ids)
+            turns[i].append(
+                Turn(
+                    index=len(turns[i]),
+                    action_span=(a0, len(resp[i])),
+                    obs_span=(len(resp[i]), len(resp[i])),
+                    action_text=text,
+                    observation=res.observation,
+                    reward=float(res.reward),
+                    state_key=key,
+                    action=res.action,
+                    info={"finish_reason": out.finish_reason, "next_state_key": res.state_key, **res.info},
+                )
+            )
+        obs_ids = tokenizer([r.observation for r in results], add_special_tokens=False)["input_ids"]
+        for i, res, ob in zip(idx, results, obs_ids):
+            o0 = len(resp[i])
+            resp[i].extend(ob)
+            mask[i].extend([False] * len(ob))
+            lps[i].extend([0.0] * len(ob))
+            ents[i].extend([0.0] * len(ob))
+            turn = turns[i][-1]
+            turn.obs_span = (o0, len(resp[i]))
+            if res.done:
+                active[i] = False
+                success[i] = bool(res.success)
+                reason[i] = res.reason or ("success" if res.success else "done")
+                turn.reward, terminal[i] = split_final_reward(res)
+        turn_idx += 1
+    wall = time.perf_counter() - t0
+    trajs = []
+    for i in range(n):
+        actions: list[Optional[str]] = [t.action for t in turns[i]]
+        traj = Trajectory(
+            uid=uids[i],
+            group_id=int(group_ids[i]),
+            task_id=task_ids[i],
+            env_name=env_name,
+            prompt_ids=prompt_ids[i],
+            response_ids=resp[i],
+            policy_mask=mask[i],
+            logprobs=lps[i],
+            entropies=ents[i],
+            turns=turns[i],
+            reward=terminal[i],
+            success=success[i],
+            done_reason=reason[i],
+            prompt_text=prompts[i],
+            ground_truth=envs[i].ground_truth(actions),
+            snapshots=snaps[i],
+            meta={
+                "env_steps": steps[i],
+                "env_resets": 1,
+                "generated_tokens": gen_tokens[i],
+                "engine_calls": calls[i],
+                "wall_seconds": wall,
+                "seed": seed,
+            },
+        )
+        trajs.append(traj)
+    return trajs
+
+
+def rollout_stats(trajs: list[Trajectory]) -> dict[str, float]:
+    """Totals and rates over a batch of trajectories from :func:`run_episodes`."""
+    n = len(trajs)
+    turns = [t for tr in trajs for t in tr.turns]
+    gen = sum(tr.meta.get("generated_tokens", tr.num_policy_tokens) for tr in trajs)
+    wall = max((tr.meta.get("wall_seconds", 0.0) for tr in trajs), default=0.0)
+    return {
+        "episodes": float(n),
+        "env_steps": float(sum(tr.meta.get("env_steps", len(tr.turns)) for tr in trajs)),
+        "env_resets": float(sum(tr.meta.get("env_resets", 1) for tr in trajs)),
+        "generated_tokens": float(gen),
+        "wall_seconds": float(wall),
+        "tokens_per_second": float(gen / wall) if wall > 0 else 0.0,
+        "valid_action_rate": sum(t.action is not None for t in turns) / max(len(turns), 1),
+        "success_rate": sum(tr.success for tr in trajs) / max(n, 1),
+        "mean_reward": sum(tr.reward for tr in trajs) / max(n, 1),
+        "length_cut_rate": sum(tr.done_reason == "length" for tr in trajs) / max(n, 1),
+    }

@@ -1,0 +1,40 @@
+"""Config dataclasses of the policy model and the rollout stage (survey §8, stage 2)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+
+@dataclass
+class ModelConfig:
+    """Keys allowed under ``model.``. With ``path`` unset a tiny Qwen2-architecture policy is
+    built locally from these sizes, with a tokenizer trained locally (no download)."""
+
+    name: str = "tiny-qwen2"  # display name of the base model (checklist: base model name)
+    path: Optional[str] = None  # local Hugging Face model directory; unset = build the tiny model
+    hidden_size: int = 64  # tiny model: width
+    num_layers: int = 2  # tiny model: transformer blocks
+    num_heads: int = 4  # tiny model: attention heads
+    num_kv_heads: int = 2  # tiny model: key/value heads (GQA)
+    intermediate_size: int = 256  # tiny model: MLP width
+    vocab_size: int = 384  # tiny model: size of the locally trained BPE tokenizer
+    init_seed: int = 0  # seed of the tiny model's initial weights and tokenizer corpus
+    warmup_steps: int = 150  # supervised format warm-up steps (random valid actions; 0 = none)
+    warmup_lr: float = 3e-3  # warm-up learning rate (AdamW)
+    warmup_batch_size: int = 32  # warm-up episodes per step
+    dtype: str = "float32"  # float32 | bfloat16 | float16
+    device: str = "auto"  # auto | cpu | cuda
+
+
+@dataclass
+class RolloutConfig:
+    """Keys allowed under ``rollout.``."""
+
+    engine: str = "hf"  # rollout engine: hf (transformers); vllm is an optional extra
+    tasks_per_iteration: int = 8  # distinct task instances per iteration
+    group_size: int = 8  # G samples per task instance (group baselines, §2.3)
+    temperature: float = 1.0  # sampling temperature of the behaviour policy
+    top_p: float = 1.0  # nucleus sampling mass (1.0 = off)
+    max_new_tokens_per_turn: int = 4  # cap on tokens the policy emits in one turn
+    max_context_tokens: int = 1024  # episode ends with reason 'length' beyond this

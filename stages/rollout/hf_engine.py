@@ -1,0 +1,194 @@
+"""Rollout engine on a transformers model with its KV cache (survey §8, stage 2, rollout).
+
+One :meth:`HFEngine.generate` call samples a continuation for every request at once:
+
+1. the contexts are left-padded to a common length and run through the model in one prefill
+   forward (``attention_mask`` and ``position_ids`` make the padding invisible);
+2. a decode loop runs one forward per new-token step for the whole batch, feeding the sampled
+   tokens with ``past_key_values`` (no Python loop over batch rows);
+3. at each step the logits are divided by the temperature, optionally truncated to the top-p
+   nucleus and renormalised, and a token is drawn with ``torch.multinomial``. The engine records
+   the token's log-prob under exactly that sampling distribution and the distribution's entropy.
+
+With ``top_p == 1`` the recorded log-prob is ``log_softmax(logits / temperature)`` of the token,
+the same formula as :func:`stages.rollout.policy.sequence_logprobs`, so behaviour log-probs
+equal the update's recomputed log-probs up to float error (tested to 1e-4 in fp32). With
+``top_p < 1`` they are log-probs of the truncated distribution (what was actually sampled from).
+
+Randomness: one ``torch.Generator`` per call, seeded from a hash of the requests' seeds in
+order, so the same requests give identical samples. Rows whose sampled token is a stop token
+are finished (``finish_reason="stop"``, the stop token kept in ``token_ids``); the batch keeps
+stepping for the other rows with the finished rows masked out, until all rows are finished or
+``max_new_tokens`` is reached (``finish_reason="length"``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from typing import Any, Optional
+
+import torch
+
+from stages.rollout.engine import GenerationOutput, GenerationRequest, RolloutEngine
+
+
+def seed_from_requests(seeds: list[int]) -> int:
+    """A 63-bit generator seed from the ordered request seeds."""
+    h = hashlib.blake2b(",".join(str(int(s)) for s in seeds).encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") & ((1 << 63) - 1)
+
+
+def sampling_distribution(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """Log-probs (float32) of the distribution tokens are sampled from: temperature-scaled
+    softmax, restricted to the smallest top-p nucleus and renormalised when ``top_p < 1``."""
+    logits = logits.float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    logp = torch.log_softmax(logits, dim=-1)
+    if top_p < 1.0:
+        sorted_lp, idx = logp.sort(dim=-1, descending=True)
+        sorted_p = sorted_lp.exp()
+        # keep a token if the mass strictly before it is < top_p (the top token is always kept)
+        remove = (sorted_p.cumsum(-1) - sorted_p) >= top_p
+        sorted_lp = sorted_lp.masked_fill(remove, float("-inf"))
+        logp = torch.full_like(logp, float("-inf")).scatter(-1, idx, sorted_lp)
+        logp = torch.log_softmax(logp, dim=-1)
+    return logp
+
+
+class HFEngine(RolloutEngine):
+    """Batched KV-cache sampling with a transformers causal LM."""
+
+    name = "hf"
+
+    def __init__(self, model: torch.nn.Module, pad_token_id: Optional[int] = None):
+        self.model = model
+        if pad_token_id is None:
+            pad_token_id = getattr(model.config, "pad_token_id", None)
+            if pad_token_id is None:
+                eos = getattr(model.config, "eos_token_id", None)
+                pad_token_id = (eos[0] if isinstance(eos, (list, tuple)) else eos) if eos is not None else 0
+        self.pad_token_id = int(pad_token_id)
+        #: counters over the engine's life (forward passes, generated tokens)
+        self.stats: dict[str, float] = {"forward_passes": 0, "generated_tokens": 0, "calls": 0, "seconds": 0.0}
+
+    def sync_weights(self, model: Optional[object] = None) -> float:
+        """The engine samples from the live model object; with a new ``model`` it switches to it."""
+        if model is not None:
+            self.model = model  # type: ignore[assignment]
+        return 0.0
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def generate(
+        self,
+        requests: list[GenerationRequest],
+        max_new_tokens: int,
+        stop_token_ids: set[int],
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+    ) -> list[GenerationOutput]:
+        if not requests:
+            return []
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if not 0 < top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        for i, r in enumerate(requests):
+            if not r.context_ids:
+                raise ValueError(f"request {i} has an empty context")
+        t0 = time.perf_counter()
+        model = self.model
+        was_training = model.training
+        model.eval()
+        dev = self.device
+        B = len(requests)
+        lens = [len(r.context_ids) for r in requests]
+        L = max(lens)
+        ids = torch.full((B, L), self.pad_token_id, dtype=torch.long)
+        attn = torch.zeros((B, L), dtype=torch.long)
+        for i, r in enumerate(requests):  # host-side batch assembly
+            ids[i, L - lens[i] :] = torch.as_tensor(r.context_ids, dtype=torch.long)
+            attn[i, L - lens[i] :] = 1
+        ids, attn = ids.to(dev), attn.to(dev)
+        pos = (attn.cumsum(-1) - 1).clamp(min=0)
+        gen = torch.Generator(device=dev).manual_seed(seed_from_requests([r.seed for r in requests]))
+        stops = torch.tensor(sorted(int(s) for s in stop_token_ids), dtype=torch.long, device=dev)
+
+        tokens = torch.full((B, max_new_tokens), self.pad_token_id, dtype=torch.long, device=dev)
+        lps = torch.zeros((B, max_new_tokens), dtype=torch.float32, device=dev)
+        ents = torch.zeros((B, max_new_tokens), dtype=torch.float32, device=dev)
+        finished = torch.zeros(B, dtype=torch.bool, device=dev)
+        n_new = torch.zeros(B, dtype=torch.long, device=dev)
+        forwards = 0
+        try:
+            with torch.inference_mode():
+                out = self._forward(ids, attn, pos, None, logits_to_keep=1)
+                forwards += 1
+                logits = out.logits[:, -1]
+                past = out.past_key_values
+                next_pos = pos[:, -1]
+                for t in range(max_new_tokens):
+                    tok, lp, ent = self._sample(logits, temperature, top_p, gen)
+                    alive = ~finished
+                    tok = torch.where(alive, tok, torch.full_like(tok, self.pad_token_id))
+                    tokens[:, t] = tok
+                    lps[:, t] = torch.where(alive, lp, torch.zeros_like(lp))
+                    ents[:, t] = torch.where(alive, ent, torch.zeros_like(ent))
+                    n_new += alive.long()
+                    finished = finished | (alive & torch.isin(tok, stops))
+                    if t == max_new_tokens - 1 or bool(finished.all()):
+                        break
+                    attn = torch.cat([attn, torch.ones((B, 1), dtype=attn.dtype, device=dev)], dim=1)
+                    next_pos = next_pos + 1
+                    out = self._forward(tok[:, None], attn, next_pos[:, None], past)
+                    forwards += 1
+                    logits = out.logits[:, -1]
+                    past = out.past_key_values
+        finally:
+            model.train(was_training)
+        tok_l, lp_l, ent_l = tokens.cpu().tolist(), lps.cpu().tolist(), ents.cpu().tolist()
+        n_l, fin_l = n_new.cpu().tolist(), finished.cpu().tolist()
+        outputs = [
+            GenerationOutput(
+                token_ids=tok_l[i][: n_l[i]],
+                logprobs=lp_l[i][: n_l[i]],
+                entropies=ent_l[i][: n_l[i]],
+                finish_reason="stop" if fin_l[i] else "length",
+            )
+            for i in range(B)
+        ]
+        self.stats["forward_passes"] += forwards
+        self.stats["generated_tokens"] += sum(n_l)
+        self.stats["calls"] += 1
+        self.stats["seconds"] += time.perf_counter() - t0
+        return outputs
+
+    def _forward(self, ids, attn, pos, past, logits_to_keep: Optional[int] = None) -> Any:
+        kwargs: dict[str, Any] = dict(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True)
+        if past is not None:
+            kwargs["past_key_values"] = past
+        if logits_to_keep is not None:
+            try:
+                return self.model(**kwargs, logits_to_keep=logits_to_keep)
+            except TypeError:
+                pass
+        return self.model(**kwargs)
+
+    @staticmethod
+    def _sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator):
+        if temperature == 0:  # greedy: a point mass on the argmax
+            tok = logits.argmax(-1)
+            zeros = torch.zeros(tok.shape, dtype=torch.float32, device=tok.device)
+            return tok, zeros, zeros
+        logp = sampling_distribution(logits, temperature, top_p)
+        probs = logp.exp()
+        tok = torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+        lp = logp.gather(-1, tok[:, None]).squeeze(-1)
+        ent = torch.special.entr(probs).sum(-1)
+        return tok, lp, ent

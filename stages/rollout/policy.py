@@ -1,0 +1,518 @@
+"""The policy model of stage 2, rollout generation (survey §8, stage 2).
+
+Two ways to get a policy:
+
+* ``model.path`` set: any local Hugging Face causal-LM directory (:func:`load_policy`), loaded
+  with ``local_files_only=True`` (nothing is downloaded).
+* ``model.path`` unset: a tiny Qwen2-architecture model built locally (:func:`build_tiny_policy`)
+  with a byte-level BPE tokenizer trained on the task family's own text, then given a short
+  supervised *format* warm-up (:func:`warmup`) so that its first rollouts produce well-formed
+  actions. The built model is cached on disk (:func:`get_policy`).
+
+:func:`sequence_logprobs` is the forward pass the policy update (stage 5) uses to re-score
+rollout tokens; :class:`stages.rollout.hf_engine.HFEngine` computes behaviour log-probs with the
+same formula (log-softmax of temperature-scaled logits), so the importance ratio of the first
+update step is exactly 1 up to float error (tested).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+import uuid
+import weakref
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from environments.base import TaskFamily
+from stages.rollout.config import ModelConfig, RolloutConfig
+
+PAD_TOKEN = "<|pad|>"
+EOS_TOKEN = "<|eos|>"
+#: bump when the tiny-model recipe (tokenizer, init, warm-up) changes: invalidates cached models
+RECIPE_VERSION = 1
+#: episodes of the warm-up corpus the tokenizer is trained on
+TOKENIZER_CORPUS_EPISODES = 512
+#: episodes sampled after the warm-up to measure the valid-action rate
+WARMUP_EVAL_EPISODES = 64
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"config key 'model.device' is {device!r} but CUDA is not available")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str) -> torch.dtype:
+    table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype not in table:
+        raise ValueError(f"config key 'model.dtype' must be one of {sorted(table)}, got {dtype!r}")
+    return table[dtype]
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    """Number of distinct parameters (tied embeddings counted once)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+_STOP_CACHE: "weakref.WeakKeyDictionary[Any, frozenset[int]]" = weakref.WeakKeyDictionary()
+
+
+def stop_token_ids(tokenizer: Any) -> set[int]:
+    """Token ids that end a policy turn: every token whose text contains ``"\\n"`` (the turn's
+    stop text, bifurcation's text protocol) and eos. For the tiny tokenizer that is the single
+    ``"\\n"`` token plus eos; for a general tokenizer also tokens such as ``".\\n"`` or
+    ``"\\n\\n"``. The vocabulary scan is cached per tokenizer object."""
+    try:
+        cached = _STOP_CACHE.get(tokenizer)
+    except TypeError:
+        cached = None
+    if cached is not None:
+        return set(cached)
+    ids: set[int] = set()
+    texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))], skip_special_tokens=False)
+    ids.update(i for i, t in enumerate(texts) if "\n" in t)
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    if not ids:
+        raise ValueError("tokenizer has neither a token containing a newline nor an eos token: no stop token")
+    try:
+        _STOP_CACHE[tokenizer] = frozenset(ids)
+    except TypeError:
+        pass
+    return ids
+
+
+def _episode_texts(corpus: list[tuple[str, list[tuple[str, str]]]]) -> list[str]:
+    out = []
+    for prompt, steps in corpus:
+        parts = [prompt]
+        for action, obs in steps:
+            parts.append(action if action.endswith("\n") else action + "\n")
+            parts.append(obs)
+        out.append("".join(parts))
+    return out
+
+
+# --------------------------------------------------------------------------- building / loading
+
+
+def build_tokenizer(vocab_size: int, corpus_texts: list[str]):
+    """Byte-level BPE trained locally on ``corpus_texts``; every byte is in the initial alphabet
+    (all printable ASCII included), so any text encodes. The GPT-2 pre-tokenizer splits newlines
+    from letters, so ``"\\n"`` and each uppercase letter are single tokens that never merge with
+    their neighbours (the action ``"A"`` followed by the stop token ``"\\n"``)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    if vocab_size < len(alphabet) + 2:
+        raise ValueError(
+            f"config key 'model.vocab_size' must be at least {len(alphabet) + 2} (256 bytes + 2 special "
+            f"tokens), got {vocab_size}"
+        )
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=2,
+        special_tokens=[PAD_TOKEN, EOS_TOKEN],
+        initial_alphabet=alphabet,
+        show_progress=False,
+    )
+    tok.train_from_iterator(list(corpus_texts) or [" "], trainer=trainer)
+    hf_tok = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token=PAD_TOKEN,
+        eos_token=EOS_TOKEN,
+        clean_up_tokenization_spaces=False,
+    )
+    hf_tok.padding_side = "left"
+    for text in ["\n", *[chr(c) for c in range(ord("A"), ord("Z") + 1)]]:
+        ids = hf_tok.encode(text, add_special_tokens=False)
+        if len(ids) != 1:  # pragma: no cover - guaranteed by the byte-level alphabet
+            raise RuntimeError(f"tokenizer encodes {text!r} as {len(ids)} tokens, expected 1")
+    return hf_tok
+
+
+def build_tiny_policy(cfg: ModelConfig, corpus_texts: list[str]):
+    """Build the tiny Qwen2-architecture policy and its locally trained tokenizer.
+
+    Returns ``(model, tokenizer)``; the model is float32 on CPU in eval mode, its weights a
+    deterministic function of ``cfg`` (seeded with ``cfg.init_seed``) and the tokenizer's
+    vocabulary size. Input and output embeddings are tied.
+    """
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    tokenizer = build_tokenizer(cfg.vocab_size, corpus_texts)
+    if cfg.hidden_size % cfg.num_heads or cfg.num_heads % cfg.num_kv_heads:
+        raise ValueError(
+            f"model.hidden_size ({cfg.hidden_size}) must be divisible by model.num_heads ({cfg.num_heads}) "
+            f"and num_heads by model.num_kv_heads ({cfg.num_kv_heads})"
+        )
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_kv_heads,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.init_seed)
+        model = Qwen2ForCausalLM(config)
+    model.eval()
+    return model, tokenizer
+
+
+def _declares_generic_fast_tokenizer(path: Path) -> bool:
+    cfg_file = path / "tokenizer_config.json"
+    if not (path / "tokenizer.json").is_file() or not cfg_file.is_file():
+        return False
+    try:
+        declared = json.loads(cfg_file.read_text()).get("tokenizer_class")
+    except (json.JSONDecodeError, OSError):
+        return False
+    return declared in ("TokenizersBackend", "PreTrainedTokenizerFast")
+
+
+def load_policy(path: str | os.PathLike, device: Optional[str] = None, dtype: Optional[str] = None):
+    """Load ``(model, tokenizer)`` from a local Hugging Face model directory (no download).
+
+    Raises ``FileNotFoundError`` naming the path when it does not exist or holds no
+    ``config.json``. A tokenizer without a pad token gets ``pad = eos``.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    p = Path(path).expanduser()
+    if not p.is_dir():
+        raise FileNotFoundError(f"model directory {str(p)!r} does not exist (config key 'model.path')")
+    if not (p / "config.json").is_file():
+        raise FileNotFoundError(
+            f"model directory {str(p)!r} has no config.json; expected a local Hugging Face model "
+            f"directory (config key 'model.path')"
+        )
+    kwargs: dict[str, Any] = {"local_files_only": True}
+    if dtype is not None:
+        kwargs["dtype"] = resolve_dtype(dtype)
+    model = AutoModelForCausalLM.from_pretrained(str(p), **kwargs)
+    if _declares_generic_fast_tokenizer(p):
+        # AutoTokenizer would pick the model type's tokenizer class (Qwen2Tokenizer, which adds
+        # an unk token); honour the class the directory declares, as saved by build_tiny_policy
+        from transformers import PreTrainedTokenizerFast
+
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(str(p), local_files_only=True)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(str(p), local_files_only=True)
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token is None:
+            raise ValueError(f"tokenizer in {str(p)!r} has neither a pad nor an eos token")
+        tokenizer.pad_token = tokenizer.eos_token
+    if device is not None:
+        model.to(resolve_device(device))
+    model.eval()
+    return model, tokenizer
+
+
+# --------------------------------------------------------------------------- log-probs
+
+
+def sequence_logprobs(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    position_ids: torch.Tensor,
+    prompt_len: int,
+    temperature: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token log-probs and entropies of the response columns ``input_ids[:, prompt_len:]``.
+
+    ``logprobs[b, j] = log softmax(logits / temperature)[token prompt_len + j]`` where the logits
+    are those at position ``prompt_len + j - 1``; ``entropies`` are the entropies of the same
+    distributions. Both (B, R) float32, differentiable; one forward pass, gather on log_softmax.
+    Only the R+1 last positions go through the LM head (``logits_to_keep``) where supported.
+    """
+    L = input_ids.shape[1]
+    R = L - prompt_len
+    if prompt_len < 1 or R < 1:
+        raise ValueError(f"need prompt_len >= 1 and at least one response column, got prompt_len={prompt_len}, L={L}")
+    kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+    try:
+        logits = model(**kwargs, logits_to_keep=R + 1).logits
+    except TypeError:
+        logits = model(**kwargs).logits
+    logits = logits[:, -(R + 1) : -1].float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    logp_all = torch.log_softmax(logits, dim=-1)
+    targets = input_ids[:, prompt_len:]
+    logprobs = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    entropies = -(logp_all.exp() * logp_all).sum(-1)
+    return logprobs, entropies
+
+
+# --------------------------------------------------------------------------- warm-up
+
+
+def _tokenize_episodes(tokenizer: Any, corpus: list[tuple[str, list[tuple[str, str]]]]):
+    """Piecewise tokenization exactly as the agent loop does it: prompt, then per turn the
+    action (with its ``"\\n"`` stop token) and the observation, each encoded on its own."""
+    pieces: list[str] = []
+    kinds: list[tuple[int, bool]] = []  # (episode index, is_action)
+    for e, (prompt, steps) in enumerate(corpus):
+        pieces.append(prompt)
+        kinds.append((e, False))
+        for action, obs in steps:
+            pieces.append(action if action.endswith("\n") else action + "\n")
+            kinds.append((e, True))
+            pieces.append(obs)
+            kinds.append((e, False))
+    encoded = tokenizer(pieces, add_special_tokens=False)["input_ids"] if pieces else []
+    ids: list[list[int]] = [[] for _ in corpus]
+    mask: list[list[bool]] = [[] for _ in corpus]
+    for (e, is_action), piece in zip(kinds, encoded):
+        ids[e].extend(piece)
+        mask[e].extend([is_action] * len(piece))
+    return ids, mask
+
+
+def measure_policy(model, tokenizer, family: TaskFamily, seed: int, n: int = WARMUP_EVAL_EPISODES) -> dict[str, Any]:
+    """Sample ``n`` episodes (temperature 1) and report the valid-action rate, the frequency of
+    each parsed action and the success rate."""
+    from stages.rollout.agent_loop import run_episodes
+    from stages.rollout.hf_engine import HFEngine
+
+    instances = family.instances("train", n, seed)
+    envs = [family.make(inst) for inst in instances]
+    try:
+        trajs = run_episodes(
+            HFEngine(model),
+            tokenizer,
+            envs,
+            group_ids=list(range(len(envs))),
+            task_ids=[inst.task_id for inst in instances],
+            uids=[f"measure-{i}" for i in range(len(envs))],
+            env_name=family.name,
+            cfg=RolloutConfig(),
+            seed=seed,
+        )
+    finally:
+        for env in envs:
+            env.close()
+    turns = [t for tr in trajs for t in tr.turns]
+    valid = [t.action for t in turns if t.action is not None]
+    freq: dict[str, float] = {}
+    for a in valid:
+        freq[a] = freq.get(a, 0.0) + 1.0
+    freq = {k: v / max(len(valid), 1) for k, v in sorted(freq.items())}
+    return {
+        "valid_action_rate": len(valid) / max(len(turns), 1),
+        "action_frequencies": freq,
+        "success_rate": sum(tr.success for tr in trajs) / max(len(trajs), 1),
+        "turns": len(turns),
+    }
+
+
+def warmup(model, tokenizer, family: TaskFamily, cfg: ModelConfig, seed: int, measure: bool = True) -> dict[str, Any]:
+    """Supervised *format* warm-up of the tiny policy (before RL; survey §8, stage 2).
+
+    The corpus is ``family.warmup_corpus``: episodes whose actions are valid actions chosen
+    **uniformly at random**, so the warm-up teaches the action format (one action letter, then
+    ``"\\n"``) and nothing about which action is right. The loss is the token-mean cross-entropy
+    on the policy's action tokens only, the ``"\\n"`` stop token included (prompt and observation
+    tokens are context, not targets). AdamW with ``cfg.warmup_lr``, ``cfg.warmup_steps`` steps of
+    ``cfg.warmup_batch_size`` episodes, gradient norm clipped at 1.0, on the model's device.
+
+    Returns statistics: final and first loss, seconds, and (``measure=True``, families without a
+    sandbox) the valid-action rate and action frequencies when sampling at temperature 1 before
+    and after the warm-up.
+    """
+    stats: dict[str, Any] = {"steps": cfg.warmup_steps, "batch_size": cfg.warmup_batch_size}
+    can_measure = measure and not family.needs_sandbox
+    if can_measure:
+        before = measure_policy(model, tokenizer, family, seed + 7919)
+        stats["valid_action_rate_before"] = before["valid_action_rate"]
+    if cfg.warmup_steps <= 0:
+        stats.update({"final_loss": float("nan"), "seconds": 0.0})
+        if can_measure:
+            stats.update({"valid_action_rate": before["valid_action_rate"], "action_frequencies": before["action_frequencies"]})
+        return stats
+    t0 = time.perf_counter()
+    device = next(model.parameters()).device
+    n_episodes = cfg.warmup_steps * cfg.warmup_batch_size
+    corpus = family.warmup_corpus(n_episodes, seed)
+    if not corpus:
+        raise ValueError(f"task family {family.name!r} returned an empty warm-up corpus")
+    ids, mask = _tokenize_episodes(tokenizer, corpus)
+    max_len = getattr(model.config, "max_position_embeddings", 2048)
+    ids = [x[:max_len] for x in ids]
+    mask = [m[:max_len] for m in mask]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    gen = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(ids), generator=gen)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.warmup_lr, weight_decay=0.0)
+    model.train()
+    losses: list[float] = []
+    try:
+        for step in range(cfg.warmup_steps):
+            start = (step * cfg.warmup_batch_size) % len(ids)
+            rows = order[start : start + cfg.warmup_batch_size].tolist()
+            if len(rows) < cfg.warmup_batch_size:  # wrap around a small corpus
+                rows += order[: cfg.warmup_batch_size - len(rows)].tolist()
+            L = max(len(ids[r]) for r in rows)
+            x = torch.full((len(rows), L), pad, dtype=torch.long)
+            am = torch.zeros((len(rows), L), dtype=torch.long)
+            tm = torch.zeros((len(rows), L), dtype=torch.bool)
+            for i, r in enumerate(rows):  # building the padded batch (host side)
+                x[i, : len(ids[r])] = torch.as_tensor(ids[r])
+                am[i, : len(ids[r])] = 1
+                tm[i, : len(ids[r])] = torch.as_tensor(mask[r])
+            x, am, tm = x.to(device), am.to(device), tm.to(device)
+            logits = model(input_ids=x, attention_mask=am, use_cache=False).logits[:, :-1].float()
+            targets = x[:, 1:]
+            w = tm[:, 1:].float()
+            nll = torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none"
+            ).view_as(w)
+            loss = (nll * w).sum() / w.sum().clamp(min=1.0)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            losses.append(float(loss.detach()))
+    finally:
+        model.eval()
+        opt.zero_grad(set_to_none=True)
+    stats["first_loss"] = losses[0]
+    stats["final_loss"] = float(sum(losses[-10:]) / len(losses[-10:]))
+    stats["seconds"] = time.perf_counter() - t0
+    if not math.isfinite(stats["final_loss"]):
+        raise RuntimeError(f"warm-up diverged: final loss {stats['final_loss']}")
+    if can_measure:
+        after = measure_policy(model, tokenizer, family, seed + 104729)
+        stats["valid_action_rate"] = after["valid_action_rate"]
+        stats["action_frequencies"] = after["action_frequencies"]
+        stats["success_rate_after"] = after["success_rate"]
+    return stats
+
+
+# --------------------------------------------------------------------------- get_policy (cached)
+
+
+def policy_hash(model_cfg: ModelConfig, family: TaskFamily, seed: int) -> str:
+    """Hash of everything that determines the warmed-up tiny model: the model config (less the
+    device it runs on), the task family's name and config, the warm-up seed and the recipe."""
+    mc = dataclasses.asdict(model_cfg)
+    mc.pop("device", None)
+    env_cfg = dataclasses.asdict(family.cfg) if dataclasses.is_dataclass(family.cfg) else dict(vars(family.cfg))
+    key = {"model": mc, "env": {"name": family.name, "config": env_cfg}, "seed": seed, "recipe": RECIPE_VERSION}
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def _finalize(model, tokenizer, model_cfg: ModelConfig):
+    model.to(device=resolve_device(model_cfg.device), dtype=resolve_dtype(model_cfg.dtype))
+    model.eval()
+    return model, tokenizer
+
+
+def get_policy(model_cfg: ModelConfig, family: TaskFamily, home: Path, seed: int):
+    """The policy of a run: ``(model, tokenizer, info)``.
+
+    With ``model_cfg.path`` set the local directory is loaded (``FileNotFoundError`` naming
+    ``model.path`` if missing). Otherwise the tiny model is built and warmed up, cached under
+    ``home/"models"/f"{name}-{hash}"`` (see :func:`policy_hash`) and reused when present; the
+    cache entry is written to a temporary directory in the same parent and renamed into place,
+    so a reader never sees a half-written model. ``info`` holds name, parameter count, config
+    hash, cache path, ``from_cache`` and the warm-up statistics.
+    """
+    if model_cfg.path:
+        p = Path(model_cfg.path).expanduser()
+        if not (p / "config.json").is_file():
+            raise FileNotFoundError(
+                f"config key 'model.path': {str(p)!r} is not a local Hugging Face model directory "
+                f"({'no config.json' if p.is_dir() else 'does not exist'})"
+            )
+        model, tokenizer = load_policy(p)
+        model, tokenizer = _finalize(model, tokenizer, model_cfg)
+        info = {
+            "name": model_cfg.name,
+            "path": str(p),
+            "num_parameters": count_parameters(model),
+            "config_hash": hashlib.sha256(str(p.resolve()).encode()).hexdigest()[:12],
+            "cache_path": None,
+            "from_cache": False,
+            "warmup": {},
+        }
+        return model, tokenizer, info
+
+    h = policy_hash(model_cfg, family, seed)
+    root = Path(home) / "models"
+    final = root / f"{model_cfg.name}-{h}"
+    if (final / "config.json").is_file() and (final / "creditflow_policy.json").is_file():
+        model, tokenizer = load_policy(final)
+        meta = json.loads((final / "creditflow_policy.json").read_text())
+        model, tokenizer = _finalize(model, tokenizer, model_cfg)
+        info = {
+            "name": model_cfg.name,
+            "num_parameters": count_parameters(model),
+            "config_hash": h,
+            "cache_path": str(final),
+            "from_cache": True,
+            "warmup": meta.get("warmup", {}),
+            "build_seconds": meta.get("build_seconds"),
+        }
+        return model, tokenizer, info
+
+    t0 = time.perf_counter()
+    corpus_texts = _episode_texts(family.warmup_corpus(TOKENIZER_CORPUS_EPISODES, model_cfg.init_seed))
+    model, tokenizer = build_tiny_policy(model_cfg, corpus_texts)
+    model.to(resolve_device(model_cfg.device))  # warm-up in float32, cast afterwards
+    stats = warmup(model, tokenizer, family, model_cfg, seed)
+    build_seconds = time.perf_counter() - t0
+    model.to("cpu")
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    try:
+        model.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+        meta = {"model": dataclasses.asdict(model_cfg), "env": family.name, "seed": seed, "config_hash": h,
+                "warmup": stats, "build_seconds": build_seconds, "recipe": RECIPE_VERSION}
+        (tmp / "creditflow_policy.json").write_text(json.dumps(meta, indent=1, sort_keys=True, default=str))
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not (final / "creditflow_policy.json").is_file():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)  # another process won the race; identical content
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    model, tokenizer = _finalize(model, tokenizer, model_cfg)
+    info = {
+        "name": model_cfg.name,
+        "num_parameters": count_parameters(model),
+        "config_hash": h,
+        "cache_path": str(final),
+        "from_cache": False,
+        "warmup": stats,
+        "build_seconds": build_seconds,
+    }
+    return model, tokenizer, info

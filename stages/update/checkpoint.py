@@ -1,0 +1,148 @@
+"""Atomic checkpoints: safetensors weights + optimizer state, written write-fsync-rename.
+
+A checkpoint is a directory ``<root>/<name>/`` holding ``policy.safetensors``, optionally
+``critic.safetensors``, ``optim.pt`` and ``manifest.json`` (sha256 and size of every file). It is
+first written under a temporary name in the same parent, every file fsync'ed, the directory
+renamed into place and the parent fsync'ed, so a reader sees either the whole checkpoint or none.
+``load_checkpoint`` verifies the manifest, so a truncated or corrupt file is detected.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from safetensors.torch import load_file, save_file
+
+MANIFEST = "manifest.json"
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as fh:
+        os.fsync(fh.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _state_for_safetensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    # tied weights share storage; safetensors refuses shared tensors, so clone each one
+    return {k: v.detach().to("cpu").clone().contiguous() for k, v in module.state_dict().items()}
+
+
+def save_checkpoint(
+    root: Path,
+    name: str,
+    policy: torch.nn.Module,
+    critic: Optional[torch.nn.Module] = None,
+    optim_state: Optional[dict[str, Any]] = None,
+    meta: Optional[dict[str, Any]] = None,
+    before_rename: Optional[Any] = None,
+) -> Path:
+    """Write checkpoint ``root/name`` atomically and return its path.
+
+    ``before_rename`` (tests of crash safety) is called when every file is written and synced
+    but the directory is not yet renamed into place."""
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / name
+    tmp = root / f".{name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    tmp.mkdir()
+    try:
+        files = {"policy.safetensors": lambda p: save_file(_state_for_safetensors(policy), str(p))}
+        if critic is not None:
+            files["critic.safetensors"] = lambda p: save_file(_state_for_safetensors(critic), str(p))
+        if optim_state is not None:
+            files["optim.pt"] = lambda p: torch.save(optim_state, p)
+        manifest: dict[str, Any] = {"name": name, "meta": meta or {}, "files": {}}
+        for fname, writer in files.items():
+            path = tmp / fname
+            writer(path)
+            _fsync_file(path)
+            manifest["files"][fname] = {"sha256": _sha256(path), "bytes": path.stat().st_size}
+        with open(tmp / MANIFEST, "w") as fh:
+            json.dump(manifest, fh, indent=1)
+            fh.flush()
+            os.fsync(fh.fileno())
+        _fsync_dir(tmp)
+        if before_rename is not None:
+            before_rename()
+        if final.exists():
+            # a re-run of an interrupted stage; the new, complete checkpoint replaces the old one
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        _fsync_dir(root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def verify_checkpoint(path: Path) -> dict[str, Any]:
+    """Return the manifest; raise :class:`CheckpointError` if anything is missing or corrupt."""
+    mf = path / MANIFEST
+    if not mf.is_file():
+        raise CheckpointError(f"checkpoint {path} is incomplete: no {MANIFEST}")
+    try:
+        manifest = json.loads(mf.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"checkpoint {path}: corrupt {MANIFEST}: {exc}") from None
+    for fname, info in manifest["files"].items():
+        fpath = path / fname
+        if not fpath.is_file():
+            raise CheckpointError(f"checkpoint {path}: missing {fname}")
+        if fpath.stat().st_size != info["bytes"] or _sha256(fpath) != info["sha256"]:
+            raise CheckpointError(f"checkpoint {path}: {fname} is truncated or corrupt (sha256 mismatch)")
+    return manifest
+
+
+def load_checkpoint(
+    path: Path,
+    policy: torch.nn.Module,
+    critic: Optional[torch.nn.Module] = None,
+) -> tuple[dict[str, Any], Optional[dict[str, Any]]]:
+    """Load weights into ``policy`` (and ``critic``) after verifying; return (manifest, optim state)."""
+    manifest = verify_checkpoint(path)
+    device = next(policy.parameters()).device
+    policy.load_state_dict(load_file(str(path / "policy.safetensors"), device=str(device)), strict=True)
+    if hasattr(policy, "tie_weights"):
+        policy.tie_weights()
+    if critic is not None:
+        if "critic.safetensors" not in manifest["files"]:
+            raise CheckpointError(f"checkpoint {path} has no critic weights but the credit method needs a critic")
+        critic.load_state_dict(load_file(str(path / "critic.safetensors"), device=str(device)), strict=True)
+    optim_state = None
+    if "optim.pt" in manifest["files"]:
+        optim_state = torch.load(path / "optim.pt", map_location=device, weights_only=False)
+    return manifest, optim_state
+
+
+def prune_checkpoints(root: Path, keep: int, protect: tuple[str, ...] = ("init",)) -> None:
+    """Delete all but the ``keep`` newest ``iter_*`` checkpoints (``protect`` names are kept)."""
+    ckpts = sorted(p for p in root.glob("iter_*") if p.is_dir() and p.name not in protect)
+    for p in ckpts[: max(len(ckpts) - keep, 0)]:
+        shutil.rmtree(p, ignore_errors=True)
+    for p in root.glob(".*.tmp-*"):
+        shutil.rmtree(p, ignore_errors=True)

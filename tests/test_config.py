@@ -1,0 +1,84 @@
+"""Config schema: groups, dotlist overrides, clear errors naming the key before compute."""
+
+import pytest
+from omegaconf import OmegaConf
+
+from flows.config import ConfigError, config_hash, flatten, load_config, to_object
+
+
+def test_defaults_resolve_and_round_trip():
+    cfg = load_config([])
+    assert cfg.credit.method == "grpo"
+    assert cfg.env.name == "bifurcation"
+    obj = to_object(cfg)
+    assert obj.update.loss == "grpo"
+    again = load_config([], base=OmegaConf.create(OmegaConf.to_yaml(cfg)))
+    assert config_hash(again) == config_hash(cfg)
+
+
+def test_issue_example_overrides():
+    cfg = load_config(["credit=grpo", "update.lr=1e-5", "env=bifurcation", "iterations=20", "seed=3"])
+    assert cfg["update"].lr == pytest.approx(1e-5)
+    assert cfg.iterations == 20 and cfg.seed == 3
+
+
+def test_env_group_option_named_differently_from_family():
+    cfg = load_config(["env=bifurcation_long"])
+    assert cfg.env.name == "bifurcation" and cfg.env.horizon == 12 and cfg.env.terminate_on_error
+
+
+def test_group_switch_gives_method_schema():
+    cfg = load_config(["credit=gae", "credit.lam=0.9"])
+    assert cfg.credit.method == "gae" and cfg.credit.lam == pytest.approx(0.9)
+    # keys of another method are rejected for this one
+    with pytest.raises(ConfigError, match=r"unknown config key 'credit.lam'"):
+        load_config(["credit=grpo", "credit.lam=0.9"])
+    # credit.method=... re-selects the group
+    assert load_config(["credit.method=rloo"]).credit.method == "rloo"
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["update.lrr=1"], r"unknown config key 'update.lrr'.*allowed under 'update'.*lr"),
+        (["bogus=1"], r"unknown config key 'bogus'"),
+        (["update.lr=abc"], r"wrong type for config key 'update.lr'"),
+        (["iterations=many"], r"wrong type for config key 'iterations'"),
+        (["credit=nosuch"], r"unknown credit method 'nosuch'; known methods: .*grpo"),
+        (["env=nosuch"], r"unknown env 'nosuch'"),
+        (["model.path=/nonexistent/model"], r"model.path.*does not exist"),
+        (["iterations=0"], r"'iterations' must be > 0"),
+        (["update.loss=dpo"], r"'update.loss' must be one of"),
+        (["rollout.engine=vllm"], r"rollout.engine.*not available"),
+        (["debug.crash_at=2:nowhere"], r"debug.crash_at"),
+        (["noequals"], r"must look like key=value"),
+    ],
+)
+def test_bad_config_messages(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(overrides)
+
+
+def test_model_path_without_config_json(tmp_path):
+    with pytest.raises(ConfigError, match="no config.json"):
+        load_config([f"model.path={tmp_path}"])
+
+
+def test_hash_ignores_iterations_and_debug_but_not_lr():
+    a = load_config([])
+    assert config_hash(a) == config_hash(load_config(["iterations=99", "debug.crash_at=1:credit"]))
+    assert config_hash(a) != config_hash(load_config(["update.lr=0.5"]))
+
+
+def test_flatten_for_mlflow_params():
+    flat = flatten(load_config([]))
+    assert flat["credit.method"] == "grpo" and "update.lr" in flat and flat["model.path"] == "null"
+
+
+def test_cli_config_show_and_error(capsys):
+    from flows.cli import main
+
+    assert main(["config", "show", "credit=gae"]) == 0
+    assert "method: gae" in capsys.readouterr().out
+    assert main(["config", "show", "update.nope=1"]) == 2
+    assert "unknown config key 'update.nope'" in capsys.readouterr().err

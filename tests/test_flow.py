@@ -1,0 +1,135 @@
+"""The real Prefect flow with a real MLflow store: logging, artifacts, checklist, resume."""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from flows import api
+from flows.runtime import InjectedCrash, RunState
+
+SMALL = [
+    "iterations=2",
+    "rollout.tasks_per_iteration=4",
+    "rollout.group_size=4",
+    "eval_episodes=16",
+    "env.horizon=3",
+    "env.num_decisive=1",
+    "tracking.heatmap_every=1",
+]
+
+
+@pytest.fixture()
+def home(shared_home, monkeypatch):
+    monkeypatch.setenv("CREDITFLOW_HOME", str(shared_home))
+    return shared_home
+
+
+def _client(home: Path):
+    return api.tracker_for(home)
+
+
+def _metric_steps(client, run_id, key):
+    return [m.step for m in client.get_metric_history(run_id, key)]
+
+
+def test_two_iterations_log_params_metrics_tags_artifacts(prefect_harness, home):
+    out = api.start_run(SMALL, home=home, progress=False)
+    tracker = _client(home)
+    run = tracker.client.get_run(out["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    # params: the flattened resolved config
+    assert run.data.params["credit.method"] == "grpo"
+    assert run.data.params["iterations"] == "2"
+    # tags: links both ways, git commit, checklist
+    tags = run.data.tags
+    assert tags["creditflow.run_id"] == out["run_id"]
+    assert tags["prefect.flow_run_id"]
+    assert "mlflow.source.git.commit" in tags
+    assert tags["checklist.ca.granularity"].startswith("episode")
+    assert tags["checklist.compute.device_hours.status"] == "filled"
+    assert "CPU-hours" in tags["checklist.compute.device_hours"]
+    assert tags["checklist.baseline.episode_level.status"] == "filled"
+    # metrics: one step per iteration, plus the final eval step
+    c = tracker.client
+    assert _metric_steps(c, run.info.run_id, "progress.iteration") == [0, 1, 2]
+    for key in ("reward.success_rate", "credit.mean", "credit.std", "credit.zero_fraction",
+                "credit.decisive_share", "credit.gt_rank_corr", "update.loss", "update.grad_norm",
+                "update.clip_fraction", "update.entropy", "time.rollout_seconds", "time.credit_seconds",
+                "overhead.rollout.env_steps"):
+        assert _metric_steps(c, run.info.run_id, key) == [0, 1], key
+    assert _metric_steps(c, run.info.run_id, "eval.success_rate") == [2]
+    # artifacts
+    names = {a.path for a in c.list_artifacts(run.info.run_id)}
+    assert {"config", "checklist.json", "heatmaps"} <= names
+    heat = {a.path for a in c.list_artifacts(run.info.run_id, "heatmaps")}
+    assert "heatmaps/credit_iter_0000.png" in heat and "heatmaps/credit_iter_0001.png" in heat
+    local = c.download_artifacts(run.info.run_id, "checklist.json", str(home / "dl"))
+    items = json.loads(Path(local).read_text())
+    assert len(items) == 14 and {i["status"] for i in items} <= {"filled", "missing", "n/a"}
+    # nothing landed in the current directory
+    assert not Path("mlruns").exists() and not Path("mlartifacts").exists()
+
+
+def test_resume_after_crash_in_credit_stage(prefect_harness, home):
+    overrides = SMALL + ["iterations=3", "debug.crash_at=2:credit"]
+    run_id = "cf-test-resume-credit"
+    with pytest.raises(InjectedCrash):
+        api.start_run(overrides, home=home, progress=False, run_id=run_id)
+    state = RunState.open(run_id, home)
+    first = collections.Counter((e["iteration"], e["stage"]) for e in state.executions())
+    assert first[(2, "credit")] == 1 and (2, "update") not in first
+    out = api.resume_run(run_id, home=home, progress=False)
+    after = collections.Counter((e["iteration"], e["stage"]) for e in state.executions())
+    resumed = after - first
+    # only the crashed stage, its successors and the final eval ran again
+    assert set(resumed) == {(2, "credit"), (2, "update"), (3, "eval")}, resumed
+    for key in [(-1, "prepare"), (-1, "eval"), (0, "env"), (0, "rollout"), (1, "update"), (2, "env"),
+                (2, "rollout"), (2, "reward")]:
+        assert after[key] == 1, key
+    tracker = _client(home)
+    c = tracker.client
+    assert c.get_run(out["mlflow_run_id"]).info.status == "FINISHED"
+    for key in ("progress.iteration", "reward.success_rate", "credit.mean", "update.loss"):
+        steps = _metric_steps(c, out["mlflow_run_id"], key)
+        assert len(steps) == len(set(steps)), (key, steps)
+    assert _metric_steps(c, out["mlflow_run_id"], "progress.iteration") == [0, 1, 2, 3]
+    # both flow runs are linked on the MLflow run
+    assert len(c.get_run(out["mlflow_run_id"]).data.tags["prefect.flow_run_ids"].split(",")) == 2
+
+
+def test_resume_with_changed_hashed_config_is_refused(prefect_harness, home):
+    from flows.config import ConfigError
+
+    run_id = "cf-test-refuse"
+    with pytest.raises(InjectedCrash):
+        api.start_run(SMALL + ["debug.crash_at=0:rollout"], home=home, progress=False, run_id=run_id)
+    with pytest.raises(ConfigError, match="config hash"):
+        api.resume_run(run_id, ["update.lr=0.5"], home=home, progress=False)
+
+
+def test_kill_9_inside_update_then_resume(prefect_harness, home):
+    """A real SIGKILL of the training process; the resumed run recomputes nothing that finished."""
+    from prefect.settings import PREFECT_API_URL
+
+    env = dict(os.environ, CREDITFLOW_HOME=str(home), PREFECT_API_URL=str(PREFECT_API_URL.value()))
+    run_id = "cf-test-kill9"
+    cmd = [sys.executable, "-m", "flows.cli", "train", "--quiet", "--run-id", run_id, *SMALL,
+           "debug.crash_at=1:update:kill"]
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    state = RunState.open(run_id, home)
+    first = collections.Counter((e["iteration"], e["stage"]) for e in state.executions())
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", "resume", "--quiet", run_id], env=env,
+                          cwd=root, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    after = collections.Counter((e["iteration"], e["stage"]) for e in state.executions())
+    assert set(after - first) == {(1, "update"), (2, "eval")}
+    assert "success rate" in proc.stdout
