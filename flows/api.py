@@ -62,3 +62,43 @@ def find_mlflow_run(tracker: Any, run_id: str) -> Any:
         return tracker.client.get_run(run_id)
     except Exception:
         raise ConfigError(f"no run {run_id!r} in the tracking store {tracker.uri}") from None
+
+
+def run_plain(overrides: Optional[list[str]] = None, home: Optional[Path] = None,
+              on_iteration: Any = None) -> dict[str, Any]:
+    """The same stage bodies as the flow, called as plain functions: no Prefect, no MLflow, no
+    persisted results. For benchmarks of orchestration overhead and for quick experiments.
+
+    Returns the eval success rates before/after and per-stage wall seconds."""
+    import time
+    from collections import defaultdict
+
+    from flows import train
+
+    state = RunState.create(load_config(overrides), home or creditflow_home())
+    train._RUNS[state.run_id] = state
+    per_stage: dict[str, list[float]] = defaultdict(list)
+
+    def call(task: Any, key: str, it: int, *args: Any) -> Any:
+        t0 = time.perf_counter()
+        out = task.fn(state.run_id, key, state.chash, it, *args)
+        per_stage[task.name].append(time.perf_counter() - t0)
+        return out
+
+    try:
+        ck = call(train.prepare_stage, "prepare", -1).value["checkpoint"]
+        before = call(train.eval_stage, "eval-before", -1, ck).value
+        for it in range(state.obj.iterations):
+            envb = call(train.env_stage, f"it{it}-env", it).value
+            roll = call(train.rollout_stage, f"it{it}-rollout", it, envb, ck).value
+            rew = call(train.reward_stage, f"it{it}-reward", it, roll)
+            credit = call(train.credit_stage, f"it{it}-credit", it, rew.value, ck)
+            upd = call(train.update_stage, f"it{it}-update", it, rew.value, credit.value, ck)
+            ck = upd.value["checkpoint"]
+            if on_iteration is not None:
+                on_iteration(it, rew, credit, upd)
+        after = call(train.eval_stage, "eval-after", state.obj.iterations, ck).value
+    finally:
+        train._RUNS.pop(state.run_id, None)
+    return {"run_id": state.run_id, "success_before": before["success_rate"],
+            "success_after": after["success_rate"], "per_stage": dict(per_stage)}

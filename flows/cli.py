@@ -22,6 +22,9 @@ from typing import Optional
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
 
 
 def _print_summary(out: dict) -> None:
@@ -59,8 +62,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     sub.add_parser("methods", help="list credit methods")
     args = parser.parse_args(argv)
 
+    import logging
+
     from flows.config import ConfigError
 
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
     try:
         return _dispatch(args)
     except ConfigError as exc:

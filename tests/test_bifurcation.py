@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import itertools
 import json
 import math
@@ -355,7 +357,7 @@ def test_text_protocol_round_trip():
     env = fam.make(inst)
     prompt = env.reset()
     assert prompt.startswith("Follow the rule. Answer with one letter: A B.\n")
-    assert prompt.endswith(":") and not prompt.endswith(" :\n")
+    assert re.search(r"cue [a-z]$", prompt)  # the observation ends with the cue
     transcript = prompt
     obs_list = []
     for t in range(5):
@@ -366,21 +368,20 @@ def test_text_protocol_round_trip():
         obs_list.append(r.observation)
         assert not r.observation.startswith("\n")  # the action's newline already ended the line
         if not r.done:
-            assert r.observation.endswith(":")
-            assert r.observation.startswith(f"t{t + 2} cue ")
-            assert (" ! :" in r.observation) == ((t + 1) in inst.spec["decisive"])
+            assert re.fullmatch(rf"t{t + 2}( !)? cue [a-z]", r.observation)
+            assert (" ! " in r.observation) == ((t + 1) in inst.spec["decisive"])
     assert r.observation == "done: success"
     lines = transcript.split("\n")
     assert lines[0] == "Follow the rule. Answer with one letter: A B."
     for t, line in enumerate(lines[1:6]):
-        head, _, act = line.partition(":")
-        assert head.startswith(f"t{t + 1} cue ") and head.endswith(" ") and act in ("A", "B")
+        m = re.fullmatch(rf"t{t + 1}( !)? cue ([a-z]) ([AB])", line)
+        assert m, line
     assert lines[6] == "done: success"
     # an action without the trailing newline: the observation starts a fresh line itself
     env = fam.make(inst)
     env.reset()
     r = env.step("A")
-    assert r.observation.startswith("\nt2 cue ") and r.action == "A"
+    assert r.observation.startswith("\nt2") and r.action == "A"
 
 
 def test_docstring_example_transcript():
@@ -392,14 +393,14 @@ def test_docstring_example_transcript():
             "answers": [None, "A", None], "rule_seed": 0}
     env = fam.make(TaskInstance("doc", "train", 0, spec))
     text = env.reset()
-    for a in ("A\n", "A\n", "B\n"):
+    for a in (" A\n", " A\n", " B\n"):
         r = env.step(a)
         text += a + r.observation
     assert text == (
         "Follow the rule. Answer with one letter: A B.\n"
-        "t1 cue a :A\n"
-        "t2 cue b :A\n"
-        "t3 cue a :B\n"
+        "t1 cue a A\n"
+        "t2 cue b A\n"
+        "t3 cue a B\n"
         "done: success"
     )
     assert r.success and r.reward == 1.0
@@ -472,18 +473,18 @@ def test_warmup_corpus():
     counts = Counter()
     lengths = Counter()
     for prompt, turns in corpus:
-        assert prompt.startswith("Follow the rule. Answer with one letter: A B C.\n") and prompt.endswith(":")
+        assert prompt.startswith("Follow the rule. Answer with one letter: A B C.\n") and re.search(r"cue [a-z]$", prompt)
         lengths[len(turns)] += 1
         for k, (action, obs) in enumerate(turns):
-            assert action in ("A\n", "B\n", "C\n")
+            assert action in (" A\n", " B\n", " C\n")
             counts[action] += 1
             assert not obs.startswith("\n")
             if k < len(turns) - 1:
-                assert obs.endswith(":")
+                assert re.search(r"cue [a-z]$", obs)
             else:
                 assert obs in ("done: success", "done: failure")
     total = sum(counts.values())
-    for a in ("A\n", "B\n", "C\n"):
+    for a in (" A\n", " B\n", " C\n"):
         assert abs(counts[a] / total - 1 / 3) < 0.05
     assert len(lengths) > 1  # terminate_on_error gives variable lengths
     # warm-up instances are not the train/eval pools

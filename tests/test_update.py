@@ -120,7 +120,7 @@ def test_trainer_skips_nonfinite_steps():
     from stages.update.trainer import PolicyTrainer
 
     m = _tiny_model()
-    trainer = PolicyTrainer(m, UpdateConfig(minibatch_size=4), temperature=1.0, needs_critic=False)
+    trainer = PolicyTrainer(m, UpdateConfig(minibatch_size=4, epochs=1), temperature=1.0, needs_critic=False)
     B, P, R = 4, 3, 5
     ids = torch.randint(0, 32, (B, P + R))
 

@@ -46,14 +46,17 @@ with nothing inserted.
 
 * Prompt: ``"Follow the rule. Answer with one letter: A B.\\n"`` (the valid letters, space
   separated) followed by the first turn's observation.
-* Turn observation: ``"t{k} cue {c} :"`` with k = 1..H (1-based) and c the cue (``-`` on
+* Turn observation: ``"t{k} cue {c}"`` with k = 1..H (1-based) and c the cue (``-`` on
   routine turns without distractors); with ``mark_decisive`` decisive turns read
-  ``"t{k} cue {c} ! :"``. Every observation where the policy must act ends with ``":"``
-  (no trailing space), right where the policy answers.
-* **The policy emits the letter and a newline: ``"A\\n"``** (no space: the observation's ``":"``
-  is followed directly by the letter). The newline ends the turn: ``"\\n"`` is the stop text (a
-  rollout engine stops at the first token whose text contains ``"\\n"``, and that token is part
-  of the action). Warm-up episodes use exactly ``"A\\n"``.
+  ``"t{k} ! cue {c}"``. Every observation where the policy must act **ends with the cue**
+  (no trailing space), right where the policy answers. The cue is the last token of the
+  context, so even a tiny policy reads it straight from the residual stream; with the cue
+  earlier in the line a 2-layer model has to learn to attend to the *latest* of many cues
+  first, and GRPO on the default task did not leave chance level in 25 iterations.
+* **The policy emits a space, the letter and a newline: ``" A\\n"``**. The newline ends the
+  turn: ``"\\n"`` is the stop text (a rollout engine stops at the first token whose text
+  contains ``"\\n"``, and that token is part of the action). Warm-up episodes use exactly
+  ``" A\\n"``.
 * Parsing is lenient about whitespace: ``action_text.strip()`` must equal a valid letter
   (``"A"``, ``" A"``, ``"A\\n"`` are all action A); anything else is invalid
   (``StepResult.action`` is None).
@@ -66,9 +69,9 @@ with nothing inserted.
 Example (H=3, decisive turn 2, rule a->B, b->A)::
 
     Follow the rule. Answer with one letter: A B.
-    t1 cue a :A
-    t2 cue b :A
-    t3 cue a :B
+    t1 cue a A
+    t2 cue b A
+    t3 cue a B
     done: success
 
 State keys (GiGPO anchors): ``"{task_id}|t={t}|cue={c}|on={0|1}"`` for the state in which turn
@@ -94,7 +97,7 @@ MAX_ACTIONS = len(LETTERS)
 SPLITS = ("train", "eval")
 REFERENCE_POLICIES = ("uniform", "optimal")
 #: the text the policy emits for action ``L`` (warm-up corpus, scripted agents)
-ACTION_FORMAT = "{}\n"
+ACTION_FORMAT = " {}\n"
 #: the text that ends a policy turn
 STOP_TEXT = "\n"
 NO_CUE = "-"
@@ -267,7 +270,7 @@ class BifurcationEnv(Environment):
 
     def observation(self, t: int) -> str:
         mark = " !" if self.cfg.mark_decisive and self.decisive[t] else ""
-        return f"t{t + 1} cue {self.cues[t]}{mark} :"
+        return f"t{t + 1}{mark} cue {self.cues[t]}"
 
     # -- Environment API -----------------------------------------------------------------
 
@@ -496,7 +499,7 @@ class BifurcationFamily(TaskFamily):
         }
 
     def warmup_corpus(self, n: int, seed: int) -> list[tuple[str, list[tuple[str, str]]]]:
-        """``n`` episodes with uniformly random valid actions, each written as ``"A\\n"``.
+        """``n`` episodes with uniformly random valid actions, each written as ``" A\\n"``.
 
         Instances come from a separate "warmup" seed stream (not the train or eval pools)."""
         out: list[tuple[str, list[tuple[str, str]]]] = []

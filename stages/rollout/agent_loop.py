@@ -17,8 +17,9 @@ Rewards (survey §2.3, §8 stage 3):
 * ``Turn.reward`` is the *turn* reward the environment returned for that step
   (``StepResult.reward``; e.g. bifurcation's ``decisive_reward`` for a correct decisive action).
 * ``Trajectory.reward`` is the *terminal* (episodic) reward, read from the final step's
-  ``StepResult.info["terminal_reward"]`` (bifurcation: 1.0 on success, else 0.0; it is *not*
-  part of ``StepResult.reward``). An environment that does not report ``terminal_reward``
+  ``StepResult.info["terminal_reward"]`` (bifurcation: 1.0 on success, else 0.0). As in gym,
+  ``StepResult.reward`` of the final step is the *whole* reward of that step (turn reward plus
+  terminal reward), so the final turn keeps ``reward - terminal_reward``. An environment that does not report ``terminal_reward``
   is treated as putting its whole final-step reward on the episode: then that reward goes to
   ``Trajectory.reward`` and the final ``Turn.reward`` is 0. Either way nothing is counted twice:
   the return is ``sum(turn.reward) + trajectory.reward``.
@@ -50,7 +51,8 @@ def _turn_seed(seed: int, uid: str, turn: int) -> int:
 def split_final_reward(result: StepResult) -> tuple[float, float]:
     """(turn reward, terminal reward) of an episode's final step (see module docstring)."""
     if "terminal_reward" in result.info:
-        return float(result.reward), float(result.info["terminal_reward"])
+        terminal = float(result.info["terminal_reward"])
+        return float(result.reward) - terminal, terminal
     return 0.0, float(result.reward)
 
 

@@ -19,8 +19,14 @@ class ModelConfig:
     num_kv_heads: int = 2  # tiny model: key/value heads (GQA)
     intermediate_size: int = 256  # tiny model: MLP width
     vocab_size: int = 384  # tiny model: size of the locally trained BPE tokenizer
+    # Tied input/output embeddings collapse here: with Adam, the output softmax pushes every token that is
+    # never a target (the cues!) in the same direction, so their *input* embeddings become identical and
+    # the policy cannot tell the cues apart any more. Untied by default for the tiny model.
+    tie_embeddings: bool = False  # tiny model: tie input and output embeddings
     init_seed: int = 0  # seed of the tiny model's initial weights and tokenizer corpus
-    warmup_steps: int = 150  # supervised format warm-up steps (random valid actions; 0 = none)
+    # Short on purpose: the warm-up targets are uniformly random actions, so every extra step teaches the
+    # policy to ignore the observation; after 150 steps GRPO could no longer make it read the cue.
+    warmup_steps: int = 40  # supervised format warm-up steps (random valid actions; 0 = none)
     warmup_lr: float = 3e-3  # warm-up learning rate (AdamW)
     warmup_batch_size: int = 32  # warm-up episodes per step
     dtype: str = "float32"  # float32 | bfloat16 | float16

@@ -37,7 +37,7 @@ from stages.rollout.config import ModelConfig, RolloutConfig
 PAD_TOKEN = "<|pad|>"
 EOS_TOKEN = "<|eos|>"
 #: bump when the tiny-model recipe (tokenizer, init, warm-up) changes: invalidates cached models
-RECIPE_VERSION = 1
+RECIPE_VERSION = 3
 #: episodes of the warm-up corpus the tokenizer is trained on
 TOKENIZER_CORPUS_EPISODES = 512
 #: episodes sampled after the warm-up to measure the valid-action rate
@@ -171,7 +171,7 @@ def build_tiny_policy(cfg: ModelConfig, corpus_texts: list[str]):
         num_attention_heads=cfg.num_heads,
         num_key_value_heads=cfg.num_kv_heads,
         max_position_embeddings=2048,
-        tie_word_embeddings=True,
+        tie_word_embeddings=cfg.tie_embeddings,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=None,

@@ -12,8 +12,8 @@ class UpdateConfig:
     loss: str = "grpo"  # grpo (per-sequence token mean, Shao et al. 2024) | ppo (token mean, Schulman et al. 2017)
     lr: float = 1e-3  # AdamW learning rate of the policy
     weight_decay: float = 0.0  # AdamW weight decay
-    epochs: int = 1  # passes over the batch per iteration
-    minibatch_size: int = 32  # trajectories per optimizer step
+    epochs: int = 2  # passes over the batch per iteration
+    minibatch_size: int = 16  # trajectories per optimizer step
     clip_ratio: float = 0.2  # PPO clip epsilon
     kl_coef: float = 0.0  # coefficient of the KL(pi || pi_ref) penalty (k3 estimator); 0 = no reference model
     entropy_coef: float = 0.0  # entropy bonus coefficient

@@ -1,0 +1,83 @@
+"""Per-stage time breakdown of a training iteration, and the orchestration + tracking overhead.
+
+The same iterations are run twice on the same config, in the same process:
+
+1. **plain**: the five stage bodies called as plain functions (no Prefect, no MLflow);
+2. **flow**: the real Prefect flow with persisted results and MLflow logging.
+
+It prints the per-stage breakdown of the plain run and the ratio flow / plain. Prefect's
+ephemeral server start (once per process) is measured separately and excluded from the ratio.
+
+    python benchmarks/pipeline.py [--iterations 10] [overrides ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+
+
+def run_plain(overrides: list[str], home: Path) -> tuple[float, dict[str, list[float]]]:
+    from flows.api import run_plain as plain
+
+    t0 = time.perf_counter()
+    out = plain(overrides, home)
+    return time.perf_counter() - t0, out["per_stage"]
+
+
+def run_flow(overrides: list[str], home: Path) -> float:
+    from flows.api import start_run
+
+    t0 = time.perf_counter()
+    start_run(overrides, home=home, progress=False)
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--iterations", type=int, default=10)
+    ap.add_argument("overrides", nargs="*")
+    args = ap.parse_args()
+    overrides = [f"iterations={args.iterations}", *args.overrides]
+    home = Path(tempfile.mkdtemp(prefix="cf-bench-"))
+    os.environ["CREDITFLOW_HOME"] = str(home)
+
+    # build the cached warmed-up policy and start Prefect's ephemeral server outside the timings
+    from prefect import flow
+
+    @flow
+    def _noop() -> int:
+        return 0
+
+    t0 = time.perf_counter()
+    _noop()
+    server_start = time.perf_counter() - t0
+    run_plain(["iterations=1", *args.overrides], home)
+
+    plain_total, per_stage = run_plain(overrides, home)
+    flow_total = run_flow(overrides, home)
+
+    print(f"config: {' '.join(overrides)}")
+    print(f"\nper-stage wall time, plain function calls ({args.iterations} iterations):")
+    print(f"  {'stage':<10} {'mean s':>9} {'share':>7}")
+    for stage, times in per_stage.items():
+        print(f"  {stage:<10} {statistics.fmean(times):>9.4f} {sum(times) / plain_total:>7.1%}")
+    print(f"\nplain total            {plain_total:8.2f} s")
+    print(f"Prefect flow + MLflow  {flow_total:8.2f} s")
+    print(f"ratio flow / plain     {flow_total / plain_total:8.3f}  "
+          f"(overhead {flow_total - plain_total:+.2f} s, "
+          f"{(flow_total - plain_total) / (args.iterations * 5 + 3) * 1000:+.1f} ms per task)")
+    print(f"Prefect ephemeral server start (once per process, excluded): {server_start:.1f} s")
+
+
+if __name__ == "__main__":
+    main()
