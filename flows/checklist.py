@@ -114,13 +114,12 @@ def fill(state: Any, acc: Accumulator, tracker: Any, before: Optional[dict], aft
         f"source: {desc.get('source', family.name)}; size: {desc.get('size', '?')}; "
         f"filtering: {desc.get('filtering', 'none')}; used: {acc.episodes} training episodes"
     ))
+    device = "GPU" if str(state.device).startswith("cuda") else "CPU"
+    hours = (acc.wall_seconds if device == "GPU" else acc.cpu_seconds) / 3600
     values["ca.granularity"] = (FILLED, f"{method.granularity} ({method.name})")
     values["ca.methodology"] = (FILLED, method.methodology)
 
-    if method.episode_level_baseline:
-        values["baseline.episode_level"] = (FILLED, f"this run is an episode-level baseline ({method.name})")
-        values["baseline.compute"] = (NOT_APPLICABLE, "this run is itself the episode-level baseline")
-    elif cfg.report.baseline_run:
+    if cfg.report.baseline_run:
         tags = _baseline_run_facts(tracker, cfg.report.baseline_run)
         mine = f"{info.get('name')}|{info.get('config_hash')}"
         if tags is None:
@@ -129,21 +128,26 @@ def fill(state: Any, acc: Accumulator, tracker: Any, before: Optional[dict], aft
         else:
             theirs = f"{tags.get('checklist.model.name')}|{tags.get('checklist.model.config_hash')}"
             same = theirs == mine
+            is_baseline = tags.get("checklist.ca.episode_level_baseline") == "true"
             values["baseline.episode_level"] = (
-                FILLED if same else MISSING,
-                f"run {cfg.report.baseline_run} ({tags.get('creditflow.method')}); base model "
+                FILLED if same and is_baseline else MISSING,
+                f"run {cfg.report.baseline_run} ({tags.get('creditflow.method')}"
+                f"{'' if is_baseline else ', NOT an episode-level baseline'}); base model "
                 f"{'identical' if same else 'DIFFERS: ' + theirs}",
             )
             try:
                 theirs_h = float(tags.get("checklist.compute.device_hours_value", "nan"))
             except ValueError:
                 theirs_h = float("nan")
-            mine_h = acc.cpu_seconds / 3600
+            mine_h = hours
             values["baseline.compute"] = (
                 FILLED if math.isfinite(theirs_h) else MISSING,
                 f"this run {mine_h:.4f} device-hours vs baseline {theirs_h:.4f} (ratio {mine_h / theirs_h:.2f})"
                 if math.isfinite(theirs_h) and theirs_h > 0 else "baseline compute not recorded",
             )
+    elif method.episode_level_baseline:
+        values["baseline.episode_level"] = (FILLED, f"this run is an episode-level baseline ({method.name})")
+        values["baseline.compute"] = (NOT_APPLICABLE, "this run is itself the episode-level baseline")
     else:
         values["baseline.episode_level"] = (MISSING, "set report.baseline_run to the id of a GRPO/PPO run")
         values["baseline.compute"] = (MISSING, "")
@@ -160,8 +164,6 @@ def fill(state: Any, acc: Accumulator, tracker: Any, before: Optional[dict], aft
             f"(single seed {cfg.seed}; across-seed std needs >= 3 runs)"))
     else:
         values["eval.variance"] = (MISSING, "")
-    device = "GPU" if str(state.device).startswith("cuda") else "CPU"
-    hours = (acc.wall_seconds if device == "GPU" else acc.cpu_seconds) / 3600
     values["compute.device_hours"] = (FILLED, (
         f"{hours:.5f} {device}-hours measured "
         f"({'wall time x 1 GPU' if device == 'GPU' else 'process CPU time, user+system'}, "
@@ -188,6 +190,7 @@ def fill(state: Any, acc: Accumulator, tracker: Any, before: Optional[dict], aft
         "checklist.model.parameters": params or "",
         "checklist.compute.device_hours_value": f"{hours:.6f}",
         "checklist.compute.device": device,
+        "checklist.ca.episode_level_baseline": "true" if method.episode_level_baseline else "false",
     }
     return items
 

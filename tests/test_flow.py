@@ -133,3 +133,44 @@ def test_kill_9_inside_update_then_resume(prefect_harness, home):
     after = collections.Counter((e["iteration"], e["stage"]) for e in state.executions())
     assert set(after - first) == {(1, "update"), (2, "eval")}
     assert "success rate" in proc.stdout
+
+
+def test_gae_with_value_head_through_the_flow(prefect_harness, home):
+    """A method that declares needs={'critic'} gets one; value loss and critic overhead are logged."""
+    out = api.start_run(SMALL + ["credit=gae", "update=ppo", "iterations=1"], home=home, progress=False)
+    c = _client(home).client
+    run = c.get_run(out["mlflow_run_id"])
+    m = run.data.metrics
+    assert "update.value_loss" in m and "update.critic_grad_norm" in m
+    # one critic forward pass per trajectory: 4 tasks x 4 samples
+    assert m["overhead.credit.extra_forward_passes"] == 16
+    assert run.data.tags["checklist.ca.granularity"].startswith("token")
+    assert run.data.tags["checklist.ca.methodology"].startswith("TD")
+    # the critic is checkpointed with the policy
+    from flows.runtime import RunState
+
+    ckpts = RunState.open(out["run_id"], home).paths.checkpoints
+    assert (ckpts / "iter_0000" / "critic.safetensors").is_file()
+
+
+def test_checklist_and_audit_cli(prefect_harness, home, capsys):
+    from flows.cli import main
+
+    base = api.start_run(SMALL + ["iterations=1"], home=home, progress=False, run_id="cf-test-baseline")
+    other = api.start_run(SMALL + ["iterations=1", "credit=gae", "update=ppo", "report.baseline_run=cf-test-baseline",
+                                   "report.ablation_of=cf-test-baseline"],
+                          home=home, progress=False, run_id="cf-test-compared")
+    capsys.readouterr()
+    assert main(["checklist", other["run_id"]]) == 0
+    text = capsys.readouterr().out
+    assert "Reporting checklist (survey Appendix C)" in text
+    assert "run cf-test-baseline (grpo); base model identical" in text
+    assert "device-hours vs baseline" in text
+    assert "Required items reported: 10/10" in text
+    assert main(["checklist", base["run_id"], "--json"]) == 0
+    items = json.loads(capsys.readouterr().out)
+    assert {i["key"] for i in items} >= {"model.base_model", "compute.device_hours", "trajectory.length_distribution"}
+    assert main(["audit"]) == 0
+    table = capsys.readouterr().out
+    assert "cf-test-baseline" in table and "cf-test-compared" in table and "items reported (of 14)" in table
+    assert main(["checklist", "cf-nope"]) == 2
