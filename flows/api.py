@@ -99,6 +99,7 @@ def run_plain(overrides: Optional[list[str]] = None, home: Optional[Path] = None
                 on_iteration(it, rew, credit, upd)
         after = call(train.eval_stage, "eval-after", state.obj.iterations, ck).value
     finally:
+        state.close()
         train._RUNS.pop(state.run_id, None)
     return {"run_id": state.run_id, "success_before": before["success_rate"],
             "success_after": after["success_rate"], "per_stage": dict(per_stage)}

@@ -268,6 +268,8 @@ def validate(cfg: DictConfig) -> None:
             f"config key 'rollout.engine': {cfg.rollout.engine!r} is not available; implemented engines: hf "
             "(the vllm engine is not implemented yet)"
         )
+    if cfg.sandbox.backend == "docker":
+        raise ConfigError("config key 'sandbox.backend': the docker backend is not implemented yet; use process or auto")
     if cfg.sandbox.backend not in ("process", "docker", "auto"):
         raise ConfigError(f"config key 'sandbox.backend' must be process, docker or auto; got {cfg.sandbox.backend!r}")
     if cfg.model.dtype not in ("float32", "bfloat16", "float16"):

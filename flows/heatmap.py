@@ -18,13 +18,14 @@ def credit_heatmap(batch: Batch, credit: CreditResult, title: str = "", max_epis
     panels = [("method turn credit", tc)]
     if tensors.gt_turn_advantage is not None:
         panels.append(("ground-truth advantage", tensors.gt_turn_advantage[:max_episodes, :K]))
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 + 3 * len(panels), 0.12 * tc.shape[0] + 2), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 + 3 * len(panels), 4), squeeze=False, layout="constrained")
     for ax, (name, mat) in zip(axes[0], panels):
         m = mat.clone()
         lim = float(torch.nan_to_num(m, nan=0.0).abs().max()) or 1.0
         im = ax.imshow(m.T.numpy(), aspect="auto", cmap="coolwarm", vmin=-lim, vmax=lim, interpolation="nearest")
         ax.set_xlabel("episode")
         ax.set_ylabel("turn")
+        ax.set_yticks(range(K))
         ax.set_title(name)
         fig.colorbar(im, ax=ax, shrink=0.8)
         if tensors.decisive is not None:

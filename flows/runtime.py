@@ -171,6 +171,7 @@ class RunState:
 
     # ------------------------------------------------------------------ execution audit
     def record_execution(self, iteration: int, stage: str) -> None:
+        self.executed_count = getattr(self, "executed_count", 0) + 1
         with open(self.paths.executions, "a") as fh:
             fh.write(json.dumps({"iteration": iteration, "stage": stage, "pid": os.getpid(), "t": time.time()}) + "\n")
             fh.flush()
@@ -239,6 +240,22 @@ class RunState:
         self.trainer.load_optim_state(optim_state)
         self.engine.sync_weights(self.policy)
         self.policy_version = checkpoint
+
+    @property
+    def sandbox_backend(self) -> Any:
+        """The sandbox backend of this run (created on first use, for families that need one)."""
+        if getattr(self, "_sandbox_backend", None) is None:
+            from environments.sandbox import make_backend
+
+            self._sandbox_backend = make_backend(self.obj.sandbox, base_dir=str(self.paths.root / "sandboxes"))
+        return self._sandbox_backend
+
+    def close(self) -> None:
+        """Release live resources (sandboxes); the run directory stays."""
+        backend = getattr(self, "_sandbox_backend", None)
+        if backend is not None:
+            backend.close()
+            self._sandbox_backend = None
 
     def seed_for(self, iteration: int, stage: str) -> int:
         import zlib

@@ -112,6 +112,6 @@ class Tracker:
     def log_figure(self, fig: Any, artifact_file: str) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / Path(artifact_file).name
-            fig.savefig(out, dpi=110, bbox_inches="tight")
+            fig.savefig(out, dpi=100)
             parent = str(Path(artifact_file).parent)
             self.client.log_artifact(self.run_id, str(out), None if parent == "." else parent)

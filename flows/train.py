@@ -127,9 +127,15 @@ def _run_episodes(state: RunState, envb: EnvBatch, seed: int, temperature: float
 
     from stages.rollout.agent_loop import run_episodes
 
-    envs = [state.family.make(s.instance, episode_seed=s.episode_seed) for s in envb.slots]
     rollout_cfg = replace(state.obj.rollout, temperature=temperature)
+    boxes: list[Any] = []
+    envs: list[Any] = []
     try:
+        # families that execute code get one fresh sandbox per episode from the run's backend
+        if state.family.needs_sandbox:
+            boxes = [state.sandbox_backend.create() for _ in envb.slots]
+        envs = [state.family.make(s.instance, sandbox=boxes[i] if boxes else None, episode_seed=s.episode_seed)
+                for i, s in enumerate(envb.slots)]
         trajs = run_episodes(
             state.engine, state.tokenizer, envs,
             group_ids=[s.group_id for s in envb.slots],
@@ -140,6 +146,8 @@ def _run_episodes(state: RunState, envb: EnvBatch, seed: int, temperature: float
     finally:
         for env in envs:
             env.close()
+        for box in boxes:
+            box.close()
     steps = sum(len(t.turns) for t in trajs)
     gen_tokens = sum(t.num_policy_tokens for t in trajs)
     return Batch(trajectories=trajs), Overhead(env_resets=len(envs), env_steps=steps), gen_tokens
@@ -258,6 +266,7 @@ def train_flow(run_id: str, home: Optional[str] = None, progress: bool = True) -
         with state.locked():
             return _drive(state, say)
     finally:
+        state.close()
         _RUNS.pop(run_id, None)
 
 
@@ -269,10 +278,10 @@ def _drive(state: RunState, say: Progress) -> dict[str, Any]:
 
     def run(stage_task: Any, stage_key: str, iteration: int, *args: Any) -> tuple[StageResult, bool]:
         """Run (or load from the persisted cache) one stage; also say whether it was cached."""
-        before = len(state.executions())
+        before = getattr(state, "executed_count", 0)
         result = stage_task.with_options(result_storage=storage)(state.run_id, stage_key, state.chash, iteration,
                                                                  *[quote(a) for a in args])
-        cached = len(state.executions()) == before
+        cached = getattr(state, "executed_count", 0) == before
         return result, cached
 
     tracker = _tracker(state)

@@ -153,7 +153,20 @@ class Batch:
             traj.validate()
 
     def to_tensors(self, pad_token_id: int = 0) -> "BatchTensors":
-        return BatchTensors.from_batch(self, pad_token_id=pad_token_id)
+        """The padded tensor view; built once per batch object and pad id (credit and update share it)."""
+        cache = self.__dict__.setdefault("_tensor_cache", {})
+        if pad_token_id not in cache:
+            cache[pad_token_id] = BatchTensors.from_batch(self, pad_token_id=pad_token_id)
+        return cache[pad_token_id]
+
+    def invalidate_tensors(self) -> None:
+        """Call after mutating trajectories in place (e.g. rewards) so the view is rebuilt."""
+        self.__dict__.pop("_tensor_cache", None)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state.pop("_tensor_cache", None)  # derived data never goes into persisted results
+        return state
 
 
 @dataclass

@@ -52,6 +52,8 @@ def test_group_switch_gives_method_schema():
         (["rollout.engine=vllm"], r"rollout.engine.*not available"),
         (["debug.crash_at=2:nowhere"], r"debug.crash_at"),
         (["noequals"], r"must look like key=value"),
+        (["sandbox.backend=docker"], r"docker backend is not implemented yet"),
+        (["sandbox.backend=vm"], r"sandbox.backend' must be process, docker or auto"),
     ],
 )
 def test_bad_config_messages(overrides, message):

@@ -114,25 +114,34 @@ def test_resume_with_changed_hashed_config_is_refused(prefect_harness, home):
         api.resume_run(run_id, ["update.lr=0.5"], home=home, progress=False)
 
 
-def test_kill_9_inside_update_then_resume(prefect_harness, home):
-    """A real SIGKILL of the training process; the resumed run recomputes nothing that finished."""
+@pytest.mark.parametrize("where", ["update", "checkpoint"])
+def test_kill_9_then_resume(prefect_harness, home, where):
+    """A real SIGKILL of the training process inside the update stage, or in the middle of the
+    checkpoint write (files written, directory not yet renamed); the resumed run recomputes
+    nothing that finished and never sees a half-written checkpoint."""
     from prefect.settings import PREFECT_API_URL
 
     env = dict(os.environ, CREDITFLOW_HOME=str(home), PREFECT_API_URL=str(PREFECT_API_URL.value()))
-    run_id = "cf-test-kill9"
+    run_id = f"cf-test-kill9-{where}"
     cmd = [sys.executable, "-m", "flows.cli", "train", "--quiet", "--run-id", run_id, *SMALL,
-           "debug.crash_at=1:update:kill"]
+           f"debug.crash_at=1:{where}:kill"]
     root = Path(__file__).resolve().parent.parent
     proc = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, timeout=600)
     assert proc.returncode == -9, proc.stderr[-2000:]
     state = RunState.open(run_id, home)
     first = collections.Counter((e["iteration"], e["stage"]) for e in state.executions())
+    ckpts = state.paths.checkpoints
+    assert not (ckpts / "iter_0001").exists()  # never a partial checkpoint under the final name
     proc = subprocess.run([sys.executable, "-m", "flows.cli", "resume", "--quiet", run_id], env=env,
                           cwd=root, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     after = collections.Counter((e["iteration"], e["stage"]) for e in state.executions())
     assert set(after - first) == {(1, "update"), (2, "eval")}
     assert "success rate" in proc.stdout
+    from stages.update.checkpoint import verify_checkpoint
+
+    verify_checkpoint(ckpts / "iter_0001")
+    assert not list(ckpts.glob(".*tmp*"))  # the abandoned temporary directory was cleaned up
 
 
 def test_gae_with_value_head_through_the_flow(prefect_harness, home):

@@ -36,6 +36,7 @@ def compute_rewards(batch: Batch, family: TaskFamily) -> tuple[Batch, dict[str, 
                     t.reward = 0.0
             traj.done_reason = "invalid_reward"
         reasons[traj.done_reason or "unknown"] += 1
+    batch.invalidate_tensors()
     batch.validate()
     n = max(len(batch), 1)
     stats = {
