@@ -10,7 +10,6 @@ side by side, as the survey's Table 12 does for papers.
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
 from dataclasses import asdict, dataclass, field

@@ -25,7 +25,7 @@ from stages.rollout.policy import sequence_logprobs
 from stages.schema import BatchTensors, CreditResult
 from stages.update.config import UpdateConfig
 from stages.update.critic import ValueModel
-from stages.update.losses import aggregate, clipped_policy_loss, kl_k3, masked_mean, value_loss
+from stages.update.losses import aggregate, clipped_policy_loss, kl_k3, value_loss
 
 AGGREGATION = {"ppo": "token-mean", "grpo": "seq-mean-token-mean"}
 
