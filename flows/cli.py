@@ -6,7 +6,8 @@
     creditflow checklist RUN_ID [--json]   the Appendix C reporting checklist of a run
     creditflow audit                       the checklist of every run in the tracking store (cf. Table 12)
     creditflow runs                        runs under $CREDITFLOW_HOME
-    creditflow methods                     registered credit methods
+    creditflow methods [--setting A] [--format csv|json]   the survey's inventory (Appendix B) + status
+    creditflow recommend [key=value ... | --profile F]     decision tree (survey §7.5, Table 8)
 
 Overrides: ``group=option`` (model, env, credit, update, experiment) or OmegaConf dotlist
 ``a.b=value``. Errors in the config are reported before any compute starts (exit code 2).
@@ -59,7 +60,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     p = sub.add_parser("audit", help="checklist of all runs")
     p.add_argument("--experiment", default="creditflow")
     sub.add_parser("runs", help="list runs")
-    sub.add_parser("methods", help="list credit methods")
+    p = sub.add_parser("methods", help="the survey's method inventory (Appendix B) with implementation status")
+    p.add_argument("--setting", help="R (reasoning), A (agentic) or M (multi-agent)")
+    p.add_argument("--granularity", help="token, segment, step, turn, multi-agent, episode (substring match)")
+    p.add_argument("--methodology", help="substring of the methodology column, e.g. MC, critic, shapley")
+    p.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    p = sub.add_parser("recommend", help="ranked candidate methods for a task profile (survey §7.5, Table 8)")
+    p.add_argument("fields", nargs="*", help="profile fields as key=value, e.g. setting=agentic turns=30")
+    p.add_argument("--profile", help="YAML or JSON file with the task profile")
+    p.add_argument("--top", type=int, default=5)
     args = parser.parse_args(argv)
 
     import logging
@@ -78,6 +87,8 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
+    from flows.config import ConfigError
+
     if args.cmd == "config":
         from flows.config import load_config, to_yaml
 
@@ -133,11 +144,32 @@ def _dispatch(args: argparse.Namespace) -> int:
             print(f"{p.name}  status={info.get('status', 'incomplete')}  mlflow={info.get('mlflow_run_id')}")
         return 0
     if args.cmd == "methods":
-        from stages.credit.base import get_method_class, method_names
+        from stages.credit import inventory
 
-        for name in method_names():
-            cls = get_method_class(name)
-            print(f"{name:<24} {cls.granularity:<10} {cls.methodology}")
+        rows = inventory.filter_rows(inventory.load_inventory(), setting=args.setting,
+                                     granularity=args.granularity, methodology=args.methodology)
+        out = {"table": inventory.render_table, "csv": inventory.to_csv, "json": inventory.to_json}[args.format](rows)
+        print(out, end="" if out.endswith("\n") else "\n")
+        return 0
+    if args.cmd == "recommend":
+        from omegaconf import OmegaConf
+
+        from stages.credit import decision_tree
+
+        try:
+            if args.profile:
+                profile = decision_tree.TaskProfile.from_file(args.profile)
+                if args.fields:
+                    raise ValueError("give either --profile FILE or key=value fields, not both")
+            else:
+                bad = [f for f in args.fields if "=" not in f]
+                if bad:
+                    raise ValueError(f"profile fields must look like key=value, got {bad[0]!r}")
+                values = OmegaConf.to_container(OmegaConf.from_dotlist(args.fields)) if args.fields else {}
+                profile = decision_tree.TaskProfile.from_dict(values)
+        except (ValueError, FileNotFoundError) as exc:
+            raise ConfigError(f"task profile: {exc}") from None
+        print(decision_tree.render(decision_tree.recommend(profile, top_k=args.top)))
         return 0
     raise AssertionError(args.cmd)
 
