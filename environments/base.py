@@ -108,6 +108,11 @@ class TaskFamily(abc.ABC):
     def describe(self) -> dict[str, str]:
         """Reporting fields (Appendix C): data source, size, filtering, metric definition."""
 
+    def profile(self) -> Optional[dict[str, Any]]:
+        """The task profile the decision tree (survey §7.5, Table 8) ranks methods for
+        (:class:`stages.credit.decision_tree.TaskProfile` fields), or None if undeclared."""
+        return None
+
     def verify(self, trajectory: Any) -> Optional[tuple[float, bool, dict[str, Any]]]:
         """Post-hoc verifier of a finished episode: (terminal reward, success, info).
 

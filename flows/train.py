@@ -15,6 +15,7 @@ MLflow in one batch after its update, exactly once per step (see :mod:`flows.tra
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import resource
@@ -301,6 +302,7 @@ def _drive(state: RunState, say: Progress) -> dict[str, Any]:
     tracker.set_tags({"prefect.flow_run_id": flow_run_id,
                       "prefect.flow_run_ids": ",".join(x for x in state.info["prefect_flow_runs"] if x),
                       "creditflow.method": cfg.credit.method, "creditflow.env": cfg.env.name})
+    tracker.set_tags(_recommendation_tags(state))
     tracker.log_text(to_yaml(state.cfg), "config/resolved.yaml")
     try:
         create_markdown_artifact(
@@ -384,6 +386,22 @@ def _drive(state: RunState, say: Progress) -> dict[str, Any]:
         "success_before": before["success_rate"],
         "success_after": after["success_rate"],
         "checklist": items,
+    }
+
+
+def _recommendation_tags(state: RunState) -> dict[str, str]:
+    """Was the chosen method among the decision tree's candidates for this task (survey §7.5)?"""
+    from stages.credit import decision_tree
+
+    profile = state.family.profile()
+    if profile is None:
+        return {"creditflow.method_in_recommended": "unknown (task family declares no profile)"}
+    recs = decision_tree.recommend(decision_tree.TaskProfile.from_dict(profile), top_k=5)
+    names = [r.method for r in recs]
+    return {
+        "creditflow.task_profile": json.dumps(profile, sort_keys=True),
+        "creditflow.recommended_methods": ",".join(names),
+        "creditflow.method_in_recommended": str(state.obj.credit.method in names).lower(),
     }
 
 

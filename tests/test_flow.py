@@ -56,6 +56,9 @@ def test_two_iterations_log_params_metrics_tags_artifacts(prefect_harness, home)
     assert tags["checklist.compute.device_hours.status"] == "filled"
     assert "CPU-hours" in tags["checklist.compute.device_hours"]
     assert tags["checklist.baseline.episode_level.status"] == "filled"
+    # decision-tree recommendation for the task profile is recorded (survey §7.5)
+    assert tags["creditflow.recommended_methods"]
+    assert tags["creditflow.method_in_recommended"] == str("grpo" in tags["creditflow.recommended_methods"].split(",")).lower()
     # metrics: one step per iteration, plus the final eval step
     c = tracker.client
     assert _metric_steps(c, run.info.run_id, "progress.iteration") == [0, 1, 2]

@@ -498,6 +498,24 @@ class BifurcationFamily(TaskFamily):
             "text_protocol": "policy emits '<LETTER>\\n' right after the observation's ':'; a turn ends at the first '\\n'",
         }
 
+    def profile(self) -> dict[str, Any]:
+        """Decision-tree profile: an agentic multi-turn task, verifiable outcome only, cheap resets
+        (snapshots), stochastic when ``slip_prob > 0``."""
+        return {
+            "setting": "agentic",
+            "turns": self.cfg.horizon,
+            "trajectory_tokens": 8 * self.cfg.horizon + 16,
+            "verifiable_intermediate": False,
+            "verifiable_outcome": True,
+            "stochastic": self.cfg.slip_prob > 0,
+            "partially_observable": False,
+            "privileged_info": False,
+            "num_agents": 1,
+            "compute_budget": "low",
+            "env_reset_cheap": True,
+            "prm_available": False,
+        }
+
     def warmup_corpus(self, n: int, seed: int) -> list[tuple[str, list[tuple[str, str]]]]:
         """``n`` episodes with uniformly random valid actions, each written as ``" A\\n"``.
 
