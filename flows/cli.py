@@ -57,8 +57,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     p = sub.add_parser("checklist", help="print a run's reporting checklist")
     p.add_argument("run_id")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else the home's SQLite)")
+    p.add_argument("--experiment", default="creditflow")
     p = sub.add_parser("audit", help="checklist of all runs")
     p.add_argument("--experiment", default="creditflow")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else the home's SQLite)")
     sub.add_parser("runs", help="list runs")
     p = sub.add_parser("methods", help="the survey's method inventory (Appendix B) with implementation status")
     p.add_argument("--setting", help="R (reasoning), A (agentic) or M (multi-agent)")
@@ -108,7 +111,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         from flows import checklist
         from flows.api import find_mlflow_run, tracker_for
 
-        run = find_mlflow_run(tracker_for(), args.run_id)
+        run = find_mlflow_run(tracker_for(uri=args.tracking_uri, experiment=args.experiment), args.run_id)
         items = checklist.from_tags(run.data.tags)
         if args.json:
             print(json.dumps(checklist.as_json(items), indent=1))
@@ -123,7 +126,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         from flows import checklist
         from flows.api import tracker_for
 
-        tracker = tracker_for(experiment=args.experiment)
+        tracker = tracker_for(uri=args.tracking_uri, experiment=args.experiment)
         runs = tracker.client.search_runs([tracker.experiment_id], order_by=["attributes.start_time ASC"])
         if not runs:
             print("no runs in the tracking store")

@@ -43,7 +43,7 @@ class ConfigError(ValueError):
 class TrackingConfig:
     """Keys allowed under ``tracking.``."""
 
-    mlflow_uri: Optional[str] = None  # MLflow tracking URI; default sqlite:///$CREDITFLOW_HOME/mlflow.db
+    mlflow_uri: Optional[str] = None  # MLflow tracking URI; default $MLFLOW_TRACKING_URI, else sqlite:///$CREDITFLOW_HOME/mlflow.db
     experiment: str = "creditflow"  # MLflow experiment name
     heatmap_every: int = 5  # log a credit heatmap PNG every N iterations (and at the last one)
 

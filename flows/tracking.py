@@ -21,7 +21,8 @@ _PARAM_CHUNK = 100
 
 
 def default_tracking_uri(home: Path) -> str:
-    return f"sqlite:///{home / 'mlflow.db'}"
+    """``MLFLOW_TRACKING_URI`` when set (e.g. a tracking server), else SQLite under the home."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{home / 'mlflow.db'}"
 
 
 class Tracker:
@@ -36,9 +37,14 @@ class Tracker:
         self.client = MlflowClient(tracking_uri=uri)
         exp = self.client.get_experiment_by_name(experiment)
         if exp is None:
-            artifacts = (home / "mlartifacts").resolve()
-            artifacts.mkdir(parents=True, exist_ok=True)
-            self.experiment_id = self.client.create_experiment(experiment, artifact_location=artifacts.as_uri())
+            location = None
+            if uri.startswith(("sqlite:", "file:")) or "://" not in uri:
+                # a local store needs an explicit artifact location, else artifacts land in the cwd;
+                # a tracking server decides its own (``--default-artifact-root`` / ``--serve-artifacts``)
+                artifacts = (home / "mlartifacts").resolve()
+                artifacts.mkdir(parents=True, exist_ok=True)
+                location = artifacts.as_uri()
+            self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)
         else:
             self.experiment_id = exp.experiment_id
         self.run_id: Optional[str] = None
