@@ -314,6 +314,19 @@ def _drive(state: RunState, say: Progress) -> dict[str, Any]:
     except Exception as exc:  # the artifact is a convenience link; never fail a run for it
         logger.warning("could not create the Prefect artifact linking the MLflow run: %s", exc)
 
+    try:
+        return _iterate(state, say, run, tracker)
+    except BaseException as exc:
+        # a crash is visible in MLflow (a kill -9 leaves RUNNING; `creditflow resume` continues either way)
+        tracker.set_tags({"creditflow.failure": f"{type(exc).__name__}: {exc}"[:500]})
+        tracker.finish("FAILED")
+        state.info["status"] = "failed"
+        state.save_info()
+        raise
+
+
+def _iterate(state: RunState, say: Progress, run: Callable, tracker: Tracker) -> dict[str, Any]:
+    cfg = state.obj
     acc = checklist_mod.Accumulator()
     say(f"creditflow run {state.run_id}: method={cfg.credit.method} env={cfg.env.name} "
         f"model={cfg.model.name} iterations={cfg.iterations}")

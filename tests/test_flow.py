@@ -93,6 +93,8 @@ def test_resume_after_crash_in_credit_stage(prefect_harness, home):
     state = RunState.open(run_id, home)
     first = collections.Counter((e["iteration"], e["stage"]) for e in state.executions())
     assert first[(2, "credit")] == 1 and (2, "update") not in first
+    crashed = _client(home).client.get_run(state.info["mlflow_run_id"])
+    assert crashed.info.status == "FAILED" and "InjectedCrash" in crashed.data.tags["creditflow.failure"]
     out = api.resume_run(run_id, home=home, progress=False)
     after = collections.Counter((e["iteration"], e["stage"]) for e in state.executions())
     resumed = after - first
