@@ -92,7 +92,7 @@ def run_plain(overrides: Optional[list[str]] = None, home: Optional[Path] = None
             envb = call(train.env_stage, f"it{it}-env", it).value
             roll = call(train.rollout_stage, f"it{it}-rollout", it, envb, ck).value
             rew = call(train.reward_stage, f"it{it}-reward", it, roll)
-            credit = call(train.credit_stage, f"it{it}-credit", it, rew.value, ck)
+            credit = call(train.credit_stage, f"it{it}-credit", it, rew.value, ck, envb)
             upd = call(train.update_stage, f"it{it}-update", it, rew.value, credit.value, ck)
             ck = upd.value["checkpoint"]
             if on_iteration is not None:

@@ -180,13 +180,39 @@ def reward_stage(state: RunState, iteration: int, batch: Batch) -> StageResult:
     return StageResult(value=batch, stats=stats, overhead=overhead)
 
 
+def _greedy_rollout_provider(state: RunState, envb: EnvBatch, iteration: int) -> Callable:
+    """For methods that need a greedy baseline (ReMax): one argmax episode per task instance of
+    the batch, same episode seed as the group; returns each trajectory's greedy return + overhead."""
+    from dataclasses import replace
+
+    def provide(batch: Batch) -> tuple[Any, Overhead]:
+        import torch
+
+        first: dict[int, Any] = {}
+        for slot in envb.slots:
+            first.setdefault(slot.group_id, replace(slot, uid=f"{slot.uid}-greedy"))
+        greedy = EnvBatch(slots=list(first.values()), family=envb.family, split=envb.split, pool_size=envb.pool_size)
+        forwards = state.engine.stats["forward_passes"]
+        gbatch, overhead, tokens = _run_episodes(state, greedy, state.seed_for(iteration, "greedy"), temperature=0.0)
+        gbatch, _, _ = compute_rewards(gbatch, state.family)
+        ret = {t.group_id: t.reward + sum(turn.reward for turn in t.turns) for t in gbatch.trajectories}
+        overhead.extra_tokens = tokens
+        overhead.extra_forward_passes = int(state.engine.stats["forward_passes"] - forwards)
+        return torch.tensor([ret[t.group_id] for t in batch.trajectories]), overhead
+
+    return provide
+
+
 @_stage("credit")
-def credit_stage(state: RunState, iteration: int, batch: Batch, checkpoint: str) -> StageResult:
-    """Stage 4: the configured credit-assignment method."""
+def credit_stage(state: RunState, iteration: int, batch: Batch, checkpoint: str, envb: EnvBatch) -> StageResult:
+    """Stage 4: the configured credit-assignment method, given what it declared it needs."""
     ctx = CreditContext(generator=None)
     if "critic" in state.method.needs:
         state.ensure_policy(checkpoint)
         ctx.critic = state.trainer.critic
+    if "greedy_rollout" in state.method.needs:
+        state.ensure_policy(checkpoint)
+        ctx.greedy_rollout = _greedy_rollout_provider(state, envb, iteration)
     tensors = batch.to_tensors(pad_token_id=_pad_id(state))
     result: CreditResult = state.method(tensors, batch, ctx)
     stats = credit_statistics(tensors, result)
@@ -354,7 +380,7 @@ def _iterate(state: RunState, say: Progress, run: Callable, tracker: Tracker) ->
         rew, c = run(reward_stage, f"it{it}-reward", it, roll.value)
         results["reward"] = rew
         say(f" | reward{'*' if c else ''} {rew.wall_seconds:.2f}s", end="")
-        cred, c = run(credit_stage, f"it{it}-credit", it, rew.value, checkpoint)
+        cred, c = run(credit_stage, f"it{it}-credit", it, rew.value, checkpoint, envb.value)
         results["credit"] = cred
         say(f" | credit{'*' if c else ''} {cred.wall_seconds:.2f}s", end="")
         upd, c = run(update_stage, f"it{it}-update", it, rew.value, cred.value, checkpoint)

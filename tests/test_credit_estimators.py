@@ -462,9 +462,10 @@ def test_registered_with_declared_granularity_and_needs(name):
     assert all(f.default is not dataclasses.MISSING for f in dataclasses.fields(cls.Config))
 
 
-def test_no_separate_grpo_nostd_and_no_remax_method():
+def test_no_separate_grpo_nostd_and_remax_needs_greedy_rollouts():
     names = method_names()
-    assert "grpo_nostd" not in names and "remax" not in names
+    assert "grpo_nostd" not in names
+    assert get_method_class("remax").needs == frozenset({"greedy_rollout"})
     assert {f.name for f in dataclasses.fields(get_method_class("grpo").Config)} >= {"norm_adv_by_std", "epsilon"}
 
 

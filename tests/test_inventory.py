@@ -148,7 +148,7 @@ def test_status_rules(rows):
 
 def test_registry_extras():
     extras = load_registry_extras()
-    assert [e["registry_name"] for e in extras] == ["rloo", "reinforce_pp", "reinforce_pp_baseline", "gae"]
+    assert [e["registry_name"] for e in extras] == ["rloo", "reinforce_pp", "reinforce_pp_baseline", "gae", "remax"]
     for e in extras:
         assert e["method"] and e["reference"]
         assert e["reason"] == "episode-level baseline, not one of the 47 reviewed papers"

@@ -13,7 +13,7 @@ from __future__ import annotations
 import abc
 import time
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Optional, Protocol
+from typing import Any, Callable, ClassVar, Optional, Protocol
 
 import torch
 
@@ -39,6 +39,8 @@ class CreditContext:
     """What the stages provide to a credit method, by its declared ``needs``."""
 
     critic: Optional[Critic] = None
+    #: greedy (argmax) rollout of each trajectory's task instance: batch -> ((B,) greedy return, Overhead)
+    greedy_rollout: Optional[Callable[[Batch], tuple[torch.Tensor, Any]]] = None
     generator: Optional[torch.Generator] = None
     extras: dict[str, Any] = field(default_factory=dict)
 
@@ -54,7 +56,7 @@ class CreditMethod(abc.ABC):
     methodology: ClassVar[str]
     #: True for episode-level baselines (GRPO, PPO, RLOO, ...) — Appendix C "episode-level baseline"
     episode_level_baseline: ClassVar[bool] = False
-    #: what the method needs the stages to provide: subset of {"critic"}
+    #: what the method needs the stages to provide: subset of {"critic", "greedy_rollout"}
     needs: ClassVar[frozenset[str]] = frozenset()
     #: short citation of the paper / survey section the method implements
     reference: ClassVar[str] = ""

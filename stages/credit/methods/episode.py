@@ -6,9 +6,8 @@ vectorized estimators of :mod:`stages.credit.functional`; the wrappers pick the 
 :class:`~stages.schema.BatchTensors`, zero the advantages outside ``response_mask`` and report
 the credit at the method's native granularity ((B,) per episode, or (B, R) per token).
 
-ReMax (Li et al. 2023) is deliberately *not* registered: its baseline is the reward of an extra
-greedy rollout per prompt, which the rollout stage does not produce; it is available as
-:func:`stages.credit.functional.remax`.
+ReMax (Li et al. 2023) declares ``needs={"greedy_rollout"}``: the credit stage runs one extra
+greedy (argmax) episode per task instance and hands its return to the method as the baseline.
 """
 
 from __future__ import annotations
@@ -257,3 +256,44 @@ class GAE(CreditMethod):
             values=values,
             stats=stats,
         )
+
+
+# --------------------------------------------------------------------------------------------
+# ReMax
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ReMaxConfig(CreditConfig):
+    method: str = "remax"  # credit-assignment method (registry name; ReMax, Li et al. 2023)
+
+
+@register_method
+class ReMax(CreditMethod):
+    """ReMax (Li et al. 2023; survey §2.3): REINFORCE with the return of a greedy (argmax)
+    rollout of the same task instance as the baseline, ``A_t = G_t - R(greedy)`` (verl
+    ``compute_remax_outcome_advantage``). The greedy episodes are an extra rollout per task
+    instance, recorded as overhead (extra tokens, forward passes, environment resets/steps)."""
+
+    name = "remax"
+    Config = ReMaxConfig
+    granularity = "episode"
+    methodology = "MC (greedy-rollout baseline)"
+    episode_level_baseline = True
+    needs = frozenset({"greedy_rollout"})
+    reference = "Li et al. 2023 (ReMax); survey §2.3"
+
+    def assign(self, tensors: BatchTensors, batch: Batch, ctx: CreditContext) -> CreditResult:
+        rewards, mask = _inputs(tensors)
+        assert ctx.greedy_rollout is not None  # CreditMethod.__call__ checked ``needs``
+        baselines, overhead = ctx.greedy_rollout(batch)
+        baselines = torch.as_tensor(baselines, dtype=rewards.dtype)
+        if tuple(baselines.shape) != (rewards.shape[0],):
+            raise ValueError(f"credit method 'remax': greedy baselines must have shape ({rewards.shape[0]},), "
+                             f"got {tuple(baselines.shape)}")
+        adv, returns = F.remax(rewards, baselines, mask)
+        adv = adv * mask
+        scalars = (rewards * mask).sum(-1) - baselines
+        result = _episode_result(scalars, mask, {"greedy_return_mean": float(baselines.mean())})
+        result.advantages, result.returns, result.overhead = adv, returns, overhead
+        return result
