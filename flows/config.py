@@ -16,11 +16,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from environments.base import EnvConfig, get_family_class
@@ -153,22 +153,11 @@ def _schema_for(choices: dict[str, str]) -> DictConfig:
     schema = OmegaConf.structured(TrainConfig)
     method_cls = _check_registered("credit", choices["credit"])
     family_cls = _check_registered("env", choices["env"])
-    with _open_struct(schema):
+    with open_dict(schema):
         schema.credit = OmegaConf.structured(method_cls.Config)
         schema.env = OmegaConf.structured(family_cls.Config)
     OmegaConf.set_struct(schema, True)
     return schema
-
-
-class _open_struct:
-    def __init__(self, cfg: DictConfig):
-        self.cfg = cfg
-
-    def __enter__(self) -> None:
-        OmegaConf.set_struct(self.cfg, False)
-
-    def __exit__(self, *exc: Any) -> None:
-        OmegaConf.set_struct(self.cfg, True)
 
 
 def _friendly(exc: OmegaConfBaseException, schema: DictConfig) -> ConfigError:
@@ -310,17 +299,6 @@ def config_hash(cfg: DictConfig) -> str:
     """Hash of the sections that change what training computes (not iterations, tracking, debug)."""
     data = {k: OmegaConf.to_container(cfg[k], resolve=True) if isinstance(cfg[k], DictConfig) else cfg[k]
             for k in HASHED_SECTIONS}
-    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def dataclass_hash(obj: Any) -> str:
-    """Stable short hash of a dataclass (or OmegaConf node)."""
-    if isinstance(obj, DictConfig):
-        data = OmegaConf.to_container(obj, resolve=True)
-    elif is_dataclass(obj):
-        data = {f.name: getattr(obj, f.name) for f in fields(obj)}
-    else:
-        data = obj
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
