@@ -89,14 +89,10 @@ def run_plain(overrides: Optional[list[str]] = None, home: Optional[Path] = None
         ck = call(train.prepare_stage, "prepare", -1).value["checkpoint"]
         before = call(train.eval_stage, "eval-before", -1, ck).value
         for it in range(state.obj.iterations):
-            envb = call(train.env_stage, f"it{it}-env", it).value
-            roll = call(train.rollout_stage, f"it{it}-rollout", it, envb, ck).value
-            rew = call(train.reward_stage, f"it{it}-reward", it, roll)
-            credit = call(train.credit_stage, f"it{it}-credit", it, rew.value, ck, envb)
-            upd = call(train.update_stage, f"it{it}-update", it, rew.value, credit.value, ck)
-            ck = upd.value["checkpoint"]
+            res = train.run_iteration(call, it, ck)
+            ck = res["update"].value["checkpoint"]
             if on_iteration is not None:
-                on_iteration(it, rew, credit, upd)
+                on_iteration(it, res["reward"], res["credit"], res["update"])
         after = call(train.eval_stage, "eval-after", state.obj.iterations, ck).value
     finally:
         state.close()

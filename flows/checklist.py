@@ -119,7 +119,11 @@ def fill(state: Any, acc: Accumulator, tracker: Any, before: Optional[dict], aft
     values["ca.methodology"] = (FILLED, method.methodology)
 
     if cfg.report.baseline_run:
-        tags = _baseline_run_facts(tracker, cfg.report.baseline_run)
+        # looked up once per run (fill runs after every iteration; the baseline run does not change)
+        looked_up = state.__dict__.setdefault("_baseline_tags", {})
+        if cfg.report.baseline_run not in looked_up:
+            looked_up[cfg.report.baseline_run] = _baseline_run_facts(tracker, cfg.report.baseline_run)
+        tags = looked_up[cfg.report.baseline_run]
         mine = f"{info.get('name')}|{info.get('config_hash')}"
         if tags is None:
             values["baseline.episode_level"] = (MISSING, f"report.baseline_run={cfg.report.baseline_run} not found")

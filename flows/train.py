@@ -180,6 +180,18 @@ def reward_stage(state: RunState, iteration: int, batch: Batch) -> StageResult:
     return StageResult(value=batch, stats=stats, overhead=overhead)
 
 
+def run_iteration(run: Callable[..., StageResult], it: int, checkpoint: str) -> dict[str, StageResult]:
+    """One iteration of the five stages of survey §8, each through ``run(task, key, iteration, *args)``:
+    the flow's runner goes through Prefect (persisted, cache-keyed), :func:`flows.api.run_plain`'s
+    calls the stage bodies directly. The single place that says which stage feeds which."""
+    env = run(env_stage, f"it{it}-env", it)
+    rollout = run(rollout_stage, f"it{it}-rollout", it, env.value, checkpoint)
+    reward = run(reward_stage, f"it{it}-reward", it, rollout.value)
+    credit = run(credit_stage, f"it{it}-credit", it, reward.value, checkpoint, env.value)
+    update = run(update_stage, f"it{it}-update", it, reward.value, credit.value, checkpoint)
+    return {"env": env, "rollout": rollout, "reward": reward, "credit": credit, "update": update}
+
+
 def _greedy_rollout_provider(state: RunState, envb: EnvBatch, iteration: int) -> Callable:
     """For methods that need a greedy baseline (ReMax): one argmax episode per task instance of
     the batch, same episode seed as the group; returns each trajectory's greedy return + overhead."""
@@ -367,27 +379,20 @@ def _iterate(state: RunState, say: Progress, run: Callable, tracker: Tracker) ->
     before = ev.value
     say(f"  eval before training: success {before['success_rate']:.3f} "
         f"(95% CI {before['ci95'][0]:.3f}-{before['ci95'][1]:.3f}, {before['episodes']} episodes)")
+    def staged(stage_task: Any, stage_key: str, iteration: int, *args: Any) -> StageResult:
+        """``run`` plus this stage's part of the iteration's progress line (``*`` = loaded from results)."""
+        result, cached = run(stage_task, stage_key, iteration, *args)
+        sep = " |" if stage_task.name != "env" else ""
+        say(f"{sep} {stage_task.name}{'*' if cached else ''} {result.wall_seconds:.2f}s", end="")
+        return result
+
     for it in range(cfg.iterations):
-        line = f"  [iter {it + 1}/{cfg.iterations}]"
-        say(line, end="")
-        results: dict[str, StageResult] = {}
-        envb, c = run(env_stage, f"it{it}-env", it)
-        results["env"] = envb
-        say(f" env{'*' if c else ''} {envb.wall_seconds:.2f}s", end="")
-        roll, c = run(rollout_stage, f"it{it}-rollout", it, envb.value, checkpoint)
-        results["rollout"] = roll
-        say(f" | rollout{'*' if c else ''} {roll.wall_seconds:.2f}s", end="")
-        rew, c = run(reward_stage, f"it{it}-reward", it, roll.value)
-        results["reward"] = rew
-        say(f" | reward{'*' if c else ''} {rew.wall_seconds:.2f}s", end="")
-        cred, c = run(credit_stage, f"it{it}-credit", it, rew.value, checkpoint, envb.value)
-        results["credit"] = cred
-        say(f" | credit{'*' if c else ''} {cred.wall_seconds:.2f}s", end="")
-        upd, c = run(update_stage, f"it{it}-update", it, rew.value, cred.value, checkpoint)
-        results["update"] = upd
+        say(f"  [iter {it + 1}/{cfg.iterations}]", end="")
+
+        results = run_iteration(staged, it, checkpoint)
+        rew, cred, upd = results["reward"], results["credit"], results["update"]
         checkpoint = upd.value["checkpoint"]
-        say(f" | update{'*' if c else ''} {upd.wall_seconds:.2f}s"
-            f" | success {rew.stats['success_rate']:.2f} loss {upd.stats.get('loss', float('nan')):.4f}")
+        say(f" | success {rew.stats['success_rate']:.2f} loss {upd.stats.get('loss', float('nan')):.4f}")
         for r in results.values():
             acc.add_stage(r)
         acc.add_batch(rew.value, cred.overhead)
