@@ -78,6 +78,18 @@ class Environment(abc.ABC):
     def restore(self, handle: Any) -> None:
         raise NotImplementedError(f"{type(self).__name__} does not support snapshots")
 
+    def stats(self) -> dict[str, float]:
+        """Per-episode environment accounting, read by the agent loop when the episode ends and
+        stored in ``Trajectory.meta``: e.g. ``sandbox_seconds`` (wall time spent in sandbox
+        execs), ``sandbox_execs``, ``env_resets``. Empty for in-process MDPs."""
+        return {}
+
+    def privileged(self) -> dict[str, Any]:
+        """Training-time-only information about the episode's task (e.g. gold supporting
+        documents, reference solution) for critics that may use it (SWEET-RL-style, §4);
+        stored in ``Trajectory.privileged``; never shown to the policy."""
+        return {}
+
     def close(self) -> None:
         """Release sandboxes and other resources (idempotent)."""
 

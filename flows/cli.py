@@ -8,6 +8,8 @@
     creditflow runs                        runs under $CREDITFLOW_HOME
     creditflow methods [--setting A] [--format csv|json]   the survey's inventory (Appendix B) + status
     creditflow recommend [key=value ... | --profile F]     decision tree (survey §7.5, Table 8)
+    creditflow sandbox build-image [--tag T] [--force]     build the Docker sandbox image offline
+    creditflow prm train --env math --out DIR [...]        train a process reward model (PRM)
 
 Overrides: ``group=option`` (model, env, credit, update, experiment) or OmegaConf dotlist
 ``a.b=value``. Errors in the config are reported before any compute starts (exit code 2).
@@ -72,7 +74,19 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("fields", nargs="*", help="profile fields as key=value, e.g. setting=agentic turns=30")
     p.add_argument("--profile", help="YAML or JSON file with the task profile")
     p.add_argument("--top", type=int, default=5)
+    # tools with their own options: everything after the sub-command goes to their main(argv)
+    tools = {
+        "sandbox": ("environments.sandbox.image", "sandbox images (`sandbox build-image --help`)"),
+        "prm": ("stages.reward.prm", "process reward models (`prm train --help`)"),
+    }
+    for name, (_, text) in tools.items():
+        p = sub.add_parser(name, help=text, add_help=False)
+        p.add_argument("rest", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
+    if args.cmd in tools:
+        import importlib
+
+        return int(importlib.import_module(tools[args.cmd][0]).main(args.rest) or 0)
 
     import logging
 

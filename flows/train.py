@@ -36,9 +36,9 @@ from prefect.utilities.annotations import quote  # noqa: E402
 from environments.construct import EnvBatch, build_env_batch  # noqa: E402
 from flows import checklist as checklist_mod  # noqa: E402
 from flows.config import flatten, to_yaml  # noqa: E402
+from flows.providers import build_context, run_slots  # noqa: E402
 from flows.runtime import RunState  # noqa: E402
 from flows.tracking import Tracker, default_tracking_uri  # noqa: E402
-from stages.credit.base import CreditContext  # noqa: E402
 from stages.credit.stats import credit_statistics  # noqa: E402
 from stages.reward.verifier import compute_rewards  # noqa: E402
 from stages.schema import Batch, CreditResult, Overhead  # noqa: E402
@@ -123,35 +123,8 @@ def env_stage(state: RunState, iteration: int) -> StageResult:
 
 
 def _run_episodes(state: RunState, envb: EnvBatch, seed: int, temperature: float) -> tuple[Batch, Overhead, int]:
-    """Make live environments for the slots, run them with the engine, close them."""
-    from dataclasses import replace
-
-    from stages.rollout.agent_loop import run_episodes
-
-    rollout_cfg = replace(state.obj.rollout, temperature=temperature)
-    boxes: list[Any] = []
-    envs: list[Any] = []
-    try:
-        # families that execute code get one fresh sandbox per episode from the run's backend
-        if state.family.needs_sandbox:
-            boxes = [state.sandbox_backend.create() for _ in envb.slots]
-        envs = [state.family.make(s.instance, sandbox=boxes[i] if boxes else None, episode_seed=s.episode_seed)
-                for i, s in enumerate(envb.slots)]
-        trajs = run_episodes(
-            state.engine, state.tokenizer, envs,
-            group_ids=[s.group_id for s in envb.slots],
-            task_ids=[s.instance.task_id for s in envb.slots],
-            uids=[s.uid for s in envb.slots],
-            env_name=envb.family, cfg=rollout_cfg, seed=seed,
-        )
-    finally:
-        for env in envs:
-            env.close()
-        for box in boxes:
-            box.close()
-    steps = sum(len(t.turns) for t in trajs)
-    gen_tokens = sum(t.num_policy_tokens for t in trajs)
-    return Batch(trajectories=trajs), Overhead(env_resets=len(envs), env_steps=steps), gen_tokens
+    """Play the slots of ``envb`` (live environments and sandboxes made and closed around it)."""
+    return run_slots(state, envb.slots, envb.family, seed, temperature)
 
 
 @_stage("rollout")
@@ -169,6 +142,11 @@ def rollout_stage(state: RunState, iteration: int, envb: EnvBatch, checkpoint: s
         "tokens_mean": sum(tokens) / max(len(tokens), 1),
         "env_resets": float(overhead.env_resets),
         "env_steps": float(overhead.env_steps),
+        # environment construction faults (survey §8.2): groups retried, then dropped whole
+        "dropped_groups": float(batch.meta.get("dropped_groups", 0)),
+        "env_start_failures": float(batch.meta.get("start_failures", 0)),
+        "sandbox_seconds": float(sum(t.meta.get("sandbox_seconds", 0.0) for t in batch.trajectories)),
+        "sandbox_execs": float(sum(t.meta.get("sandbox_execs", 0.0) for t in batch.trajectories)),
     }
     return StageResult(value=batch, stats=stats, overhead=overhead)
 
@@ -192,41 +170,13 @@ def run_iteration(run: Callable[..., StageResult], it: int, checkpoint: str) -> 
     return {"env": env, "rollout": rollout, "reward": reward, "credit": credit, "update": update}
 
 
-def _greedy_rollout_provider(state: RunState, envb: EnvBatch, iteration: int) -> Callable:
-    """For methods that need a greedy baseline (ReMax): one argmax episode per task instance of
-    the batch, same episode seed as the group; returns each trajectory's greedy return + overhead."""
-    from dataclasses import replace
-
-    def provide(batch: Batch) -> tuple[Any, Overhead]:
-        import torch
-
-        first: dict[int, Any] = {}
-        for slot in envb.slots:
-            first.setdefault(slot.group_id, replace(slot, uid=f"{slot.uid}-greedy"))
-        greedy = EnvBatch(slots=list(first.values()), family=envb.family, split=envb.split, pool_size=envb.pool_size)
-        forwards = state.engine.stats["forward_passes"]
-        gbatch, overhead, tokens = _run_episodes(state, greedy, state.seed_for(iteration, "greedy"), temperature=0.0)
-        gbatch, _, _ = compute_rewards(gbatch, state.family)
-        ret = {t.group_id: t.reward + sum(turn.reward for turn in t.turns) for t in gbatch.trajectories}
-        overhead.extra_tokens = tokens
-        overhead.extra_forward_passes = int(state.engine.stats["forward_passes"] - forwards)
-        return torch.tensor([ret[t.group_id] for t in batch.trajectories]), overhead
-
-    return provide
-
-
 @_stage("credit")
 def credit_stage(state: RunState, iteration: int, batch: Batch, checkpoint: str, envb: EnvBatch) -> StageResult:
     """Stage 4: the configured credit-assignment method, given what it declared it needs."""
-    ctx = CreditContext(generator=None)
-    if "critic" in state.method.needs:
-        state.ensure_policy(checkpoint)
-        ctx.critic = state.trainer.critic
-    if "greedy_rollout" in state.method.needs:
-        state.ensure_policy(checkpoint)
-        ctx.greedy_rollout = _greedy_rollout_provider(state, envb, iteration)
+    ctx, ctx_overhead = build_context(state, envb, batch, iteration, checkpoint, _pad_id(state))
     tensors = batch.to_tensors(pad_token_id=_pad_id(state))
     result: CreditResult = state.method(tensors, batch, ctx)
+    result.overhead = result.overhead + ctx_overhead
     stats = credit_statistics(tensors, result)
     return StageResult(value=result, stats=stats, overhead=result.overhead)
 

@@ -124,11 +124,12 @@ def test_resume_with_changed_hashed_config_is_refused(prefect_harness, home):
         api.resume_run(run_id, ["update.lr=0.5"], home=home, progress=False)
 
 
-@pytest.mark.parametrize("where", ["update", "checkpoint"])
+@pytest.mark.parametrize("where", ["env", "rollout", "reward", "credit", "update", "checkpoint"])
 def test_kill_9_then_resume(prefect_harness, home, where):
-    """A real SIGKILL of the training process inside the update stage, or in the middle of the
-    checkpoint write (files written, directory not yet renamed); the resumed run recomputes
-    nothing that finished and never sees a half-written checkpoint."""
+    """A real SIGKILL of the training process inside each of the five stages, or in the middle of
+    the checkpoint write (files written, directory not yet renamed); the resumed run recomputes
+    nothing that finished, loses nothing, logs no metric step twice and never sees a half-written
+    checkpoint."""
     from prefect.settings import PREFECT_API_URL
 
     env = dict(os.environ, CREDITFLOW_HOME=str(home), PREFECT_API_URL=str(PREFECT_API_URL.value()))
@@ -146,8 +147,17 @@ def test_kill_9_then_resume(prefect_harness, home, where):
                           cwd=root, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     after = collections.Counter((e["iteration"], e["stage"]) for e in state.executions())
-    assert set(after - first) == {(1, "update"), (2, "eval")}
+    stages = ["env", "rollout", "reward", "credit", "update"]
+    killed = stages.index("update" if where == "checkpoint" else where)
+    assert set(after - first) == {(1, s) for s in stages[killed:]} | {(2, "eval")}
     assert "success rate" in proc.stdout
+    c = _client(home).client
+    mlflow_run = json.loads((state.paths.info).read_text())["mlflow_run_id"]
+    assert c.get_run(mlflow_run).info.status == "FINISHED"
+    for key in ("progress.iteration", "reward.success_rate", "update.loss"):
+        steps = _metric_steps(c, mlflow_run, key)
+        assert len(steps) == len(set(steps)), (key, steps)
+    assert _metric_steps(c, mlflow_run, "progress.iteration") == [0, 1, 2]
     from stages.update.checkpoint import verify_checkpoint
 
     verify_checkpoint(ckpts / "iter_0001")

@@ -17,7 +17,7 @@ from typing import Any, Callable, ClassVar, Optional, Protocol
 
 import torch
 
-from stages.schema import Batch, BatchTensors, CreditResult
+from stages.schema import Batch, BatchTensors, CreditResult, Overhead
 
 
 @dataclass
@@ -34,13 +34,75 @@ class Critic(Protocol):
         """(B, R) value of the state *before* each response token (no grad)."""
 
 
+class MCRollouts(Protocol):
+    """Monte Carlo continuations with the current policy from points inside the batch's episodes
+    (VinePPO §3.1.1, SPO §3.1.5, Math-Shepherd-style process rewards).
+
+    ``starts`` are ``(row, position)`` pairs: the prefix is trajectory ``row``'s prompt plus its
+    first ``position`` response tokens. ``position`` must lie on a policy token span (the start of
+    a turn's action, or inside it) or equal a turn's action start; the environment is restored to
+    the state that turn's action was taken in and the continuation finishes the episode. Returns
+    ``(returns, overhead)``: ``returns`` is (N, k) float, each continuation's return-to-go from the
+    prefix's turn on (terminal reward + turn rewards of that turn and later ones)."""
+
+    def __call__(self, starts: list[tuple[int, int]], k: int) -> tuple[torch.Tensor, Overhead]: ...
+
+
+class Scorer(Protocol):
+    """Log-probs under the *current* policy of ``targets[i]`` following ``contexts[i]`` (token ids;
+    no grad). Used by self-rewarding methods (T-REG's contrastive prompts, implicit rewards)."""
+
+    forward_passes: int
+
+    def __call__(self, contexts: list[list[int]], targets: list[list[int]]) -> list[torch.Tensor]: ...
+
+
+class ProcessRewards(Protocol):
+    """Per-step process rewards of a batch from the configured source (step checks, MC
+    estimates from the policy, a PRM trained here): (B, K) float, nan for absent steps."""
+
+    def __call__(self, batch: Batch) -> tuple[torch.Tensor, Overhead]: ...
+
+
+class Judge(Protocol):
+    """An LLM critic/judge backed by a real model (the local policy, a local HF model, or an
+    OpenAI-compatible endpoint); see :mod:`stages.reward.judge`. ``calls`` counts model calls."""
+
+    calls: int
+
+    def step_verdicts(self, batch: Batch) -> torch.Tensor:
+        """(B, K) 1.0 where the judge says step k of trajectory b is correct, 0.0 incorrect, nan absent."""
+
+    def propose(self, prompts: list[str], max_new_tokens: int) -> list[str]:
+        """Free-text generation (e.g. InT's self-proposed correction of a wrong step)."""
+
+
+#: every value a method may put in ``needs``, and what the stages then set on the context
+NEEDS: dict[str, str] = {
+    "critic": "a learned value model V(s) (ctx.critic)",
+    "greedy_rollout": "the return of one greedy episode per task instance (ctx.greedy_rollout; ReMax)",
+    "mc_rollouts": "Monte Carlo continuations from inside episodes (ctx.mc_rollouts: MCRollouts)",
+    "ref_logprobs": "(B, R) response log-probs under the frozen initial policy (ctx.ref_logprobs)",
+    "scorer": "log-probs of given tokens after given contexts under the current policy (ctx.scorer)",
+    "process_rewards": "per-step process rewards from the configured source (ctx.process_rewards)",
+    "judge": "an LLM judge backed by a real model (ctx.judge)",
+    "tokenizer": "the policy's tokenizer (ctx.tokenizer), for methods that build prompts",
+}
+
+
 @dataclass
 class CreditContext:
-    """What the stages provide to a credit method, by its declared ``needs``."""
+    """What the stages provide to a credit method, by its declared ``needs`` (:data:`NEEDS`)."""
 
     critic: Optional[Critic] = None
     #: greedy (argmax) rollout of each trajectory's task instance: batch -> ((B,) greedy return, Overhead)
     greedy_rollout: Optional[Callable[[Batch], tuple[torch.Tensor, Any]]] = None
+    mc_rollouts: Optional[MCRollouts] = None
+    ref_logprobs: Optional[torch.Tensor] = None
+    scorer: Optional[Scorer] = None
+    process_rewards: Optional[ProcessRewards] = None
+    judge: Optional[Judge] = None
+    tokenizer: Any = None
     generator: Optional[torch.Generator] = None
     extras: dict[str, Any] = field(default_factory=dict)
 
@@ -56,7 +118,7 @@ class CreditMethod(abc.ABC):
     methodology: ClassVar[str]
     #: True for episode-level baselines (GRPO, PPO, RLOO, ...) — Appendix C "episode-level baseline"
     episode_level_baseline: ClassVar[bool] = False
-    #: what the method needs the stages to provide: subset of {"critic", "greedy_rollout"}
+    #: what the method needs the stages to provide: a subset of :data:`NEEDS`
     needs: ClassVar[frozenset[str]] = frozenset()
     #: short citation of the paper / survey section the method implements
     reference: ClassVar[str] = ""
@@ -83,6 +145,9 @@ _METHODS: dict[str, type[CreditMethod]] = {}
 
 def register_method(cls: type[CreditMethod]) -> type[CreditMethod]:
     """Class decorator adding ``cls`` to the registry under ``cls.name``."""
+    unknown = set(cls.needs) - set(NEEDS)
+    if unknown:
+        raise ValueError(f"credit method {cls.name!r} declares unknown needs {sorted(unknown)}; known: {sorted(NEEDS)}")
     if cls.name in _METHODS:
         raise ValueError(f"credit method {cls.name!r} registered twice")
     _METHODS[cls.name] = cls

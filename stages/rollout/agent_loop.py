@@ -35,12 +35,25 @@ from __future__ import annotations
 
 import hashlib
 import time
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from environments.base import Environment, StepResult
 from stages.rollout.config import RolloutConfig
-from stages.rollout.engine import GenerationRequest, RolloutEngine
+from stages.rollout.engine import GenerationOutput, GenerationRequest, RolloutEngine
 from stages.schema import Trajectory, Turn
+
+
+@dataclass
+class EpisodeStart:
+    """Where a continued episode starts (see :func:`run_episodes`' ``starts``)."""
+
+    prompt_ids: list[int]
+    #: response tokens before the start point (previous turns, and the partial action)
+    response_ids: list[int]
+    #: the tail of ``response_ids`` that is the interrupted turn's action so far (may be empty)
+    partial_action: list[int] = field(default_factory=list)
+    prompt_text: str = ""
 
 
 def _turn_seed(seed: int, uid: str, turn: int) -> int:
@@ -54,6 +67,14 @@ def split_final_reward(result: StepResult) -> tuple[float, float]:
         terminal = float(result.info["terminal_reward"])
         return float(result.reward) - terminal, terminal
     return 0.0, float(result.reward)
+
+
+def _truncate(out: GenerationOutput, budget: int) -> GenerationOutput:
+    """Cut a generation to ``budget`` tokens (sampling is sequential, so the prefix is exactly
+    what a generation with that budget would have sampled under the same request seed)."""
+    if len(out.token_ids) <= budget:
+        return out
+    return GenerationOutput(out.token_ids[:budget], out.logprobs[:budget], out.entropies[:budget], "length")
 
 
 def _stop_ids(tokenizer: Any) -> set[int]:
@@ -73,20 +94,46 @@ def run_episodes(
     cfg: RolloutConfig,
     seed: int,
     snapshots: bool = False,
+    starts: Optional[list[EpisodeStart]] = None,
+    prompts: Optional[list[str]] = None,
 ) -> list[Trajectory]:
     """Play one episode in each of ``envs`` (reset here) and return their trajectories.
 
     ``snapshots=True`` stores ``env.snapshot()`` of the state each action was taken in
     (``Trajectory.snapshots``, one per turn) for methods that re-run from a turn.
+
+    ``starts`` continues episodes from inside instead (Monte Carlo continuations, VinePPO): the
+    caller has already brought ``envs[i]`` to the state of turn ``starts[i].turn_index`` (reset
+    and replayed), the context is ``starts[i].prompt_ids + starts[i].response_ids`` and the
+    first generated turn completes ``starts[i].partial_action`` (action tokens of the
+    interrupted turn already in the context). The returned trajectories hold only the *new*
+    response tokens and turns (the first new turn's action text includes the partial action);
+    their return is the return-to-go from the start turn on.
+
+    ``prompts`` says the caller has already reset ``envs`` (and these are the prompts they
+    returned), e.g. to retry environments that failed to start.
     """
     n = len(envs)
     for name, seq in (("group_ids", group_ids), ("task_ids", task_ids), ("uids", uids)):
         if len(seq) != n:
             raise ValueError(f"run_episodes: {name} has {len(seq)} entries for {n} environments")
+    if starts is not None and len(starts) != n:
+        raise ValueError(f"run_episodes: starts has {len(starts)} entries for {n} environments")
     t0 = time.perf_counter()
     stop_ids = _stop_ids(tokenizer)
-    prompts = [env.reset() for env in envs]
-    prompt_ids: list[list[int]] = [list(x) for x in tokenizer(prompts, add_special_tokens=False)["input_ids"]] if n else []
+    if starts is None:
+        if prompts is None:
+            prompts = [env.reset() for env in envs]
+        elif len(prompts) != n:
+            raise ValueError(f"run_episodes: prompts has {len(prompts)} entries for {n} environments")
+        prompt_ids: list[list[int]] = [list(x) for x in tokenizer(prompts, add_special_tokens=False)["input_ids"]] if n else []
+        prefix: list[list[int]] = [[] for _ in range(n)]
+        partial: list[list[int]] = [[] for _ in range(n)]
+    else:
+        prompts = [st.prompt_text for st in starts]
+        prompt_ids = [list(st.prompt_ids) for st in starts]
+        prefix = [list(st.response_ids) for st in starts]
+        partial = [list(st.partial_action) for st in starts]
     resp: list[list[int]] = [[] for _ in range(n)]
     mask: list[list[bool]] = [[] for _ in range(n)]
     lps: list[list[float]] = [[] for _ in range(n)]
@@ -104,19 +151,25 @@ def run_episodes(
     turn_idx = 0
     while True:
         for i in range(n):
-            if active[i] and len(prompt_ids[i]) + len(resp[i]) + cfg.max_new_tokens_per_turn > limit:
+            used = len(prompt_ids[i]) + len(prefix[i]) + len(resp[i])
+            if active[i] and used + cfg.max_new_tokens_per_turn - len(partial[i]) > limit:
                 active[i], reason[i] = False, "length"
         idx = [i for i in range(n) if active[i]]
         if not idx:
             break
         requests = [
-            GenerationRequest(context_ids=prompt_ids[i] + resp[i], seed=_turn_seed(seed, uids[i], turn_idx)) for i in idx
+            GenerationRequest(context_ids=prompt_ids[i] + prefix[i] + resp[i], seed=_turn_seed(seed, uids[i], turn_idx))
+            for i in idx
         ]
-        outs = engine.generate(requests, cfg.max_new_tokens_per_turn, stop_ids, cfg.temperature, cfg.top_p)
+        # a continued turn may already hold part of its action: it gets only the rest of the budget
+        budget = [max(cfg.max_new_tokens_per_turn - len(partial[i]), 1) for i in idx]
+        outs = engine.generate(requests, max(budget), stop_ids, cfg.temperature, cfg.top_p)
+        outs = [_truncate(out, b) for out, b in zip(outs, budget)]
         results: list[StepResult] = []
         for i, out in zip(idx, outs):
             calls[i] += 1
-            text = tokenizer.decode(out.token_ids, skip_special_tokens=True)
+            text = tokenizer.decode(partial[i] + list(out.token_ids), skip_special_tokens=True)
+            partial[i] = []
             key = envs[i].state_key()
             if snapshots:
                 snaps[i].append(envs[i].snapshot())
@@ -176,11 +229,13 @@ def run_episodes(
             success=success[i],
             done_reason=reason[i],
             prompt_text=prompts[i],
-            ground_truth=envs[i].ground_truth(actions),
+            ground_truth=envs[i].ground_truth(actions) if starts is None else None,
             snapshots=snaps[i],
+            privileged=dict(envs[i].privileged()),
             meta={
+                **{k: float(v) for k, v in envs[i].stats().items()},
                 "env_steps": steps[i],
-                "env_resets": 1,
+                "env_resets": float(envs[i].stats().get("env_resets", 1)),
                 "generated_tokens": gen_tokens[i],
                 "engine_calls": calls[i],
                 "wall_seconds": wall,
