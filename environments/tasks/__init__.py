@@ -1,3 +1,6 @@
 """Built-in task families; importing this package registers them (see environments.base)."""
 
 from environments.tasks import bifurcation  # noqa: F401  (registers "bifurcation")
+from environments.tasks import code  # noqa: F401  (registers "code")
+from environments.tasks import math  # noqa: F401  (registers "math")
+from environments.tasks import tooluse  # noqa: F401  (registers "tooluse")

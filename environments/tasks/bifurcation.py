@@ -74,6 +74,16 @@ Example (H=3, decisive turn 2, rule a->B, b->A)::
     t3 cue a B
     done: success
 
+Sandboxed mode
+--------------
+``env.sandboxed=true`` makes the family declare ``needs_sandbox`` (an instance attribute that
+shadows the class default, so ``family.needs_sandbox`` is what the rollout stage reads) and
+:meth:`BifurcationFamily.make` return a :class:`SandboxedBifurcationEnv`: each transition runs
+a stdlib-only step script (``bifurcation_step.py``) inside the episode's sandbox, the state in
+its work directory. Trajectories are identical to the in-process mode for the same seeds and
+actions (tested); a sandbox fault ends the episode with reason ``sandbox_<reason>``. The
+warm-up corpus is generated in-process (same texts).
+
 State keys (GiGPO anchors): ``"{task_id}|t={t}|cue={c}|on={0|1}"`` for the state in which turn
 ``t`` (0-based) is taken, ``"{task_id}|end|t={t}|on={0|1}"`` for terminal states. They expose
 the hidden on-track bit (the *true* MDP state): two episodes of an instance share a key iff
@@ -83,8 +93,11 @@ they are in the same true state.
 from __future__ import annotations
 
 import hashlib
+import json
 import random
+import time
 from dataclasses import dataclass
+from pathlib import Path
 from fractions import Fraction
 from typing import Any, Optional, Sequence
 
@@ -120,6 +133,7 @@ class BifurcationConfig(EnvConfig):
     eval_size: int = 128  # eval-split instance pool size
     rule_seed: int = 0  # seed of the hidden cue->action rule shared by all instances
     reference_policy: str = "uniform"  # policy of the ground-truth V/Q/A: uniform (over valid actions) | optimal
+    sandboxed: bool = False  # compute every transition inside a sandbox (stdlib step script; same trajectories)
 
 
 def _check_config(cfg: Any) -> None:
@@ -300,14 +314,19 @@ class BifurcationEnv(Environment):
             return False, reward, False
         return on, reward, False
 
+    def _apply(self, t: int, action_text: str) -> tuple[Optional[str], bool, float, bool]:
+        """(parsed action, next on-track bit, turn reward, terminated early) of turn ``t``."""
+        a = parse_action(action_text, self.num_actions)
+        on, reward, terminated = self._transition(t, self._on, a, self.slips)
+        return a, on, reward, terminated
+
     def step(self, action_text: str) -> StepResult:
         if not self._started:
             raise RuntimeError("call reset() before step()")
         if self._done:
             raise RuntimeError(f"episode of {self.instance.task_id} is over; call reset()")
         t = self._t
-        a = parse_action(action_text, self.num_actions)
-        on, reward, terminated = self._transition(t, self._on, a, self.slips)
+        a, on, reward, terminated = self._apply(t, action_text)
         self.actions.append(a)
         self._on = on
         self._t = t + 1
@@ -401,6 +420,132 @@ class BifurcationEnv(Environment):
             self.slips = self.slips[: self._t] + fresh[self._t :]
 
 
+class SandboxFault(Exception):
+    """A sandbox exec of the sandboxed mode failed (``reason``: the ExecResult reason or ``error``)."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+STEP_SCRIPT = "bif_step.py"
+SPEC_FILE = "bif_spec.json"
+STATE_FILE = "bif_state.json"
+
+
+class SandboxedBifurcationEnv(BifurcationEnv):
+    """``env.sandboxed=true``: every transition is computed by a stdlib-only script
+    (:mod:`environments.tasks.bifurcation_step`) run inside the episode's sandbox, with the
+    state kept in the sandbox work directory (``bif_state.json``). The host mirrors the state the
+    script reports, so text, rewards, state keys, ground truth and snapshots are exactly those of
+    :class:`BifurcationEnv` for the same instance, episode seed and actions. A sandbox fault
+    (``ExecResult.reason`` set, a non-zero exit, unreadable output) ends the episode with
+    terminal reward 0 and reason ``sandbox_<reason>`` (observation ``"done: failure"``)."""
+
+    def __init__(self, cfg: Any, instance: TaskInstance, sandbox: Any, episode_seed: int = 0, tables: Any = None,
+                 exec_timeout_s: Optional[float] = None):
+        if sandbox is None:
+            raise ValueError("env.sandboxed=true: make(instance, sandbox=...) needs a sandbox")
+        super().__init__(cfg, instance, episode_seed=episode_seed, tables=tables)
+        self.box = sandbox
+        #: None: the sandbox's own limit (``sandbox.exec_timeout_s``)
+        self.exec_timeout_s = exec_timeout_s
+        self._sandbox_seconds = 0.0
+        self._execs = 0
+        self._resets = 0
+
+    def _timed(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        t0 = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            self._sandbox_seconds += time.perf_counter() - t0
+
+    def _write_state(self) -> None:
+        spec = {
+            "letters": self.letters,
+            "decisive": list(self.decisive),
+            "answers": list(self.answers),
+            "slips": list(self.slips),
+            "decisive_reward": float(self.cfg.decisive_reward),
+            "terminate_on_error": bool(self.cfg.terminate_on_error),
+        }
+        state = {"t": self._t, "on": self._on, "done": self._done}
+        try:
+            self._timed(self.box.write_file, STEP_SCRIPT, _step_script_bytes())
+            self._timed(self.box.write_file, SPEC_FILE, json.dumps(spec).encode())
+            self._timed(self.box.write_file, STATE_FILE, json.dumps(state).encode())
+        except Exception as exc:  # noqa: BLE001
+            raise SandboxFault("error", f"{type(exc).__name__}: {exc}") from exc
+
+    def reset(self) -> str:
+        prompt = super().reset()
+        self._resets += 1
+        self._fault: Optional[str] = None
+        try:
+            self._write_state()
+        except SandboxFault as exc:
+            self._fault = exc.reason  # reported by the first step
+        return prompt
+
+    def _apply(self, t: int, action_text: str) -> tuple[Optional[str], bool, float, bool]:
+        if getattr(self, "_fault", None):
+            raise SandboxFault(self._fault or "error")
+        payload = json.dumps({"action": action_text if isinstance(action_text, str) else None}).encode()
+        try:
+            res = self._timed(self.box.exec, ["python3", "-I", "-S", STEP_SCRIPT], timeout_s=self.exec_timeout_s,
+                              stdin=payload)
+        except Exception as exc:  # noqa: BLE001 - a broken sandbox is a fault, never a crash
+            raise SandboxFault("error", f"{type(exc).__name__}: {exc}") from exc
+        self._execs += 1
+        if res.reason:
+            raise SandboxFault(res.reason)
+        try:
+            if res.exit_code != 0:
+                raise ValueError(f"exit code {res.exit_code}: {res.stderr[-200:]!r}")
+            out = json.loads(res.stdout.decode().strip().splitlines()[-1])
+            a = out["a"]
+            if int(out["t"]) != t + 1 or (a is not None and a not in self.letters):
+                raise ValueError(f"unexpected step output {out!r}")
+            return a, bool(out["on"]), float(out["reward"]), bool(out["terminated"])
+        except (ValueError, KeyError, IndexError, TypeError, UnicodeDecodeError) as exc:
+            raise SandboxFault("error", str(exc)) from exc
+
+    def step(self, action_text: str) -> StepResult:
+        try:
+            return super().step(action_text)
+        except SandboxFault as exc:
+            t = self._t
+            self.actions.append(None)
+            self._t, self._on, self._done, self._success = t + 1, False, True, False
+            prefix = "" if isinstance(action_text, str) and action_text.endswith("\n") else "\n"
+            info = {"turn": t, "valid": False, "turn_reward": 0.0, "terminal_reward": 0.0, "sandbox_fault": str(exc)}
+            return StepResult(observation=prefix + "done: failure", reward=0.0, done=True, action=None,
+                              state_key=self.state_key(), success=False, reason=f"sandbox_{exc.reason}", info=info)
+
+    def restore(self, handle: dict[str, Any], reseed: Optional[int] = None) -> None:
+        super().restore(handle, reseed=reseed)
+        self._resets += 1
+        self._fault = None
+        try:
+            self._write_state()
+        except SandboxFault as exc:
+            self._fault = exc.reason
+
+    def stats(self) -> dict[str, float]:
+        return {"sandbox_seconds": self._sandbox_seconds, "sandbox_execs": float(self._execs),
+                "env_resets": float(max(self._resets, 1))}
+
+
+_STEP_SCRIPT_CACHE: list[bytes] = []
+
+
+def _step_script_bytes() -> bytes:
+    if not _STEP_SCRIPT_CACHE:
+        _STEP_SCRIPT_CACHE.append((Path(__file__).resolve().parent / "bifurcation_step.py").read_bytes())
+    return _STEP_SCRIPT_CACHE[0]
+
+
 # ----------------------------------------------------------------------------- family
 
 
@@ -413,6 +558,8 @@ class BifurcationFamily(TaskFamily):
     def __init__(self, cfg: Optional[Any] = None):
         super().__init__(cfg if cfg is not None else BifurcationConfig())
         _check_config(self.cfg)
+        #: per instance: the sandboxed mode runs its transitions in a sandbox (shadows the class default)
+        self.needs_sandbox = bool(getattr(self.cfg, "sandboxed", False))
         #: the hidden rule (privileged: for scripted agents and tests)
         self.rule = make_rule(self.cfg.rule_seed, self.cfg.num_actions)
         self._tables_cache: dict[str, Any] = {}
@@ -462,10 +609,15 @@ class BifurcationFamily(TaskFamily):
         return tables
 
     def make(self, instance: TaskInstance, sandbox: Any = None, episode_seed: int = 0) -> BifurcationEnv:
+        """A :class:`BifurcationEnv`; with ``env.sandboxed`` a :class:`SandboxedBifurcationEnv`,
+        which needs ``sandbox`` (ValueError without one)."""
         spec = instance.spec
         for k in ("horizon", "num_actions", "decisive", "cues", "answers"):
             if k not in spec:
                 raise ValueError(f"instance {instance.task_id}: spec lacks {k!r} (not a bifurcation instance?)")
+        if self.needs_sandbox:
+            return SandboxedBifurcationEnv(self.cfg, instance, sandbox, episode_seed=episode_seed,
+                                           tables=self._tables(instance))
         return BifurcationEnv(self.cfg, instance, episode_seed=episode_seed, tables=self._tables(instance))
 
     def exact_values(self, instance: TaskInstance) -> tuple[list[list[float]], list[list[dict[Optional[str], float]]]]:
@@ -496,6 +648,8 @@ class BifurcationFamily(TaskFamily):
             ),
             "ground_truth": f"exact V/Q/advantage by dynamic programming under the {c.reference_policy} reference policy",
             "text_protocol": "policy emits '<LETTER>\\n' right after the observation's ':'; a turn ends at the first '\\n'",
+            "execution": ("every transition computed by a stdlib step script inside the episode's sandbox"
+                          if c.sandboxed else "in-process"),
         }
 
     def profile(self) -> dict[str, Any]:
@@ -524,7 +678,8 @@ class BifurcationFamily(TaskFamily):
         for i in range(n):
             inst = self.instance("warmup", i, seed)
             rng = random.Random(_derive_seed("warmup-actions", seed, i))
-            env = self.make(inst, episode_seed=rng.getrandbits(31))
+            # in-process even in the sandboxed mode: the texts are identical by construction
+            env = BifurcationEnv(self.cfg, inst, episode_seed=rng.getrandbits(31), tables=self._tables(inst))
             prompt = env.reset()
             turns: list[tuple[str, str]] = []
             while True:
