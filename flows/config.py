@@ -234,6 +234,34 @@ def load_config(overrides: Optional[list[str]] = None, base: Optional[DictConfig
     return cfg
 
 
+def _validate_vllm(cfg: DictConfig) -> None:
+    """rollout.engine=vllm: fail before any compute when the engine cannot run."""
+    from stages.rollout.vllm_engine import CPU_HEAD_SIZES, INSTALL_HINT, vllm_available
+
+    r = cfg.rollout
+    if r.vllm_url is not None and not str(r.vllm_url).startswith(("http://", "https://")):
+        raise ConfigError(f"config key 'rollout.vllm_url' must start with http:// or https://, got {r.vllm_url!r}")
+    if r.vllm_url is None and not vllm_available():
+        raise ConfigError(f"config key 'rollout.engine' is vllm but the vllm package is not installed: {INSTALL_HINT}")
+    if r.vllm_entropy_topk < 0:
+        raise ConfigError(f"config key 'rollout.vllm_entropy_topk' must be >= 0, got {r.vllm_entropy_topk}")
+    if not 0 < r.vllm_gpu_memory_utilization <= 1:
+        raise ConfigError(f"config key 'rollout.vllm_gpu_memory_utilization' must be in (0, 1], got {r.vllm_gpu_memory_utilization}")
+    if r.vllm_kv_cache_gib <= 0 or r.vllm_max_num_seqs < 1:
+        raise ConfigError("config keys 'rollout.vllm_kv_cache_gib' and 'rollout.vllm_max_num_seqs' must be > 0")
+    if r.vllm_url is None and cfg.model.path is None and cfg.model.device != "cuda":
+        import torch
+
+        if not (cfg.model.device == "auto" and torch.cuda.is_available()):
+            head_dim = cfg.model.hidden_size // max(cfg.model.num_heads, 1)
+            if head_dim not in CPU_HEAD_SIZES:
+                raise ConfigError(
+                    f"rollout.engine=vllm on CPU: vLLM's CPU attention supports head sizes {list(CPU_HEAD_SIZES)}, the "
+                    f"tiny model has head_dim = model.hidden_size / model.num_heads = {head_dim}; set e.g. "
+                    f"model.num_heads={max(1, cfg.model.hidden_size // 32)} model.num_kv_heads=1"
+                )
+
+
 def validate(cfg: DictConfig) -> None:
     """Semantic checks that the type schema cannot express (ranges, existing paths, choices)."""
 
@@ -252,11 +280,12 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"config key 'rollout.top_p' must be in (0, 1], got {cfg.rollout.top_p}")
     if cfg["update"].loss not in ("grpo", "ppo"):  # (cfg.update is the Mapping method)
         raise ConfigError(f"config key 'update.loss' must be one of grpo, ppo; got {cfg['update'].loss!r}")
-    if cfg.rollout.engine != "hf":
+    if cfg.rollout.engine not in ("hf", "vllm"):
         raise ConfigError(
-            f"config key 'rollout.engine': {cfg.rollout.engine!r} is not available; implemented engines: hf "
-            "(the vllm engine is not implemented yet)"
+            f"config key 'rollout.engine': {cfg.rollout.engine!r} is not available; implemented engines: hf, vllm"
         )
+    if cfg.rollout.engine == "vllm":
+        _validate_vllm(cfg)
     if cfg.sandbox.backend == "docker":
         raise ConfigError("config key 'sandbox.backend': the docker backend is not implemented yet; use process or auto")
     if cfg.sandbox.backend not in ("process", "docker", "auto"):

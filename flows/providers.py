@@ -131,7 +131,7 @@ def run_slots(state: Any, slots: list[EnvSlot], family: str, seed: int, temperat
     prompts: Optional[list[str]] = None
     try:
         if starts is None:
-            retries = int(getattr(state.obj.rollout, "env_start_retries", 2))
+            retries = int(state.obj.rollout.env_start_retries)
             slots, envs, boxes, prompts, info = start_environments(state, slots, retries)
         else:
             e, b, _ = _start_group(state, slots)

