@@ -136,14 +136,23 @@ def test_spot_checks_against_table_10(rows):
     assert (r1.granularity, r1.methodology, r1.primary_benchmarks) == ("Episode", "GRPO", ("AIME", "MATH", "code"))
 
 
+#: Appendix B rows implemented in the registry (row number, registry name); None = background row
+IMPLEMENTED = [(1, "vineppo"), (2, "red"), (3, "t_reg"), (4, "dpo_implicit"), (5, "spo"), (6, "scar"), (7, "tempo"),
+               (8, "pure"), (9, "spro"), (10, "capo"), (11, "acpo"), (12, "hicra"), (13, "prl"), (14, "int"),
+               (None, "grpo")]
+
+
 def test_status_rules(rows):
+    from stages.credit.base import method_names
+
     implemented = [r for r in rows if r.status == "implemented"]
-    assert [(r.method, r.number, r.registry_name) for r in implemented] == [("GRPO", None, "grpo")]
+    assert [(r.number, r.registry_name) for r in implemented] == IMPLEMENTED
+    assert {r.registry_name for r in implemented} <= set(method_names())
     for r in rows:
         if r.status == "planned":
             assert r.registry_name is None
             assert r.status_reason == "not implemented yet (issue 5/next catalogue issues)"
-    assert [r.method for r in rows if r.status == "not-applicable"] == ["FinePO"]
+    assert [r.method for r in rows if r.status == "not-applicable"] == ["FinePO", "Math-Shepherd"]
 
 
 def test_registry_extras():
@@ -211,5 +220,7 @@ def test_check_against_registry_reports_problems(rows):
     assert any("'grpo' is not registered" in p for p in problems)
     assert any("'mystery'" in p for p in problems)
     assert not any("'rloo'" in p or "'gae'" in p for p in problems)
-    broken = [InventoryRow.from_dict({**rows[0].to_dict(), "status_reason": ""})]
-    assert check_against_registry(broken, [], extras=[]) == ["#1 VinePPO: status 'planned' without a status_reason"]
+    planned = next(r for r in rows if r.status == "planned")
+    broken = [InventoryRow.from_dict({**planned.to_dict(), "status_reason": ""})]
+    assert check_against_registry(broken, [], extras=[]) == [
+        f"#{planned.number} {planned.method}: status 'planned' without a status_reason"]

@@ -1,0 +1,268 @@
+"""LLM-as-critic step credit for reasoning RL: CAPO and InT (survey §3.3.3 and §3.3.1).
+
+Both methods start from the GRPO outcome advantage ``Â_i`` of each response (Shao et al. 2024;
+survey §2.3 eq. 2) and let an LLM judge (``needs={"judge"}``: the live policy by default, a local
+Hugging Face model, or an OpenAI-compatible endpoint; :mod:`stages.reward.judge`) mark reasoning
+steps as correct or incorrect. A *step* is one policy turn (``Trajectory.turns[k]``; for the math
+family one reasoning line such as ``"3+4=7"``), so a token's step is ``BatchTensors.turn_ids``.
+
+* **CAPO** (Xie et al. 2025, arXiv 2508.02298; survey §3.3.3, Appendix B row 10): the judge
+  critiques every step (a generative PRM); tokens of steps judged incorrect are penalised:
+
+      A_{i,t} = Â_i - (W_process / W_whole) · 1[step(t) judged incorrect]
+
+  The asymmetric weighting ``W_whole > W_process > 0`` is CAPO's balance of outcome and process:
+  the penalty is strictly smaller than one unit of outcome advantage, so with binary outcome
+  rewards (where the GRPO gap between a correct and an incorrect response of a group is
+  ``1/(std+eps) >= 1``, and exactly 1 for Dr. GRPO) every token of a correct response, even one
+  of a flawed step, keeps more credit than every token of an incorrect response of the same group.
+  With ``votes > 1`` the judge is queried several times and the critiques aggregated (majority,
+  intersection = flagged by every vote, union = flagged by any), the paper's voting mechanism;
+  useful only with a sampling judge (a local judge's log-odds verdicts are deterministic).
+
+* **InT** (Yang et al. 2026, "Self-Proposed Interventions"; survey §3.3.1, Appendix B row 14):
+  for each (by default failed) response the judge locates the *first* wrong step ``k*`` and
+  proposes a corrected step in its place (``Judge.propose``, the policy itself by default). The
+  credit stays the outcome advantage everywhere except on the tokens of step ``k*``:
+
+      A_{i,t} = Â_i - penalty · 1[step(t) == k*_i]
+
+  Steps before ``k*`` are untouched (they are the prefix the intervention keeps); so are the steps
+  after it (their fate is already decided by ``k*``). The proposals are recorded in
+  ``ctx.extras["int_interventions"]`` (uid, step index, the wrong step, the proposed step, the
+  judge's prompt) and counted in ``stats``; they are *not* rolled out here — evaluating whether
+  the intervention changes the outcome needs an environment fork at step ``k*`` (``mc_rollouts``),
+  which this method does not request.
+
+Both record the judge's work as overhead (``judge_calls``, forward passes, generated tokens).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from stages.credit import functional as F
+from stages.credit.base import CreditConfig, CreditContext, CreditMethod, register_method
+from stages.reward.judge import DEFAULT_API_KEY_ENV, check_judge_config, correction_prompt, judge_overhead, usage
+from stages.schema import Batch, BatchTensors, CreditResult, turn_credit
+
+# --------------------------------------------------------------------------------------------
+# shared helpers
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class JudgeCreditConfig(CreditConfig):
+    """Judge fields shared by the LLM-as-critic methods (read by :func:`stages.reward.judge.make_judge`)."""
+
+    judge: str = "policy"  # LLM judge: 'policy' (the live policy), 'openai' (endpoint), or a local HF model directory
+    judge_url: str = ""  # OpenAI-compatible endpoint root (e.g. http://localhost:8000/v1) when judge='openai'
+    judge_model: str = ""  # model name sent to the endpoint when judge='openai'
+    judge_api_key_env: str = DEFAULT_API_KEY_ENV  # NAME of the env variable holding the endpoint's API key ('' = none)
+    judge_api: str = "chat"  # endpoint flavour: 'chat' (/v1/chat/completions) or 'completions' (/v1/completions)
+    judge_timeout_s: float = 30.0  # per-request timeout of the endpoint judge (seconds)
+    judge_max_retries: int = 3  # retries of the endpoint judge on 429/5xx/connection errors (exponential backoff)
+    judge_margin: float = 0.0  # local judge: a step is correct iff log P(yes) - log P(no) > margin
+    judge_batch_size: int = 32  # local judge: sequences per forward pass
+
+
+def _outcome_advantage(tensors: BatchTensors, epsilon: float, norm_adv_by_std: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(Â (B,), binary response mask (B, R))``: GRPO's group-normalized episode advantage."""
+    rewards = tensors.token_level_rewards
+    if not rewards.is_floating_point():
+        rewards = rewards.float()
+    mask = (tensors.response_mask != 0).to(rewards.dtype)
+    return F._grpo_scalars(rewards, mask, tensors.index, epsilon, norm_adv_by_std), mask
+
+
+def _step_of_tokens(flags: torch.Tensor, turn_ids: torch.Tensor) -> torch.Tensor:
+    """Broadcast a (B, K) per-step boolean to the (B, R) policy tokens of each step (False elsewhere)."""
+    valid = turn_ids >= 0
+    idx = turn_ids.clamp(min=0).clamp(max=max(flags.shape[1] - 1, 0))
+    return flags.gather(1, idx) & valid & (turn_ids < flags.shape[1])
+
+
+def _check_verdicts(name: str, v: Any, B: int, K: int) -> torch.Tensor:
+    if not isinstance(v, torch.Tensor) or v.dim() != 2 or v.shape[0] != B or v.shape[1] < 1:
+        got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
+        raise ValueError(f"credit method {name!r}: judge.step_verdicts() must return a (B, K) = ({B}, {K}) tensor, got {got}")
+    v = v.detach().float().cpu()
+    bad = ~(torch.isnan(v) | (v == 0) | (v == 1))
+    if bool(bad.any()):
+        b, k = (int(x) for x in bad.nonzero()[0])
+        raise ValueError(f"credit method {name!r}: judge verdict[{b}, {k}] must be 1.0, 0.0 or nan, got {float(v[b, k])}")
+    if v.shape[1] < K:  # fewer columns than the tensors' turns: the missing steps are absent
+        v = torch.cat([v, torch.full((B, K - v.shape[1]), float("nan"))], dim=1)
+    return v[:, :K]
+
+
+def _num_steps(tensors: BatchTensors) -> int:
+    return max(int(tensors.num_turns.max().item()) if tensors.num_turns.numel() else 0, 1)
+
+
+# --------------------------------------------------------------------------------------------
+# CAPO
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CAPOConfig(JudgeCreditConfig):
+    method: str = "capo"  # credit-assignment method (registry name; CAPO, Xie et al. 2025)
+    outcome_weight: float = 2.0  # W_whole: weight of the outcome advantage (Xie et al. 2025, asymmetric reward)
+    process_weight: float = 1.0  # W_process: weight of the wrong-step penalty; must be < W_whole (Xie et al. 2025)
+    votes: int = 1  # critiques per step, aggregated by `vote` (Xie et al. 2025 voting; >1 only helps a sampling judge)
+    vote: str = "majority"  # vote aggregation: majority | intersection (all votes flag) | union (any vote flags)
+    norm_adv_by_std: bool = True  # outcome advantage divided by the group std (GRPO; false: Dr. GRPO)
+    epsilon: float = 1e-6  # added to the group std (GRPO, verl's epsilon)
+
+
+@register_method
+class CAPO(CreditMethod):
+    """CAPO: an LLM critic flags incorrect steps; their tokens get the outcome advantage minus
+    ``W_process / W_whole`` (module docstring; Xie et al. 2025; survey §3.3.3)."""
+
+    name = "capo"
+    Config = CAPOConfig
+    granularity = "step"
+    methodology = "LLM-as-Critic"
+    needs = frozenset({"judge"})
+    reference = "Xie et al. 2025 (CAPO: generative credit assignment, arXiv 2508.02298); survey §3.3.3"
+
+    def __init__(self, cfg: CAPOConfig):
+        super().__init__(cfg)
+        if not (cfg.outcome_weight > cfg.process_weight > 0):
+            raise ValueError(
+                f"credit.outcome_weight ({cfg.outcome_weight}) must be > credit.process_weight ({cfg.process_weight}) "
+                f"> 0: CAPO's asymmetric weighting keeps the outcome dominant"
+            )
+        if cfg.votes < 1:
+            raise ValueError(f"credit.votes must be >= 1, got {cfg.votes}")
+        if cfg.vote not in ("majority", "intersection", "union"):
+            raise ValueError(f"credit.vote must be majority, intersection or union, got {cfg.vote!r}")
+        check_judge_config(cfg)
+
+    def wrong_steps(self, batch: Batch, judge: Any, B: int, K: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(wrong (B, K) bool, judged (B, K) bool)`` after voting."""
+        cfg: CAPOConfig = self.cfg  # type: ignore[assignment]
+        votes = torch.stack([_check_verdicts(self.name, judge.step_verdicts(batch), B, K) for _ in range(cfg.votes)])
+        judged = ~torch.isnan(votes)
+        flags = (votes == 0).sum(0)
+        n = judged.sum(0)
+        if cfg.vote == "majority":
+            wrong = 2 * flags > n
+        elif cfg.vote == "intersection":
+            wrong = (flags == n) & (n > 0)
+        else:
+            wrong = flags > 0
+        return wrong, n > 0
+
+    def assign(self, tensors: BatchTensors, batch: Batch, ctx: CreditContext) -> CreditResult:
+        cfg: CAPOConfig = self.cfg  # type: ignore[assignment]
+        assert ctx.judge is not None  # CreditMethod.__call__ checked ``needs``
+        adv_out, mask = _outcome_advantage(tensors, cfg.epsilon, cfg.norm_adv_by_std)
+        B, K = mask.shape[0], _num_steps(tensors)
+        before = usage(ctx.judge)
+        wrong, judged = self.wrong_steps(batch, ctx.judge, B, K)
+        penalty = cfg.process_weight / cfg.outcome_weight
+        wrong_tok = _step_of_tokens(wrong.to(tensors.turn_ids.device), tensors.turn_ids).to(mask.dtype)
+        adv = (adv_out.unsqueeze(-1) - penalty * wrong_tok) * mask
+        credit = turn_credit(adv, tensors.turn_ids, K)
+        n_judged = int(judged.sum())
+        stats = {
+            "judged_steps": float(n_judged),
+            "wrong_step_fraction": float(wrong.sum()) / n_judged if n_judged else 0.0,
+            "wrong_token_fraction": float((wrong_tok * mask).sum() / mask.sum().clamp(min=1)),
+            "responses_with_wrong_step": float(wrong.any(-1).float().mean()),
+            "penalty": penalty,
+        }
+        return CreditResult(advantages=adv, granularity="step", credit=credit,
+                            overhead=judge_overhead(ctx.judge, before), stats=stats)
+
+
+# --------------------------------------------------------------------------------------------
+# InT
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class InTConfig(JudgeCreditConfig):
+    method: str = "int"  # credit-assignment method (registry name; InT, Yang et al. 2026)
+    penalty: float = 1.0  # advantage subtracted on the first wrong step's tokens (Yang et al. 2026, intervention target)
+    only_failed: bool = True  # intervene only on responses whose outcome is not a success (Yang et al. 2026: failed traces)
+    propose_max_new_tokens: int = 32  # length cap of the self-proposed corrected step (Yang et al. 2026)
+    norm_adv_by_std: bool = True  # outcome advantage divided by the group std (GRPO; false: Dr. GRPO)
+    epsilon: float = 1e-6  # added to the group std (GRPO, verl's epsilon)
+
+
+@register_method
+class InT(CreditMethod):
+    """InT: the judge finds each response's first wrong step and proposes a corrected step; the
+    wrong step's tokens are penalised, every other token keeps the outcome advantage (module
+    docstring; Yang et al. 2026; survey §3.3.1)."""
+
+    name = "int"
+    Config = InTConfig
+    granularity = "step"
+    methodology = "Intervention"
+    needs = frozenset({"judge"})
+    reference = "Yang et al. 2026 (InT: self-proposed interventions for credit assignment); survey §3.3.1"
+
+    def __init__(self, cfg: InTConfig):
+        super().__init__(cfg)
+        if cfg.penalty < 0:
+            raise ValueError(f"credit.penalty must be >= 0, got {cfg.penalty}")
+        if cfg.propose_max_new_tokens < 1:
+            raise ValueError(f"credit.propose_max_new_tokens must be >= 1, got {cfg.propose_max_new_tokens}")
+        check_judge_config(cfg)
+
+    def assign(self, tensors: BatchTensors, batch: Batch, ctx: CreditContext) -> CreditResult:
+        cfg: InTConfig = self.cfg  # type: ignore[assignment]
+        assert ctx.judge is not None  # CreditMethod.__call__ checked ``needs``
+        adv_out, mask = _outcome_advantage(tensors, cfg.epsilon, cfg.norm_adv_by_std)
+        B, K = mask.shape[0], _num_steps(tensors)
+        trajs = batch.trajectories
+        if len(trajs) != B:
+            raise ValueError(f"credit method 'int': batch has {len(trajs)} trajectories, tensors have {B} rows")
+        if cfg.only_failed:
+            rows = [b for b, t in enumerate(trajs) if not t.success]
+        else:
+            rows = list(range(B))
+        before = usage(ctx.judge)
+        first = torch.full((B,), -1, dtype=torch.long)
+        interventions: list[dict[str, Any]] = []
+        if rows:
+            sub = Batch([trajs[b] for b in rows], iteration=batch.iteration)
+            v = _check_verdicts(self.name, ctx.judge.step_verdicts(sub), len(rows), K)
+            wrong = v == 0
+            has = wrong.any(-1)
+            k_star = wrong.float().argmax(-1)  # first wrong step (argmax returns the first maximum)
+            first[torch.tensor(rows)] = torch.where(has, k_star, torch.full_like(k_star, -1))
+            todo = [(b, int(first[b])) for b in rows if int(first[b]) >= 0]
+            prompts = []
+            for b, k in todo:
+                steps = [turn.action_text for turn in trajs[b].turns]
+                prompts.append(correction_prompt(trajs[b].prompt_text, steps[:k], steps[k]))
+            proposals = ctx.judge.propose(prompts, cfg.propose_max_new_tokens) if prompts else []
+            if len(proposals) != len(prompts):
+                raise ValueError(f"credit method 'int': judge.propose returned {len(proposals)} texts for {len(prompts)} prompts")
+            for (b, k), prompt, text in zip(todo, prompts, proposals):
+                interventions.append({"uid": trajs[b].uid, "row": b, "step": k,
+                                      "wrong_step": trajs[b].turns[k].action_text, "proposal": text, "prompt": prompt})
+        ctx.extras["int_interventions"] = interventions
+        first_flags = torch.zeros((B, K), dtype=torch.bool)
+        hit = first >= 0
+        first_flags[hit, first[hit]] = True
+        on_first = _step_of_tokens(first_flags.to(tensors.turn_ids.device), tensors.turn_ids).to(mask.dtype)
+        adv = (adv_out.unsqueeze(-1) - cfg.penalty * on_first) * mask
+        credit = turn_credit(adv, tensors.turn_ids, K)
+        stats = {
+            "judged_responses": float(len(rows)),
+            "interventions": float(len(interventions)),
+            "first_wrong_step_mean": float(first[hit].float().mean()) if bool(hit.any()) else -1.0,
+            "proposal_chars_mean": (sum(len(i["proposal"]) for i in interventions) / len(interventions)) if interventions else 0.0,
+        }
+        return CreditResult(advantages=adv, granularity="step", credit=credit,
+                            overhead=judge_overhead(ctx.judge, before), stats=stats)
