@@ -14,10 +14,36 @@ Families register themselves with :func:`register_family`; each declares a confi
 from __future__ import annotations
 
 import abc
+import hashlib
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Optional
 
 from stages.schema import GroundTruthCredit
+
+
+#: the splits every family provides (disjoint by construction)
+SPLITS = ("train", "eval")
+
+
+def derive_seed(*parts: Any) -> int:
+    """A 63-bit seed derived from ``parts`` (sha256 of ``"|".join(parts)``): stable across runs,
+    processes and Python versions, unlike ``hash``."""
+    digest = hashlib.sha256("|".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
+
+
+def hash_split(text: str, eval_share: int) -> str:
+    """The split a task text belongs to, fixed by its hash (1 in ``eval_share`` goes to eval), so
+    train and eval can never share a task."""
+    h = int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "big")
+    return "eval" if h % eval_share == 0 else "train"
+
+
+def require_spec(instance: "TaskInstance", keys: tuple[str, ...], family: str) -> None:
+    """Raise a clear error when ``instance.spec`` lacks one of ``keys`` (an instance of another family)."""
+    for k in keys:
+        if k not in instance.spec:
+            raise ValueError(f"instance {instance.task_id}: spec lacks {k!r} (not a {family} instance?)")
 
 
 @dataclass
@@ -102,12 +128,20 @@ class TaskFamily(abc.ABC):
     #: whether environments of this family execute code in a sandbox
     needs_sandbox: ClassVar[bool] = False
 
-    def __init__(self, cfg: EnvConfig):
-        self.cfg = cfg
+    def __init__(self, cfg: Optional[EnvConfig] = None):
+        self.cfg = cfg if cfg is not None else self.Config()
 
-    @abc.abstractmethod
+    def instance(self, split: str, index: int, seed: int) -> TaskInstance:
+        """Instance ``index`` of ``split`` for ``seed`` (deterministic)."""
+        raise NotImplementedError(f"task family {self.name!r} does not implement instance()")
+
     def instances(self, split: str, n: int, seed: int) -> list[TaskInstance]:
         """``n`` deterministic instances of ``split`` ("train" or "eval") for ``seed``."""
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
+        if n < 0:
+            raise ValueError(f"instances: n must be >= 0, got {n}")
+        return [self.instance(split, i, seed) for i in range(n)]
 
     @abc.abstractmethod
     def make(self, instance: TaskInstance, sandbox: Any = None, episode_seed: int = 0) -> Environment:

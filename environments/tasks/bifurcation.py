@@ -92,7 +92,6 @@ they are in the same true state.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 import time
@@ -101,13 +100,21 @@ from pathlib import Path
 from fractions import Fraction
 from typing import Any, Optional, Sequence
 
-from environments.base import EnvConfig, Environment, StepResult, TaskFamily, TaskInstance, register_family
+from environments.base import (
+    SPLITS,
+    EnvConfig,
+    Environment,
+    StepResult,
+    TaskFamily,
+    TaskInstance,
+    derive_seed,
+    register_family,
+)
 from stages.schema import GroundTruthCredit
 
 LETTERS = "ABCDEF"
 CUES = "abcdef"
 MAX_ACTIONS = len(LETTERS)
-SPLITS = ("train", "eval")
 REFERENCE_POLICIES = ("uniform", "optimal")
 #: the text the policy emits for action ``L`` (warm-up corpus, scripted agents)
 ACTION_FORMAT = " {}\n"
@@ -154,17 +161,11 @@ def _check_config(cfg: Any) -> None:
         raise ValueError("env.train_size and env.eval_size must be >= 0")
 
 
-def _derive_seed(*parts: Any) -> int:
-    """A 63-bit seed from a tuple of parts (stable across processes and Python versions)."""
-    digest = hashlib.sha256("|".join(map(str, parts)).encode()).digest()
-    return int.from_bytes(digest[:8], "big") >> 1
-
-
 def make_rule(rule_seed: int, num_actions: int) -> dict[str, str]:
     """The hidden rule: cue letter -> action letter, a random *derangement* (no cue maps to its
     own capital, so the rule cannot be guessed by copying the cue). With 2 actions the only
     derangement is a->B, b->A, whatever ``rule_seed``."""
-    rng = random.Random(_derive_seed("bifurcation-rule", rule_seed, num_actions))
+    rng = random.Random(derive_seed("bifurcation-rule", rule_seed, num_actions))
     while True:
         actions = list(LETTERS[:num_actions])
         rng.shuffle(actions)
@@ -264,7 +265,7 @@ class BifurcationEnv(Environment):
         self.answers: list[Optional[str]] = list(spec["answers"])
         self._tables = tables
         #: slip outcome of each turn (privileged; only matters on decisive turns)
-        self.slips = self._draw_slips(random.Random(_derive_seed("episode", instance.seed, self.episode_seed)))
+        self.slips = self._draw_slips(random.Random(derive_seed("episode", instance.seed, self.episode_seed)))
         self._started = False
         self._t = 0
         self._on = True
@@ -416,7 +417,7 @@ class BifurcationEnv(Environment):
         self.actions = list(handle["actions"])
         self.slips = list(handle["slips"])
         if reseed is not None:
-            fresh = self._draw_slips(random.Random(_derive_seed("reseed", self.instance.seed, self.episode_seed, reseed)))
+            fresh = self._draw_slips(random.Random(derive_seed("reseed", self.instance.seed, self.episode_seed, reseed)))
             self.slips = self.slips[: self._t] + fresh[self._t :]
 
 
@@ -556,7 +557,7 @@ class BifurcationFamily(TaskFamily):
     needs_sandbox = False
 
     def __init__(self, cfg: Optional[Any] = None):
-        super().__init__(cfg if cfg is not None else BifurcationConfig())
+        super().__init__(cfg)
         _check_config(self.cfg)
         #: per instance: the sandboxed mode runs its transitions in a sandbox (shadows the class default)
         self.needs_sandbox = bool(getattr(self.cfg, "sandboxed", False))
@@ -573,7 +574,7 @@ class BifurcationFamily(TaskFamily):
     def instance(self, split: str, index: int, seed: int) -> TaskInstance:
         """Instance ``index`` of ``split`` for ``seed`` (train/eval use disjoint seed streams)."""
         cfg = self.cfg
-        iseed = _derive_seed("bifurcation-instance", split, seed, index)
+        iseed = derive_seed("bifurcation-instance", split, seed, index)
         rng = random.Random(iseed)
         H = int(cfg.horizon)
         decisive = sorted(rng.sample(range(H), int(cfg.num_decisive)))
@@ -591,13 +592,6 @@ class BifurcationFamily(TaskFamily):
             "rule_seed": int(cfg.rule_seed),
         }
         return TaskInstance(task_id=f"bif-{split}-s{seed}-{index}", split=split, seed=iseed, spec=spec)
-
-    def instances(self, split: str, n: int, seed: int) -> list[TaskInstance]:
-        if split not in SPLITS:
-            raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
-        if n < 0:
-            raise ValueError(f"instances: n must be >= 0, got {n}")
-        return [self.instance(split, i, seed) for i in range(n)]
 
     def _tables(self, instance: TaskInstance) -> Any:
         key = f"{instance.task_id}|{instance.seed}"
@@ -677,7 +671,7 @@ class BifurcationFamily(TaskFamily):
         out: list[tuple[str, list[tuple[str, str]]]] = []
         for i in range(n):
             inst = self.instance("warmup", i, seed)
-            rng = random.Random(_derive_seed("warmup-actions", seed, i))
+            rng = random.Random(derive_seed("warmup-actions", seed, i))
             # in-process even in the sandboxed mode: the texts are identical by construction
             env = BifurcationEnv(self.cfg, inst, episode_seed=rng.getrandbits(31), tables=self._tables(inst))
             prompt = env.reset()

@@ -49,10 +49,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from environments.base import EnvConfig, Environment, StepResult, TaskFamily, TaskInstance, register_family
+from environments.base import (
+    SPLITS,
+    EnvConfig,
+    Environment,
+    StepResult,
+    TaskFamily,
+    TaskInstance,
+    derive_seed,
+    hash_split,
+    register_family,
+    require_spec,
+)
 from environments.tasks import code_harness
 
-SPLITS = ("train", "eval")
 HARNESS_FILE = "cf_harness.py"
 TASK_FILE = "cf_task.json"
 BODY_FILE = "cf_body.txt"
@@ -147,8 +157,7 @@ def all_problems() -> list[dict[str, Any]]:
 
 
 def problem_split(key: str) -> str:
-    h = int.from_bytes(hashlib.sha256(f"code|{key}".encode()).digest()[:4], "big")
-    return "eval" if h % EVAL_SHARE == 0 else "train"
+    return hash_split(f"code|{key}", EVAL_SHARE)
 
 
 def _reference(params: list[str], body: str) -> Callable[..., Any]:
@@ -329,7 +338,7 @@ class CodeFamily(TaskFamily):
     needs_sandbox = True
 
     def __init__(self, cfg: Optional[Any] = None):
-        super().__init__(cfg if cfg is not None else CodeConfig())
+        super().__init__(cfg)
         c = self.cfg
         if int(c.max_attempts) < 1:
             raise ValueError(f"env.max_attempts={c.max_attempts!r}: must be >= 1")
@@ -363,22 +372,13 @@ class CodeFamily(TaskFamily):
         order = list(range(len(probs)))
         random.Random(hashlib.sha256(f"code-order|{split}|{seed}".encode()).digest()).shuffle(order)
         prob = probs[order[index % len(order)]]
-        iseed = int.from_bytes(hashlib.sha256(f"code-instance|{split}|{seed}|{index}".encode()).digest()[:8], "big") >> 1
+        iseed = derive_seed("code-instance", split, seed, index)
         spec = dict(prob)
         spec["tests"] = self._tests(prob, random.Random(iseed))
         return TaskInstance(task_id=f"code-{split}-s{seed}-{index}-{prob['key']}", split=split, seed=iseed, spec=spec)
 
-    def instances(self, split: str, n: int, seed: int) -> list[TaskInstance]:
-        if split not in SPLITS:
-            raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
-        if n < 0:
-            raise ValueError(f"instances: n must be >= 0, got {n}")
-        return [self.instance(split, i, seed) for i in range(n)]
-
     def make(self, instance: TaskInstance, sandbox: Any = None, episode_seed: int = 0) -> CodeEnv:
-        for k in ("params", "doc", "tests", "reference_body"):
-            if k not in instance.spec:
-                raise ValueError(f"instance {instance.task_id}: spec lacks {k!r} (not a code instance?)")
+        require_spec(instance, ("params", "doc", "tests", "reference_body"), "code")
         return CodeEnv(self.cfg, instance, sandbox, episode_seed)
 
     def describe(self) -> dict[str, str]:

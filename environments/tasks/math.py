@@ -70,10 +70,20 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any, Optional
 
-from environments.base import EnvConfig, Environment, StepResult, TaskFamily, TaskInstance, register_family
+from environments.base import (
+    SPLITS,
+    EnvConfig,
+    Environment,
+    StepResult,
+    TaskFamily,
+    TaskInstance,
+    derive_seed,
+    hash_split,
+    register_family,
+    require_spec,
+)
 from stages.schema import GroundTruthCredit
 
-SPLITS = ("train", "eval")
 KINDS = ("arith", "linear", "word")
 STOP_TEXT = "\n"
 #: longest step/answer line the checker looks at (longer lines are incorrect steps)
@@ -97,11 +107,6 @@ class MathConfig(EnvConfig):
     step_reward: float = 0.0  # turn reward for each verified-correct step line (0 = outcome reward only)
     train_size: int = 512  # train-split instance pool size
     eval_size: int = 128  # eval-split instance pool size
-
-
-def _derive_seed(*parts: Any) -> int:
-    digest = hashlib.sha256("|".join(map(str, parts)).encode()).digest()
-    return int.from_bytes(digest[:8], "big") >> 1
 
 
 def _check_config(cfg: Any) -> list[str]:
@@ -500,13 +505,12 @@ _GENERATORS = {"arith": _gen_arith, "linear": _gen_linear, "word": _gen_word}
 
 def problem_split(problem: str) -> str:
     """The split a problem text belongs to (fixed by its hash: train and eval never share a text)."""
-    h = int.from_bytes(hashlib.sha256(problem.encode()).digest()[:4], "big")
-    return "eval" if h % EVAL_SHARE == 0 else "train"
+    return hash_split(problem, EVAL_SHARE)
 
 
 def generate_problem(kinds: list[str], difficulty: int, split: str, key: Any) -> dict[str, Any]:
     """A problem of ``split`` drawn from the stream ``key`` (rejection on the text's split)."""
-    rng = random.Random(_derive_seed("math-problem", key))
+    rng = random.Random(derive_seed("math-problem", key))
     for _ in range(1000):
         kind = rng.choice(kinds)
         prob = _GENERATORS[kind](rng, difficulty)
@@ -650,25 +654,16 @@ class MathFamily(TaskFamily):
     needs_sandbox = False
 
     def __init__(self, cfg: Optional[Any] = None):
-        super().__init__(cfg if cfg is not None else MathConfig())
+        super().__init__(cfg)
         self.kinds = _check_config(self.cfg)
 
     def instance(self, split: str, index: int, seed: int) -> TaskInstance:
         prob = generate_problem(self.kinds, int(self.cfg.difficulty), split, (split, seed, index, self.cfg.difficulty))
-        iseed = _derive_seed("math-instance", split, seed, index)
+        iseed = derive_seed("math-instance", split, seed, index)
         return TaskInstance(task_id=f"math-{split}-s{seed}-{index}", split=split, seed=iseed, spec=prob)
 
-    def instances(self, split: str, n: int, seed: int) -> list[TaskInstance]:
-        if split not in SPLITS:
-            raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
-        if n < 0:
-            raise ValueError(f"instances: n must be >= 0, got {n}")
-        return [self.instance(split, i, seed) for i in range(n)]
-
     def make(self, instance: TaskInstance, sandbox: Any = None, episode_seed: int = 0) -> MathEnv:
-        for k in ("problem", "answer", "steps"):
-            if k not in instance.spec:
-                raise ValueError(f"instance {instance.task_id}: spec lacks {k!r} (not a math instance?)")
+        require_spec(instance, ("problem", "answer", "steps"), "math")
         return MathEnv(self.cfg, instance, episode_seed)
 
     def describe(self) -> dict[str, str]:
@@ -722,7 +717,7 @@ class MathFamily(TaskFamily):
         out: list[tuple[str, list[tuple[str, str]]]] = []
         for i in range(n):
             inst = self.instance("warmup", i, seed)
-            rng = random.Random(_derive_seed("math-warmup", seed, i))
+            rng = random.Random(derive_seed("math-warmup", seed, i))
             env = self.make(inst)
             prompt = env.reset()
             seen = [Fraction(m) for m in re.findall(r"\d+", inst.spec["problem"])][:8] or [Fraction(1)]

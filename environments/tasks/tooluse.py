@@ -57,10 +57,20 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any, Optional
 
-from environments.base import EnvConfig, Environment, StepResult, TaskFamily, TaskInstance, register_family
+from environments.base import (
+    SPLITS,
+    EnvConfig,
+    Environment,
+    StepResult,
+    TaskFamily,
+    TaskInstance,
+    derive_seed,
+    hash_split,
+    register_family,
+    require_spec,
+)
 from environments.tasks.math import ParseError, evaluate, format_number, parse_answer
 
-SPLITS = ("train", "eval")
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 WORLD_FILE = DATA_DIR / "tooluse_world.json"
 TOOLS = ("search", "calc", "read", "write", "answer")
@@ -205,8 +215,7 @@ def all_questions(W: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def question_split(question: str) -> str:
-    h = int.from_bytes(hashlib.sha256(f"tooluse|{question}".encode()).digest()[:4], "big")
-    return "eval" if h % EVAL_SHARE == 0 else "train"
+    return hash_split(f"tooluse|{question}", EVAL_SHARE)
 
 
 # ----------------------------------------------------------------------------- BM25
@@ -473,7 +482,7 @@ class ToolUseFamily(TaskFamily):
     needs_sandbox = True
 
     def __init__(self, cfg: Optional[Any] = None):
-        super().__init__(cfg if cfg is not None else ToolUseConfig())
+        super().__init__(cfg)
         c = self.cfg
         if int(c.max_steps) < 1:
             raise ValueError(f"env.max_steps={c.max_steps!r}: must be >= 1")
@@ -498,20 +507,11 @@ class ToolUseFamily(TaskFamily):
         order = list(range(len(qs)))
         random.Random(f"tooluse-order|{split}|{seed}").shuffle(order)
         q = qs[order[index % len(order)]]
-        iseed = int.from_bytes(hashlib.sha256(f"tooluse-instance|{split}|{seed}|{index}".encode()).digest()[:8], "big") >> 1
+        iseed = derive_seed("tooluse-instance", split, seed, index)
         return TaskInstance(task_id=f"tool-{split}-s{seed}-{index}", split=split, seed=iseed, spec=dict(q))
 
-    def instances(self, split: str, n: int, seed: int) -> list[TaskInstance]:
-        if split not in SPLITS:
-            raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
-        if n < 0:
-            raise ValueError(f"instances: n must be >= 0, got {n}")
-        return [self.instance(split, i, seed) for i in range(n)]
-
     def make(self, instance: TaskInstance, sandbox: Any = None, episode_seed: int = 0) -> ToolUseEnv:
-        for k in ("question", "answer", "supporting_docs"):
-            if k not in instance.spec:
-                raise ValueError(f"instance {instance.task_id}: spec lacks {k!r} (not a tooluse instance?)")
+        require_spec(instance, ("question", "answer", "supporting_docs"), "tooluse")
         return ToolUseEnv(self.cfg, instance, self.index, sandbox=sandbox, episode_seed=episode_seed)
 
     def describe(self) -> dict[str, str]:

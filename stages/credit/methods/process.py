@@ -25,7 +25,6 @@ Shared math lives in plain functions (:func:`min_form_returns`, :func:`softmin_t
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
