@@ -10,6 +10,7 @@
     creditflow recommend [key=value ... | --profile F]     decision tree (survey §7.5, Table 8)
     creditflow sandbox build-image [--tag T] [--force]     build the Docker sandbox image offline
     creditflow prm train --env math --out DIR [...]        train a process reward model (PRM)
+    creditflow serve [--poll-interval S] [--train-cron C]  start/schedule/resume runs from the Prefect UI
 
 Overrides: ``group=option`` (model, env, credit, update, experiment) or OmegaConf dotlist
 ``a.b=value``. Errors in the config are reported before any compute starts (exit code 2).
@@ -34,7 +35,9 @@ def _print_summary(out: dict) -> None:
     print()
     print(f"run id:          {out['run_id']}")
     print(f"MLflow run:      {out['mlflow_run_id']}  (experiment '{out['experiment']}')")
-    print(f"tracking store:  {out['tracking_uri']}")
+    from flows.secrets import mask_text
+
+    print(f"tracking store:  {mask_text(out['tracking_uri'])}")
     uri = out["tracking_uri"]
     if uri.startswith("sqlite:"):
         print(f"  browse it:     mlflow ui --backend-store-uri {uri}")
@@ -78,6 +81,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     tools = {
         "sandbox": ("environments.sandbox.image", "sandbox images (`sandbox build-image --help`)"),
         "prm": ("stages.reward.prm", "process reward models (`prm train --help`)"),
+        "serve": ("flows.serve", "deployments on a Prefect server for the UI (`serve --help`)"),
     }
     for name, (_, text) in tools.items():
         p = sub.add_parser(name, help=text, add_help=False)
@@ -96,7 +100,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         return _dispatch(args)
     except ConfigError as exc:
-        print(f"creditflow: config error: {exc}", file=sys.stderr)
+        from flows.secrets import mask_text
+
+        print(f"creditflow: config error: {mask_text(str(exc))}", file=sys.stderr)
         return 2
     except FileNotFoundError as exc:
         print(f"creditflow: error: {exc}", file=sys.stderr)
@@ -107,9 +113,13 @@ def _dispatch(args: argparse.Namespace) -> int:
     from flows.config import ConfigError
 
     if args.cmd == "config":
-        from flows.config import load_config, to_yaml
+        from omegaconf import OmegaConf
 
-        print(to_yaml(load_config(args.overrides)), end="")
+        from flows import secrets
+        from flows.config import load_config
+
+        cfg = load_config(args.overrides)
+        print(OmegaConf.to_yaml(secrets.mask_config(cfg)), end="")
         return 0
     if args.cmd == "train":
         from flows.api import start_run

@@ -15,6 +15,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
+from flows.secrets import mask_config, mask_text
+
 SENTINEL = "progress.iteration"
 #: MLflow allows 100 params / 1000 metrics / 100 tags per log_batch
 _PARAM_CHUNK = 100
@@ -52,7 +54,7 @@ class Tracker:
 
     # ------------------------------------------------------------------ run lifecycle
     def start(self, run_name: str, tags: dict[str, str]) -> str:
-        run = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags)
+        run = self.client.create_run(self.experiment_id, run_name=mask_text(run_name), tags=mask_config(tags))
         self.run_id = run.info.run_id
         return self.run_id
 
@@ -72,6 +74,7 @@ class Tracker:
     def log_params(self, params: dict[str, str]) -> None:
         from mlflow.entities import Param
 
+        params = mask_config(params)  # secret keys and secret values never reach MLflow
         existing = self.client.get_run(self.run_id).data.params
         items = [Param(k, v[:6000]) for k, v in params.items() if k not in existing]
         for i in range(0, len(items), _PARAM_CHUNK):
@@ -80,7 +83,7 @@ class Tracker:
     def set_tags(self, tags: dict[str, Any]) -> None:
         from mlflow.entities import RunTag
 
-        items = [RunTag(k, str(v)[:8000]) for k, v in tags.items()]
+        items = [RunTag(k, str(v)[:8000]) for k, v in mask_config({k: str(v) for k, v in tags.items()}).items()]
         for i in range(0, len(items), 100):
             self.client.log_batch(self.run_id, tags=items[i : i + 100])
 
@@ -107,7 +110,7 @@ class Tracker:
         return True
 
     def log_text(self, text: str, artifact_file: str) -> None:
-        self.client.log_text(self.run_id, text, artifact_file)
+        self.client.log_text(self.run_id, mask_text(text), artifact_file)
 
     def log_json(self, data: Any, artifact_file: str) -> None:
         self.log_text(json.dumps(data, indent=1, default=str), artifact_file)

@@ -36,6 +36,7 @@ from prefect.utilities.annotations import quote  # noqa: E402
 from environments.construct import EnvBatch, build_env_batch  # noqa: E402
 from flows import checklist as checklist_mod  # noqa: E402
 from flows.config import flatten, to_yaml  # noqa: E402
+from flows import secrets  # noqa: E402
 from flows.providers import build_context, run_slots  # noqa: E402
 from flows.runtime import RunState  # noqa: E402
 from flows.tracking import Tracker, default_tracking_uri  # noqa: E402
@@ -263,6 +264,7 @@ def train_flow(run_id: str, home: Optional[str] = None, progress: bool = True) -
 
 def _drive(state: RunState, say: Progress) -> dict[str, Any]:
     cfg = state.obj
+    secrets.install_log_filter(state.cfg)  # also registers the names of its *_env keys
     logger = get_run_logger()
     storage = state.paths.results
     storage.mkdir(parents=True, exist_ok=True)
@@ -297,8 +299,8 @@ def _drive(state: RunState, say: Progress) -> dict[str, Any]:
     try:
         create_markdown_artifact(
             key=f"mlflow-{state.run_id.lower()}"[:60].replace("_", "-"),
-            markdown=f"MLflow run `{tracker.run_id}` (experiment `{cfg.tracking.experiment}`, tracking URI "
-                     f"`{tracker.uri}`) for creditflow run `{state.run_id}`.",
+            markdown=secrets.mask_text(f"MLflow run `{tracker.run_id}` (experiment `{cfg.tracking.experiment}`, tracking URI "
+                     f"`{tracker.uri}`) for creditflow run `{state.run_id}`."),
             description="MLflow run of this training run",
         )
     except Exception as exc:  # the artifact is a convenience link; never fail a run for it
