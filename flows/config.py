@@ -46,6 +46,7 @@ class TrackingConfig:
     mlflow_uri: Optional[str] = None  # MLflow tracking URI; default $MLFLOW_TRACKING_URI, else sqlite:///$CREDITFLOW_HOME/mlflow.db
     experiment: str = "creditflow"  # MLflow experiment name
     heatmap_every: int = 5  # log a credit heatmap PNG every N iterations (and at the last one)
+    retry_seconds: float = 300.0  # how long an unreachable tracking store is retried (metrics buffered in runs/<id>/tracking_buffer.jsonl) before the run fails
 
 
 @dataclass
@@ -286,10 +287,18 @@ def validate(cfg: DictConfig) -> None:
         )
     if cfg.rollout.engine == "vllm":
         _validate_vllm(cfg)
-    if cfg.sandbox.backend == "docker":
-        raise ConfigError("config key 'sandbox.backend': the docker backend is not implemented yet; use process or auto")
     if cfg.sandbox.backend not in ("process", "docker", "auto"):
         raise ConfigError(f"config key 'sandbox.backend' must be process, docker or auto; got {cfg.sandbox.backend!r}")
+    if cfg.sandbox.snapshot_mode not in ("archive", "commit"):
+        raise ConfigError(f"config key 'sandbox.snapshot_mode' must be archive or commit; got {cfg.sandbox.snapshot_mode!r}")
+    if cfg.sandbox.backend == "docker":
+        # Docker asked for explicitly: the engine must be reachable before any compute starts
+        from environments.sandbox import SandboxUnavailable, check_docker
+
+        try:
+            check_docker(OmegaConf.to_object(cfg.sandbox))
+        except SandboxUnavailable as exc:
+            raise ConfigError(f"config key 'sandbox.backend' is docker: {exc}") from None
     if cfg.model.dtype not in ("float32", "bfloat16", "float16"):
         raise ConfigError(f"config key 'model.dtype' must be float32, bfloat16 or float16; got {cfg.model.dtype!r}")
     if cfg.model.device not in ("auto", "cpu", "cuda"):

@@ -19,6 +19,7 @@ import json
 import math
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -43,11 +44,16 @@ from flows.tracking import Tracker, default_tracking_uri  # noqa: E402
 from stages.credit.stats import credit_statistics  # noqa: E402
 from stages.reward.verifier import compute_rewards  # noqa: E402
 from stages.schema import Batch, CreditResult, Overhead  # noqa: E402
+from stages.update.checkpoint import CheckpointError  # noqa: E402
 
 STAGES = ("env", "rollout", "reward", "credit", "update")
 
 # live run states of this process, by run id (tasks look them up; Prefect never pickles them)
 _RUNS: dict[str, RunState] = {}
+
+#: fault-injection hooks for in-process tests: ``hook(state, iteration)`` is called at the end of
+#: every iteration, after its metrics went to MLflow (e.g. stop the tracking server, fill the disk)
+ITERATION_HOOKS: list[Callable[[RunState, int], None]] = []
 
 
 @dataclass
@@ -59,6 +65,22 @@ class StageResult:
     overhead: Overhead = field(default_factory=Overhead)
     wall_seconds: float = 0.0
     cpu_seconds: float = 0.0
+
+
+class ResultNotPersistedError(RuntimeError):
+    """A stage finished but its result could not be persisted (disk full): the run stops there."""
+
+
+def _result_is_whole(path: Path, check_content: bool) -> bool:
+    """The persisted result record exists and (for a freshly written one) is complete JSON."""
+    if not path.is_file():
+        return False
+    if check_content:
+        try:
+            json.loads(path.read_bytes())
+        except ValueError:
+            return False
+    return True
 
 
 def _cpu_seconds() -> float:
@@ -238,7 +260,8 @@ def _git_commit() -> str:
 
 def _tracker(state: RunState) -> Tracker:
     uri = state.cfg.tracking.mlflow_uri or default_tracking_uri(state.home)
-    return Tracker(uri, state.cfg.tracking.experiment, state.home)
+    return Tracker(uri, state.cfg.tracking.experiment, state.home, buffer=state.paths.tracking_buffer,
+                   retry_seconds=state.cfg.tracking.retry_seconds)
 
 
 def _prefect_flow_run_id() -> str:
@@ -269,12 +292,25 @@ def _drive(state: RunState, say: Progress) -> dict[str, Any]:
     storage = state.paths.results
     storage.mkdir(parents=True, exist_ok=True)
 
-    def run(stage_task: Any, stage_key: str, iteration: int, *args: Any) -> tuple[StageResult, bool]:
-        """Run (or load from the persisted cache) one stage; also say whether it was cached."""
+    def run(stage_task: Any, stage_key: str, iteration: int, *args: Any, refresh: bool = False
+            ) -> tuple[StageResult, bool]:
+        """Run (or load from the persisted cache) one stage; also say whether it was cached.
+        ``refresh`` re-runs it and overwrites its persisted result (checkpoint recovery)."""
         before = getattr(state, "executed_count", 0)
-        result = stage_task.with_options(result_storage=storage)(state.run_id, stage_key, state.chash, iteration,
-                                                                 *[quote(a) for a in args])
+        result = stage_task.with_options(result_storage=storage, refresh_cache=refresh)(
+            state.run_id, stage_key, state.chash, iteration, *[quote(a) for a in args])
         cached = getattr(state, "executed_count", 0) == before
+        persisted = storage / _cache_key(None, {"run_id": state.run_id, "stage_key": stage_key, "chash": state.chash})
+        if not _result_is_whole(persisted, check_content=not cached):
+            # Prefect logs a failed result write and carries on; a run whose stages are not persisted
+            # could not be resumed without recomputing them, so stop here, saying why (a half-written
+            # record is removed; Prefect would treat it as a cache miss anyway)
+            persisted.unlink(missing_ok=True)
+            free = shutil.disk_usage(storage).free
+            raise ResultNotPersistedError(
+                f"the result of stage {stage_key!r} of run {state.run_id} could not be written to {persisted} "
+                f"({free} bytes free on that filesystem; see the error logged above, e.g. no space left on "
+                f"device); nothing after it ran. Free space, then `creditflow resume {state.run_id}`")
         return result, cached
 
     tracker = _tracker(state)
@@ -295,6 +331,7 @@ def _drive(state: RunState, say: Progress) -> dict[str, Any]:
                       "prefect.flow_run_ids": ",".join(x for x in state.info["prefect_flow_runs"] if x),
                       "creditflow.method": cfg.credit.method, "creditflow.env": cfg.env.name})
     tracker.set_tags(_recommendation_tags(state))
+    tracker.set_tags(_sandbox_tags(state))
     tracker.log_text(to_yaml(state.cfg), "config/resolved.yaml")
     try:
         create_markdown_artifact(
@@ -309,11 +346,19 @@ def _drive(state: RunState, say: Progress) -> dict[str, Any]:
     try:
         return _iterate(state, say, run, tracker)
     except BaseException as exc:
-        # a crash is visible in MLflow (a kill -9 leaves RUNNING; `creditflow resume` continues either way)
-        tracker.set_tags({"creditflow.failure": f"{type(exc).__name__}: {exc}"[:500]})
-        tracker.finish("FAILED")
-        state.info["status"] = "failed"
-        state.save_info()
+        # a crash is visible in MLflow (a kill -9 leaves RUNNING; `creditflow resume` continues either way);
+        # reporting it must not replace the original error (tracking store down, disk full)
+        try:
+            tracker.set_tags({"creditflow.failure": f"{type(exc).__name__}: {exc}"[:500]})
+            tracker.finish("FAILED")
+        except Exception as report_exc:
+            print(f"warning: could not record the failure in MLflow: {type(report_exc).__name__}: {report_exc}",
+                  file=sys.stderr)
+        try:
+            state.info["status"] = "failed"
+            state.save_info()
+        except OSError as report_exc:
+            print(f"warning: could not write {state.paths.info}: {report_exc}", file=sys.stderr)
         raise
 
 
@@ -340,10 +385,19 @@ def _iterate(state: RunState, say: Progress, run: Callable, tracker: Tracker) ->
         say(f"{sep} {stage_task.name}{'*' if cached else ''} {result.wall_seconds:.2f}s", end="")
         return result
 
+    prev: Optional[tuple[StageResult, StageResult, str]] = None  # last iteration's reward, credit, input checkpoint
     for it in range(cfg.iterations):
         say(f"  [iter {it + 1}/{cfg.iterations}]", end="")
 
-        results = run_iteration(staged, it, checkpoint)
+        try:
+            results = run_iteration(staged, it, checkpoint)
+        except CheckpointError as exc:
+            if exc.path is None or Path(exc.path) != Path(checkpoint):
+                raise
+            checkpoint = _rebuild_checkpoint(state, run, tracker, it, checkpoint, prev, exc)
+            say(f"  [iter {it + 1}/{cfg.iterations}]", end="")
+            results = run_iteration(staged, it, checkpoint)
+        prev = (results["reward"], results["credit"], checkpoint)
         rew, cred, upd = results["reward"], results["credit"], results["update"]
         checkpoint = upd.value["checkpoint"]
         say(f" | success {rew.stats['success_rate']:.2f} loss {upd.stats.get('loss', float('nan')):.4f}")
@@ -360,6 +414,8 @@ def _iterate(state: RunState, say: Progress, run: Callable, tracker: Tracker) ->
             if heat_every and ((it + 1) % heat_every == 0 or it + 1 == cfg.iterations):
                 _log_heatmap(tracker, rew.value, cred.value, it)
             tracker.set_tags(_checklist_tags(state, checklist_mod.fill(state, acc, tracker, before, None)))
+        for hook in ITERATION_HOOKS:
+            hook(state, it)
     ev, cached = run(eval_stage, f"eval-after-{cfg.iterations}", cfg.iterations, checkpoint)
     acc.add_stage(ev)
     after = ev.value
@@ -387,6 +443,59 @@ def _iterate(state: RunState, say: Progress, run: Callable, tracker: Tracker) ->
     }
 
 
+def _rebuild_checkpoint(state: RunState, run: Callable, tracker: Tracker, it: int, bad: str,
+                        prev: Optional[tuple[StageResult, StageResult, str]], exc: CheckpointError) -> str:
+    """Recover from a checkpoint that fails verification on resume (truncated, bit rot).
+
+    The checkpoint that iteration ``it`` starts from is the output of the previous iteration's
+    update (or of prepare). Its inputs are all still here: the previous checkpoint (kept by
+    ``prune_checkpoints``, which never keeps fewer than two) and that iteration's persisted
+    reward and credit results. So the update is re-run on exactly those inputs with the same
+    seed, and the rebuilt weights are compared with the sha256 sums the lost checkpoint's
+    manifest recorded. Only a bit-identical rebuild is accepted: then nothing is lost and every
+    persisted result of later stages stays valid. Otherwise (the manifest itself is unreadable,
+    or the rebuild differs) the resume stops with an error that says what to do, rather than
+    continuing from weights the persisted results were not computed with."""
+    from stages.update.checkpoint import MANIFEST, verify_checkpoint
+
+    bad_path = Path(bad)
+    recorded: Optional[dict[str, str]] = None
+    try:
+        files = json.loads((bad_path / MANIFEST).read_text())["files"]
+        recorded = {k: v["sha256"] for k, v in files.items() if k.endswith(".safetensors")}
+    except Exception:
+        recorded = None
+    print(f"\nwarning: {exc}\n  rebuilding it from the previous checkpoint", file=sys.stderr)
+    if prev is None:  # the init checkpoint: prepare is deterministic given the home's model cache
+        state.policy, state.policy_version = None, None
+        producer, args, source = (prepare_stage, "prepare", -1), (), "the base policy"
+    else:
+        reward, credit, before = prev
+        try:
+            verify_checkpoint(Path(before))
+        except CheckpointError as exc2:
+            raise CheckpointError(
+                f"{exc}; the checkpoint before it is unusable too ({exc2}), so it cannot be rebuilt. The run "
+                f"cannot be resumed losslessly; start a new run (same config) instead", bad_path) from None
+        producer, args, source = (update_stage, f"it{it - 1}-update", it - 1), (reward.value, credit.value, before), before
+    result, _ = run(*producer, *args, refresh=True)
+    rebuilt = Path(result.value["checkpoint"])
+    manifest = verify_checkpoint(rebuilt)
+    now = {k: v["sha256"] for k, v in manifest["files"].items() if k.endswith(".safetensors")}
+    how = f"re-ran {producer[1]} from {source} with its persisted inputs"
+    if recorded is None or recorded != now:
+        why = ("the lost checkpoint's manifest is unreadable, so the rebuild cannot be shown identical"
+               if recorded is None else "the rebuilt weights differ from the sha256 sums the lost checkpoint recorded")
+        raise CheckpointError(
+            f"{exc}; {how}, but {why}. Stages after it may have used the lost weights, so the resume stops. "
+            f"To continue from the rebuilt weights anyway, delete the persisted results of iteration {it} onwards "
+            f"({state.paths.results}/{state.run_id}-it{it}-* and later) and resume again", bad_path)
+    note = f"{how}; weights bit-identical to the lost checkpoint (sha256 {sorted(now.values())[0][:16]}...)"
+    tracker.set_tags({f"creditflow.recovered.{bad_path.name}": f"{exc}"[:300] + f" -> {note}"})
+    print(f"  recovered {bad_path}: {note}", file=sys.stderr)
+    return str(rebuilt)
+
+
 def _recommendation_tags(state: RunState) -> dict[str, str]:
     """Was the chosen method among the decision tree's candidates for this task (survey §7.5)?"""
     from stages.credit import decision_tree
@@ -401,6 +510,20 @@ def _recommendation_tags(state: RunState) -> dict[str, str]:
         "creditflow.recommended_methods": ",".join(names),
         "creditflow.method_in_recommended": str(state.obj.credit.method in names).lower(),
     }
+
+
+def _sandbox_tags(state: RunState) -> dict[str, str]:
+    """Which sandbox backend the run's environments execute in, and the image (its digest)."""
+    if not state.family.needs_sandbox:
+        return {"creditflow.sandbox": "none (the task family executes no code)"}
+    backend = state.sandbox_backend
+    tags = {"creditflow.sandbox": str(getattr(backend, "chosen", backend.name)),
+            "creditflow.sandbox.requested": str(getattr(backend, "requested", state.obj.sandbox.backend))}
+    digest = getattr(backend, "image_digest", None)
+    if digest:
+        tags["creditflow.sandbox.image"] = str(getattr(backend, "image", state.obj.sandbox.image))
+        tags["creditflow.sandbox.image_digest"] = str(digest)
+    return tags
 
 
 def _checklist_tags(state: RunState, items: list) -> dict[str, str]:

@@ -16,6 +16,8 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
+from tests.docker_support import docker_engine, docker_session_cleanup  # noqa: E402,F401  (Docker fixtures)
+
 
 @pytest.fixture(scope="session")
 def prefect_harness():

@@ -53,7 +53,7 @@ def test_group_switch_gives_method_schema():
         (["rollout.engine=tgi"], r"rollout.engine.*not available"),
         (["debug.crash_at=2:nowhere"], r"debug.crash_at"),
         (["noequals"], r"must look like key=value"),
-        (["sandbox.backend=docker"], r"docker backend is not implemented yet"),
+        (["sandbox.snapshot_mode=criu"], r"sandbox.snapshot_mode' must be archive or commit"),
         (["sandbox.backend=vm"], r"sandbox.backend' must be process, docker or auto"),
     ],
 )
@@ -85,3 +85,11 @@ def test_cli_config_show_and_error(capsys):
     assert "method: gae" in capsys.readouterr().out
     assert main(["config", "show", "update.nope=1"]) == 2
     assert "unknown config key 'update.nope'" in capsys.readouterr().err
+
+
+def test_docker_backend_without_an_engine_fails_before_compute(monkeypatch):
+    """sandbox.backend=docker when no engine answers: a config error naming the key, the reason
+    and the fix, before anything is built."""
+    monkeypatch.setenv("DOCKER_HOST", "unix:///nonexistent/docker.sock")
+    with pytest.raises(ConfigError, match=r"sandbox.backend' is docker.*"):
+        load_config(["sandbox.backend=docker"])

@@ -1,6 +1,7 @@
 """Sandbox interface for environment construction (survey §8.2: reset cost, safety).
 
-Every backend (``process`` here; ``docker`` next) implements the same five operations:
+Every backend (``process``: subprocesses in a private directory; ``docker``: pooled containers)
+implements the same five operations:
 create (the backend's ``create``), exec with a hard timeout, snapshot/fork, reset, close.
 A fault inside a sandbox (timeout, crash, memory, huge output) never raises out of ``exec``:
 it comes back as an :class:`ExecResult` with ``reason`` set, so the episode can end with a
@@ -26,6 +27,15 @@ class SandboxConfig:
     max_output_bytes: int = 1_000_000  # stdout/stderr kept per exec; the rest is dropped and flagged
     max_file_mb: int = 64  # largest file a sandbox may write
     network: bool = False  # allow network access (off by default)
+    image: str = ""  # docker: image to run; "" = creditflow/sandbox:latest, built offline from the host on first use
+    pool_size: int = 4  # docker: warm containers kept ready (create/fork take one, close resets and returns it)
+    cpus: float = 1.0  # docker: CPU quota per sandbox, in cores
+    work_dir_mb: int = 128  # docker: size of the writable work dir (tmpfs at /work); disk filling stops there
+    snapshot_mode: str = "archive"  # docker: archive (tar of /work into a pooled container) | commit (docker commit + start)
+
+
+class SandboxUnavailable(RuntimeError):
+    """The requested sandbox backend cannot run here (e.g. no Docker engine); the message says why and how to fix it."""
 
 
 @dataclass
