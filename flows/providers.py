@@ -29,6 +29,7 @@ Providers:
 from __future__ import annotations
 
 import copy
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -86,6 +87,7 @@ def start_environments(state: Any, slots: list[EnvSlot], retries: int) -> tuple[
     boxes: list[Any] = []
     prompts: list[str] = []
     info: dict[str, Any] = {"dropped_groups": 0, "start_failures": 0, "failure_reasons": []}
+    t0 = time.perf_counter()
     try:
         for gid, members in groups.items():
             for attempt in range(retries + 1):
@@ -105,6 +107,9 @@ def start_environments(state: Any, slots: list[EnvSlot], retries: int) -> tuple[
     except BaseException:
         _close_all(envs, boxes)
         raise
+    # environment construction cost (survey §8.2 "reset cost"): sandboxes made + envs reset, seconds
+    info["start_seconds"] = time.perf_counter() - t0
+    info["sandboxes_created"] = len(boxes)
     if slots and not kept:
         raise EnvStartError(
             f"every group's environment failed to start ({info['start_failures']} attempts); last error: "
@@ -370,14 +375,14 @@ def build_context(state: Any, envb: EnvBatch, batch: Batch, iteration: int, chec
 def make_process_rewards_for(state: Any, ctx: CreditContext, factory: Callable) -> Any:
     """The process-reward source named by the method's config (``process_reward``)."""
     cfg = state.method.cfg
-    source = getattr(cfg, "process_reward", "step_check")
+    source = cfg.process_reward
     prm = None
     if source == "prm":
         from stages.reward.prm import load_prm
 
-        path = getattr(cfg, "prm_path", None)
+        path = cfg.prm_path
         if not path:
             raise ValueError("credit.process_reward=prm needs credit.prm_path (train one with `creditflow prm train`)")
         prm = load_prm(path)
     return factory(source, mc_rollouts=ctx.mc_rollouts, prm=prm, tokenizer=state.tokenizer,
-                   mc_k=getattr(cfg, "mc_k", 4))
+                   mc_k=cfg.mc_k)

@@ -168,6 +168,8 @@ def rollout_stage(state: RunState, iteration: int, envb: EnvBatch, checkpoint: s
         # environment construction faults (survey §8.2): groups retried, then dropped whole
         "dropped_groups": float(batch.meta.get("dropped_groups", 0)),
         "env_start_failures": float(batch.meta.get("start_failures", 0)),
+        "env_start_seconds": float(batch.meta.get("start_seconds", 0.0)),
+        "sandboxes_created": float(batch.meta.get("sandboxes_created", 0)),
         "sandbox_seconds": float(sum(t.meta.get("sandbox_seconds", 0.0) for t in batch.trajectories)),
         "sandbox_execs": float(sum(t.meta.get("sandbox_execs", 0.0) for t in batch.trajectories)),
     }

@@ -159,6 +159,7 @@ def test_sandbox_faults_end_episodes_and_the_run_goes_on_in_docker(prefect_harne
     m = run.data.metrics
     counted = {k[len("reward.done."):]: v for k, v in m.items() if k.startswith("reward.done.")}
     assert sum(counted.values()) == n and counted.get("sandbox_timeout", 0) >= 2
-    assert m["rollout.sandbox_seconds"] > 0
+    assert m["rollout.sandbox_seconds"] > 0 and m["rollout.env_start_seconds"] > 0
+    assert m["rollout.sandboxes_created"] == n
     assert not os.path.exists("/etc/cf-pwned")
     assert labelled(docker_engine) == [], "containers left behind after the run"

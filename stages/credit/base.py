@@ -148,6 +148,9 @@ def register_method(cls: type[CreditMethod]) -> type[CreditMethod]:
     unknown = set(cls.needs) - set(NEEDS)
     if unknown:
         raise ValueError(f"credit method {cls.name!r} declares unknown needs {sorted(unknown)}; known: {sorted(NEEDS)}")
+    if "process_rewards" in cls.needs and not hasattr(cls.Config, "process_reward"):
+        raise ValueError(f"credit method {cls.name!r} needs process_rewards: its Config must have the source fields "
+                         "(inherit stages.reward.process.ProcessRewardConfig)")
     if cls.name in _METHODS:
         raise ValueError(f"credit method {cls.name!r} registered twice")
     _METHODS[cls.name] = cls

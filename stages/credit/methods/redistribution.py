@@ -36,8 +36,19 @@ from dataclasses import dataclass
 import torch
 
 from stages.credit import functional as F
-from stages.credit.base import CreditConfig, CreditContext, CreditMethod, register_method
-from stages.credit.methods.montecarlo import Segments, broadcast, group_episode_advantages, step_segments
+from stages.credit.base import (
+    CreditConfig,
+    CreditContext,
+    CreditMethod,
+    register_method,
+)
+from stages.credit.methods.montecarlo import (
+    Segments,
+    broadcast,
+    group_episode_advantages,
+    step_segments,
+)
+from stages.reward.process import ProcessRewardConfig
 from stages.schema import Batch, BatchTensors, CreditResult, Overhead
 
 
@@ -91,7 +102,7 @@ def redistribute(
 
 
 @dataclass
-class REDConfig(CreditConfig):
+class REDConfig(ProcessRewardConfig, CreditConfig):
     method: str = "red"  # credit-assignment method (registry name; RED, Li et al. 2024)
     empty_score: str = "group_mean"  # score of the empty prefix: group_mean (mean holistic reward of the group), first_step, zero
     rescale: str = "shift"  # return equivalence: shift (add (R - sum d)/n to each step) or scale (multiply by R / sum d) (Li et al. 2024)
