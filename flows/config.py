@@ -28,6 +28,7 @@ from environments.sandbox.base import SandboxConfig
 from stages.credit.base import CreditConfig, get_method_class
 from stages.rollout.config import ModelConfig, RolloutConfig
 from stages.update.config import UpdateConfig
+from flows.scaleout import RunnerConfig, validate_runner
 
 #: config groups under configs/
 GROUPS = ("model", "env", "credit", "update", "experiment")
@@ -84,6 +85,7 @@ class TrainConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
+    runner: RunnerConfig = field(default_factory=RunnerConfig)  # where rollout shards run (flows/scaleout.py)
 
 
 def configs_dir() -> Path:
@@ -289,6 +291,8 @@ def validate(cfg: DictConfig) -> None:
         _validate_vllm(cfg)
     if cfg.sandbox.backend not in ("process", "docker", "auto"):
         raise ConfigError(f"config key 'sandbox.backend' must be process, docker or auto; got {cfg.sandbox.backend!r}")
+    if cfg.sandbox.isolation not in ("auto", "bwrap", "none"):
+        raise ConfigError(f"config key 'sandbox.isolation' must be auto, bwrap or none; got {cfg.sandbox.isolation!r}")
     if cfg.sandbox.snapshot_mode not in ("archive", "commit"):
         raise ConfigError(f"config key 'sandbox.snapshot_mode' must be archive or commit; got {cfg.sandbox.snapshot_mode!r}")
     if cfg.sandbox.backend == "docker":
@@ -311,6 +315,8 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"config key 'model.path': {path} has no config.json (not a Hugging Face model directory)")
     if cfg.debug.crash_at is not None:
         parse_crash_at(cfg.debug.crash_at)
+    for message in validate_runner(cfg.runner):
+        raise ConfigError(message)
 
 
 STAGES = ("env", "rollout", "reward", "credit", "update", "checkpoint", "eval", "prepare")

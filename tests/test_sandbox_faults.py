@@ -4,10 +4,11 @@ Every fault must be contained: ``exec`` returns (no hang, no exception) with a r
 failing exit code, the next exec in the same sandbox works, and nothing is left behind (no
 labelled container after close; no stray host process for the process backend).
 
-The process backend is a fault boundary, not a security boundary (see its module docstring): the
-security cases (network, host files, writes outside the work dir) are skipped for it with that
-reason, unless bubblewrap isolates the network. Docker cases are skipped only when no engine can
-be started (the skip message says why).
+The process backend runs twice: ``process`` (default ``isolation=auto``: bubblewrap namespaces
+where bwrap works) and ``process-none`` (``isolation=none``). Without namespaces it is a fault
+boundary, not a security boundary (see its module docstring): the security cases (network, host
+files, writes outside the work dir) are skipped then, with that reason; under bwrap they run.
+Docker cases are skipped only when no engine can be started (the skip message says why).
 """
 
 from __future__ import annotations
@@ -25,7 +26,10 @@ from tests.docker_support import docker_engine, docker_session_cleanup, labelled
 
 #: loose hang guard (never a speed assertion)
 HANG_GUARD_S = 30.0
-NOT_SECURITY = "process backend is a fault boundary, not a security boundary (documented in process.py)"
+NOT_SECURITY = (
+    "process backend without bubblewrap isolation is a fault boundary, not a security boundary "
+    "(documented in process.py)"
+)
 
 
 def _cfg(name: str) -> SandboxConfig:
@@ -54,9 +58,16 @@ def _host_procs_under(root: str) -> list[int]:
     return found
 
 
-@pytest.fixture(params=["process", "docker"])
+def _skip_unless_isolated(backend, what: str) -> None:
+    if backend.name == "process" and backend.isolation != "bwrap":
+        pytest.skip(f"{NOT_SECURITY}: {what} (isolation={backend.isolation}: {backend.isolation_note})")
+
+
+@pytest.fixture(params=["process", "process-none", "docker"])
 def backend(request, tmp_path):
-    cfg = _cfg(request.param)
+    cfg = _cfg(request.param.split("-")[0])
+    if request.param == "process-none":
+        cfg.isolation = "none"
     if request.param == "docker":
         client = request.getfixturevalue("docker_engine")
         from environments.sandbox.docker import DockerBackend
@@ -211,8 +222,9 @@ NET_PROBE = (
 
 
 def test_network_connection_attempt(backend, host_server):
-    if backend.name == "process" and not backend.network_isolated:
-        pytest.skip("process backend isolates the network only under bubblewrap, which is unavailable here")
+    _skip_unless_isolated(backend, "programs can reach the network")
+    if backend.name == "process":
+        assert backend.network_isolated
     addrs, hits = host_server
     with socket.create_connection(addrs[0] if addrs[0][0] != "172.17.0.1" else ("127.0.0.1", addrs[0][1]), timeout=2):
         pass  # positive control: the server is reachable from the host
@@ -232,9 +244,12 @@ def test_network_connection_attempt(backend, host_server):
 
 
 def test_reading_host_files(backend, tmp_path):
-    if backend.name == "process":
-        pytest.skip(NOT_SECURITY + ": programs see the host filesystem")
+    _skip_unless_isolated(backend, "programs see the host filesystem")
     token = uuid.uuid4().hex
+    # not on the path to the process backend's work dirs (tmp_path/sbx/...): under bwrap the
+    # directories leading to the work dir exist, empty, so `ls` of them would succeed
+    (tmp_path / "host").mkdir()
+    tmp_path = tmp_path / "host"
     secret = tmp_path / "secret.txt"
     secret.write_text(token)
     os.chmod(secret, 0o644)
@@ -252,8 +267,7 @@ def test_reading_host_files(backend, tmp_path):
 
 
 def test_writing_outside_the_work_dir(backend, tmp_path):
-    if backend.name == "process":
-        pytest.skip(NOT_SECURITY + ": programs may write wherever the trainer's user may")
+    _skip_unless_isolated(backend, "programs may write wherever the trainer's user may")
     sb = backend.create()
     target = tmp_path / "escaped.txt"
     for path in (str(target), "/etc/passwd", "/usr/bin/python3", "/tmp/x", "/escaped", "/proc/1/root/tmp/x"):
@@ -291,8 +305,8 @@ def test_process_ignoring_sigterm(backend):
     )
     r = _run(sb, ["python3", "-c", code], timeout_s=1.5)
     assert r.reason == "timeout" and r.stdout == b"ready\n", r
-    if backend.name == "docker":
-        _contained(backend, sb, base)
+    if backend.name == "docker" or backend.isolation == "bwrap":
+        _contained(backend, sb, base)  # bwrap: the grandchild died with the exec's pid namespace
     else:  # the setsid'd grandchild escapes the group kill; reset kills it (documented)
         sb.reset()
         _contained(backend, sb, base)

@@ -1,16 +1,23 @@
-"""Process sandbox backend: exec, limits, faults as results, confinement, snapshot/fork/reset/close."""
+"""Process sandbox backend: exec, limits, faults as results, confinement, snapshot/fork/reset/close.
+
+Every behaviour test runs twice: without isolation (``isolation=none``) and under bubblewrap
+namespaces (``isolation=bwrap``; skipped, with the reason, where bwrap does not work).
+"""
 
 from __future__ import annotations
 
+import json
 import os
-import sys
 import time
+from pathlib import Path
 
 import pytest
 
-from environments.sandbox import ProcessBackend, ProcessSnapshot, SandboxConfig, make_backend
+from environments.sandbox import ProcessBackend, ProcessSnapshot, SandboxConfig, SandboxUnavailable, make_backend
+from environments.sandbox import process as process_mod
 
-PY = sys.executable
+#: the sandbox's python: the system one (under bwrap the trainer's venv is not visible)
+PY = "python3"
 #: loose hang guard for operations that must return "quickly" (never a speed assertion)
 HANG_GUARD_S = 20.0
 
@@ -34,9 +41,55 @@ def _wait_dead(pid: int, within: float = 5.0) -> bool:
     return not _alive(pid)
 
 
-@pytest.fixture
-def backend(tmp_path):
-    b = ProcessBackend(SandboxConfig(), base_dir=str(tmp_path / "sbx"))
+def _bwrap_works() -> tuple[bool, str]:
+    try:
+        b = ProcessBackend(SandboxConfig(isolation="bwrap"))
+    except SandboxUnavailable as exc:
+        return False, str(exc)
+    b.close()
+    return True, ""
+
+
+BWRAP_OK, BWRAP_WHY = _bwrap_works()
+needs_bwrap = pytest.mark.skipif(not BWRAP_OK, reason=f"bubblewrap isolation unavailable here: {BWRAP_WHY}")
+
+
+def _host_procs_under(root: str) -> list[int]:
+    """Live host processes whose cwd is inside ``root`` (works for processes in a pid namespace too)."""
+    root = os.path.realpath(root)
+    found = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            cwd = os.readlink(f"/proc/{pid}/cwd")
+        except OSError:
+            continue
+        if (cwd == root or cwd.startswith(root + os.sep)) and _alive(int(pid)):
+            found.append(int(pid))
+    return found
+
+
+def _wait_no_procs_under(root: str, within: float = 5.0) -> bool:
+    end = time.monotonic() + within
+    while _host_procs_under(root) and time.monotonic() < end:
+        time.sleep(0.05)
+    return _host_procs_under(root) == []
+
+
+def _gone(sb, pid_file: str) -> bool:
+    """Nothing of the exec survives. The pid in ``pid_file`` is a host pid only without isolation
+    (under bwrap it is a pid of the exec's own namespace), so it is checked only then."""
+    ok = _wait_no_procs_under(sb.workdir)
+    if sb.backend.isolation == "none":
+        ok = _wait_dead(int(sb.read_file(pid_file))) and ok
+    return ok
+
+
+@pytest.fixture(params=["none", pytest.param("bwrap", marks=needs_bwrap)])
+def backend(request, tmp_path):
+    b = ProcessBackend(SandboxConfig(isolation=request.param), base_dir=str(tmp_path / "sbx"))
+    assert b.isolation == request.param
     yield b
     b.close()
 
@@ -44,6 +97,59 @@ def backend(tmp_path):
 @pytest.fixture
 def sb(backend):
     return backend.create()
+
+
+def test_isolation_choice(tmp_path, monkeypatch):
+    b = ProcessBackend(SandboxConfig(), base_dir=str(tmp_path))  # auto
+    assert b.isolation == ("bwrap" if BWRAP_OK else "none") and b.isolation_note
+    assert b.network_isolated == BWRAP_OK
+    b.close()
+    b = ProcessBackend(SandboxConfig(isolation="none"), base_dir=str(tmp_path))
+    assert b.isolation == "none" and not b.network_isolated
+    b.close()
+    with pytest.raises(ValueError, match="'jail'"):
+        ProcessBackend(SandboxConfig(isolation="jail"), base_dir=str(tmp_path))
+    # bwrap missing: auto falls back (and says so); bwrap required is a clear error
+    monkeypatch.setattr(process_mod.shutil, "which", lambda name, *a, **k: None)
+    b = ProcessBackend(SandboxConfig(isolation="auto"), base_dir=str(tmp_path))
+    assert b.isolation == "none" and not b.network_isolated and "not installed" in b.isolation_note
+    assert b.create().exec("echo ok").ok
+    b.close()
+    before = set(os.listdir(tmp_path))
+    with pytest.raises(SandboxUnavailable, match="isolation='bwrap'.*bubblewrap"):
+        ProcessBackend(SandboxConfig(isolation="bwrap"), base_dir=str(tmp_path))
+    assert set(os.listdir(tmp_path)) == before  # no root directory left behind
+
+
+@needs_bwrap
+def test_bwrap_view(tmp_path):
+    """Under bwrap: the system read-only, host files outside the work dir hidden, no network."""
+    host = tmp_path / "host"
+    host.mkdir()
+    (host / "secret.txt").write_text("s3cret")
+    b = ProcessBackend(SandboxConfig(isolation="bwrap"), base_dir=str(tmp_path / "sbx"))
+    try:
+        sb = b.create()
+        r = sb.exec(f"cat {host}/secret.txt; ls /root /home /work /etc/shadow /var; ls {tmp_path}")
+        assert b"s3cret" not in r.stdout and r.stdout.split() == [b"sbx"], r  # only the path to the work dir
+        for path in ("/usr/x", "/etc/x", "/tmp/x", "/dev/x", "/x", f"{tmp_path}/x"):
+            assert sb.exec(f"echo x > {path}").exit_code != 0, path
+        assert not (tmp_path / "x").exists()
+        r = sb.exec("echo w > f && cat f && python3 -c 'print(1)'")
+        assert r.ok and r.stdout == b"w\n1\n" and sb.read_file("f") == b"w\n", r
+        r = sb.exec("cat /proc/net/dev; ls /proc | grep -c '^[0-9]'")
+        ifaces = {line.split(b":")[0].strip() for line in r.stdout.splitlines()[2:-1]}
+        assert ifaces == {b"lo"}, r
+        assert int(r.stdout.splitlines()[-1]) <= 4, r  # own pid namespace: bwrap init, sh, ls, grep
+    finally:
+        b.close()
+    b = ProcessBackend(SandboxConfig(isolation="bwrap", network=True), base_dir=str(tmp_path / "sbx2"))
+    try:
+        assert not b.network_isolated
+        r = b.create().exec("cat /proc/net/dev")
+        assert r.ok and len(r.stdout.splitlines()) == len(Path("/proc/net/dev").read_bytes().splitlines()), r
+    finally:
+        b.close()
 
 
 def test_make_backend_choices(tmp_path):
@@ -71,12 +177,10 @@ def test_exec_echo(sb):
 
 def test_exec_runs_in_workdir_with_minimal_env(sb):
     r = sb.exec([PY, "-c", "import os, json; print(json.dumps([os.getcwd(), dict(os.environ)]))"])
-    import json
-
     cwd, env = json.loads(r.stdout)
     assert os.path.realpath(cwd) == os.path.realpath(sb.workdir)
     assert env["HOME"] == sb.workdir
-    assert set(env) <= {"PATH", "HOME", "TMPDIR", "LANG", "LC_CTYPE"}
+    assert set(env) <= {"PATH", "HOME", "TMPDIR", "LANG", "LC_CTYPE", "PWD"}  # bwrap sets PWD
 
 
 def test_stdin_large_no_deadlock(backend):
@@ -101,13 +205,13 @@ def test_timeout_kills_process_and_background_child(sb):
     r = sb.exec("sleep 30 & echo $! > bg.pid; sleep 30", timeout_s=0.5)
     assert time.monotonic() - t0 < HANG_GUARD_S
     assert r.reason == "timeout" and r.timed_out and r.exit_code is None
-    assert _wait_dead(int(sb.read_file("bg.pid")))
+    assert _gone(sb, "bg.pid")
 
 
 def test_background_child_killed_after_normal_exit(sb):
     r = sb.exec("sleep 30 & echo $! > bg.pid; echo done", timeout_s=10)
     assert r.ok and r.stdout == b"done\n"
-    assert _wait_dead(int(sb.read_file("bg.pid")))
+    assert _gone(sb, "bg.pid")
 
 
 def test_sigterm_ignoring_process_killed_at_timeout(sb):
@@ -122,7 +226,7 @@ def test_sigterm_ignoring_process_killed_at_timeout(sb):
     r = sb.exec([PY, "-c", code], timeout_s=1.0)
     assert time.monotonic() - t0 < HANG_GUARD_S
     assert r.reason == "timeout" and r.stdout == b"ready\n"
-    assert _wait_dead(int(sb.read_file("me.pid")))
+    assert _gone(sb, "me.pid")
 
 
 def test_huge_output_truncated_and_killed(backend):
@@ -175,7 +279,35 @@ def test_process_limit(backend):
     t0 = time.monotonic()
     r = sb.exec("for i in $(seq 40); do sleep 20 & done; wait", timeout_s=30)
     assert time.monotonic() - t0 < HANG_GUARD_S
-    assert r.reason in ("process_limit", "killed") or r.exit_code != 0
+    if backend.isolation == "bwrap" or os.geteuid() == 0:
+        # the pids check sees the exec's processes (its session; under bwrap, its pid namespace)
+        assert r.reason == "process_limit" and r.exit_code is None, r
+    else:  # RLIMIT_NPROC may stop the forks first
+        assert r.reason in ("process_limit", "killed") or r.exit_code != 0
+    assert _wait_no_procs_under(sb.workdir)
+
+
+def test_process_limit_counts_setsid_children(backend):
+    """A program that detaches its children with setsid: under bwrap they are still counted."""
+    backend.cfg.max_processes = 8
+    sb = backend.create()
+    code = "import os, time\nfor _ in range(20):\n    if os.fork() == 0:\n        os.setsid(); time.sleep(20); os._exit(0)\ntime.sleep(20)\n"
+    r = sb.exec([PY, "-c", code], timeout_s=5)
+    if backend.isolation == "bwrap":
+        assert r.reason == "process_limit", r
+        assert _wait_no_procs_under(sb.workdir)  # the namespace died with the exec: no reset needed
+    else:  # documented: setsid escapes the session count and the group kill; reset cleans up
+        assert r.reason in ("timeout", "process_limit"), r
+        sb.reset()
+        assert _wait_no_procs_under(sb.workdir)
+
+
+def test_signal_exit_is_reported_as_signal(backend):
+    sb = backend.create()
+    r = sb.exec([PY, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"])
+    assert r.exit_code == -9 and r.reason == "killed", r
+    r = sb.exec("exit 7")
+    assert r.exit_code == 7 and r.reason == "", r
 
 
 def test_invalid_utf8_output_bytes(sb):

@@ -27,6 +27,7 @@ class SandboxConfig:
     max_output_bytes: int = 1_000_000  # stdout/stderr kept per exec; the rest is dropped and flagged
     max_file_mb: int = 64  # largest file a sandbox may write
     network: bool = False  # allow network access (off by default)
+    isolation: str = "auto"  # process: auto (bwrap namespaces when available, else none) | bwrap (required) | none
     image: str = ""  # docker: image to run; "" = creditflow/sandbox:latest, built offline from the host on first use
     pool_size: int = 4  # docker: warm containers kept ready (create/fork take one, close resets and returns it)
     cpus: float = 1.0  # docker: CPU quota per sandbox, in cores
