@@ -32,7 +32,7 @@ def start_run(overrides: Optional[list[str]] = None, home: Optional[Path] = None
     preflight(cfg)
     state = RunState.create(cfg, home or creditflow_home(), run_id=run_id)
     train._RUNS[state.run_id] = state
-    return train.train_flow(state.run_id, str(state.home), progress)
+    return train.flow_for(state.obj)(state.run_id, str(state.home), progress)
 
 
 def resume_run(run_id: str, overrides: Optional[list[str]] = None, home: Optional[Path] = None,
@@ -44,7 +44,7 @@ def resume_run(run_id: str, overrides: Optional[list[str]] = None, home: Optiona
     preflight(state.cfg)
     state.save_config()
     train._RUNS[state.run_id] = state
-    return train.train_flow(state.run_id, str(state.home), progress)
+    return train.flow_for(state.obj)(state.run_id, str(state.home), progress)
 
 
 def tracker_for(home: Optional[Path] = None, uri: Optional[str] = None, experiment: str = "creditflow"):

@@ -40,6 +40,7 @@ from flows.config import flatten, to_yaml  # noqa: E402
 from flows import secrets  # noqa: E402
 from flows.providers import build_context, run_slots  # noqa: E402
 from flows.runtime import RunState  # noqa: E402
+from flows.scaleout import rollout_sharded, with_runner  # noqa: E402
 from flows.tracking import Tracker, default_tracking_uri  # noqa: E402
 from stages.credit.stats import credit_statistics  # noqa: E402
 from stages.reward.verifier import compute_rewards  # noqa: E402
@@ -153,9 +154,13 @@ def _run_episodes(state: RunState, envb: EnvBatch, seed: int, temperature: float
 @_stage("rollout")
 def rollout_stage(state: RunState, iteration: int, envb: EnvBatch, checkpoint: str) -> StageResult:
     """Stage 2: multi-turn rollouts with the current policy (the engine named by rollout.engine)."""
-    state.ensure_policy(checkpoint)
-    batch, overhead, gen_tokens = _run_episodes(state, envb, state.seed_for(iteration, "rollout"),
-                                                state.obj.rollout.temperature)
+    state.ensure_policy(checkpoint)  # also brings a vLLM server (rollout.vllm_url) to this checkpoint
+    seed, temperature, runner = state.seed_for(iteration, "rollout"), state.obj.rollout.temperature, state.obj.runner
+    if runner.kind == "local" and runner.rollout_shards == 1:
+        batch, overhead, gen_tokens = _run_episodes(state, envb, seed, temperature)
+    else:  # shards of whole groups, one task each on the flow's task runner (flows/scaleout.py)
+        batch, overhead, gen_tokens = rollout_sharded(state.run_id, str(state.home), envb, checkpoint, seed,
+                                                      temperature, runner.rollout_shards)
     batch.iteration = iteration
     turns = [len(t.turns) for t in batch.trajectories]
     tokens = [len(t.response_ids) for t in batch.trajectories]
@@ -285,6 +290,11 @@ def train_flow(run_id: str, home: Optional[str] = None, progress: bool = True) -
     finally:
         state.close()
         _RUNS.pop(run_id, None)
+
+
+def flow_for(cfg: Any) -> Any:
+    """:func:`train_flow` on the task runner ``cfg.runner`` names (Dask/Ray; unchanged for local)."""
+    return with_runner(train_flow, cfg.runner)
 
 
 def _drive(state: RunState, say: Progress) -> dict[str, Any]:
