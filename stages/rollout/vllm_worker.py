@@ -17,6 +17,19 @@ re-ties ``lm_head.weight`` to the embedding and re-runs the head's post-load pro
 sync calls it. :meth:`creditflow_check_lm_head` exists for the tests: it compares the head's
 logits on a probe with ``probe @ embed_tokens.weight.T``.
 
+Exact entropies at the price of one extra log-prob (:meth:`creditflow_enable_entropy`): the
+sampler already holds the full processed log-prob matrix ``(num_seqs, vocab)`` of every step
+(``logprobs_mode="processed_logprobs"``: after temperature and top-p); the hook computes each
+row's entropy ``sum_v entr(exp(logp_v))`` there, on the tensor, and returns it in the *top-1
+slot* of the step's log-prob output: a request asking for ``logprobs=1`` gets, per position,
+``[sampled token, its log-prob]`` followed by ``[ENTROPY_TOKEN_ID, entropy]`` instead of the
+top-1 token. The value travels through vLLM's own per-request output path (so it stays attached
+to the right request under batching, chunked prefill, preemption or a separate engine-core
+process) and costs one float per token instead of a vocabulary-sized log-prob list converted to
+Python objects. The hook only acts inside ``Sampler.forward`` (prompt log-probs, used by
+``VLLMEngine.score``, are untouched) and only on steps whose largest requested ``logprobs`` is
+1; the engine installs it only when it asks every request for exactly that.
+
 This module imports nothing from vLLM at import time (only torch), so it is importable wherever
 the worker runs.
 """
@@ -27,6 +40,15 @@ import time
 from typing import Any, Iterable, Optional
 
 import torch
+
+#: token id of the entropy entry in the top-1 slot of a position's log-probs (never a real token)
+ENTROPY_TOKEN_ID = -1
+
+
+def entropy_rows(logprobs: torch.Tensor) -> torch.Tensor:
+    """Entropy of each row of a log-prob matrix (``-inf`` entries, e.g. outside the top-p
+    nucleus, contribute 0): ``sum entr(exp(logp))``, float32, the formula of ``HFEngine``."""
+    return torch.special.entr(logprobs.float().exp()).sum(-1)
 
 
 def _embed_and_head(model: Any) -> tuple[Optional[torch.nn.Module], Optional[torch.nn.Module]]:
@@ -57,6 +79,44 @@ class CreditflowWorkerExtension:
                 fn()
 
     # ------------------------------------------------------------------ RPC methods
+    def creditflow_enable_entropy(self) -> bool:
+        """Install the entropy hook on the model runner's sampler (idempotent); False when this
+        vLLM's sampler is not the one the hook knows (the engine then falls back to a top-k
+        estimate) or does not return processed log-probs."""
+        runner = self.model_runner  # type: ignore[attr-defined]
+        sampler = getattr(runner, "sampler", None)
+        try:
+            from vllm.v1.sample.sampler import Sampler
+        except ImportError:  # pragma: no cover - other vLLM layouts
+            return False
+        if not isinstance(sampler, Sampler) or getattr(sampler, "logprobs_mode", None) != "processed_logprobs":
+            return False
+        if getattr(sampler, "_creditflow_entropy", False):
+            return True
+        orig_forward = sampler.forward  # bound method of this instance
+        orig_gather = sampler.gather_logprobs  # staticmethod, called as self.gather_logprobs(...)
+        active = [False]
+
+        def gather_logprobs(logprobs: torch.Tensor, num_logprobs: int, token_ids: torch.Tensor):
+            out = orig_gather(logprobs, num_logprobs, token_ids)
+            if active[0] and num_logprobs == 1:
+                ids, lps = out.logprob_token_ids, out.logprobs  # (n, 2): [sampled, top-1]
+                ids[:, 1] = ENTROPY_TOKEN_ID
+                lps[:, 1] = entropy_rows(logprobs).to(lps.dtype)
+            return out
+
+        def forward(*args: Any, **kwargs: Any):
+            active[0] = True
+            try:
+                return orig_forward(*args, **kwargs)
+            finally:
+                active[0] = False
+
+        sampler.gather_logprobs = gather_logprobs
+        sampler.forward = forward
+        sampler._creditflow_entropy = True
+        return True
+
     def creditflow_retie(self) -> bool:
         """Re-tie ``lm_head`` to ``embed_tokens`` and rebuild the head's kernel weights.
         Returns True when the model has tied embeddings (and was re-tied), False otherwise."""
