@@ -23,9 +23,9 @@ backend.
 Shard invariance: a shard's trajectories must not depend on which other episodes share its
 engine batch. The agent loop gives every request its own seed (``seed, uid, turn``); vLLM honours
 per-request seeds, but :class:`~stages.rollout.hf_engine.HFEngine` seeds one generator from the
-whole batch, so the same episode samples differently in a different batch. Shards therefore use
-:class:`InvariantHFEngine`: inverse-CDF sampling with one uniform per (request seed, step) from a
-counter-based hash — a row's sample depends on its own seed and logits only. With it, the merged
+whole batch, so the same episode samples differently in a different batch. Both engines sample every
+request from its own seed (``HFEngine``: inverse-CDF sampling with one uniform per (request seed,
+decode step) from a counter-based hash) — a row's sample depends on its own seed and logits only. With it, the merged
 result is the same for 1 shard or N, in-process or on a cluster (tokens identical, log-probs equal
 to float error: a row's logits do not depend on the other rows beyond ~1e-7).
 """
@@ -43,7 +43,7 @@ from typing import Any, Optional
 import torch
 
 from environments.construct import EnvBatch, EnvSlot
-from stages.rollout.hf_engine import HFEngine, sampling_distribution
+from stages.rollout.hf_engine import HFEngine
 from stages.schema import Batch, Overhead
 
 RUNNER_KINDS = ("local", "dask", "ray")
@@ -145,82 +145,6 @@ def shard_slots(slots: list[EnvSlot], n: int) -> list[list[EnvSlot]]:
     return shards
 
 
-# ---------------------------------------------------------------------------------- shard-invariant sampling
-_M32 = 0xFFFFFFFF
-
-
-def _mul32(x: torch.Tensor, m: int) -> torch.Tensor:
-    """``x * m mod 2**32`` for int64 tensors holding values < 2**32, without int64 overflow."""
-    return (x * (m & 0xFFFF) + (((x * (m >> 16)) & 0xFFFF) << 16)) & _M32
-
-
-def _mix32(x: torch.Tensor) -> torch.Tensor:
-    """A 32-bit integer hash with full avalanche (lowbias32)."""
-    x = x ^ (x >> 16)
-    x = _mul32(x, 0x7FEB352D)
-    x = x ^ (x >> 15)
-    x = _mul32(x, 0x846CA68B)
-    return x ^ (x >> 16)
-
-
-def request_uniforms(seeds: torch.Tensor, step: int) -> torch.Tensor:
-    """One uniform in [0, 1) (float64, 53 bits) per request seed (int64, >= 0) at decode ``step``.
-
-    Counter-based: the value depends on (seed, step) only, never on the other rows."""
-    lo, hi = seeds & _M32, (seeds >> 32) & _M32
-    s = _mix32(torch.full_like(lo, (step * 0x9E3779B9 + 0x632BE5AB) & _M32))
-    a = _mix32(lo ^ _mix32(hi ^ s))
-    b = _mix32(a ^ _mix32(s ^ 0x85EBCA6B))
-    return ((a >> 5) * (1 << 26) + (b >> 6)).double() / float(1 << 53)
-
-
-def sample_per_request(logits: torch.Tensor, temperature: float, top_p: float, seeds: torch.Tensor,
-                       step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``HFEngine._sample`` with each row's token drawn from its own seed's stream (inverse CDF):
-    returns (token, log-prob under the sampling distribution, its entropy)."""
-    if temperature == 0:
-        return HFEngine._sample(logits, 0.0, top_p, None)  # greedy: no randomness
-    logp = sampling_distribution(logits, temperature, top_p)
-    probs = logp.exp()
-    cdf = probs.double().cumsum(-1)
-    target = request_uniforms(seeds, step) * cdf[:, -1]
-    tok = torch.searchsorted(cdf, target[:, None], right=True).squeeze(-1)
-    # rounding can put the target at the very top: take the last token with mass, never a masked one
-    vocab = torch.arange(probs.shape[-1], device=probs.device)
-    last = torch.where(probs > 0, vocab, torch.zeros_like(vocab)).amax(-1)
-    tok = torch.minimum(tok, last)
-    lp = logp.gather(-1, tok[:, None]).squeeze(-1)
-    ent = torch.special.entr(probs).sum(-1)
-    return tok, lp, ent
-
-
-class InvariantHFEngine(HFEngine):
-    """:class:`HFEngine` whose samples depend on each request's own seed, not on the batch.
-
-    Same batched KV-cache decoding; only the draw differs (``sample_per_request``). Thread-safe per
-    call (the row seeds live in thread-local storage)."""
-
-    name = "hf"
-
-    def __init__(self, model: torch.nn.Module, pad_token_id: Optional[int] = None):
-        super().__init__(model, pad_token_id=pad_token_id)
-        self._local = threading.local()
-
-    def generate(self, requests, max_new_tokens, stop_token_ids, temperature=1.0, top_p=1.0):  # type: ignore[override]
-        seeds = [int(r.seed) & ((1 << 63) - 1) for r in requests]
-        self._local.seeds = torch.tensor(seeds, dtype=torch.long, device=self.device) if seeds else None
-        self._local.step = 0
-        try:
-            return super().generate(requests, max_new_tokens, stop_token_ids, temperature, top_p)
-        finally:
-            self._local.seeds = None
-
-    def _sample(self, logits, temperature, top_p, gen):  # type: ignore[override]
-        step = self._local.step
-        self._local.step = step + 1
-        return sample_per_request(logits, temperature, top_p, self._local.seeds, step)
-
-
 # ---------------------------------------------------------------------------------- worker side
 class ShardContext:
     """What :func:`flows.providers.run_slots` needs of a run, built on a worker from the run
@@ -245,7 +169,7 @@ class ShardContext:
     def _make_engine(self) -> Any:
         r = self.obj.rollout
         if r.engine == "hf":
-            return InvariantHFEngine(self.policy, pad_token_id=getattr(self.tokenizer, "pad_token_id", None))
+            return HFEngine(self.policy, pad_token_id=getattr(self.tokenizer, "pad_token_id", None))
         from stages.rollout.engine import make_engine
 
         # vllm: per-request seeds already; with vllm_url the worker is one more client of the shared server

@@ -15,6 +15,7 @@ from environments.construct import build_env_batch
 from flows import scaleout
 from flows.config import load_config
 from flows.providers import run_slots
+from stages.rollout.hf_engine import sample_per_request
 from flows.runtime import RunState
 
 # env and model as tests/test_flow.py: the session's cached tiny policy is reused
@@ -92,7 +93,7 @@ def test_per_request_sampling_follows_the_distribution_and_ignores_the_batch():
     logits = probs.clamp_min(1e-30).log().expand(20000, -1).clone()
     logits[:, 4] = float("-inf")
     seeds = torch.arange(20000, dtype=torch.long) * 7919 + 12345
-    tok, lp, ent = scaleout.sample_per_request(logits, 1.0, 1.0, seeds, step=0)
+    tok, lp, ent = sample_per_request(logits, 1.0, 1.0, seeds, step=0)
     freq = torch.bincount(tok, minlength=5).double() / len(tok)
     assert (freq[:4] - probs[:4].double()).abs().max() < 0.015  # 4 sigma at n=20000
     assert freq[4] == 0  # a token without mass is never drawn
@@ -100,12 +101,12 @@ def test_per_request_sampling_follows_the_distribution_and_ignores_the_batch():
     assert torch.allclose(ent, torch.special.entr(probs).sum().expand(20000), atol=1e-5)
     # a row's draw depends on its own seed and step only: any sub-batch, any order, gives the same tokens
     perm = torch.randperm(20000, generator=torch.Generator().manual_seed(0))[:777]
-    sub, _, _ = scaleout.sample_per_request(logits[perm], 1.0, 1.0, seeds[perm], step=0)
+    sub, _, _ = sample_per_request(logits[perm], 1.0, 1.0, seeds[perm], step=0)
     assert torch.equal(sub, tok[perm])
-    step1, _, _ = scaleout.sample_per_request(logits, 1.0, 1.0, seeds, step=1)
+    step1, _, _ = sample_per_request(logits, 1.0, 1.0, seeds, step=1)
     assert (step1 != tok).float().mean() > 0.3  # a new step draws anew
     # top-p: tokens outside the nucleus are never drawn
-    top, _, _ = scaleout.sample_per_request(logits, 1.0, 0.7, seeds, step=0)
+    top, _, _ = sample_per_request(logits, 1.0, 0.7, seeds, step=0)
     assert set(Counter(top.tolist())) <= {0, 1}
 
 

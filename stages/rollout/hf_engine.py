@@ -7,7 +7,8 @@ One :meth:`HFEngine.generate` call samples a continuation for every request at o
 2. a decode loop runs one forward per new-token step for the whole batch, feeding the sampled
    tokens with ``past_key_values`` (no Python loop over batch rows);
 3. at each step the logits are divided by the temperature, optionally truncated to the top-p
-   nucleus and renormalised, and a token is drawn with ``torch.multinomial``. The engine records
+   nucleus and renormalised, and each row's token is drawn by inverse CDF at a uniform that depends
+   only on that request's seed and the decode step (:func:`sample_per_request`). The engine records
    the token's log-prob under exactly that sampling distribution and the distribution's entropy.
 
 With ``top_p == 1`` the recorded log-prob is ``log_softmax(logits / temperature)`` of the token,
@@ -15,8 +16,10 @@ the same formula as :func:`stages.rollout.policy.sequence_logprobs`, so behaviou
 equal the update's recomputed log-probs up to float error (tested to 1e-4 in fp32). With
 ``top_p < 1`` they are log-probs of the truncated distribution (what was actually sampled from).
 
-Randomness: one ``torch.Generator`` per call, seeded from a hash of the requests' seeds in
-order, so the same requests give identical samples. Rows whose sampled token is a stop token
+Randomness: per request, never per batch. An episode's tokens depend on its own seed (run seed,
+episode uid, turn) and the policy only — not on which other requests share the call — so rollouts
+split into shards on other workers (flows/scaleout.py), Monte Carlo continuations and re-runs give
+the same samples (float-rounding differences of the logits across batch shapes aside). Rows whose sampled token is a stop token
 are finished (``finish_reason="stop"``, the stop token kept in ``token_ids``); the batch keeps
 stepping for the other rows with the finished rows masked out, until all rows are finished or
 ``max_new_tokens`` is reached (``finish_reason="length"``).
@@ -24,7 +27,6 @@ stepping for the other rows with the finished rows masked out, until all rows ar
 
 from __future__ import annotations
 
-import hashlib
 import time
 from typing import Any, Optional
 
@@ -33,10 +35,56 @@ import torch
 from stages.rollout.engine import GenerationOutput, GenerationRequest, RolloutEngine
 
 
-def seed_from_requests(seeds: list[int]) -> int:
-    """A 63-bit generator seed from the ordered request seeds."""
-    h = hashlib.blake2b(",".join(str(int(s)) for s in seeds).encode(), digest_size=8).digest()
-    return int.from_bytes(h, "little") & ((1 << 63) - 1)
+# ---------------------------------------------------------------------------------- per-request sampling
+_M32 = 0xFFFFFFFF
+
+
+def _mul32(x: torch.Tensor, m: int) -> torch.Tensor:
+    """``x * m mod 2**32`` for int64 tensors holding values < 2**32, without int64 overflow."""
+    return (x * (m & 0xFFFF) + (((x * (m >> 16)) & 0xFFFF) << 16)) & _M32
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash with full avalanche (lowbias32)."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def request_uniforms(seeds: torch.Tensor, step: int) -> torch.Tensor:
+    """One uniform in [0, 1) (float64, 53 bits) per request seed (int64, >= 0) at decode ``step``.
+
+    Counter-based: the value depends on (seed, step) only, never on the other rows."""
+    lo, hi = seeds & _M32, (seeds >> 32) & _M32
+    s = _mix32(torch.full_like(lo, (step * 0x9E3779B9 + 0x632BE5AB) & _M32))
+    a = _mix32(lo ^ _mix32(hi ^ s))
+    b = _mix32(a ^ _mix32(s ^ 0x85EBCA6B))
+    return ((a >> 5) * (1 << 26) + (b >> 6)).double() / float(1 << 53)
+
+
+def sample_per_request(logits: torch.Tensor, temperature: float, top_p: float, seeds: torch.Tensor,
+                       step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One token per row, drawn from that row's own seed stream (inverse CDF of the sampling
+    distribution at a counter-based uniform of (seed, step)): returns (token, log-prob under the
+    sampling distribution, its entropy). Temperature 0 is greedy (log-prob and entropy 0)."""
+    if temperature == 0:  # greedy: a point mass on the argmax
+        tok = logits.argmax(-1)
+        zeros = torch.zeros(tok.shape, dtype=torch.float32, device=tok.device)
+        return tok, zeros, zeros
+    logp = sampling_distribution(logits, temperature, top_p)
+    probs = logp.exp()
+    cdf = probs.double().cumsum(-1)
+    target = request_uniforms(seeds, step) * cdf[:, -1]
+    tok = torch.searchsorted(cdf, target[:, None], right=True).squeeze(-1)
+    # rounding can put the target at the very top: take the last token with mass, never a masked one
+    vocab = torch.arange(probs.shape[-1], device=probs.device)
+    last = torch.where(probs > 0, vocab, torch.zeros_like(vocab)).amax(-1)
+    tok = torch.minimum(tok, last)
+    lp = logp.gather(-1, tok[:, None]).squeeze(-1)
+    ent = torch.special.entr(probs).sum(-1)
+    return tok, lp, ent
 
 
 def sampling_distribution(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
@@ -117,7 +165,8 @@ class HFEngine(RolloutEngine):
             attn[i, L - lens[i] :] = 1
         ids, attn = ids.to(dev), attn.to(dev)
         pos = (attn.cumsum(-1) - 1).clamp(min=0)
-        gen = torch.Generator(device=dev).manual_seed(seed_from_requests([r.seed for r in requests]))
+        # every row samples from its own seed: an episode's tokens do not depend on its batch
+        seeds = torch.tensor([int(r.seed) & ((1 << 63) - 1) for r in requests], dtype=torch.long, device=dev)
         stops = torch.tensor(sorted(int(s) for s in stop_token_ids), dtype=torch.long, device=dev)
 
         tokens = torch.full((B, max_new_tokens), self.pad_token_id, dtype=torch.long, device=dev)
@@ -134,7 +183,7 @@ class HFEngine(RolloutEngine):
                 past = out.past_key_values
                 next_pos = pos[:, -1]
                 for t in range(max_new_tokens):
-                    tok, lp, ent = self._sample(logits, temperature, top_p, gen)
+                    tok, lp, ent = sample_per_request(logits, temperature, top_p, seeds, t)
                     alive = ~finished
                     tok = torch.where(alive, tok, torch.full_like(tok, self.pad_token_id))
                     tokens[:, t] = tok
@@ -179,16 +228,3 @@ class HFEngine(RolloutEngine):
             except TypeError:
                 pass
         return self.model(**kwargs)
-
-    @staticmethod
-    def _sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator):
-        if temperature == 0:  # greedy: a point mass on the argmax
-            tok = logits.argmax(-1)
-            zeros = torch.zeros(tok.shape, dtype=torch.float32, device=tok.device)
-            return tok, zeros, zeros
-        logp = sampling_distribution(logits, temperature, top_p)
-        probs = logp.exp()
-        tok = torch.multinomial(probs, 1, generator=gen).squeeze(-1)
-        lp = logp.gather(-1, tok[:, None]).squeeze(-1)
-        ent = torch.special.entr(probs).sum(-1)
-        return tok, lp, ent
