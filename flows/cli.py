@@ -95,10 +95,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     import logging
 
     from flows.config import ConfigError
+    from flows.runtime import RunLockedError
 
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     try:
         return _dispatch(args)
+    except RunLockedError as exc:
+        print(f"creditflow: error: {exc}", file=sys.stderr)
+        return 3
     except ConfigError as exc:
         from flows.secrets import mask_text
 

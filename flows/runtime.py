@@ -10,6 +10,7 @@ Run directory layout (``$CREDITFLOW_HOME/runs/<run_id>/``)::
     config.yaml          resolved config            run.json        ids, hashes, links
     results/             Prefect persisted results  checkpoints/    init, iter_0000, ...
     executions.jsonl     one line per stage body actually executed (resume audit)
+    tracking_buffer.jsonl  MLflow entries not yet acknowledged by the tracking store (see flows.tracking)
 """
 
 from __future__ import annotations
@@ -43,7 +44,15 @@ def new_run_id() -> str:
 
 
 class RunLockedError(RuntimeError):
-    pass
+    """Another process holds the run directory's lock (it is driving this run right now)."""
+
+
+def check_tracking(cfg: DictConfig, home: Path) -> None:
+    """The configured MLflow tracking server answers (one short request; local stores are not
+    checked); :class:`flows.tracking.TrackingServerUnreachable` (a ConfigError) otherwise."""
+    from flows.tracking import check_tracking_server, default_tracking_uri
+
+    check_tracking_server(cfg.tracking.mlflow_uri or default_tracking_uri(home))
 
 
 @dataclass
@@ -73,6 +82,10 @@ class RunPaths:
     @property
     def lock(self) -> Path:
         return self.root / ".lock"
+
+    @property
+    def tracking_buffer(self) -> Path:
+        return self.root / "tracking_buffer.jsonl"
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -114,6 +127,7 @@ class RunState:
         home = home or creditflow_home()
         run_id = run_id or new_run_id()
         paths = RunPaths(home / "runs" / run_id)
+        check_tracking(cfg, home)  # before the run directory exists and before any compute
         if paths.root.exists():
             raise ConfigError(f"run {run_id} already exists at {paths.root}; use `creditflow resume {run_id}`")
         paths.root.mkdir(parents=True)
@@ -145,6 +159,7 @@ class RunState:
                 "these overrides change what the run computes (its config hash); only iterations, eval, "
                 "tracking, report and debug keys may change on resume"
             )
+        check_tracking(cfg, home)
         info = json.loads(paths.info.read_text())
         return cls(run_id=run_id, home=home, cfg=cfg, paths=paths, info=info)
 
@@ -152,7 +167,9 @@ class RunState:
         _atomic_write(self.paths.info, json.dumps(self.info, indent=1))
 
     def save_config(self) -> None:
-        _atomic_write(self.paths.config, OmegaConf.to_yaml(self.cfg))
+        """Rewrite ``config.yaml`` (resume overrides), refused while another process drives the run."""
+        with self.locked():
+            _atomic_write(self.paths.config, OmegaConf.to_yaml(self.cfg))
 
     @contextlib.contextmanager
     def locked(self):
@@ -162,7 +179,10 @@ class RunState:
             fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             fh.close()
-            raise RunLockedError(f"run {self.run_id} is being driven by another process") from None
+            raise RunLockedError(
+                f"run {self.run_id} is being driven by another process (lock {self.paths.lock} is held); "
+                f"wait for it to finish or stop it, then `creditflow resume {self.run_id}`"
+            ) from None
         try:
             yield
         finally:

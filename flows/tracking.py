@@ -5,21 +5,60 @@ Embedded default: a SQLite store at ``$CREDITFLOW_HOME/mlflow.db`` with artifact
 current directory). Each iteration's metrics go out in ONE ``log_batch`` call together with the
 sentinel metric ``progress.iteration``; a resumed run first reads which steps the sentinel already
 has and skips them, so no metric step is ever logged twice.
+
+Faults of the tracking store (survey §8 pipelines run for days; a tracking server restarts):
+
+* At start, :func:`check_tracking_server` makes ONE request (short timeout) to an ``http(s)``
+  tracking URI and raises :class:`TrackingServerUnreachable` (a :class:`~flows.config.ConfigError`:
+  exit code 2 from the CLI) naming the URI, before any compute. Local stores are not checked.
+* During a run, every metric batch, tag batch and artifact of a run with a buffer
+  (``runs/<id>/tracking_buffer.jsonl``) is first appended to that journal (fsync'ed), then sent.
+  While the store is unreachable, training goes on and entries accumulate; each later call
+  tries to replay the journal in order, and a successful replay empties it. Replays are
+  idempotent: a metric step the sentinel already has is skipped (a batch that reached the
+  server although its response was lost), tags overwrite, artifacts overwrite.
+* If the store stays unreachable for ``tracking.retry_seconds`` (counted from the first failed
+  attempt), :class:`TrackingUnavailableError` names the URI, the journal and the buffered steps;
+  the run fails and ``creditflow resume RUN_ID`` replays the journal once the store is back.
+  Finishing a run waits (with backoff) up to that long for the journal to drain: a run is never
+  marked FINISHED while some of its data exists only locally.
+* Transient errors (connection refused/reset, timeouts, 5xx, SQLite ``database is locked``
+  from concurrent writers) are retried with backoff; anything else (a rejected value) raises
+  at once. On SQLite, creating the schema and the experiment is serialised with a file lock,
+  so two runs starting at once in one home do not race on an empty database.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+import math
 import os
+import shutil
+import sys
 import tempfile
+import time
+import uuid
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
-from flows.secrets import mask_config, mask_text
+from flows.config import ConfigError
 
 SENTINEL = "progress.iteration"
 #: MLflow allows 100 params / 1000 metrics / 100 tags per log_batch
 _PARAM_CHUNK = 100
+#: default of ``tracking.retry_seconds``
+DEFAULT_RETRY_SECONDS = 300.0
+_BACKOFF_START, _BACKOFF_MAX = 0.5, 5.0
+
+
+class TrackingServerUnreachable(ConfigError):
+    """The configured tracking server does not answer at start (reported before any compute)."""
+
+
+class TrackingUnavailableError(RuntimeError):
+    """The tracking store stayed unreachable longer than ``tracking.retry_seconds``."""
 
 
 def default_tracking_uri(home: Path) -> str:
@@ -27,100 +66,371 @@ def default_tracking_uri(home: Path) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{home / 'mlflow.db'}"
 
 
-class Tracker:
-    """Thin wrapper over ``MlflowClient`` (no global active-run state)."""
+def check_tracking_server(uri: str, timeout: float = 5.0) -> None:
+    """One request to an ``http(s)`` tracking server; :class:`TrackingServerUnreachable` if nothing
+    answers. Any HTTP answer (even 401/404 from a proxy) counts as reachable; local stores
+    (sqlite, file, paths) are not checked."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    import urllib.error
+    import urllib.request
 
-    def __init__(self, uri: str, experiment: str, home: Path):
+    url = uri.rstrip("/") + "/health"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout):
+            return
+    except urllib.error.HTTPError:
+        return
+    except Exception as exc:  # URLError (refused, DNS), socket timeout, reset
+        reason = getattr(exc, "reason", exc)
+        raise TrackingServerUnreachable(
+            f"MLflow tracking server {uri} is not reachable ({reason}); start it (see infra/README.md) or "
+            "point MLFLOW_TRACKING_URI / tracking.mlflow_uri at a running one (unset both for the local "
+            "SQLite store)"
+        ) from None
+
+
+def _transient(exc: BaseException) -> bool:
+    """Worth retrying: the store was unreachable or busy, not a rejection of what we sent."""
+    if isinstance(exc, (ConnectionError, TimeoutError)):
+        return True
+    try:
+        import requests
+
+        if isinstance(exc, (requests.exceptions.ConnectionError, requests.exceptions.Timeout)):
+            return True
+    except ImportError:  # pragma: no cover
+        pass
+    text = f"{type(exc).__name__}: {exc}"
+    if "database is locked" in text or "database table is locked" in text:
+        return True
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(exc, MlflowException):
+        code = getattr(exc, "error_code", "")
+        if code in ("TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED", "DEADLINE_EXCEEDED", "ABORTED"):
+            return True
+        # the REST client reports connection failures and 5xx answers as INTERNAL_ERROR
+        return code == "INTERNAL_ERROR" and any(s in text for s in (
+            "API request to", "Max retries exceeded", "Connection refused", "Connection aborted",
+            "RemoteDisconnected", "timed out", "503", "502", "504", "500"))
+    return False
+
+
+def _sqlite_path(uri: str) -> Optional[Path]:
+    return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+
+
+@contextlib.contextmanager
+def _store_init_lock(uri: str):
+    """Serialise schema + experiment creation on a SQLite store across processes."""
+    db = _sqlite_path(uri)
+    if db is None:
+        yield
+        return
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".init-lock"), "a+") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+class Tracker:
+    """Thin wrapper over ``MlflowClient`` (no global active-run state).
+
+    With ``buffer`` (a path), metrics, tags and artifacts go through the durable journal
+    described in the module docstring; without it (read-only uses: checklist, audit) every call
+    is simply retried on transient errors for up to ``retry_seconds``."""
+
+    def __init__(self, uri: str, experiment: str, home: Path, buffer: Optional[Path] = None,
+                 retry_seconds: float = DEFAULT_RETRY_SECONDS):
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+        if uri.startswith(("http://", "https://")):
+            # our own retry loop (below) decides how long to wait; MLflow's default (7 retries with
+            # exponential backoff, 120 s timeout) would block one call for minutes
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
         from mlflow.tracking import MlflowClient
 
         self.uri = uri
         self.home = home
-        self.client = MlflowClient(tracking_uri=uri)
-        exp = self.client.get_experiment_by_name(experiment)
-        if exp is None:
-            location = None
-            if uri.startswith(("sqlite:", "file:")) or "://" not in uri:
-                # a local store needs an explicit artifact location, else artifacts land in the cwd;
-                # a tracking server decides its own (``--default-artifact-root`` / ``--serve-artifacts``)
-                artifacts = (home / "mlartifacts").resolve()
-                artifacts.mkdir(parents=True, exist_ok=True)
-                location = artifacts.as_uri()
-            self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)
-        else:
-            self.experiment_id = exp.experiment_id
+        self.retry_seconds = float(retry_seconds)
         self.run_id: Optional[str] = None
         self._logged: set[int] = set()
+        self.buffer = Path(buffer) if buffer is not None else None
+        self._pending: list[dict[str, Any]] = []
+        self._down_since: Optional[float] = None
+        self._gave_up = False
+        if self.buffer is not None and self.buffer.is_file():
+            self._pending = [json.loads(line) for line in self.buffer.read_text().splitlines() if line.strip()]
+        with _store_init_lock(uri):  # MlflowClient creates the SQLite schema on an empty database
+            self.client = MlflowClient(tracking_uri=uri)
+            self.experiment_id = self._retry("look up the experiment", self._experiment, experiment)
+
+    def _experiment(self, name: str) -> str:
+        from mlflow.exceptions import MlflowException
+
+        exp = self.client.get_experiment_by_name(name)
+        if exp is not None:
+            return exp.experiment_id
+        location = None
+        if self.uri.startswith(("sqlite:", "file:")) or "://" not in self.uri:
+            # a local store needs an explicit artifact location, else artifacts land in the cwd;
+            # a tracking server decides its own (``--default-artifact-root`` / ``--serve-artifacts``)
+            artifacts = (self.home / "mlartifacts").resolve()
+            artifacts.mkdir(parents=True, exist_ok=True)
+            location = artifacts.as_uri()
+        try:
+            return self.client.create_experiment(name, artifact_location=location)
+        except MlflowException as exc:  # another process created it in between (tracking server)
+            if getattr(exc, "error_code", "") != "RESOURCE_ALREADY_EXISTS":
+                raise
+            return self.client.get_experiment_by_name(name).experiment_id
+
+    # ------------------------------------------------------------------ retries
+    def _retry(self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """``fn(*args)``, retried with backoff on transient errors for up to ``retry_seconds``."""
+        deadline = time.monotonic() + self.retry_seconds
+        delay = _BACKOFF_START
+        while True:
+            try:
+                return fn(*args, **kwargs)
+            except Exception as exc:
+                if not _transient(exc):
+                    raise
+                if time.monotonic() + delay > deadline:
+                    raise TrackingUnavailableError(
+                        f"MLflow tracking store {self.uri} unreachable for {self.retry_seconds:g}s "
+                        f"(tracking.retry_seconds) while trying to {what}: {type(exc).__name__}: "
+                        f"{str(exc)[:300]}"
+                    ) from exc
+                time.sleep(delay)
+                delay = min(delay * 2, _BACKOFF_MAX)
+
+    # ------------------------------------------------------------------ the durable journal
+    def _enqueue(self, entry: dict[str, Any]) -> None:
+        entry["id"] = uuid.uuid4().hex[:12]
+        if self.buffer is not None:
+            self.buffer.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.buffer, "a") as fh:
+                fh.write(json.dumps(entry) + "\n")
+                fh.flush()
+                os.fsync(fh.fileno())
+        self._pending.append(entry)
+
+    def _rewrite_buffer(self) -> None:
+        if self.buffer is None:
+            return
+        if not self._pending:
+            self.buffer.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                shutil.rmtree(self._blob_dir())
+            return
+        tmp = self.buffer.with_name(f".{self.buffer.name}.tmp-{os.getpid()}")
+        with open(tmp, "w") as fh:
+            fh.write("".join(json.dumps(e) + "\n" for e in self._pending))
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, self.buffer)
+
+    def _blob_dir(self) -> Path:
+        assert self.buffer is not None
+        return self.buffer.with_name(self.buffer.stem + "_files")
+
+    def _send(self, entry: dict[str, Any], server_steps: Optional[set[int]]) -> None:
+        from mlflow.entities import Metric, RunTag
+
+        kind = entry["kind"]
+        if kind == "metrics":
+            if server_steps is not None and entry["step"] in server_steps:
+                return  # reached the store before the connection broke (the sentinel says so)
+            items = [Metric(k, float(v), int(ts), int(entry["step"])) for k, v, ts in entry["metrics"]]
+            for i in range(0, len(items), 1000):
+                # the sentinel is the last metric of the last chunk: it is written only when all others are
+                self.client.log_batch(self.run_id, metrics=items[i : i + 1000])
+        elif kind == "tags":
+            items = [RunTag(k, v) for k, v in entry["tags"].items()]
+            for i in range(0, len(items), 100):
+                self.client.log_batch(self.run_id, tags=items[i : i + 100])
+        elif kind == "artifact":
+            src = Path(entry["file"])
+            if not src.is_file():
+                raise TrackingUnavailableError(f"buffered artifact {src} is missing; cannot log {entry['artifact_file']}")
+            parent = str(Path(entry["artifact_file"]).parent)
+            with tempfile.TemporaryDirectory() as tmp:
+                # log under its own name (the buffered copy has a unique one)
+                out = Path(tmp) / Path(entry["artifact_file"]).name
+                shutil.copyfile(src, out)
+                self.client.log_artifact(self.run_id, str(out), None if parent == "." else parent)
+        else:  # pragma: no cover - written by this class only
+            raise ValueError(f"unknown tracking buffer entry kind {kind!r}")
+
+    def pending_summary(self) -> str:
+        steps = sorted({e["step"] for e in self._pending if e["kind"] == "metrics"})
+        kinds = {k: sum(e["kind"] == k for e in self._pending) for k in ("metrics", "tags", "artifact")}
+        return (f"{len(self._pending)} entries (metric steps {steps}, {kinds['tags']} tag batches, "
+                f"{kinds['artifact']} artifacts)" + (f" kept in {self.buffer}" if self.buffer else ""))
+
+    def flush(self, wait: bool = False) -> bool:
+        """Replay the journal in order. Returns True when it is empty.
+
+        ``wait=False``: one attempt (training goes on while the store is down), but raise
+        :class:`TrackingUnavailableError` once it has been down for ``retry_seconds``.
+        ``wait=True``: retry with backoff until empty or that deadline."""
+        delay = _BACKOFF_START
+        server_steps: Optional[set[int]] = None
+        while self._pending:
+            try:
+                if server_steps is None and (self._down_since is not None or self._replaying):
+                    server_steps = self._server_steps()
+                while self._pending:
+                    self._send(self._pending[0], server_steps)
+                    self._pending.pop(0)
+                    self._rewrite_buffer()
+                if self._down_since is not None:
+                    print(f"creditflow: MLflow tracking store {self.uri} is back; buffered entries replayed",
+                          file=sys.stderr)
+                self._down_since = None
+                self._replaying = False
+                return True
+            except Exception as exc:
+                if not _transient(exc):
+                    raise
+                now = time.monotonic()
+                if self._down_since is None:
+                    self._down_since = now
+                    print(f"creditflow: MLflow tracking store {self.uri} unreachable ({type(exc).__name__}); "
+                          f"buffering in {self.buffer} and retrying for up to {self.retry_seconds:g}s",
+                          file=sys.stderr)
+                if self._gave_up:
+                    return False
+                if now - self._down_since >= self.retry_seconds or (wait and now + delay - self._down_since
+                                                                     > self.retry_seconds):
+                    self._gave_up = True
+                    raise TrackingUnavailableError(
+                        f"MLflow tracking store {self.uri} unreachable for more than {self.retry_seconds:g}s "
+                        f"(tracking.retry_seconds); {self.pending_summary()}; they are replayed by "
+                        f"`creditflow resume` once the store is back (last error: {type(exc).__name__}: "
+                        f"{str(exc)[:200]})"
+                    ) from exc
+                if not wait:
+                    return False
+                time.sleep(delay)
+                delay = min(delay * 2, _BACKOFF_MAX)
+                server_steps = None
+        return True
+
+    _replaying = False
+
+    def _server_steps(self) -> set[int]:
+        return {int(m.step) for m in self.client.get_metric_history(self.run_id, SENTINEL)}
 
     # ------------------------------------------------------------------ run lifecycle
     def start(self, run_name: str, tags: dict[str, str]) -> str:
-        run = self.client.create_run(self.experiment_id, run_name=mask_text(run_name), tags=mask_config(tags))
+        run = self._retry("create the MLflow run", self.client.create_run, self.experiment_id, run_name=run_name,
+                          tags=tags)
         self.run_id = run.info.run_id
         return self.run_id
 
     def attach(self, run_id: str) -> None:
-        """Re-open an existing MLflow run (resume) and learn which steps are already logged."""
-        run = self.client.get_run(run_id)
+        """Re-open an existing MLflow run (resume), learn which steps are already logged, and
+        replay what a previous attempt left in the journal."""
+        run = self._retry("read the MLflow run", self.client.get_run, run_id)
         self.run_id = run.info.run_id
         if run.info.status != "RUNNING":
-            self.client.update_run(self.run_id, status="RUNNING")
-        self._logged = {int(m.step) for m in self.client.get_metric_history(self.run_id, SENTINEL)}
+            self._retry("reopen the MLflow run", self.client.update_run, self.run_id, status="RUNNING")
+        self._logged = self._retry("read logged steps", self._server_steps)
+        self._logged |= {int(e["step"]) for e in self._pending if e["kind"] == "metrics"}
+        if self._pending:
+            self._replaying = True
+            self.flush(wait=True)
 
     def finish(self, status: str = "FINISHED") -> None:
-        if self.run_id:
+        """Terminate the MLflow run. FINISHED first drains the journal (waiting up to
+        ``retry_seconds``); FAILED makes one attempt and leaves the journal for the resume."""
+        if not self.run_id:
+            return
+        if status == "FINISHED":
+            self.flush(wait=True)
+            self._retry("terminate the MLflow run", self.client.set_terminated, self.run_id, status=status)
+            return
+        try:
+            self.flush(wait=False)
             self.client.set_terminated(self.run_id, status=status)
+        except Exception as exc:
+            print(f"creditflow: could not mark MLflow run {self.run_id} {status} at {self.uri} "
+                  f"({type(exc).__name__}); " + (self.pending_summary() if self._pending else "nothing buffered"),
+                  file=sys.stderr)
 
     # ------------------------------------------------------------------ logging
     def log_params(self, params: dict[str, str]) -> None:
         from mlflow.entities import Param
 
-        params = mask_config(params)  # secret keys and secret values never reach MLflow
-        existing = self.client.get_run(self.run_id).data.params
+        existing = self._retry("read params", self.client.get_run, self.run_id).data.params
         items = [Param(k, v[:6000]) for k, v in params.items() if k not in existing]
         for i in range(0, len(items), _PARAM_CHUNK):
-            self.client.log_batch(self.run_id, params=items[i : i + _PARAM_CHUNK])
+            self._retry("log params", self.client.log_batch, self.run_id, params=items[i : i + _PARAM_CHUNK])
 
     def set_tags(self, tags: dict[str, Any]) -> None:
-        from mlflow.entities import RunTag
+        items = {k: str(v)[:8000] for k, v in tags.items()}
+        if self.buffer is None:
+            from mlflow.entities import RunTag
 
-        items = [RunTag(k, str(v)[:8000]) for k, v in mask_config({k: str(v) for k, v in tags.items()}).items()]
-        for i in range(0, len(items), 100):
-            self.client.log_batch(self.run_id, tags=items[i : i + 100])
+            tag_list = [RunTag(k, v) for k, v in items.items()]
+            for i in range(0, len(tag_list), 100):
+                self._retry("set tags", self.client.log_batch, self.run_id, tags=tag_list[i : i + 100])
+            return
+        self._enqueue({"kind": "tags", "tags": items})
+        self.flush()
 
     def has_step(self, step: int) -> bool:
         return step in self._logged
 
     def log_step(self, step: int, metrics: dict[str, float]) -> bool:
-        """Log all ``metrics`` at ``step`` in one batch, unless that step is already logged."""
-        import math
-        import time
-
-        from mlflow.entities import Metric
-
+        """Log all ``metrics`` at ``step`` in one batch, unless that step is already logged (or
+        buffered). Returns whether this call logged it."""
         if step in self._logged:
             return False
         ts = int(time.time() * 1000)
-        items = [Metric(k, float(v), ts, step) for k, v in sorted(metrics.items())
-                 if v is not None and math.isfinite(float(v))]
-        items.append(Metric(SENTINEL, float(step), ts, step))
-        for i in range(0, len(items), 1000):
-            # the sentinel is the last metric of the last chunk: it is written only when all others are
-            self.client.log_batch(self.run_id, metrics=items[i : i + 1000])
+        items = [[k, float(v), ts] for k, v in sorted(metrics.items()) if v is not None and math.isfinite(float(v))]
+        items.append([SENTINEL, float(step), ts])
+        entry = {"kind": "metrics", "step": int(step), "metrics": items}
+        if self.buffer is None:
+            self._retry(f"log metrics of step {step}", self._send, entry, None)
+        else:
+            self._enqueue(entry)
+            self._logged.add(step)
+            self.flush()
         self._logged.add(step)
         return True
 
+    def _log_artifact_file(self, make: Callable[[Path], None], artifact_file: str) -> None:
+        if self.buffer is None:
+            with tempfile.TemporaryDirectory() as tmp:
+                out = Path(tmp) / Path(artifact_file).name
+                make(out)
+                self._retry(f"log artifact {artifact_file}", self._send,
+                            {"kind": "artifact", "file": str(out), "artifact_file": artifact_file}, None)
+            return
+        blobs = self._blob_dir()
+        blobs.mkdir(parents=True, exist_ok=True)
+        out = blobs / f"{uuid.uuid4().hex[:12]}-{Path(artifact_file).name}"
+        make(out)
+        with open(out, "rb") as fh:
+            os.fsync(fh.fileno())
+        self._enqueue({"kind": "artifact", "file": str(out), "artifact_file": artifact_file})
+        self.flush()
+
     def log_text(self, text: str, artifact_file: str) -> None:
-        self.client.log_text(self.run_id, mask_text(text), artifact_file)
+        self._log_artifact_file(lambda p: p.write_text(text), artifact_file)
 
     def log_json(self, data: Any, artifact_file: str) -> None:
         self.log_text(json.dumps(data, indent=1, default=str), artifact_file)
 
     def log_file(self, path: Path, artifact_path: Optional[str] = None) -> None:
-        self.client.log_artifact(self.run_id, str(path), artifact_path)
+        self._retry(f"log artifact {path}", self.client.log_artifact, self.run_id, str(path), artifact_path)
 
     def log_figure(self, fig: Any, artifact_file: str) -> None:
-        with tempfile.TemporaryDirectory() as tmp:
-            out = Path(tmp) / Path(artifact_file).name
-            fig.savefig(out, dpi=100)
-            parent = str(Path(artifact_file).parent)
-            self.client.log_artifact(self.run_id, str(out), None if parent == "." else parent)
+        self._log_artifact_file(lambda p: fig.savefig(p, dpi=100), artifact_file)

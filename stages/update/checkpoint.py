@@ -9,6 +9,7 @@ renamed into place and the parent fsync'ed, so a reader sees either the whole ch
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -24,7 +25,14 @@ MANIFEST = "manifest.json"
 
 
 class CheckpointError(RuntimeError):
-    pass
+    """A checkpoint that is missing, incomplete or fails its sha256 manifest; ``path`` names it."""
+
+    def __init__(self, message: str, path: Optional[Path] = None):
+        super().__init__(message)
+        self.path = Path(path) if path is not None else None
+
+    def __reduce__(self):  # keep ``path`` when Prefect pickles the exception
+        return (type(self), (str(self), self.path))
 
 
 def _fsync_file(path: Path) -> None:
@@ -79,8 +87,15 @@ def save_checkpoint(
         manifest: dict[str, Any] = {"name": name, "meta": meta or {}, "files": {}}
         for fname, writer in files.items():
             path = tmp / fname
-            writer(path)
-            _fsync_file(path)
+            try:
+                writer(path)
+                _fsync_file(path)
+            except Exception as exc:
+                # safetensors reports I/O errors as SafetensorError; say what failed, keep the errno
+                err = getattr(exc, "errno", None) or (errno.ENOSPC if "os error 28" in str(exc) else None)
+                if err is None:
+                    raise
+                raise OSError(err, f"{os.strerror(err)}: cannot write checkpoint {final} ({fname}): {exc}") from exc
             manifest["files"][fname] = {"sha256": _sha256(path), "bytes": path.stat().st_size}
         with open(tmp / MANIFEST, "w") as fh:
             json.dump(manifest, fh, indent=1)
@@ -101,20 +116,30 @@ def save_checkpoint(
 
 
 def verify_checkpoint(path: Path) -> dict[str, Any]:
-    """Return the manifest; raise :class:`CheckpointError` if anything is missing or corrupt."""
+    """Return the manifest; raise :class:`CheckpointError` (naming the file, and for a content
+    mismatch the expected and actual sha256 / size) if anything is missing or corrupt."""
     mf = path / MANIFEST
     if not mf.is_file():
-        raise CheckpointError(f"checkpoint {path} is incomplete: no {MANIFEST}")
+        raise CheckpointError(f"checkpoint {path} is incomplete: no {MANIFEST}", path)
     try:
         manifest = json.loads(mf.read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"checkpoint {path}: corrupt {MANIFEST}: {exc}") from None
-    for fname, info in manifest["files"].items():
+        files = manifest["files"]
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"checkpoint {path}: corrupt {mf}: {exc}", path) from None
+    for fname, info in files.items():
         fpath = path / fname
         if not fpath.is_file():
-            raise CheckpointError(f"checkpoint {path}: missing {fname}")
-        if fpath.stat().st_size != info["bytes"] or _sha256(fpath) != info["sha256"]:
-            raise CheckpointError(f"checkpoint {path}: {fname} is truncated or corrupt (sha256 mismatch)")
+            raise CheckpointError(f"checkpoint {path}: missing {fpath}", path)
+        size = fpath.stat().st_size
+        if size != info["bytes"]:
+            raise CheckpointError(
+                f"checkpoint {path}: {fpath} is truncated or corrupt: {size} bytes, the manifest says "
+                f"{info['bytes']} (sha256 mismatch: expected {info['sha256']})", path)
+        actual = _sha256(fpath)
+        if actual != info["sha256"]:
+            raise CheckpointError(
+                f"checkpoint {path}: {fpath} is truncated or corrupt: sha256 mismatch (expected {info['sha256']}, "
+                f"got {actual})", path)
     return manifest
 
 
@@ -131,7 +156,7 @@ def load_checkpoint(
         policy.tie_weights()
     if critic is not None:
         if "critic.safetensors" not in manifest["files"]:
-            raise CheckpointError(f"checkpoint {path} has no critic weights but the credit method needs a critic")
+            raise CheckpointError(f"checkpoint {path} has no critic weights but the credit method needs a critic", path)
         critic.load_state_dict(load_file(str(path / "critic.safetensors"), device=str(device)), strict=True)
     optim_state = None
     if "optim.pt" in manifest["files"]:
