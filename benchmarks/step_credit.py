@@ -50,6 +50,33 @@ from stages.schema import turn_credit  # noqa: E402
 #: the papers' defaults, cut to keep one benchmark run within minutes on 2 CPU cores
 CHEAP = {"vineppo": ["credit.k=4"], "spo": ["credit.k=4"], "scar": ["credit.num_permutations=16"]}
 
+#: methods that consume process rewards run twice: with Monte Carlo step values from the policy
+#: (Math-Shepherd; a fair comparison) and with the math family's step checks — the same verifier
+#: that defines the ground truth, so that row is an oracle upper bound, not a result
+PROCESS_SOURCES = {"mc": ["credit.process_reward=mc", "credit.mc_k=4"], "step_check": ["credit.process_reward=step_check"]}
+
+
+def variants(name: str) -> list[tuple[str, list[str]]]:
+    """(label, overrides) rows of the table for one registry method."""
+    from stages.credit.base import get_method_class
+
+    base = [f"credit={name}", *CHEAP.get(name, [])]
+    if "process_rewards" in get_method_class(name).needs:
+        return [(f"{name} [{src}{' = oracle' if src == 'step_check' else ''}]", base + extra)
+                for src, extra in PROCESS_SOURCES.items()]
+    return [(name, base)]
+
+
+READING = """How to read it (tiny embedded policy): almost every step it writes is wrong, so
+the sign agreement of an episode-level method is the share of right steps, and within-episode
+accuracy is where step-level methods can differ from GRPO (exactly 0.5 for it: one credit per
+episode). Rows marked `= oracle` read the same step checks that define the
+ground truth and bound what a perfect process reward would give; the `[mc]` rows use Monte Carlo
+step values from the policy itself, which are ~0 everywhere for a policy that almost never
+succeeds. PURE's min-form return is 0 for every step of a failed episode whatever the source (its
+defining property), hence identical rows. Judge-based methods (capo, int) use the policy itself as
+the judge here; point `credit.judge` at a real model for meaningful verdicts."""
+
 
 def within_episode_accuracy(credit: torch.Tensor, gt: torch.Tensor) -> tuple[float, int]:
     """Pairwise (right step, wrong step) accuracy inside each episode; (accuracy, pairs)."""
@@ -61,7 +88,8 @@ def within_episode_accuracy(credit: torch.Tensor, gt: torch.Tensor) -> tuple[flo
     n = int(pairs.sum())
     if n == 0:
         return float("nan"), 0
-    score = (diff > 0).double() + 0.5 * (diff == 0).double()
+    tie = diff.abs() <= 1e-6 * (1.0 + c.abs().max())  # equal credit up to float rounding of the turn means
+    score = ((diff > 0) & ~tie).double() + 0.5 * tie.double()
     return float((score * pairs).sum() / n), n
 
 
@@ -69,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tasks", type=int, default=8, help="task instances per batch")
     ap.add_argument("--group", type=int, default=4, help="samples per instance")
-    ap.add_argument("--batches", type=int, default=2, help="batches (iterations of rollouts) averaged")
+    ap.add_argument("--batches", type=int, default=4, help="batches (iterations of rollouts) averaged")
     ap.add_argument("--methods", default="", help="comma-separated registry names (default: all reasoning + grpo)")
     ap.add_argument("--model-path", default=None, help="local HF model directory (default: the tiny policy)")
     ap.add_argument("--home", default=None, help="CREDITFLOW_HOME (default: a temporary directory)")
@@ -94,8 +122,8 @@ def main(argv: list[str] | None = None) -> int:
             rew = train.reward_stage.fn(state.run_id, f"it{it}-reward", state.chash, it, roll).value
             batches.append((env, rew))
         episodes = sum(len(b) for _, b in batches)
-        for name in methods:
-            cfg = load_config(base + [f"credit={name}", *CHEAP.get(name, [])])
+        for name, overrides in [v for m in methods for v in variants(m)]:
+            cfg = load_config(base + overrides)
             from omegaconf import OmegaConf
 
             state.method = build_method(OmegaConf.to_object(cfg.credit))
@@ -144,7 +172,11 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
+        doc = __doc__.split("Usage::")[0].strip()
+        Path(args.out).write_text(
+            f"# {doc.splitlines()[0]}\n\n" + "\n".join(doc.splitlines()[1:]).strip() + "\n\n"
+            f"Produced by `python benchmarks/step_credit.py {' '.join(argv if argv is not None else sys.argv[1:])}`.\n\n"
+            + text + "\n\n" + READING + "\n")
     return 0
 
 
