@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from flows.config import ConfigError
+from flows.secrets import mask_config, mask_text
 
 SENTINEL = "progress.iteration"
 #: MLflow allows 100 params / 1000 metrics / 100 tags per log_batch
@@ -329,8 +330,8 @@ class Tracker:
 
     # ------------------------------------------------------------------ run lifecycle
     def start(self, run_name: str, tags: dict[str, str]) -> str:
-        run = self._retry("create the MLflow run", self.client.create_run, self.experiment_id, run_name=run_name,
-                          tags=tags)
+        run = self._retry("create the MLflow run", self.client.create_run, self.experiment_id,
+                          run_name=mask_text(run_name), tags=mask_config(tags))
         self.run_id = run.info.run_id
         return self.run_id
 
@@ -368,13 +369,14 @@ class Tracker:
     def log_params(self, params: dict[str, str]) -> None:
         from mlflow.entities import Param
 
+        params = mask_config(params)  # secret keys and secret values never reach MLflow
         existing = self._retry("read params", self.client.get_run, self.run_id).data.params
         items = [Param(k, v[:6000]) for k, v in params.items() if k not in existing]
         for i in range(0, len(items), _PARAM_CHUNK):
             self._retry("log params", self.client.log_batch, self.run_id, params=items[i : i + _PARAM_CHUNK])
 
     def set_tags(self, tags: dict[str, Any]) -> None:
-        items = {k: str(v)[:8000] for k, v in tags.items()}
+        items = {k: str(v)[:8000] for k, v in mask_config({k: str(v) for k, v in tags.items()}).items()}
         if self.buffer is None:
             from mlflow.entities import RunTag
 
@@ -424,7 +426,8 @@ class Tracker:
         self.flush()
 
     def log_text(self, text: str, artifact_file: str) -> None:
-        self._log_artifact_file(lambda p: p.write_text(text), artifact_file)
+        masked = mask_text(text)
+        self._log_artifact_file(lambda p: p.write_text(masked), artifact_file)
 
     def log_json(self, data: Any, artifact_file: str) -> None:
         self.log_text(json.dumps(data, indent=1, default=str), artifact_file)

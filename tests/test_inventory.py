@@ -212,7 +212,8 @@ def test_render_table(rows):
 def test_registry_consistency():
     from stages.credit.base import method_names
 
-    assert check_against_registry(load_inventory(), method_names()) == []
+    # methods that tests register for themselves are named "test-..."; they are not the product's
+    assert check_against_registry(load_inventory(), [m for m in method_names() if not m.startswith("test-")]) == []
 
 
 def test_check_against_registry_reports_problems(rows):
