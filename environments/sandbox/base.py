@@ -11,6 +11,7 @@ recorded reason and the run goes on.
 from __future__ import annotations
 
 import abc
+import os
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence, Union
 
@@ -66,6 +67,25 @@ class Sandbox(abc.ABC):
         stdin: Optional[bytes] = None,
     ) -> ExecResult:
         """Run ``cmd`` inside the sandbox with a hard timeout; kill its whole process tree on expiry."""
+
+    def exec_args(self, cmd: Union[str, Sequence[str]], timeout_s: Optional[float],
+                  stdin: Optional[bytes]) -> tuple[list[str], float, Optional[bytes]]:
+        """Validate and normalise ``exec``'s arguments (shared by the backends): a string runs under
+        ``/bin/sh -c``; the timeout defaults to ``cfg.exec_timeout_s`` and must be positive."""
+        timeout = self.cfg.exec_timeout_s if timeout_s is None else float(timeout_s)
+        if not timeout > 0:
+            raise ValueError(f"exec timeout must be > 0 seconds, got {timeout_s!r}")
+        if isinstance(cmd, str):
+            argv = ["/bin/sh", "-c", cmd]
+        else:
+            argv = [os.fspath(c) for c in cmd]
+            if not argv:
+                raise ValueError("exec needs a non-empty command")
+        if isinstance(stdin, str):
+            stdin = stdin.encode()
+        if stdin is not None and not isinstance(stdin, (bytes, bytearray, memoryview)):
+            raise TypeError(f"stdin must be bytes or None, got {type(stdin).__name__}")
+        return argv, timeout, stdin
 
     @abc.abstractmethod
     def write_file(self, path: str, data: bytes) -> None:

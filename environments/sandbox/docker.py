@@ -549,19 +549,7 @@ class DockerSandbox(Sandbox):
         stdin: Optional[bytes] = None,
     ) -> ExecResult:
         self._check_open()
-        timeout = self.cfg.exec_timeout_s if timeout_s is None else float(timeout_s)
-        if not timeout > 0:
-            raise ValueError(f"exec timeout must be > 0 seconds, got {timeout_s!r}")
-        if isinstance(cmd, str):
-            argv = ["/bin/sh", "-c", cmd]
-        else:
-            argv = [os.fspath(c) for c in cmd]
-            if not argv:
-                raise ValueError("exec needs a non-empty command")
-        if isinstance(stdin, str):
-            stdin = stdin.encode()
-        if stdin is not None and not isinstance(stdin, (bytes, bytearray, memoryview)):
-            raise TypeError(f"stdin must be bytes or None, got {type(stdin).__name__}")
+        argv, timeout, stdin = self.exec_args(cmd, timeout_s, stdin)
         cap = max(int(self.cfg.max_output_bytes), 0)
         with self._lock:
             self._check_open()

@@ -442,10 +442,8 @@ def collect_examples(env: str, episodes: int, seed: int, home: Optional[Path] = 
     family's procedural check; with ``with_reference`` add :func:`reference_examples` of the
     same instances. Returns ``(examples, tokenizer of the policy)``."""
     from environments.base import get_family_class
-    from stages.rollout.agent_loop import run_episodes
-    from stages.rollout.config import ModelConfig, RolloutConfig
-    from stages.rollout.hf_engine import HFEngine
-    from stages.rollout.policy import get_policy
+    from stages.rollout.config import ModelConfig
+    from stages.rollout.policy import get_policy, play_instances
 
     fam_cls = get_family_class(env)
     family = fam_cls(fam_cls.Config())
@@ -454,22 +452,8 @@ def collect_examples(env: str, episodes: int, seed: int, home: Optional[Path] = 
     home = Path(home) if home is not None else Path(os.environ.get("CREDITFLOW_HOME", "./.creditflow")).expanduser()
     model, tokenizer, _ = get_policy(ModelConfig(path=model_path), family, home, seed)
     instances = family.instances(split, episodes, seed)
-    envs = [family.make(inst, episode_seed=seed + i) for i, inst in enumerate(instances)]
-    try:
-        trajs = run_episodes(
-            HFEngine(model),
-            tokenizer,
-            envs,
-            group_ids=list(range(len(envs))),
-            task_ids=[inst.task_id for inst in instances],
-            uids=[f"prm-{split}-{i}" for i in range(len(envs))],
-            env_name=family.name,
-            cfg=RolloutConfig(),
-            seed=seed,
-        )
-    finally:
-        for e in envs:
-            e.close()
+    trajs = play_instances(model, tokenizer, family, instances, seed, uid_prefix=f"prm-{split}",
+                           episode_seeds=[seed + i for i in range(len(instances))])
     examples = examples_from_trajectories(trajs)
     if with_reference:
         examples += reference_examples(family, instances, seed)

@@ -294,29 +294,37 @@ def _tokenize_episodes(tokenizer: Any, corpus: list[tuple[str, list[tuple[str, s
     return ids, mask
 
 
-def measure_policy(model, tokenizer, family: TaskFamily, seed: int, n: int = WARMUP_EVAL_EPISODES) -> dict[str, Any]:
-    """Sample ``n`` episodes (temperature 1) and report the valid-action rate, the frequency of
-    each parsed action and the success rate."""
+def play_instances(model, tokenizer, family: TaskFamily, instances: list, seed: int, uid_prefix: str,
+                   episode_seeds: Optional[list[int]] = None, cfg: Optional[RolloutConfig] = None) -> list:
+    """One episode per instance with ``model`` (transformers engine, no sandbox), environments
+    closed afterwards: the trajectories (for diagnostics and offline data such as PRM labels)."""
     from stages.rollout.agent_loop import run_episodes
     from stages.rollout.hf_engine import HFEngine
 
-    instances = family.instances("train", n, seed)
-    envs = [family.make(inst) for inst in instances]
+    seeds = episode_seeds if episode_seeds is not None else [0] * len(instances)
+    envs = [family.make(inst, episode_seed=s) for inst, s in zip(instances, seeds)]
     try:
-        trajs = run_episodes(
+        return run_episodes(
             HFEngine(model),
             tokenizer,
             envs,
             group_ids=list(range(len(envs))),
             task_ids=[inst.task_id for inst in instances],
-            uids=[f"measure-{i}" for i in range(len(envs))],
+            uids=[f"{uid_prefix}-{i}" for i in range(len(envs))],
             env_name=family.name,
-            cfg=RolloutConfig(),
+            cfg=cfg or RolloutConfig(),
             seed=seed,
         )
     finally:
         for env in envs:
             env.close()
+
+
+def measure_policy(model, tokenizer, family: TaskFamily, seed: int, n: int = WARMUP_EVAL_EPISODES) -> dict[str, Any]:
+    """Sample ``n`` episodes (temperature 1) and report the valid-action rate, the frequency of
+    each parsed action and the success rate."""
+    instances = family.instances("train", n, seed)
+    trajs = play_instances(model, tokenizer, family, instances, seed, uid_prefix="measure")
     turns = [t for tr in trajs for t in tr.turns]
     valid = [t.action for t in turns if t.action is not None]
     freq: dict[str, float] = {}
