@@ -162,4 +162,5 @@ def test_sandbox_faults_end_episodes_and_the_run_goes_on_in_docker(prefect_harne
     assert m["rollout.sandbox_seconds"] > 0 and m["rollout.env_start_seconds"] > 0
     assert m["rollout.sandboxes_created"] == n
     assert not os.path.exists("/etc/cf-pwned")
-    assert labelled(docker_engine) == [], "containers left behind after the run"
+    # this process's containers (other processes on the machine may be running their own)
+    assert labelled(docker_engine, owner_pid=str(os.getpid())) == [], "containers left behind after the run"
