@@ -26,7 +26,6 @@ from pathlib import Path
 
 import pytest
 
-from tests import test_serve
 from tests.browser_support import Page, find_browser, start_chromium
 from tests.test_serve import TINY, _wait_final, servers  # noqa: F401  (servers: the fixture)
 
@@ -42,23 +41,10 @@ pytestmark = [
 HEATMAP = "heatmaps/credit_iter_0000.png"
 
 
-class _UIProcs(test_serve._Procs):
-    """``test_serve``'s process set, but the Prefect server serves its UI (no ``--no-ui``) and
-    tells it where its API is (the UI otherwise calls http://127.0.0.1:4200/api)."""
-
-    def start(self, name, cmd, env):
-        if name == "prefect-server":
-            cmd = [c for c in cmd if c != "--no-ui"]
-            port = cmd[cmd.index("--port") + 1]
-            env = dict(env, PREFECT_UI_API_URL=f"http://127.0.0.1:{port}/api")
-        return super().start(name, cmd, env)
-
-
 @pytest.fixture()
-def ui_servers(request, monkeypatch):
-    """``test_serve.servers`` with the Prefect UI on."""
-    monkeypatch.setattr(test_serve, "_Procs", _UIProcs)
-    return request.getfixturevalue("servers")
+def prefect_ui():
+    """The Prefect server of ``test_serve.servers`` serves its UI for this test."""
+    return True
 
 
 @pytest.fixture()
@@ -158,7 +144,7 @@ def check_mlflow_ui(page: Page, mlflow_url: str, experiment_id: str, run_id: str
 
 
 # ------------------------------------------------------------------------------ the test
-def test_prefect_and_mlflow_uis_in_headless_chromium(ui_servers, page):
+def test_prefect_and_mlflow_uis_in_headless_chromium(servers, page):  # noqa: F811  (the imported fixture)
     from mlflow.tracking import MlflowClient
     from prefect.client.orchestration import get_client
     from prefect.deployments import run_deployment
@@ -166,8 +152,8 @@ def test_prefect_and_mlflow_uis_in_headless_chromium(ui_servers, page):
 
     from flows.serve import TRAIN, _derived_run_id
 
-    procs = ui_servers["procs"]
-    api_url, mlflow_url = ui_servers["api_url"], ui_servers["mlflow_url"]
+    procs = servers["procs"]
+    api_url, mlflow_url = servers["api_url"], servers["mlflow_url"]
     t0 = time.monotonic()
 
     def phase(text: str) -> None:  # progress with -s; no assertion on times

@@ -200,7 +200,13 @@ def _wait_http(url: str, procs: _Procs, name: str, timeout: float = 120) -> None
 
 
 @pytest.fixture()
-def servers(tmp_path, shared_home):
+def prefect_ui():
+    """Whether the Prefect server serves its UI; tests that open it in a browser override this to True."""
+    return False
+
+
+@pytest.fixture()
+def servers(tmp_path, shared_home, prefect_ui):
     """Prefect server + MLflow server + ``creditflow serve``; yields their URLs and the process set."""
     logs = tmp_path / "logs"
     logs.mkdir()
@@ -212,8 +218,10 @@ def servers(tmp_path, shared_home):
     bindir = Path(sys.executable).parent
     try:
         procs.start("prefect-server", [str(bindir / "prefect"), "server", "start", "--host", "127.0.0.1",
-                                       "--port", str(pport), "--no-ui", "--analytics-off"],
-                    dict(base, PREFECT_HOME=str(tmp_path / "prefect-server-home"), PREFECT_LOGGING_LEVEL="WARNING"))
+                                       "--port", str(pport), *([] if prefect_ui else ["--no-ui"]), "--analytics-off"],
+                    # the UI otherwise calls http://127.0.0.1:4200/api whatever --port says
+                    dict(base, PREFECT_HOME=str(tmp_path / "prefect-server-home"), PREFECT_LOGGING_LEVEL="WARNING",
+                         PREFECT_UI_API_URL=api_url))
         procs.start("mlflow-server", [str(bindir / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(mport),
                                       "--workers", "1",
                                       "--backend-store-uri", f"sqlite:///{tmp_path / 'mlflow-server.db'}",
