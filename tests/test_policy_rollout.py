@@ -76,7 +76,7 @@ class ScriptedFamily(TaskFamily):
     def instances(self, split: str, n: int, seed: int) -> list[TaskInstance]:
         return [TaskInstance(f"{split}-{seed}-{i}", split, seed * 1000 + i) for i in range(n)]
 
-    def make(self, instance: TaskInstance, sandbox=None) -> Environment:
+    def make(self, instance: TaskInstance, sandbox=None, episode_seed: int = 0) -> Environment:
         return ScriptedEnv(instance.task_id, self.cfg.horizon)
 
     def describe(self) -> dict[str, str]:
