@@ -87,6 +87,17 @@ class Sandbox(abc.ABC):
             raise TypeError(f"stdin must be bytes or None, got {type(stdin).__name__}")
         return argv, timeout, stdin
 
+    def write_data(self, path: str, data: bytes) -> bytes:
+        """Validate ``write_file``'s data (shared by the backends): bytes (str is encoded) of at
+        most ``cfg.max_file_mb``."""
+        if isinstance(data, str):
+            data = data.encode()
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise TypeError(f"write_file data must be bytes, got {type(data).__name__}")
+        if len(data) > int(self.cfg.max_file_mb) * 1024 * 1024:
+            raise ValueError(f"write_file {path!r}: {len(data)} bytes exceeds max_file_mb={self.cfg.max_file_mb}")
+        return data
+
     @abc.abstractmethod
     def write_file(self, path: str, data: bytes) -> None:
         """Write ``data`` to ``path`` relative to the sandbox work directory."""

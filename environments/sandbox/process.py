@@ -581,13 +581,7 @@ class ProcessSandbox(Sandbox):
 
     def write_file(self, path: str, data: bytes) -> None:
         self._check_open()
-        if isinstance(data, str):
-            data = data.encode()
-        if not isinstance(data, (bytes, bytearray, memoryview)):
-            raise TypeError(f"write_file data must be bytes, got {type(data).__name__}")
-        limit = int(self.cfg.max_file_mb) * _MIB
-        if len(data) > limit:
-            raise ValueError(f"write_file {path!r}: {len(data)} bytes exceeds max_file_mb={self.cfg.max_file_mb}")
+        data = self.write_data(path, data)
         full = self._resolve(path)
         with self._lock:
             os.makedirs(os.path.dirname(full), exist_ok=True)
