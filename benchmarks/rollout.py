@@ -7,21 +7,29 @@ of the same context) with a different per-request seed. Every request samples ``
 tokens at temperature 1, top-p 1, with no stop token, so both engines do the same work, and
 returns per-token behaviour log-probs and exact entropies. Tokens/s = generated tokens / wall
 time of one ``generate`` call. After one warm-up call per engine the engines take turns,
-``--repeats`` rounds (hf, vllm, hf, vllm, ...: load on the machine hits both alike); reported
-are the median tokens/s of each engine and the median of the per-round ratios vLLM / hf.
+``--repeats`` rounds (hf, vllm, generate, hf, vllm, ...: load on the machine hits all alike);
+reported are the median tokens/s of each engine and the median of the per-round ratios vLLM / hf
+and vLLM / generate.
+
+Two transformers baselines: ``hf`` is creditflow's own engine (``HFEngine``: one batched prefill,
+a KV-cache decode loop, per-request counter-based sampling, no per-token Python work), the one the
+pipeline uses; ``generate`` is stock ``model.generate(do_sample=True, output_scores=True)``, the
+path most RL trainers call, with log-probs and entropies computed from its scores afterwards.
 
 Models:
 
 * ``tiny``: the project's tiny Qwen2 policy (``stages.rollout.policy.build_tiny_policy``) with
   ``num_heads=2`` (head size 32: vLLM's CPU attention has no kernel for the default's 16);
+* ``3m``: a Qwen2 config built locally, random weights (hidden 256, 4 layers, 4 heads of size 64,
+  2 KV heads, MLP 704, tied embeddings off: ~2.9M parameters);
 * ``80m``: a Qwen2 config built locally, random weights (hidden 768, 12 layers, 12 heads of
   size 64, 4 KV heads, MLP 2048, tied embeddings off, the tiny tokenizer's vocabulary: ~77M
   parameters).
 
-vLLM runs with the engine's defaults (in-process, ``enforce_eager``, chunked prefill, automatic
-prefix caching, exact entropy computed in the worker) plus ``block_size=--block-size``: vLLM's
-CPU default of 128-token KV blocks can never share (prefix-cache) a prompt shorter than 128
-tokens, 32 can. ``--dtypes float32,bfloat16`` also times bf16 (HF and vLLM both in bf16).
+vLLM runs with the engine's defaults (in-process, ``enforce_eager``, no chunked prefill on CPU,
+automatic prefix caching, exact entropy computed in the worker) and ``rollout.vllm_block_size``
+from ``--block-size`` (default 32, the engine's CPU default: vLLM's own CPU default of 128-token
+KV blocks can never share (prefix-cache) a prompt shorter than 128 tokens, 32 can). ``--dtypes float32,bfloat16`` also times bf16 (HF and vLLM both in bf16).
 Both engines use the same number of torch/OpenMP threads (``--threads``, default 1: what vLLM's
 CPU worker picks for serving by itself; set through ``OMP_NUM_THREADS`` before torch loads,
 which vLLM respects). On a machine shared with other jobs, more OpenMP threads than free cores
@@ -68,7 +76,9 @@ from stages.rollout.policy import build_tiny_policy, count_parameters  # noqa: E
 CORPUS = ["Task %d: pick one of A B C each step.\nStep %d. Action: %s\nYou played %s.\n" % (i, i % 5, c, c)
           for i in range(200) for c in "ABC"]
 #: per-model workload defaults: (tasks, new tokens); the 80M model gets fewer so a run ends in minutes on 2 cores
-DEFAULTS = {"tiny": (16, 64), "80m": (4, 32)}
+DEFAULTS = {"tiny": (16, 64), "3m": (16, 64), "80m": (4, 32)}
+#: locally built Qwen2 shapes: hidden, MLP, layers, heads, KV heads (head size 64 throughout)
+SHAPES = {"3m": (256, 704, 4, 4, 2), "80m": (768, 2048, 12, 12, 4)}
 
 
 def build(name: str):
@@ -77,8 +87,9 @@ def build(name: str):
         return model, tok
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    cfg = Qwen2Config(vocab_size=len(tok), hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
-                      num_attention_heads=12, num_key_value_heads=4, max_position_embeddings=2048,
+    hidden, mlp, layers, heads, kv_heads = SHAPES[name]
+    cfg = Qwen2Config(vocab_size=len(tok), hidden_size=hidden, intermediate_size=mlp, num_hidden_layers=layers,
+                      num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=2048,
                       tie_word_embeddings=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
     torch.manual_seed(0)
     return Qwen2ForCausalLM(cfg).eval(), tok
@@ -100,6 +111,33 @@ def requests(tok, tasks: int, group_size: int, history: int) -> list[GenerationR
     return out
 
 
+class StockGenerate:
+    """The stock transformers path (``model.generate(do_sample=True, output_scores=True)``, what
+    TRL-style trainers call), as a second baseline: same left-padded batch, same sampling
+    settings; log-probs and entropies computed afterwards from the returned scores. One torch
+    generator per call (stock ``generate`` has no per-request seeds)."""
+
+    def __init__(self, model, pad_token_id: int):
+        self.model, self.pad = model, pad_token_id
+
+    def generate(self, reqs, new_tokens: int, stops) -> list:
+        from stages.rollout.engine import GenerationOutput
+
+        L = max(len(r.context_ids) for r in reqs)
+        ids = torch.tensor([[self.pad] * (L - len(r.context_ids)) + list(r.context_ids) for r in reqs])
+        attn = (torch.arange(L)[None, :] >= torch.tensor([L - len(r.context_ids) for r in reqs])[:, None]).long()
+        torch.manual_seed(reqs[0].seed)
+        with torch.inference_mode():
+            out = self.model.generate(input_ids=ids, attention_mask=attn, do_sample=True, temperature=1.0, top_p=1.0,
+                                      top_k=0, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                      output_scores=True, return_dict_in_generate=True, pad_token_id=self.pad)
+            logp = torch.log_softmax(torch.stack(out.scores, 1).float(), -1)  # (B, T, V)
+            toks = out.sequences[:, L:]
+            lps = logp.gather(-1, toks[..., None]).squeeze(-1)
+            ents = torch.special.entr(logp.exp()).sum(-1)
+        return [GenerationOutput(t, lp, e, "length") for t, lp, e in zip(toks.tolist(), lps.tolist(), ents.tolist())]
+
+
 def run_once(engine, reqs, new_tokens: int) -> float:
     t0 = time.perf_counter()
     outs = engine.generate(reqs, new_tokens, set())
@@ -119,9 +157,10 @@ def bench_model(name: str, args, dtype: str) -> dict:
     new_tokens = args.new_tokens or new_tokens
     reqs = requests(tok, tasks, args.group_size, args.history)
     hf = HFEngine(model, pad_token_id=tok.pad_token_id)
-    cfg = RolloutConfig(max_context_tokens=512, vllm_kv_cache_gib=args.kv_cache_gib, vllm_max_num_seqs=256)
-    vl = VLLMEngine(model, cfg, block_size=args.block_size)
-    engines = {"hf": hf, "vllm": vl}
+    cfg = RolloutConfig(max_context_tokens=512, vllm_kv_cache_gib=args.kv_cache_gib, vllm_max_num_seqs=256,
+                        vllm_block_size=args.block_size)
+    vl = VLLMEngine(model, cfg)
+    engines = {"hf": hf, "vllm": vl, "generate": StockGenerate(model, tok.pad_token_id)}
     for eng in engines.values():  # warm-up
         eng.generate(reqs, min(new_tokens, 4), set())
     vl.llm.reset_prefix_cache()  # timed calls start cold: prefix reuse only within a call (its groups)
@@ -137,6 +176,8 @@ def bench_model(name: str, args, dtype: str) -> dict:
         "prompt_tokens": sorted({len(r.context_ids) for r in reqs}), "new_tokens": new_tokens,
         "hf": statistics.median(rates["hf"]), "vllm": statistics.median(rates["vllm"]),
         "ratio": statistics.median(v / h for v, h in zip(rates["vllm"], rates["hf"])),
+        "generate": statistics.median(rates["generate"]),
+        "ratio_generate": statistics.median(v / g for v, g in zip(rates["vllm"], rates["generate"])),
         "ratios": [v / h for v, h in zip(rates["vllm"], rates["hf"])],
         "startup": vl.stats["startup_seconds"], "sync": statistics.median(syncs), "entropy": vl.entropy_mode,
     }
@@ -146,12 +187,12 @@ def bench_model(name: str, args, dtype: str) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--models", default="tiny,80m")
+    ap.add_argument("--models", default="tiny,3m,80m")
     ap.add_argument("--dtypes", default="float32", help="comma list of float32, bfloat16")
-    ap.add_argument("--tasks", type=int, default=0, help="distinct prompts (0 = per-model default: tiny 16, 80m 4)")
+    ap.add_argument("--tasks", type=int, default=0, help="distinct prompts (0 = per-model default: tiny 16, 3m 16, 80m 4)")
     ap.add_argument("--group-size", type=int, default=8, help="samples per prompt (rollout.group_size; 1 = all distinct)")
     ap.add_argument("--history", type=int, default=6, help="played steps in each prompt (prompt length)")
-    ap.add_argument("--new-tokens", type=int, default=0, help="tokens sampled per request (0 = tiny 64, 80m 32)")
+    ap.add_argument("--new-tokens", type=int, default=0, help="tokens sampled per request (0 = tiny 64, 3m 64, 80m 32)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--block-size", type=int, default=32, help="vLLM KV block size (CPU default 128)")
     ap.add_argument("--kv-cache-gib", type=float, default=1.0)
@@ -168,13 +209,16 @@ def main() -> None:
             rows.append(r)
             print(f"{name} {dtype}: {r['params'] / 1e6:.2f}M params, {r['prompts']} prompts ({r['tasks']} tasks x "
                   f"{args.group_size}, {r['prompt_tokens'][0]}-{r['prompt_tokens'][-1]} tokens) x {r['new_tokens']} new "
-                  f"tokens: transformers {r['hf']:.0f} tok/s | vLLM {r['vllm']:.0f} tok/s | ratio {r['ratio']:.2f}x "
+                  f"tokens: transformers {r['hf']:.0f} tok/s (stock generate {r['generate']:.0f}) | vLLM {r['vllm']:.0f} tok/s | "
+                  f"ratio {r['ratio']:.2f}x (vs stock generate {r['ratio_generate']:.2f}x) "
                   f"(per round {', '.join(f'{x:.2f}' for x in r['ratios'])}) | vLLM startup {r['startup']:.1f} s, "
                   f"weight sync {r['sync'] * 1e3:.0f} ms | entropy {r['entropy']}", flush=True)
-    print("\nmodel  dtype     params  prompts x new   hf tok/s  vllm tok/s  vllm/hf  startup s  sync ms")
+    print("\nmodel  dtype     params  prompts x new   hf tok/s  vllm tok/s  vllm/hf  generate tok/s  vllm/generate  "
+          "startup s  sync ms")
     for r in rows:
         print(f"{r['model']:6s} {r['dtype']:8s} {r['params'] / 1e6:6.2f}M {r['prompts']:5d} x {r['new_tokens']:<4d} "
-              f"{r['hf']:10.0f} {r['vllm']:11.0f} {r['ratio']:7.2f}x {r['startup']:9.1f} {r['sync'] * 1e3:8.0f}")
+              f"{r['hf']:10.0f} {r['vllm']:11.0f} {r['ratio']:7.2f}x {r['generate']:15.0f} {r['ratio_generate']:13.2f}x "
+              f"{r['startup']:9.1f} {r['sync'] * 1e3:8.0f}")
 
 
 if __name__ == "__main__":

@@ -252,6 +252,9 @@ def _validate_vllm(cfg: DictConfig) -> None:
         raise ConfigError(f"config key 'rollout.vllm_gpu_memory_utilization' must be in (0, 1], got {r.vllm_gpu_memory_utilization}")
     if r.vllm_kv_cache_gib <= 0 or r.vllm_max_num_seqs < 1:
         raise ConfigError("config keys 'rollout.vllm_kv_cache_gib' and 'rollout.vllm_max_num_seqs' must be > 0")
+    if r.vllm_block_size < 0 or r.vllm_block_size % 16:
+        raise ConfigError(f"config key 'rollout.vllm_block_size' must be 0 (engine default) or a positive multiple of 16 "
+                          f"(32 on CPU), got {r.vllm_block_size}")
     if r.vllm_url is None and cfg.model.path is None and cfg.model.device != "cuda":
         import torch
 

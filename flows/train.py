@@ -156,6 +156,7 @@ def rollout_stage(state: RunState, iteration: int, envb: EnvBatch, checkpoint: s
     """Stage 2: multi-turn rollouts with the current policy (the engine named by rollout.engine)."""
     state.ensure_policy(checkpoint)  # also brings a vLLM server (rollout.vllm_url) to this checkpoint
     seed, temperature, runner = state.seed_for(iteration, "rollout"), state.obj.rollout.temperature, state.obj.runner
+    cached0 = state.engine.stats.get("cached_prompt_tokens") if state.engine is not None else None
     if runner.kind == "local" and runner.rollout_shards == 1:
         batch, overhead, gen_tokens = _run_episodes(state, envb, seed, temperature)
     else:  # shards of whole groups, one task each on the flow's task runner (flows/scaleout.py)
@@ -178,6 +179,8 @@ def rollout_stage(state: RunState, iteration: int, envb: EnvBatch, checkpoint: s
         "sandbox_seconds": float(sum(t.meta.get("sandbox_seconds", 0.0) for t in batch.trajectories)),
         "sandbox_execs": float(sum(t.meta.get("sandbox_execs", 0.0) for t in batch.trajectories)),
     }
+    if cached0 is not None:  # vLLM: prompt tokens served from its prefix cache (group members, earlier turns)
+        stats["cached_prompt_tokens"] = float(state.engine.stats["cached_prompt_tokens"] - cached0)
     return StageResult(value=batch, stats=stats, overhead=overhead)
 
 

@@ -220,6 +220,22 @@ def test_stops_seeds_and_greedy(setup):
 
 
 @needs_vllm
+def test_group_members_share_cached_prefix_blocks(setup):
+    """On CPU the engine uses 32-token KV blocks (rollout.vllm_block_size=0), so the G members of a
+    group prefill their shared context once: every full block after the first member is a cache hit."""
+    model, tok, engine = setup
+    assert engine.llm.llm_engine.vllm_config.cache_config.block_size == 32
+    ctx = contexts(tok)[0] * 5
+    assert len(ctx) >= 64
+    engine.llm.reset_prefix_cache()
+    before = engine.stats["cached_prompt_tokens"]
+    engine.generate([GenerationRequest(ctx, seed=0)], 2, set())  # computes and caches the context's blocks
+    engine.generate([GenerationRequest(ctx, seed=s) for s in range(1, 9)], 2, set())
+    full_blocks = (len(ctx) - 1) // 32 * 32  # vLLM always recomputes the last prompt token
+    assert engine.stats["cached_prompt_tokens"] - before == 8 * full_blocks
+
+
+@needs_vllm
 def test_top_k_entropy_estimate():
     model, tok = tiny(False)
     engine = make_engine(RolloutConfig(engine="vllm", max_context_tokens=128, vllm_kv_cache_gib=0.25,

@@ -54,3 +54,4 @@ class RolloutConfig:
     vllm_enforce_eager: bool = True  # no torch.compile / CUDA graphs: starts in seconds (False: faster decode on GPU)
     vllm_entropy_topk: int = 0  # 0 = exact entropy of the sampling distribution, computed inside vLLM's worker (any vocabulary; server mode: top-20 estimate); k > 0 = top-k estimate (an upper bound)
     vllm_max_num_seqs: int = 256  # sequences vLLM batches in one step
+    vllm_block_size: int = 0  # KV-cache block in tokens (prefix caching shares whole blocks); 0 = 32 on CPU (the smallest its attention takes; vLLM's CPU default of 128 never shares a shorter prompt), vLLM's default on GPU

