@@ -1,5 +1,5 @@
 """Scale-out of the rollout stage (flows/scaleout.py): shards of whole groups, played on a real local
-Dask cluster (two worker processes) through Prefect's DaskTaskRunner, give the same trajectories as
+Dask or Ray cluster (two worker processes) through Prefect's DaskTaskRunner / RayTaskRunner, give the same trajectories as
 the unsharded rollout: identical token ids, actions, rewards; log-probs equal to float32 resolution."""
 
 from __future__ import annotations
@@ -121,15 +121,17 @@ def test_sharded_rollout_in_process_equals_unsharded(run):
         assert overhead.env_resets == 15 and tokens == sum(t.num_policy_tokens for t in batch.trajectories)
 
 
-def test_sharded_rollout_on_a_local_dask_cluster_equals_unsharded(prefect_harness, run):
-    """Two shards as Prefect tasks on a real two-process Dask cluster (prefect-dask's DaskTaskRunner):
-    each worker process opens the run from its directory, loads the checkpoint, plays its groups."""
-    pytest.importorskip("prefect_dask")
+@pytest.mark.parametrize("kind", ["dask", "ray"])
+def test_sharded_rollout_on_a_local_cluster_equals_unsharded(prefect_harness, run, kind):
+    """Two shards as Prefect tasks on a real local cluster with two worker processes (prefect-dask's
+    DaskTaskRunner, prefect-ray's RayTaskRunner): each worker process opens the run from its
+    directory, loads the checkpoint, plays its groups."""
+    pytest.importorskip(f"prefect_{kind}", reason=f"runner.kind={kind} needs the {kind} extra: pip install -e '.[{kind}]'")
     from prefect import flow
 
-    runner = scaleout.make_task_runner(scaleout.RunnerConfig(kind="dask", workers=2, rollout_shards=2))
+    runner = scaleout.make_task_runner(scaleout.RunnerConfig(kind=kind, workers=2, rollout_shards=2))
 
-    @flow(name="scaleout-dask-test", task_runner=runner, persist_result=False)
+    @flow(name=f"scaleout-{kind}-test", task_runner=runner, persist_result=False)
     def sharded() -> tuple:
         return scaleout.rollout_sharded(run["run_id"], run["home"], run["envb"], run["checkpoint"], run["seed"],
                                         run["temperature"], 2)
