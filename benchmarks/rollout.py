@@ -1,6 +1,13 @@
 """Rollout throughput: transformers (HFEngine) vs vLLM (VLLMEngine), same prompts, same sampling.
 
-Workload, shaped like the rollout stage: ``--tasks`` distinct task prompts (a task line plus
+Two workloads (``--workload``):
+
+* ``multiturn``: what the rollout stage does: bifurcation episodes (``--horizon`` turns,
+  ``--turn-tokens`` tokens per turn at most) played by the real agent loop; every turn re-sends
+  each episode's whole context. See :func:`bench_multiturn`.
+* ``batch`` (default): one ``generate`` call, below.
+
+Batch workload, shaped like one turn of the rollout stage: ``--tasks`` distinct task prompts (a task line plus
 ``--history`` played steps, 60-110 tokens with the tiny tokenizer), each repeated
 ``--group-size`` times (``rollout.group_size``, default 8: GRPO samples a group of continuations
 of the same context) with a different per-request seed. Every request samples ``--new-tokens``
@@ -185,8 +192,79 @@ def bench_model(name: str, args, dtype: str) -> dict:
     return res
 
 
+def play(engine, tok, family, envb, cfg, seed: int) -> tuple[float, int, int]:
+    """One rollout stage's worth of episodes through the real agent loop: (tokens/s, generated
+    tokens, context tokens sent to the engine)."""
+    from stages.rollout.agent_loop import run_episodes
+
+    envs = [family.make(s.instance, None, s.episode_seed) for s in envb.slots]
+    calls: list[int] = []
+    inner = engine.generate
+
+    def counting(reqs, *a, **k):
+        calls.append(sum(len(r.context_ids) for r in reqs))
+        return inner(reqs, *a, **k)
+
+    engine.generate = counting
+    try:
+        t0 = time.perf_counter()
+        trajs = run_episodes(engine, tok, envs, [s.group_id for s in envb.slots], [s.instance.task_id for s in envb.slots],
+                             [s.uid for s in envb.slots], family.name, cfg, seed)
+        dt = time.perf_counter() - t0
+    finally:
+        del engine.generate
+    gen = sum(t.meta.get("generated_tokens", t.num_policy_tokens) for t in trajs)
+    return gen / dt, gen, sum(calls)
+
+
+def bench_multiturn(name: str, args, dtype: str) -> dict:
+    """The rollout stage's own workload: ``--tasks`` bifurcation instances x ``--group-size``
+    episodes of ``--horizon`` turns played by ``stages.rollout.agent_loop.run_episodes``. Every
+    turn re-sends each episode's whole context (prompt + earlier turns + observations) and the
+    policy's turn ends at its stop token or after ``--turn-tokens`` tokens: HFEngine prefills the
+    whole context every turn, vLLM's prefix cache keeps earlier turns' KV blocks. The engines
+    sample different tokens (different samplers), so the episodes differ; both play the same
+    instances and seeds, and tokens/s counts what each generated."""
+    from environments.construct import build_env_batch
+    from environments.tasks.bifurcation import BifurcationConfig, BifurcationFamily
+    from stages.rollout.vllm_engine import VLLMEngine
+
+    model, tok = build(name)
+    model = model.to(getattr(torch, dtype))
+    family = BifurcationFamily(BifurcationConfig(horizon=args.horizon, num_decisive=2))
+    tasks = args.tasks or 16
+    envb = build_env_batch(family, tasks, args.group_size, tasks, 0, 0)
+    cfg = RolloutConfig(max_context_tokens=2048, max_new_tokens_per_turn=args.turn_tokens,
+                        vllm_kv_cache_gib=args.kv_cache_gib, vllm_max_num_seqs=256, vllm_block_size=args.block_size)
+    engines = {"hf": HFEngine(model, pad_token_id=tok.pad_token_id), "vllm": VLLMEngine(model, cfg)}
+    for eng in engines.values():  # warm-up
+        play(eng, tok, family, build_env_batch(family, 2, 2, tasks, 1, 0), cfg, 1)
+    rates: dict[str, list[float]] = {k: [] for k in engines}
+    info: dict[str, tuple[int, int]] = {}
+    for r in range(args.repeats):
+        for k, eng in engines.items():
+            if k == "vllm":
+                eng.llm.reset_prefix_cache()
+            cached0 = eng.stats.get("cached_prompt_tokens", 0)
+            rate, gen, ctx = play(eng, tok, family, envb, cfg, 7)
+            rates[k].append(rate)
+            info[k] = (gen, ctx, eng.stats.get("cached_prompt_tokens", 0) - cached0)
+    res = {
+        "model": name, "dtype": dtype, "params": count_parameters(model), "episodes": len(envb.slots),
+        "hf": statistics.median(rates["hf"]), "vllm": statistics.median(rates["vllm"]),
+        "ratio": statistics.median(v / h for v, h in zip(rates["vllm"], rates["hf"])),
+        "ratios": [v / h for v, h in zip(rates["vllm"], rates["hf"])], "info": info,
+    }
+    engines["vllm"].close()
+    return res
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--workload", default="batch", choices=["batch", "multiturn"],
+                    help="batch: one generate call of grouped prompts; multiturn: bifurcation episodes through the agent loop")
+    ap.add_argument("--horizon", type=int, default=8, help="multiturn: turns per episode")
+    ap.add_argument("--turn-tokens", type=int, default=4, help="multiturn: rollout.max_new_tokens_per_turn")
     ap.add_argument("--models", default="tiny,3m,80m")
     ap.add_argument("--dtypes", default="float32", help="comma list of float32, bfloat16")
     ap.add_argument("--tasks", type=int, default=0, help="distinct prompts (0 = per-model default: tiny 16, 3m 16, 80m 4)")
@@ -202,6 +280,17 @@ def main() -> None:
           f"in-process, enforce_eager, prefix caching, block_size {args.block_size}, max_num_seqs 256, KV cache "
           f"{args.kv_cache_gib} GiB{', no chunked prefill (CPU)' if not torch.cuda.is_available() else ''}; "
           f"temperature 1, top_p 1, group size {args.group_size}", flush=True)
+    if args.workload == "multiturn":
+        print("\nmultiturn: model  dtype   params  episodes  hf tok/s  vllm tok/s  vllm/hf  (generated, context sent, "
+              "context from vLLM's prefix cache)")
+        for name in args.models.split(","):
+            for dtype in args.dtypes.split(","):
+                r = bench_multiturn(name, args, dtype)
+                (hg, hc, _), (vg, vc, vcached) = r["info"]["hf"], r["info"]["vllm"]
+                print(f"multiturn: {name:6s} {dtype:8s} {r['params'] / 1e6:6.2f}M {r['episodes']:5d} {r['hf']:10.0f} "
+                      f"{r['vllm']:11.0f} {r['ratio']:7.2f}x  (per round {', '.join(f'{x:.2f}' for x in r['ratios'])}; "
+                      f"hf {hg} gen / {hc} ctx, vLLM {vg} gen / {vc} ctx, {vcached} cached)", flush=True)
+        return
     rows = []
     for name in args.models.split(","):
         for dtype in args.dtypes.split(","):
