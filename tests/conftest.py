@@ -38,3 +38,21 @@ def cf_home(tmp_path, monkeypatch):
 def shared_home(tmp_path_factory):
     """A home shared by tests that can reuse the cached warmed-up tiny policy."""
     return tmp_path_factory.mktemp("shared-cfhome")
+
+
+@pytest.fixture(scope="session")
+def servers(tmp_path_factory, shared_home):
+    """Real ``prefect server start`` (with its UI) + ``mlflow server`` + ``creditflow serve``, once per
+    session (tests/server_support.py); shared by tests/test_serve.py and tests/test_browser.py."""
+    from tests.server_support import running_servers
+
+    with running_servers(tmp_path_factory.mktemp("servers"), shared_home) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="session")
+def served_training(servers):
+    """One clean tiny training run started through the ``creditflow-train`` deployment, completed."""
+    from tests.server_support import train_through_deployment
+
+    return train_through_deployment(servers)

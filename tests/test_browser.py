@@ -1,9 +1,9 @@
 """The Prefect UI and the MLflow UI in a real headless Chromium (issue 7).
 
-Starts the real processes of ``tests/test_serve.py`` (its ``servers`` fixture: ``prefect server
-start``, ``mlflow server``, ``creditflow serve``; here with the Prefect UI switched on), runs one
-tiny training through the ``creditflow-train`` deployment to completion, then clicks through
-both UIs like a user:
+Uses the session's real processes (``servers`` in tests/conftest.py: ``prefect server start``
+with its UI, ``mlflow server``, ``creditflow serve``) and the tiny training run through the
+``creditflow-train`` deployment (``served_training``, shared with tests/test_serve.py), then
+clicks through both UIs like a user:
 
 * Prefect UI: Deployments -> ``creditflow-train`` -> its flow run -> state *Completed* shown, and
   the ``creditflow-train`` training subflow under *Subflow Runs*;
@@ -27,24 +27,16 @@ from pathlib import Path
 import pytest
 
 from tests.browser_support import Page, find_browser, start_chromium
-from tests.test_serve import TINY, _wait_final, servers  # noqa: F401  (servers: the fixture)
 
 BROWSER, NO_BROWSER = find_browser()
 
 pytestmark = [
     pytest.mark.browser,
-    pytest.mark.server,
-    pytest.mark.slow,  # 2 servers + serve + one training + a browser: minutes on 2 loaded cores
+    pytest.mark.server,  # the session's servers and training (shared with test_serve) + a browser (in the default suite)
     pytest.mark.skipif(BROWSER is None, reason=NO_BROWSER or "no browser"),
 ]
 
 HEATMAP = "heatmaps/credit_iter_0000.png"
-
-
-@pytest.fixture()
-def prefect_ui():
-    """The Prefect server of ``test_serve.servers`` serves its UI for this test."""
-    return True
 
 
 @pytest.fixture()
@@ -144,49 +136,26 @@ def check_mlflow_ui(page: Page, mlflow_url: str, experiment_id: str, run_id: str
 
 
 # ------------------------------------------------------------------------------ the test
-def test_prefect_and_mlflow_uis_in_headless_chromium(servers, page):  # noqa: F811  (the imported fixture)
+def test_prefect_and_mlflow_uis_in_headless_chromium(servers, served_training, page):
     from mlflow.tracking import MlflowClient
-    from prefect.client.orchestration import get_client
-    from prefect.deployments import run_deployment
-    from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from flows.serve import TRAIN, _derived_run_id
+    from tests.server_support import prefect_client
 
-    procs = servers["procs"]
     api_url, mlflow_url = servers["api_url"], servers["mlflow_url"]
     t0 = time.monotonic()
 
     def phase(text: str) -> None:  # progress with -s; no assertion on times
-        print(f"[browser test] {text}: {time.monotonic() - t0:.1f} s after the servers were up", flush=True)
+        print(f"[browser test] {text}: {time.monotonic() - t0:.1f} s", flush=True)
 
-    with temporary_settings(updates={PREFECT_API_URL: api_url}), get_client(sync_client=True) as client:
-        deadline = time.monotonic() + 180
-        while True:  # serve registers its deployments once it has imported everything
-            procs.check_alive("serve")
-            try:
-                client.read_deployment_by_name(TRAIN)
-                break
-            except Exception:  # noqa: BLE001  (not registered yet: any error of the lookup)
-                if time.monotonic() > deadline:
-                    raise AssertionError(f"deployments not registered:\n{procs.log('serve')}") from None
-                time.sleep(0.5)
-        started = run_deployment(TRAIN, parameters={"overrides": TINY}, timeout=0, as_subflow=False)
-        fr = _wait_final(client, started.id, procs, timeout=900)
-        assert fr.state.is_completed(), (fr.state, procs.log("serve"))
-        phase("training completed")
-
-        ml = MlflowClient(tracking_uri=mlflow_url)
-        exp = ml.get_experiment_by_name("creditflow")
-        rid = _derived_run_id(fr)
-        runs = ml.search_runs([exp.experiment_id], filter_string=f"tags.`creditflow.run_id` = '{rid}'")
-        assert len(runs) == 1
-        run = runs[0]
-        assert HEATMAP in {a.path for a in ml.list_artifacts(run.info.run_id, "heatmaps")}
+    fr, run, exp_id = served_training["flow_run"], served_training["mlflow_run"], served_training["experiment_id"]
+    ml = MlflowClient(tracking_uri=mlflow_url)
+    assert HEATMAP in {a.path for a in ml.list_artifacts(run.info.run_id, "heatmaps")}
+    with prefect_client(api_url) as client:
         subflow = client.read_flow_run(run.data.tags["prefect.flow_run_id"])
 
     check_prefect_ui(page, api_url.removesuffix("/api"), fr, subflow.name)
     phase("Prefect UI checked")
-    check_mlflow_ui(page, mlflow_url, exp.experiment_id, run.info.run_id, run.info.run_name, run.data.tags)
+    check_mlflow_ui(page, mlflow_url, exp_id, run.info.run_id, run.info.run_name, run.data.tags)
     phase("MLflow UI checked")
     names = [p.name for p in page.shots]
     assert len(names) == 7 and all(p.stat().st_size > 10_000 for p in page.shots), names

@@ -1,9 +1,10 @@
 """``creditflow serve``: deployments validated offline, and end to end against real servers.
 
-The ``server`` test starts real local processes — ``prefect server start`` (own PREFECT_HOME,
-SQLite) and ``mlflow server`` (SQLite backend store, served artifacts under tmp) on free ports —
-serves the deployments from a subprocess polling every second, triggers ``creditflow-train``
-through the Prefect API like the UI does, checks the MLflow run on the tracking server, then
+The ``server`` test uses real local processes, started once per session (tests/server_support.py)
+— ``prefect server start`` (own PREFECT_HOME, SQLite) and ``mlflow server`` (SQLite backend
+store, served artifacts under tmp) on free ports — serves the deployments from a subprocess
+polling every second, triggers ``creditflow-train`` through the Prefect API like the UI does
+(the session's ``served_training``), checks the MLflow run on the tracking server, then
 fails a run on purpose and retries that flow run the way the UI's Retry button does (state
 ``AwaitingRetry``): it resumes the same creditflow run without recomputing finished stages.
 Every process is stopped in a finalizer (its whole process group), also on failure.
@@ -13,28 +14,14 @@ from __future__ import annotations
 
 import argparse
 import collections
-import os
-import signal
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.server_support import TINY, _Procs, _wait_final, prefect_client  # noqa: F401  (re-exported helpers)
 
-TINY = [
-    "iterations=1",
-    "rollout.tasks_per_iteration=2",
-    "rollout.group_size=2",
-    "eval_episodes=2",
-    "env.horizon=3",
-    "env.num_decisive=1",
-    "tracking.heatmap_every=1",
-]
+ROOT = Path(__file__).resolve().parent.parent
 
 
 # ------------------------------------------------------------------------------ offline checks
@@ -134,129 +121,11 @@ def test_compose_stack_is_well_formed():
 
 
 # ------------------------------------------------------------------------------ real servers
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class _Procs:
-    """Processes started by this test, each in its own session; stopped group by group."""
-
-    def __init__(self, logdir: Path):
-        self.logdir = logdir
-        self.procs: dict[str, subprocess.Popen] = {}
-
-    def start(self, name: str, cmd: list[str], env: dict[str, str]) -> subprocess.Popen:
-        log = open(self.logdir / f"{name}.log", "w")
-        proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-        self.procs[name] = proc
-        return proc
-
-    def log(self, name: str, chars: int = 4000) -> str:
-        path = self.logdir / f"{name}.log"
-        return path.read_text(errors="replace")[-chars:] if path.is_file() else ""
-
-    def check_alive(self, *names: str) -> None:
-        for name in names:
-            rc = self.procs[name].poll()
-            if rc is not None:
-                raise AssertionError(f"{name} exited with {rc}:\n{self.log(name)}")
-
-    def stop_all(self) -> None:
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                try:
-                    os.killpg(proc.pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
-        deadline = time.monotonic() + 5
-        for proc in self.procs.values():
-            try:
-                proc.wait(timeout=max(deadline - time.monotonic(), 0.1))
-            except subprocess.TimeoutExpired:
-                pass
-            try:  # the group: flow-run subprocesses of the runner, server workers
-                os.killpg(proc.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-            proc.wait()
-
-
-def _wait_http(url: str, procs: _Procs, name: str, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        procs.check_alive(name)
-        try:
-            with urllib.request.urlopen(url, timeout=2) as resp:
-                if resp.status == 200:
-                    return
-        except OSError:
-            pass
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{name} not healthy at {url} after {timeout} s:\n{procs.log(name)}")
-        time.sleep(0.3)
-
-
-@pytest.fixture()
-def prefect_ui():
-    """Whether the Prefect server serves its UI; tests that open it in a browser override this to True."""
-    return False
-
-
-@pytest.fixture()
-def servers(tmp_path, shared_home, prefect_ui):
-    """Prefect server + MLflow server + ``creditflow serve``; yields their URLs and the process set."""
-    logs = tmp_path / "logs"
-    logs.mkdir()
-    procs = _Procs(logs)
-    pport, mport = _free_port(), _free_port()
-    api_url, mlflow_url = f"http://127.0.0.1:{pport}/api", f"http://127.0.0.1:{mport}"
-    base = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
-    base.update(PREFECT_SERVER_ANALYTICS_ENABLED="false", PYTHONUNBUFFERED="1")
-    bindir = Path(sys.executable).parent
-    try:
-        procs.start("prefect-server", [str(bindir / "prefect"), "server", "start", "--host", "127.0.0.1",
-                                       "--port", str(pport), *([] if prefect_ui else ["--no-ui"]), "--analytics-off"],
-                    # the UI otherwise calls http://127.0.0.1:4200/api whatever --port says
-                    dict(base, PREFECT_HOME=str(tmp_path / "prefect-server-home"), PREFECT_LOGGING_LEVEL="WARNING",
-                         PREFECT_UI_API_URL=api_url))
-        procs.start("mlflow-server", [str(bindir / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(mport),
-                                      "--workers", "1",
-                                      "--backend-store-uri", f"sqlite:///{tmp_path / 'mlflow-server.db'}",
-                                      "--artifacts-destination", str(tmp_path / "mlflow-artifacts")], base)
-        _wait_http(f"{api_url}/health", procs, "prefect-server")
-        _wait_http(f"{mlflow_url}/health", procs, "mlflow-server")
-        env = dict(base, PREFECT_API_URL=api_url, PREFECT_HOME=str(tmp_path / "prefect-client-home"),
-                   MLFLOW_TRACKING_URI=mlflow_url, CREDITFLOW_HOME=str(shared_home),
-                   MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false")
-        procs.start("serve", [sys.executable, "-m", "flows.serve", "--poll-interval", "1"], env)
-        yield {"api_url": api_url, "mlflow_url": mlflow_url, "home": shared_home, "procs": procs}
-    finally:
-        procs.stop_all()
-
-
-def _wait_final(client, flow_run_id, procs: _Procs, timeout: float = 300):
-    deadline = time.monotonic() + timeout
-    while True:
-        procs.check_alive("serve", "prefect-server", "mlflow-server")
-        fr = client.read_flow_run(flow_run_id)
-        if fr.state is not None and fr.state.is_final():
-            return fr
-        if time.monotonic() > deadline:
-            raise AssertionError(f"flow run still {fr.state and fr.state.name} after {timeout} s:\n"
-                                 f"{procs.log('serve')}")
-        time.sleep(0.5)
-
-
-@pytest.mark.server
-@pytest.mark.slow  # 3 flow-run subprocesses + 2 servers: well over a minute on 2 cores; `-m server` runs it
-def test_serve_end_to_end_train_mlflow_and_ui_retry(servers):
+# (the session fixtures ``servers`` and ``served_training`` of tests/conftest.py; tests/server_support.py)
+@pytest.mark.server  # 3 flow-run subprocesses + 2 servers: about two minutes on 2 cores (in the default suite)
+def test_serve_end_to_end_train_mlflow_and_ui_retry(servers, served_training):
     from mlflow.tracking import MlflowClient
-    from prefect.client.orchestration import get_client
     from prefect.deployments import run_deployment
-    from prefect.settings import PREFECT_API_URL, temporary_settings
     from prefect.states import Scheduled
 
     from flows.runtime import RunState
@@ -266,35 +135,20 @@ def test_serve_end_to_end_train_mlflow_and_ui_retry(servers):
     t0 = time.monotonic()
 
     def phase(text: str) -> None:  # progress with -s; no assertion on times
-        print(f"[serve test] {text}: {time.monotonic() - t0:.1f} s after the servers were up", flush=True)
+        print(f"[serve test] {text}: {time.monotonic() - t0:.1f} s after the clean training", flush=True)
 
-    with temporary_settings(updates={PREFECT_API_URL: servers["api_url"]}), get_client(sync_client=True) as client:
-        deadline = time.monotonic() + 120
-        while True:  # serve registers its deployments once it has imported everything
-            procs.check_alive("serve")
-            try:
-                client.read_deployment_by_name(TRAIN)
-                break
-            except Exception:
-                if time.monotonic() > deadline:
-                    raise AssertionError(f"deployments not registered:\n{procs.log('serve')}") from None
-                time.sleep(0.5)
-        phase("deployments registered")
+    # 1. a clean run started the way the UI does (the session's served_training) ...
+    fr = served_training["flow_run"]
+    with prefect_client(servers["api_url"]) as client:
         # typed parameters are enforced by the server, before anything runs
         with pytest.raises(Exception, match="overrides"):
             run_deployment(TRAIN, parameters={"overrides": "iterations=1"}, timeout=0, as_subflow=False)
-
-        # 1. start a run the way the UI does, with a crash injected into the credit stage
+        # 2. ... and one with a crash injected into the credit stage
         crashed = run_deployment(TRAIN, parameters={"overrides": [*TINY, "debug.crash_at=0:credit"]},
                                  timeout=0, as_subflow=False)
-        # 2. and a clean one (queued behind it: the runner executes one run at a time)
-        clean = run_deployment(TRAIN, parameters={"overrides": TINY}, timeout=0, as_subflow=False)
-        fr = _wait_final(client, crashed.id, procs)
-        assert fr.state.is_failed(), fr.state
+        crashed_fr = _wait_final(client, crashed.id, procs)
+        assert crashed_fr.state.is_failed(), crashed_fr.state
         phase("crashed run failed")
-        fr = _wait_final(client, clean.id, procs)
-        assert fr.state.is_completed(), (fr.state, procs.log("serve"))
-        phase("clean run completed")
 
         # the clean run on the MLflow tracking server
         ml = MlflowClient(tracking_uri=servers["mlflow_url"])
