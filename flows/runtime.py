@@ -231,7 +231,7 @@ class RunState:
         from stages.update.trainer import PolicyTrainer
 
         torch.manual_seed(self.obj.seed)
-        model, tokenizer, info = get_policy(self.obj.model, self.family, self.home, self.obj.seed)
+        model, tokenizer, info = get_policy(self.obj.model, self.family, self.home, self.obj.seed, self.obj.rollout)
         dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[self.cfg.model.dtype]
         model = model.to(device=self.device, dtype=dtype).eval()
         self.policy, self.tokenizer, self.model_info = model, tokenizer, dict(info)

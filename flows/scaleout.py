@@ -157,7 +157,7 @@ class ShardContext:
         run = RunState.open(run_id, Path(home))  # reads config.yaml (and checks its hash)
         self.run_id, self.home, self.obj, self.family = run_id, home, run.obj, run.family
         torch.manual_seed(self.obj.seed)
-        model, tokenizer, _ = get_policy(self.obj.model, self.family, Path(home), self.obj.seed)
+        model, tokenizer, _ = get_policy(self.obj.model, self.family, Path(home), self.obj.seed, self.obj.rollout)
         dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[self.obj.model.dtype]
         self.policy = model.to(device=run.device, dtype=dtype).eval()
         self.tokenizer = tokenizer

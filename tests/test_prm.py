@@ -138,3 +138,24 @@ def test_reference_examples_are_labelled_by_the_familys_step_checks():
     assert all(all(v == 1.0 for v in labels) for _, _, labels in refs)
     assert any(0.0 in labels for _, _, labels in ex)
     assert all(len(steps) == len(labels) for _, steps, labels in ex)
+
+
+def test_collected_episodes_use_the_familys_experiment_rollout_settings(shared_home, monkeypatch):
+    """``creditflow prm train --env math`` plays episodes with configs/experiment/math.yaml's rollout
+    settings (16 tokens per turn: a step line does not fit the default 4), as a training run would."""
+    import stages.rollout.policy as policy
+    from stages.reward.prm import collect_examples
+
+    seen = []
+    real = policy.play_instances
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("cfg"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(policy, "play_instances", spy)
+    examples, tok = collect_examples("math", 4, 0, home=shared_home, with_reference=False)
+    assert seen and all(c is not None and c.max_new_tokens_per_turn == 16 and c.max_context_tokens == 256 for c in seen)
+    assert examples and all(len(steps) == len(labels) for _, steps, labels in examples)
+    # steps longer than the default 4-token turn are played whole
+    assert max(len(tok(s, add_special_tokens=False)["input_ids"]) for _, steps, _ in examples for s in steps) > 4

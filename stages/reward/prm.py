@@ -442,18 +442,24 @@ def collect_examples(env: str, episodes: int, seed: int, home: Optional[Path] = 
     family's procedural check; with ``with_reference`` add :func:`reference_examples` of the
     same instances. Returns ``(examples, tokenizer of the policy)``."""
     from environments.base import get_family_class
-    from stages.rollout.config import ModelConfig
+    from flows.config import configs_dir, load_config, to_object
     from stages.rollout.policy import get_policy, play_instances
 
     fam_cls = get_family_class(env)
-    family = fam_cls(fam_cls.Config())
+    # the family's experiment config (configs/experiment/<env>.yaml) where there is one: its rollout
+    # settings (tokens per turn, context) and policy are the ones training runs play the family with
+    overrides = [f"experiment={env}"] if (configs_dir() / "experiment" / f"{env}.yaml").is_file() else [f"env={env}"]
+    if model_path is not None:
+        overrides.append(f"model.path={model_path}")
+    run_cfg = to_object(load_config(overrides))
+    family = fam_cls(run_cfg.env if isinstance(run_cfg.env, fam_cls.Config) else fam_cls.Config())
     if family.needs_sandbox:
         raise ValueError(f"creditflow prm train: task family {env!r} runs in a sandbox; collect episodes with a training run instead")
     home = Path(home) if home is not None else Path(os.environ.get("CREDITFLOW_HOME", "./.creditflow")).expanduser()
-    model, tokenizer, _ = get_policy(ModelConfig(path=model_path), family, home, seed)
+    model, tokenizer, _ = get_policy(run_cfg.model, family, home, seed, run_cfg.rollout)
     instances = family.instances(split, episodes, seed)
     trajs = play_instances(model, tokenizer, family, instances, seed, uid_prefix=f"prm-{split}",
-                           episode_seeds=[seed + i for i in range(len(instances))])
+                           episode_seeds=[seed + i for i in range(len(instances))], cfg=run_cfg.rollout)
     examples = examples_from_trajectories(trajs)
     if with_reference:
         examples += reference_examples(family, instances, seed)

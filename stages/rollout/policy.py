@@ -320,11 +320,13 @@ def play_instances(model, tokenizer, family: TaskFamily, instances: list, seed: 
             env.close()
 
 
-def measure_policy(model, tokenizer, family: TaskFamily, seed: int, n: int = WARMUP_EVAL_EPISODES) -> dict[str, Any]:
-    """Sample ``n`` episodes (temperature 1) and report the valid-action rate, the frequency of
-    each parsed action and the success rate."""
+def measure_policy(model, tokenizer, family: TaskFamily, seed: int, n: int = WARMUP_EVAL_EPISODES,
+                   rollout_cfg: Optional[RolloutConfig] = None) -> dict[str, Any]:
+    """Sample ``n`` episodes (temperature 1; ``rollout_cfg``'s tokens per turn and context, default
+    ``RolloutConfig()``) and report the valid-action rate, the frequency of each parsed action and
+    the success rate."""
     instances = family.instances("train", n, seed)
-    trajs = play_instances(model, tokenizer, family, instances, seed, uid_prefix="measure")
+    trajs = play_instances(model, tokenizer, family, instances, seed, uid_prefix="measure", cfg=rollout_cfg)
     turns = [t for tr in trajs for t in tr.turns]
     valid = [t.action for t in turns if t.action is not None]
     freq: dict[str, float] = {}
@@ -339,7 +341,8 @@ def measure_policy(model, tokenizer, family: TaskFamily, seed: int, n: int = WAR
     }
 
 
-def warmup(model, tokenizer, family: TaskFamily, cfg: ModelConfig, seed: int, measure: bool = True) -> dict[str, Any]:
+def warmup(model, tokenizer, family: TaskFamily, cfg: ModelConfig, seed: int, measure: bool = True,
+           rollout_cfg: Optional[RolloutConfig] = None) -> dict[str, Any]:
     """Supervised *format* warm-up of the tiny policy (before RL; survey §8, stage 2).
 
     The corpus is ``family.warmup_corpus``: episodes whose actions are valid actions chosen
@@ -356,7 +359,7 @@ def warmup(model, tokenizer, family: TaskFamily, cfg: ModelConfig, seed: int, me
     stats: dict[str, Any] = {"steps": cfg.warmup_steps, "batch_size": cfg.warmup_batch_size}
     can_measure = measure and not family.needs_sandbox
     if can_measure:
-        before = measure_policy(model, tokenizer, family, seed + 7919)
+        before = measure_policy(model, tokenizer, family, seed + 7919, rollout_cfg=rollout_cfg)
         stats["valid_action_rate_before"] = before["valid_action_rate"]
     if cfg.warmup_steps <= 0:
         stats.update({"final_loss": float("nan"), "seconds": 0.0})
@@ -415,7 +418,7 @@ def warmup(model, tokenizer, family: TaskFamily, cfg: ModelConfig, seed: int, me
     if not math.isfinite(stats["final_loss"]):
         raise RuntimeError(f"warm-up diverged: final loss {stats['final_loss']}")
     if can_measure:
-        after = measure_policy(model, tokenizer, family, seed + 104729)
+        after = measure_policy(model, tokenizer, family, seed + 104729, rollout_cfg=rollout_cfg)
         stats["valid_action_rate"] = after["valid_action_rate"]
         stats["action_frequencies"] = after["action_frequencies"]
         stats["success_rate_after"] = after["success_rate"]
@@ -441,8 +444,10 @@ def _finalize(model, tokenizer, model_cfg: ModelConfig):
     return model, tokenizer
 
 
-def get_policy(model_cfg: ModelConfig, family: TaskFamily, home: Path, seed: int):
-    """The policy of a run: ``(model, tokenizer, info)``.
+def get_policy(model_cfg: ModelConfig, family: TaskFamily, home: Path, seed: int,
+               rollout_cfg: Optional[RolloutConfig] = None):
+    """The policy of a run: ``(model, tokenizer, info)``. ``rollout_cfg`` (the run's) sets the
+    tokens per turn of the warm-up's before/after measurement episodes.
 
     With ``model_cfg.path`` set the local directory is loaded (``FileNotFoundError`` naming
     ``model.path`` if missing). Otherwise the tiny model is built and warmed up, cached under
@@ -493,7 +498,7 @@ def get_policy(model_cfg: ModelConfig, family: TaskFamily, home: Path, seed: int
     corpus_texts = _episode_texts(family.warmup_corpus(TOKENIZER_CORPUS_EPISODES, model_cfg.init_seed))
     model, tokenizer = build_tiny_policy(model_cfg, corpus_texts)
     model.to(resolve_device(model_cfg.device))  # warm-up in float32, cast afterwards
-    stats = warmup(model, tokenizer, family, model_cfg, seed)
+    stats = warmup(model, tokenizer, family, model_cfg, seed, rollout_cfg=rollout_cfg)
     build_seconds = time.perf_counter() - t0
     model.to("cpu")
     root.mkdir(parents=True, exist_ok=True)
