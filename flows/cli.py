@@ -45,6 +45,29 @@ def _print_summary(out: dict) -> None:
     print(f"checklist:       creditflow checklist {out['run_id']}")
 
 
+#: tools with their own options: ``creditflow NAME [VERB] ARGS...`` calls ``module.main(ARGS)``
+#: (argparse's REMAINDER cannot forward arguments that start with ``--``, so these bypass the parser)
+TOOLS = {
+    "sandbox": ("environments.sandbox.image", "build-image", "sandbox images (`sandbox build-image --help`)"),
+    "prm": ("stages.reward.prm", None, "process reward models (`prm train --help`)"),
+    "serve": ("flows.serve", None, "deployments on a Prefect server for the UI (`serve --help`)"),
+}
+
+
+def _run_tool(name: str, rest: list[str]) -> int:
+    import importlib
+
+    module, verb, _ = TOOLS[name]
+    if verb is not None:
+        if not rest or rest[0] != verb:
+            got = f"got {rest[0]!r}" if rest else "got nothing"
+            print(f"usage: creditflow {name} {verb} [options]  (see creditflow {name} {verb} --help)\n"
+                  f"creditflow {name}: error: the only command is '{verb}', {got}", file=sys.stderr)
+            return 0 if rest and rest[0] in ("-h", "--help") else 2
+        rest = rest[1:]
+    return int(importlib.import_module(module).main(rest) or 0)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="creditflow", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -77,20 +100,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("fields", nargs="*", help="profile fields as key=value, e.g. setting=agentic turns=30")
     p.add_argument("--profile", help="YAML or JSON file with the task profile")
     p.add_argument("--top", type=int, default=5)
-    # tools with their own options: everything after the sub-command goes to their main(argv)
-    tools = {
-        "sandbox": ("environments.sandbox.image", "sandbox images (`sandbox build-image --help`)"),
-        "prm": ("stages.reward.prm", "process reward models (`prm train --help`)"),
-        "serve": ("flows.serve", "deployments on a Prefect server for the UI (`serve --help`)"),
-    }
-    for name, (_, text) in tools.items():
-        p = sub.add_parser(name, help=text, add_help=False)
-        p.add_argument("rest", nargs=argparse.REMAINDER)
+    for name, (_, _verb, text) in TOOLS.items():  # listed in --help; dispatched before parsing (below)
+        sub.add_parser(name, help=text, add_help=False)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in TOOLS:
+        return _run_tool(argv[0], argv[1:])
     args = parser.parse_args(argv)
-    if args.cmd in tools:
-        import importlib
-
-        return int(importlib.import_module(tools[args.cmd][0]).main(args.rest) or 0)
 
     import logging
 

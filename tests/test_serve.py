@@ -80,6 +80,28 @@ def test_serve_needs_a_server(monkeypatch, capsys):
     assert "PREFECT_API_URL" in capsys.readouterr().err
 
 
+def test_creditflow_cli_forwards_options_to_its_tools(monkeypatch, capsys):
+    """``creditflow serve --opt``, ``creditflow sandbox build-image --opt``, ``creditflow prm train
+    --opt``: options starting with ``--`` reach the tool (argparse's REMAINDER used to reject them)."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.cli import main
+
+    assert main(["serve", "--dry-run", "--train-interval", "3600"]) == 0
+    assert "creditflow-train" in capsys.readouterr().out
+    with temporary_settings(restore_defaults={PREFECT_API_URL}):  # options parsed, then: no server
+        assert main(["serve", "--poll-interval", "1"]) == 2
+    assert "PREFECT_API_URL" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main(["sandbox", "build-image", "--help"])
+    assert exc.value.code == 0 and "--tag" in capsys.readouterr().out
+    assert main(["sandbox"]) == 2 and "the only command is 'build-image'" in capsys.readouterr().err
+    assert main(["sandbox", "--tag", "x"]) == 2
+    with pytest.raises(SystemExit) as exc:
+        main(["prm", "train", "--help"])
+    assert exc.value.code == 0 and "--episodes" in capsys.readouterr().out
+
+
 def test_train_flow_with_bad_config_fails_with_the_message(prefect_harness, cf_home):
     """Validation before compute: a config error is a Failed flow run saying what is wrong."""
     from flows.serve import resume_training, start_training
