@@ -175,7 +175,6 @@ def wait_for_deployments(client, procs: _Procs, timeout: float = 180) -> None:
 def train_through_deployment(servers: dict[str, Any]) -> dict[str, Any]:
     """One clean TINY training started through ``creditflow-train`` like the UI does, run to
     completion: the flow run, the creditflow run id, and its MLflow run and experiment id."""
-    from mlflow.tracking import MlflowClient
     from prefect.deployments import run_deployment
 
     from flows.serve import TRAIN, _derived_run_id
@@ -188,9 +187,21 @@ def train_through_deployment(servers: dict[str, Any]) -> dict[str, Any]:
         fr = _wait_final(client, started.id, procs, timeout=900)
         assert fr.state.is_completed(), (fr.state, procs.log("serve"))
     print(f"[servers] training through the deployment completed in {time.monotonic() - t0:.1f} s", flush=True)
-    ml = MlflowClient(tracking_uri=servers["mlflow_url"])
+    run, exp_id = mlflow_run_of(servers["mlflow_url"], fr)
+    return {"flow_run": fr, "run_id": _derived_run_id(fr), "mlflow_run": run, "experiment_id": exp_id}
+
+
+def mlflow_run_of(mlflow_url: str, flow_run, log: str = "") -> tuple[Any, str]:
+    """The one MLflow run (and its experiment id) of the creditflow run a served flow run trained
+    (its run id is derived from the flow run), on the tracking server at ``mlflow_url``."""
+    from mlflow.tracking import MlflowClient
+
+    from flows.serve import _derived_run_id
+
+    ml = MlflowClient(tracking_uri=mlflow_url)
     exp = ml.get_experiment_by_name("creditflow")
-    rid = _derived_run_id(fr)
+    assert exp is not None, log
+    rid = _derived_run_id(flow_run)
     runs = ml.search_runs([exp.experiment_id], filter_string=f"tags.`creditflow.run_id` = '{rid}'")
     assert len(runs) == 1, [r.data.tags.get("creditflow.run_id") for r in ml.search_runs([exp.experiment_id])]
-    return {"flow_run": fr, "run_id": rid, "mlflow_run": runs[0], "experiment_id": exp.experiment_id}
+    return runs[0], exp.experiment_id

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.server_support import TINY, _Procs, _wait_final, prefect_client  # noqa: F401  (re-exported helpers)
+from tests.server_support import TINY, _Procs, _wait_final, mlflow_run_of, prefect_client  # noqa: F401  (re-exported helpers)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -174,11 +174,8 @@ def test_serve_end_to_end_train_mlflow_and_ui_retry(servers, served_training):
 
         # the clean run on the MLflow tracking server
         ml = MlflowClient(tracking_uri=servers["mlflow_url"])
-        exp = ml.get_experiment_by_name("creditflow")
-        rid = _derived_run_id(fr)
-        runs = ml.search_runs([exp.experiment_id], filter_string=f"tags.`creditflow.run_id` = '{rid}'")
-        assert len(runs) == 1, [r.data.tags.get("creditflow.run_id") for r in ml.search_runs([exp.experiment_id])]
-        run = runs[0]
+        run, exp_id = mlflow_run_of(servers["mlflow_url"], fr)
+        rid = served_training["run_id"]
         assert run.info.status == "FINISHED"
         tags = run.data.tags
         assert tags["checklist.ca.granularity"].startswith("episode")
@@ -205,6 +202,6 @@ def test_serve_end_to_end_train_mlflow_and_ui_retry(servers, served_training):
         phase("retried run completed")
         after = collections.Counter((e["iteration"], e["stage"]) for e in state.executions())
         assert set(after - first) == {(0, "credit"), (0, "update"), (1, "eval")}
-        retried = ml.search_runs([exp.experiment_id], filter_string=f"tags.`creditflow.run_id` = '{crashed_rid}'")
+        retried = ml.search_runs([exp_id], filter_string=f"tags.`creditflow.run_id` = '{crashed_rid}'")
         assert len(retried) == 1 and retried[0].info.status == "FINISHED"
         assert len(retried[0].data.tags["prefect.flow_run_ids"].split(",")) == 2
