@@ -355,7 +355,13 @@ class Tracker:
             return
         if status == "FINISHED":
             self.flush(wait=True)
-            self._retry("terminate the MLflow run", self.client.set_terminated, self.run_id, status=status)
+            try:
+                self._retry("terminate the MLflow run", self.client.set_terminated, self.run_id, status=status)
+            except TrackingUnavailableError as exc:  # everything is logged; only the end mark is missing
+                raise TrackingUnavailableError(
+                    f"{exc}; every metric, tag and artifact of the run reached the store"
+                    + (f" (the journal {self.buffer} is empty)" if self.buffer else "")
+                    + ": `creditflow resume` marks the MLflow run FINISHED once the store is back") from exc
             return
         try:
             self.flush(wait=False)

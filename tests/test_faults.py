@@ -100,10 +100,40 @@ class MlflowServer:
         raise AssertionError(f"mlflow server did not come up: {(self.root / 'server.log').read_text()[-3000:]}")
 
     def kill(self) -> None:
+        """SIGKILL the server's process group, and any process of it that left the group (server
+        workers, job consumers), then wait until its port refuses connections: the server is
+        really gone before the test goes on."""
         if self.proc is not None and self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
         self.proc = None
+        deadline = time.monotonic() + 30
+        while self._accepting():
+            for pid in self._leftover_pids():
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            assert time.monotonic() < deadline, f"port {self.port} still accepts connections after killing the server"
+            time.sleep(0.2)
+
+    def _accepting(self) -> bool:
+        with socket.socket() as s:
+            s.settimeout(1)
+            return s.connect_ex(("127.0.0.1", self.port)) == 0
+
+    def _leftover_pids(self) -> list[int]:
+        """Processes whose command line names this server's port or backend store."""
+        out = []
+        for d in Path("/proc").iterdir():
+            if d.name.isdigit() and int(d.name) != os.getpid():
+                try:
+                    cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                except OSError:
+                    continue
+                if (f"--port {self.port}" in cmd or str(self.root) in cmd) and "pytest" not in cmd:
+                    out.append(int(d.name))
+        return out
 
 
 @pytest.fixture()
@@ -200,6 +230,24 @@ def test_tracking_server_gone_too_long_fails_clearly_then_resume_replays(prefect
     for key in ("reward.success_rate", "update.loss"):
         assert _steps(c, out["mlflow_run_id"], key) == [0, 1, 2], key
     assert not buf.exists()
+
+
+def test_store_gone_only_at_the_end_mark_says_everything_else_is_logged(mlflow_server, tmp_path):
+    """The store disappears after the last metric reached it: finishing fails clearly, names the
+    store and the (empty) journal, and says that `creditflow resume` sets the end mark."""
+    from flows.tracking import Tracker, TrackingUnavailableError
+
+    buf = tmp_path / "tracking_buffer.jsonl"
+    tracker = Tracker(mlflow_server.uri, "creditflow", tmp_path, buffer=buf, retry_seconds=1)
+    tracker.start("end-mark", {})
+    assert tracker.log_step(0, {"reward.success_rate": 0.5})
+    assert tracker.flush(wait=True)
+    mlflow_server.kill()
+    with pytest.raises(TrackingUnavailableError) as info:
+        tracker.finish("FINISHED")
+    msg = str(info.value)
+    assert mlflow_server.uri in msg and "terminate the MLflow run" in msg and str(buf) in msg
+    assert "`creditflow resume` marks the MLflow run FINISHED" in msg
 
 
 # ------------------------------------------------------------------ 3. corrupt checkpoint on resume
