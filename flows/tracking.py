@@ -354,7 +354,11 @@ class Tracker:
         if not self.run_id:
             return
         if status == "FINISHED":
-            self.flush(wait=True)
+            if not self.flush(wait=True):  # gave up earlier: the journal is not empty
+                raise TrackingUnavailableError(
+                    f"MLflow tracking store {self.uri} unreachable for more than {self.retry_seconds:g}s "
+                    f"(tracking.retry_seconds); {self.pending_summary()}; they are replayed by "
+                    f"`creditflow resume` once the store is back")
             try:
                 self._retry("terminate the MLflow run", self.client.set_terminated, self.run_id, status=status)
             except TrackingUnavailableError as exc:  # everything is logged; only the end mark is missing

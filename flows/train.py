@@ -41,7 +41,7 @@ from flows import secrets  # noqa: E402
 from flows.providers import build_context, run_slots  # noqa: E402
 from flows.runtime import RunState  # noqa: E402
 from flows.scaleout import rollout_sharded, with_runner  # noqa: E402
-from flows.tracking import Tracker, default_tracking_uri  # noqa: E402
+from flows.tracking import Tracker, TrackingUnavailableError, default_tracking_uri  # noqa: E402
 from stages.credit.stats import credit_statistics  # noqa: E402
 from stages.reward.verifier import compute_rewards  # noqa: E402
 from stages.schema import Batch, CreditResult, Overhead  # noqa: E402
@@ -574,5 +574,7 @@ def _log_heatmap(tracker: Tracker, batch: Batch, credit: CreditResult, iteration
         import matplotlib.pyplot as plt
 
         plt.close(fig)
+    except TrackingUnavailableError:  # the store, not the plot: the run must fail clearly (journal kept)
+        raise
     except Exception as exc:  # plotting must never kill training; say why
         print(f"warning: credit heatmap for iteration {iteration} failed: {exc}", file=sys.stderr)

@@ -507,3 +507,27 @@ def test_same_run_driven_twice_is_refused(prefect_harness, home):
     assert {e["pid"] for e in state.executions()} == {first.pid}
     c = api.tracker_for(home).client
     assert _steps(c, state.info["mlflow_run_id"], "progress.iteration") == [0, 1, 2]
+
+
+def test_store_lost_while_logging_a_heatmap_fails_the_run_clearly(monkeypatch):
+    """Plotting errors are swallowed (a heatmap never kills training), the store's are not: a
+    TrackingUnavailableError from logging the figure reaches the caller, so a journal that could
+    not be replayed is never hidden."""
+    from flows import train
+    from flows.tracking import TrackingUnavailableError
+
+    class Gone:
+        def log_figure(self, fig, name):
+            raise TrackingUnavailableError("store gone")
+
+    import flows.heatmap
+
+    monkeypatch.setattr(flows.heatmap, "credit_heatmap", lambda *a, **k: __import__("matplotlib.pyplot").pyplot.figure())
+    with pytest.raises(TrackingUnavailableError, match="store gone"):
+        train._log_heatmap(Gone(), None, None, 0)
+
+    class Broken:
+        def log_figure(self, fig, name):
+            raise ValueError("bad figure")
+
+    train._log_heatmap(Broken(), None, None, 0)  # a plotting error: warning only
