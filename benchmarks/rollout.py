@@ -240,7 +240,7 @@ def bench_multiturn(name: str, args, dtype: str) -> dict:
     for eng in engines.values():  # warm-up
         play(eng, tok, family, build_env_batch(family, 2, 2, tasks, 1, 0), cfg, 1)
     rates: dict[str, list[float]] = {k: [] for k in engines}
-    info: dict[str, tuple[int, int]] = {}
+    info: dict[str, tuple[int, int, int]] = {}  # engine -> (generated, context sent, context from the prefix cache)
     for r in range(args.repeats):
         for k, eng in engines.items():
             if k == "vllm":

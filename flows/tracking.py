@@ -274,6 +274,14 @@ class Tracker:
         return (f"{len(self._pending)} entries (metric steps {steps}, {kinds['tags']} tag batches, "
                 f"{kinds['artifact']} artifacts)" + (f" kept in {self.buffer}" if self.buffer else ""))
 
+    def _gave_up_error(self, last: Optional[Exception] = None) -> TrackingUnavailableError:
+        """The store stayed away past ``retry_seconds``: what is buffered, where, and how it gets there."""
+        cause = f" (last error: {type(last).__name__}: {str(last)[:200]})" if last is not None else ""
+        return TrackingUnavailableError(
+            f"MLflow tracking store {self.uri} unreachable for more than {self.retry_seconds:g}s "
+            f"(tracking.retry_seconds); {self.pending_summary()}; they are replayed by "
+            f"`creditflow resume` once the store is back{cause}")
+
     def flush(self, wait: bool = False) -> bool:
         """Replay the journal in order. Returns True when it is empty.
 
@@ -310,12 +318,7 @@ class Tracker:
                 if now - self._down_since >= self.retry_seconds or (wait and now + delay - self._down_since
                                                                      > self.retry_seconds):
                     self._gave_up = True
-                    raise TrackingUnavailableError(
-                        f"MLflow tracking store {self.uri} unreachable for more than {self.retry_seconds:g}s "
-                        f"(tracking.retry_seconds); {self.pending_summary()}; they are replayed by "
-                        f"`creditflow resume` once the store is back (last error: {type(exc).__name__}: "
-                        f"{str(exc)[:200]})"
-                    ) from exc
+                    raise self._gave_up_error(exc) from exc
                 if not wait:
                     return False
                 time.sleep(delay)
@@ -355,10 +358,7 @@ class Tracker:
             return
         if status == "FINISHED":
             if not self.flush(wait=True):  # gave up earlier: the journal is not empty
-                raise TrackingUnavailableError(
-                    f"MLflow tracking store {self.uri} unreachable for more than {self.retry_seconds:g}s "
-                    f"(tracking.retry_seconds); {self.pending_summary()}; they are replayed by "
-                    f"`creditflow resume` once the store is back")
+                raise self._gave_up_error()
             try:
                 self._retry("terminate the MLflow run", self.client.set_terminated, self.run_id, status=status)
             except TrackingUnavailableError as exc:  # everything is logged; only the end mark is missing

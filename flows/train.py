@@ -156,8 +156,10 @@ def rollout_stage(state: RunState, iteration: int, envb: EnvBatch, checkpoint: s
     """Stage 2: multi-turn rollouts with the current policy (the engine named by rollout.engine)."""
     state.ensure_policy(checkpoint)  # also brings a vLLM server (rollout.vllm_url) to this checkpoint
     seed, temperature, runner = state.seed_for(iteration, "rollout"), state.obj.rollout.temperature, state.obj.runner
-    cached0 = state.engine.stats.get("cached_prompt_tokens") if state.engine is not None else None
+    cached0 = None
     if runner.kind == "local" and runner.rollout_shards == 1:
+        # vLLM's prefix-cache hits, when this process's engine plays the episodes (shards use their own)
+        cached0 = state.engine.stats.get("cached_prompt_tokens")
         batch, overhead, gen_tokens = _run_episodes(state, envb, seed, temperature)
     else:  # shards of whole groups, one task each on the flow's task runner (flows/scaleout.py)
         batch, overhead, gen_tokens = rollout_sharded(state.run_id, str(state.home), envb, checkpoint, seed,

@@ -25,6 +25,7 @@ import pytest
 from flows import api, train
 from flows.config import ConfigError
 from flows.runtime import InjectedCrash, RunState
+from tests.server_support import _free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = [
@@ -49,12 +50,6 @@ def home(shared_home, monkeypatch):
 def hooks():
     yield train.ITERATION_HOOKS
     train.ITERATION_HOOKS.clear()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _steps(client, run_id: str, key: str) -> list[int]:

@@ -18,16 +18,7 @@ from pathlib import Path
 import pytest
 
 from flows import secrets as S
-
-TINY = [
-    "iterations=1",
-    "rollout.tasks_per_iteration=2",
-    "rollout.group_size=2",
-    "eval_episodes=2",
-    "env.horizon=3",
-    "env.num_decisive=1",
-    "tracking.heatmap_every=1",
-]
+from tests.server_support import TINY  # the tiny one-iteration training
 
 
 # ------------------------------------------------------------------------------ unit
