@@ -508,16 +508,16 @@ def test_store_lost_while_logging_a_heatmap_fails_the_run_clearly(monkeypatch):
     """Plotting errors are swallowed (a heatmap never kills training), the store's are not: a
     TrackingUnavailableError from logging the figure reaches the caller, so a journal that could
     not be replayed is never hidden."""
-    from flows import train
+    import matplotlib.pyplot as plt
+
+    import flows.heatmap
     from flows.tracking import TrackingUnavailableError
 
     class Gone:
         def log_figure(self, fig, name):
             raise TrackingUnavailableError("store gone")
 
-    import flows.heatmap
-
-    monkeypatch.setattr(flows.heatmap, "credit_heatmap", lambda *a, **k: __import__("matplotlib.pyplot").pyplot.figure())
+    monkeypatch.setattr(flows.heatmap, "credit_heatmap", lambda *a, **k: plt.figure())
     with pytest.raises(TrackingUnavailableError, match="store gone"):
         train._log_heatmap(Gone(), None, None, 0)
 
