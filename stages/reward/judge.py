@@ -91,7 +91,7 @@ def correction_prompt(problem: str, previous: Sequence[str], wrong_step: str,
         lines.append("Previous steps:")
         lines.extend(_clean(s) for s in previous)
     lines.append(f"This next step is wrong: {_clean(wrong_step)}")
-    return "\n".join(lines) + "\nCorrect next step:"
+    return "\n".join(lines) + "\nCorrect next step:\n"  # a new line: the policy writes steps one per line
 
 
 def batch_step_queries(batch: Batch) -> tuple[list[tuple[int, int]], list[str], int]:

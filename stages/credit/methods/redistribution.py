@@ -139,6 +139,12 @@ class RED(CreditMethod):
         super().__init__(cfg)
         cfg.check_prefix_source()  # at config time (the run builds its method before any compute)
 
+    def checklist_note(self) -> str:
+        from stages.reward.process import SOURCE_KINDS
+
+        src = self.cfg.process_reward  # type: ignore[attr-defined]
+        return f"prefix scores: process_reward={src} ({SOURCE_KINDS[src][1]})"
+
     def assign(self, tensors: BatchTensors, batch: Batch, ctx: CreditContext) -> CreditResult:
         cfg: REDConfig = self.cfg  # type: ignore[assignment]
         assert ctx.process_rewards is not None  # CreditMethod.__call__ checked ``needs``
@@ -165,6 +171,7 @@ class RED(CreditMethod):
         adv = broadcast(unit_adv, seg, mask).to(rewards.dtype)
         p = seg.present
         stats = {
+            "prefix_source_is_prefix_score": float(getattr(ctx.process_rewards, "prefix_scores", True)),
             "process_score_mean": float(scores[p].mean()) if p.any() else 0.0,
             "redistributed_abs_mean": float(step_rewards[p].abs().mean()) if p.any() else 0.0,
         }
