@@ -164,7 +164,7 @@ def run_slots(state: Any, slots: list[EnvSlot], family: str, seed: int, temperat
     finally:
         _close_all(envs, boxes)
     steps = sum(len(t.turns) for t in trajs) + replay_steps
-    gen_tokens = sum(t.num_policy_tokens for t in trajs)
+    gen_tokens = sum(int(t.meta.get("generated_tokens", t.num_policy_tokens)) for t in trajs)  # imposed actions are not generated
     return Batch(trajectories=trajs, meta=info), Overhead(env_resets=len(envs), env_steps=steps), gen_tokens
 
 

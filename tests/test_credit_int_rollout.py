@@ -124,6 +124,7 @@ def test_int_rolls_out_interventions_and_credits_the_outcome_change(shared_home)
     assert res.overhead.env_resets == 2 * len(iv)
     assert res.overhead.env_steps >= 2 * len(iv) + sum(2 * r["step"] for r in iv)
     assert res.overhead.judge_calls > 0
+    assert res.overhead.extra_tokens == 0  # an imposed rewrite is not generated (answer rewrites end the episode)
     # a non-terminal rewrite: the policy generates the rest of the episode from the rewritten prefix
     civ = [r for r in cont.records["interventions"] if r["step"] == 0]
     assert civ and all(len(c) >= 2 and c[0] == r["replacement"] for r in civ for c in r["continuations"])
