@@ -60,10 +60,17 @@ def variants(name: str) -> list[tuple[str, list[str]]]:
     """(label, overrides) rows of the table for one registry method."""
     from stages.credit.base import get_method_class
 
+    cls = get_method_class(name)
     base = [f"credit={name}", *CHEAP.get(name, [])]
-    if "process_rewards" in get_method_class(name).needs:
-        return [(f"{name} [{src}{' = oracle' if src == 'step_check' else ''}]", base + extra)
-                for src, extra in PROCESS_SOURCES.items()]
+    if "process_rewards" in cls.needs:
+        rows = []
+        for src, extra in PROCESS_SOURCES.items():
+            try:  # a method may refuse a source (RED: step checks are not prefix scores)
+                build_method(cls.Config(process_reward=src))
+            except ValueError:
+                continue
+            rows.append((f"{name} [{src}{' = oracle' if src == 'step_check' else ''}]", base + extra))
+        return rows
     return [(name, base)]
 
 

@@ -116,7 +116,8 @@ def fill(state: Any, acc: Accumulator, tracker: Any, before: Optional[dict], aft
     device = "GPU" if str(state.device).startswith("cuda") else "CPU"
     hours = (acc.wall_seconds if device == "GPU" else acc.cpu_seconds) / 3600
     values["ca.granularity"] = (FILLED, f"{method.granularity} ({method.name})")
-    values["ca.methodology"] = (FILLED, method.methodology)
+    note = method.checklist_note()
+    values["ca.methodology"] = (FILLED, method.methodology + (f"; {note}" if note else ""))
 
     if cfg.report.baseline_run:
         # looked up once per run (fill runs after every iteration; the baseline run does not change)

@@ -16,7 +16,10 @@ Providers:
   recorded one). Replay works for every family, survives resume (nothing live is persisted) and
   costs only environment steps, which are counted. Continuations of one prefix share the
   environment's random stream (same episode seed), so on stochastic environments they differ only
-  by the policy's samples.
+  by the policy's samples. With ``replacements`` a start's turn is *intervened on* (InT, Yang et
+  al. 2026): the environment is restored to the state before that turn, the given text is taken
+  as the turn's action (tokenized, not generated) and the policy generates the rest of the
+  episode, scored by the family's own verifier.
 * ``ref_logprobs`` — response log-probs under the frozen initial policy (the run's ``init``
   checkpoint; the KL reference when ``update.kl_coef > 0``), at the rollout temperature so they
   compare with the behaviour log-probs.
@@ -161,7 +164,7 @@ def run_slots(state: Any, slots: list[EnvSlot], family: str, seed: int, temperat
     finally:
         _close_all(envs, boxes)
     steps = sum(len(t.turns) for t in trajs) + replay_steps
-    gen_tokens = sum(t.num_policy_tokens for t in trajs)
+    gen_tokens = sum(int(t.meta.get("generated_tokens", t.num_policy_tokens)) for t in trajs)  # imposed actions are not generated
     return Batch(trajectories=trajs, meta=info), Overhead(env_resets=len(envs), env_steps=steps), gen_tokens
 
 
@@ -194,6 +197,8 @@ class MCRolloutProvider:
         self.state, self.envb, self.batch, self.iteration = state, envb, batch, iteration
         self.slots = {s.uid: s for s in envb.slots}
         self.calls = 0
+        #: per start of the last call: each continuation's action texts (for logging interventions)
+        self.last_continuations: list[list[list[str]]] = []
 
     def _locate(self, row: int, pos: int) -> Optional[int]:
         """Index of the turn whose action starts at or contains ``pos``; None past the last action."""
@@ -211,14 +216,18 @@ class MCRolloutProvider:
             f"action (turn action spans: {[t.action_span for t in traj.turns]})"
         )
 
-    def __call__(self, starts: list[tuple[int, int]], k: int) -> tuple[torch.Tensor, Overhead]:
+    def __call__(self, starts: list[tuple[int, int]], k: int,
+                 replacements: Optional[list[Optional[str]]] = None) -> tuple[torch.Tensor, Overhead]:
         from stages.rollout.agent_loop import EpisodeStart
 
         if k < 1:
             raise ValueError(f"mc_rollouts: k must be >= 1, got {k}")
+        if replacements is not None and len(replacements) != len(starts):
+            raise ValueError(f"mc_rollouts: {len(replacements)} replacements for {len(starts)} starts")
         state = self.state
         returns = torch.zeros((len(starts), k), dtype=torch.float32)
         slots, eps, replays, where, uids = [], [], [], [], []
+        self.last_continuations = [[] for _ in starts]
         for n, (row, pos) in enumerate(starts):
             if not 0 <= row < len(self.batch):
                 raise ValueError(f"mc_rollouts: row {row} outside the batch of {len(self.batch)} trajectories")
@@ -230,11 +239,21 @@ class MCRolloutProvider:
             slot = self.slots.get(traj.uid)
             if slot is None:
                 raise ValueError(f"mc_rollouts: trajectory {traj.uid} is not in this iteration's environment batch")
+            text = None if replacements is None else replacements[n]
+            forced = None
+            if text is not None:  # an intervention: turn t's action is replaced by ``text`` (InT)
+                if pos != a:
+                    raise ValueError(f"mc_rollouts: a replacement needs a start at a turn's action start "
+                                     f"({a} for turn {t} of {traj.uid}), got position {pos}")
+                forced = list(state.tokenizer(text, add_special_tokens=False)["input_ids"])
+                if not forced:
+                    raise ValueError(f"mc_rollouts: replacement {text!r} for turn {t} of {traj.uid} has no tokens")
             for j in range(k):
                 slots.append(slot)
-                uids.append(f"{traj.uid}-mc{pos}-{j}")
+                uids.append(f"{traj.uid}-{'iv' if forced is not None else 'mc'}{pos}-{j}")
                 eps.append(EpisodeStart(prompt_ids=traj.prompt_ids, response_ids=traj.response_ids[:pos],
-                                        partial_action=traj.response_ids[a:pos], prompt_text=traj.prompt_text))
+                                        partial_action=traj.response_ids[a:pos], prompt_text=traj.prompt_text,
+                                        forced_action=forced))
                 replays.append(traj.turns[:t])
                 where.append((n, j))
         self.calls += 1
@@ -249,6 +268,8 @@ class MCRolloutProvider:
                            dtype=torch.float32)
         idx = torch.tensor(where, dtype=torch.long)
         returns[idx[:, 0], idx[:, 1]] = rtg
+        for (n, _), traj in zip(where, cont.trajectories):  # what each continuation did, for the record
+            self.last_continuations[n].append([turn.action_text for turn in traj.turns])
         overhead.extra_tokens = tokens
         overhead.extra_forward_passes = int(state.engine.stats["forward_passes"] - forwards)
         return returns, overhead

@@ -427,6 +427,8 @@ def _iterate(state: RunState, say: Progress, run: Callable, tracker: Tracker) ->
             acc.add_stage(mid)
             metrics.update({f"eval.{k}": v for k, v in mid.stats.items()})
         if tracker.log_step(it, metrics):
+            for key, record in (getattr(cred.value, "records", None) or {}).items():  # e.g. InT's interventions
+                tracker.log_json(record, f"credit/{key}/iter_{it:04d}.json")
             heat_every = cfg.tracking.heatmap_every
             if heat_every and ((it + 1) % heat_every == 0 or it + 1 == cfg.iterations):
                 _log_heatmap(tracker, rew.value, cred.value, it)

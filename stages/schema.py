@@ -295,6 +295,9 @@ class CreditResult:
     values: Optional[torch.Tensor] = None
     #: free-form per-method statistics logged as metrics (``credit.<key>``)
     stats: dict[str, float] = field(default_factory=dict)
+    #: JSON-serialisable per-method records (e.g. InT's interventions: prompt, proposal, outcomes),
+    #: logged by the flow as the MLflow artifact ``credit/<key>/iter_<iteration>.json``
+    records: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.granularity not in GRANULARITIES:

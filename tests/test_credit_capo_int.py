@@ -17,7 +17,7 @@ from stages.credit.base import CreditContext, build_method, get_method_class
 from stages.reward.judge import HFJudge, correction_prompt, step_prompt
 from stages.rollout.config import ModelConfig
 from stages.rollout.policy import build_tiny_policy
-from stages.schema import Batch, Trajectory, Turn
+from stages.schema import Batch, Overhead, Trajectory, Turn
 
 NAN = float("nan")
 
@@ -73,10 +73,25 @@ def grpo_adv(t):
     return F.grpo(t.token_level_rewards, t.response_mask, t.index)[0]
 
 
-def run(name, batch, judge, **cfg):
+class ScriptedContinuations:
+    """Test double of the MCRollouts provider for InT's arithmetic (the real provider is tested in
+    tests/test_credit_int_rollout.py): a rewrite containing "good" rescues the trace (return 1)."""
+
+    def __init__(self):
+        self.calls: list = []
+        self.last_continuations: list = []
+
+    def __call__(self, starts, k, replacements=None):
+        self.calls.append((list(starts), k, list(replacements or [])))
+        self.last_continuations = [[[r]] * k for r in replacements]
+        ret = torch.tensor([[1.0 if "good" in r else 0.0] * k for r in replacements])
+        return ret, Overhead(env_resets=len(starts) * k, env_steps=len(starts) * k)
+
+
+def run(name, batch, judge, mc=None, **cfg):
     cls = get_method_class(name)
     method = build_method(cls.Config(**cfg))
-    ctx = CreditContext(judge=judge)
+    ctx = CreditContext(judge=judge, mc_rollouts=mc if mc is not None else ScriptedContinuations())
     t = batch.to_tensors()
     return method(t, batch, ctx), t, ctx
 
@@ -84,14 +99,15 @@ def run(name, batch, judge, **cfg):
 # --------------------------------------------------------------------------- registry
 
 
-@pytest.mark.parametrize("name,methodology", [("capo", "LLM-as-Critic"), ("int", "Intervention")])
-def test_registered(name, methodology):
+@pytest.mark.parametrize("name,methodology,needs", [("capo", "LLM-as-Critic", {"judge"}),
+                                                   ("int", "Intervention", {"judge", "mc_rollouts"})])
+def test_registered(name, methodology, needs):
     cls = get_method_class(name)
-    assert cls.needs == frozenset({"judge"}) and cls.granularity == "step" and cls.methodology == methodology
+    assert cls.needs == frozenset(needs) and cls.granularity == "step" and cls.methodology == methodology
     assert "survey §3.3" in cls.reference and not cls.episode_level_baseline
     assert all(f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
                for f in dataclasses.fields(cls.Config))
-    with pytest.raises(ValueError, match=r"needs \['judge'\]"):
+    with pytest.raises(ValueError, match=r"needs \['judge'"):
         build_method(cls.Config())(make_batch(EPISODES).to_tensors(), make_batch(EPISODES), CreditContext())
 
 
@@ -167,32 +183,84 @@ def test_capo_config_validation(tmp_path):
 # --------------------------------------------------------------------------- InT
 
 
-def test_int_penalises_exactly_the_first_wrong_step_and_records_the_proposal():
+class Proposer(ScriptedJudge):
+    """Scripted judge whose rewrites are given per call (``texts``)."""
+
+    def __init__(self, verdicts, texts):
+        super().__init__(verdicts)
+        self.texts = list(texts)
+
+    def propose(self, prompts, max_new_tokens):
+        self.calls += len(prompts)
+        self.proposed += prompts
+        return self.texts[: len(prompts)]
+
+
+def test_int_blames_the_first_wrong_step_by_the_outcome_change_of_its_intervention():
     batch = make_batch(EPISODES)
-    judge = ScriptedJudge([[1, 1, 1], [1, 0, 0], [0, 1, 0], [1, 1, NAN]])
-    res, t, ctx = run("int", batch, judge, penalty=0.75)
+    verdicts = [[1, 1, 1], [1, 0, 0], [0, 1, 0], [1, 1, NAN]]
+    judge = Proposer(verdicts, ["good 7*2=14", "4*2=8 again"])
+    mc = ScriptedContinuations()
+    res, t, ctx = run("int", batch, judge, mc=mc, penalty=0.75, k=3)
     base = grpo_adv(t)
     expect = base.clone()
-    expect[1][t.turn_ids[1] == 1] -= 0.75  # first wrong step of response 1 is step 1 (step 2 untouched)
-    expect[2][t.turn_ids[2] == 0] -= 0.75  # first wrong step of response 2 is step 0
+    expect[1][t.turn_ids[1] == 1] -= 0.75 * 1.0  # its rewrite rescues the trace: effect 1 - 0
+    # response 2's rewrite of step 0 changes nothing (effect 0): no blame, GRPO's advantage
     assert torch.allclose(res.advantages, expect, atol=1e-6)
-    # steps before the first wrong step are unaffected; so is the successful response 0
     assert torch.equal(res.advantages[1][t.turn_ids[1] == 0], base[1][t.turn_ids[1] == 0])
-    assert torch.equal(res.advantages[0], base[0])
-    iv = ctx.extras["int_interventions"]
-    assert [(i["uid"], i["step"], i["wrong_step"], i["proposal"]) for i in iv] == [
-        ("t1", 1, "7*2=14", "fix0"), ("t2", 0, "4*2=8", "fix1")]
+    assert torch.equal(res.advantages[0], base[0]) and torch.equal(res.advantages[2], base[2])
+    # the continuation starts at each first wrong step's action start, with the rewrite as its action
+    (starts, k, repl), = mc.calls
+    assert starts == [(1, batch.trajectories[1].turns[1].action_span[0]), (2, 0)] and k == 3 and repl == ["good 7*2=14", "4*2=8 again"]
+    iv = res.records["interventions"]
+    assert [(i["uid"], i["step"], i["wrong_step"], i["proposal"], i["effect"]) for i in iv] == [
+        ("t1", 1, "7*2=14", "good 7*2=14", 1.0), ("t2", 0, "4*2=8", "4*2=8 again", 0.0)]
     assert iv[0]["prompt"] == correction_prompt("3+4*2\n", ["3+4=7"], "7*2=14")
+    assert iv[0]["intervened_returns"] == [1.0] * 3 and iv[0]["original_return"] == 0.0
     assert res.stats["interventions"] == 2 and res.stats["judged_responses"] == 2  # only the failed ones
+    assert res.stats["interventions_outcome_changed"] == 1
     assert res.overhead.judge_calls == judge.calls == 6 + 2  # 6 judged steps of 2 failed responses + 2 proposals
+    assert res.overhead.env_resets == 6  # the continuations' compute is billed too
+
+
+def test_int_advantages_follow_the_proposals():
+    """Same verdicts, different proposals: different advantages (not independent of the proposals)."""
+    batch = make_batch(EPISODES)
+    verdicts = [[1, 1, 1], [1, 0, 0], [0, 1, 0], [1, 1, NAN]]
+    a, t, _ = run("int", batch, Proposer(verdicts, ["good", "good"]))
+    b, _, _ = run("int", batch, Proposer(verdicts, ["bad", "good"]))
+    c, _, _ = run("int", batch, Proposer(verdicts, ["bad", "bad"]))
+    assert not torch.allclose(a.advantages, b.advantages) and not torch.allclose(b.advantages, c.advantages)
+    assert torch.allclose(c.advantages, grpo_adv(t), atol=1e-6)  # no rescue anywhere: GRPO
+    # an empty proposal is no intervention: nothing rolled out for it, no blame
+    mc = ScriptedContinuations()
+    d, _, _ = run("int", batch, Proposer(verdicts, ["", "good"]), mc=mc)
+    assert mc.calls[0][0] == [(2, 0)] and d.stats["interventions_empty"] == 1
+    assert torch.equal(d.advantages[1], grpo_adv(t)[1].to(d.advantages.dtype))
+
+
+def test_int_candidates_and_reference_solution():
+    batch = make_batch(EPISODES)
+    for traj in batch.trajectories:
+        traj.privileged = {"answer": "11", "reference_steps": ["4*2=8", "3+8=11"]}
+    judge = Proposer([[1, 1, 1], [1, 0, 0], [0, 1, 0], [1, 1, NAN]], ["a", "b", "c", "d"])
+    res, _, _ = run("int", batch, judge, candidates="flagged")
+    assert [(i["row"], i["step"]) for i in res.records["interventions"]] == [(1, 1), (1, 2), (2, 0), (2, 2)]
+    assert all("Reference solution:\n4*2=8\n3+8=11\nanswer 11" in p for p in judge.proposed)
+    assert res.stats["interventions_with_reference"] == 4
+    judge = Proposer([[1, 1, 1], [1, 0, 0], [0, 1, 0], [1, 1, NAN]], ["a", "b"])
+    res, _, _ = run("int", batch, judge, use_reference=False)
+    assert not any("Reference" in p for p in judge.proposed) and res.stats["interventions_with_reference"] == 0
+    assert "reference solution" in build_method(get_method_class("int").Config()).checklist_note()
 
 
 def test_int_without_wrong_steps_is_the_base_advantage():
     batch = make_batch(EPISODES)
     judge = ScriptedJudge([[1, 1, 1], [1, 1, 1], [1, 1, NAN], [1, 1, NAN]])
-    res, t, ctx = run("int", batch, judge, only_failed=False)
+    mc = ScriptedContinuations()
+    res, t, ctx = run("int", batch, judge, mc=mc, only_failed=False)
     assert torch.allclose(res.advantages, grpo_adv(t), atol=1e-6)
-    assert ctx.extras["int_interventions"] == [] and judge.calls == 10
+    assert res.records["interventions"] == [] and judge.calls == 10 and mc.calls == []
 
 
 # --------------------------------------------------------------------------- with a real judge
@@ -221,12 +289,11 @@ def test_capo_and_int_with_the_policy_as_judge(tiny):
         assert res.overhead.judge_calls == 11 and res.overhead.extra_forward_passes >= 1
 
     judge = HFJudge(model, tok, margin=50.0)  # a strict judge: every step is wrong
-    ctx = CreditContext(judge=judge)
+    mc = ScriptedContinuations()
+    ctx = CreditContext(judge=judge, mc_rollouts=mc)
     res = build_method(get_method_class("int").Config(propose_max_new_tokens=4))(t, batch, ctx)
-    iv = ctx.extras["int_interventions"]
+    iv = res.records["interventions"]
     assert [i["step"] for i in iv] == [0, 0] and all(isinstance(i["proposal"], str) for i in iv)
     assert res.overhead.judge_calls == 6 + 2 and res.overhead.extra_tokens >= 2
-    for b in (1, 2):
-        on0 = t.turn_ids[b] == 0
-        assert torch.allclose(res.advantages[b][on0], base[b][on0] - 1.0)
-        assert torch.equal(res.advantages[b][~on0], base[b][~on0])
+    for b in (1, 2):  # the scripted continuations never rescue (no "good" in the policy's proposals)
+        assert torch.allclose(res.advantages[b], base[b] * t.response_mask[b], atol=1e-6)

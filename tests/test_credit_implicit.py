@@ -105,6 +105,55 @@ def test_dpo_token_credits_sum_to_the_sequence_implicit_reward(models):
     assert res.granularity == "token" and res.credit.shape == t.response_mask.shape
 
 
+def test_dpo_per_token_credit_is_the_direct_per_token_log_ratio(models):
+    """Pins every token's credit, not only the row sums: moving a row's whole implicit reward onto
+    its last token (same sums) fails here."""
+    model, ref, tok = models
+    batch = make_batch(tok, seed=3)
+    t = batch.to_tensors(pad_token_id=tok.pad_token_id)
+    t.old_logprobs = _batched_lp(model, t)
+    beta, weight = 0.3, 0.5
+    cls = get_method_class("dpo_implicit")
+    res = cls(cls.Config(beta=beta, credit_weight=weight))(t, batch, CreditContext(ref_logprobs=_batched_lp(ref, t)))
+    spread = 0
+    for i, tr in enumerate(batch.trajectories):
+        n = len(tr.response_ids)
+        m = torch.tensor(tr.policy_mask)
+        assert torch.equal(t.response_mask[i, :n].bool(), m)  # response column j is response token j
+        direct = beta * (_row_logprobs(model, tr.prompt_ids, tr.response_ids)
+                         - _row_logprobs(ref, tr.prompt_ids, tr.response_ids)) * m
+        assert torch.allclose(res.credit[i, :n], direct, atol=1e-4), (i, res.credit[i, :n], direct)
+        assert (res.credit[i, n:] == 0).all()
+        lumped = torch.zeros_like(direct)
+        lumped[int(m.nonzero()[-1])] = direct.sum()  # the whole implicit reward on the last policy token
+        spread += not torch.allclose(lumped, direct, atol=1e-4)
+    assert spread >= len(batch) - 1  # the test can tell per-token credit from a lumped one
+    # differential vs GRPO: exactly weight * credit apart on every token
+    g = _grpo(t, batch).advantages
+    assert torch.allclose(res.advantages - g, weight * res.credit, atol=1e-6)
+
+
+def test_dpo_differs_from_grpo_exactly_where_policy_and_reference_differ(models):
+    _, _, tok = models
+    batch = make_batch(tok, seed=4)
+    t = batch.to_tensors(pad_token_id=tok.pad_token_id)
+    g = torch.Generator().manual_seed(0)
+    t.old_logprobs = -torch.rand(t.old_logprobs.shape, generator=g) * t.response_mask
+    shift = torch.zeros_like(t.old_logprobs)
+    shift[:, 1::2] = 0.4  # the reference disagrees with the policy on every other position only
+    ref = (t.old_logprobs - shift) * t.response_mask
+    cls = get_method_class("dpo_implicit")
+    res = cls(cls.Config(beta=0.5))(t, batch, CreditContext(ref_logprobs=ref))
+    grpo = _grpo(t, batch).advantages
+    on = t.response_mask != 0
+    same = on & (shift == 0)
+    moved = on & (shift != 0)
+    assert same.any() and moved.any()
+    assert torch.equal(res.advantages[same], grpo[same])  # agree where log pi = log pi_ref
+    assert torch.allclose(res.advantages[moved], grpo[moved] + 0.2, atol=1e-6)  # beta * 0.4 where they differ
+    assert (res.advantages[~on] == 0).all()
+
+
 def test_dpo_credit_weight_zero_is_grpo_and_needs_reference(models):
     _, _, tok = models
     batch = make_batch(tok, seed=2)

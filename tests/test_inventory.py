@@ -207,6 +207,22 @@ def test_render_table(rows):
     assert gigpo.split()[:4] == ["19", "GiGPO", "C", "A"]
     grpo = next(line for line in lines if line.split()[:1] == ["GRPO"])
     assert "implemented (grpo)" in grpo
+    # a row that departs from its paper on purpose says so
+    for name in ("InT", "RED"):
+        line = next(line for line in lines if line.split()[1:2] == [name])
+        row = next(r for r in rows if r.method == name)
+        assert row.simplified and f"implemented (simplified: {row.simplified}) ({row.registry_name})" in line
+
+
+def test_methods_command_shows_simplified_statuses(capsys):
+    from flows.cli import main
+
+    assert main(["methods", "--setting", "R"]) in (0, None)
+    out = capsys.readouterr().out
+    assert "implemented (simplified: interventions are rolled out" in out and "implemented (simplified: step units" in out
+    assert main(["methods", "--format", "csv"]) in (0, None)
+    records = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert next(r for r in records if r["method"] == "InT")["simplified"].startswith("interventions are rolled out")
 
 
 def test_registry_consistency():

@@ -43,9 +43,17 @@ class MCRollouts(Protocol):
     a turn's action, or inside it) or equal a turn's action start; the environment is restored to
     the state that turn's action was taken in and the continuation finishes the episode. Returns
     ``(returns, overhead)``: ``returns`` is (N, k) float, each continuation's return-to-go from the
-    prefix's turn on (terminal reward + turn rewards of that turn and later ones)."""
+    prefix's turn on (terminal reward + turn rewards of that turn and later ones).
 
-    def __call__(self, starts: list[tuple[int, int]], k: int) -> tuple[torch.Tensor, Overhead]: ...
+    ``replacements`` (optional, one per start; ``None`` = no replacement) makes a start an
+    *intervention* (InT, Yang et al. 2026, survey §3.3.1): its position must be a turn's action
+    start, and the text replaces that turn's action (the environment is restored to the state
+    before the turn, the text is applied as the action, the policy continues); the return then
+    counts from the replaced turn on. Providers keep ``last_continuations`` (per start, each
+    continuation's action texts) for the record."""
+
+    def __call__(self, starts: list[tuple[int, int]], k: int,
+                 replacements: Optional[list[Optional[str]]] = None) -> tuple[torch.Tensor, Overhead]: ...
 
 
 class Scorer(Protocol):
@@ -125,6 +133,11 @@ class CreditMethod(abc.ABC):
 
     def __init__(self, cfg: CreditConfig):
         self.cfg = cfg
+
+    def checklist_note(self) -> str:
+        """What the Appendix C checklist should say beyond the methodology (e.g. privileged
+        information the method uses at training time); empty by default."""
+        return ""
 
     @abc.abstractmethod
     def assign(self, tensors: BatchTensors, batch: Batch, ctx: CreditContext) -> CreditResult:

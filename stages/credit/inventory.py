@@ -9,7 +9,9 @@ Quick-Reference Index"), or from the survey body / reference list for rows Table
 
 Each row also records how it relates to this repository's credit registry
 (:mod:`stages.credit.base`): ``status`` is ``"implemented"`` (with the ``registry_name``),
-``"planned"`` or ``"not-applicable"``, and ``status_reason`` says why. Registry methods that are
+``"planned"`` or ``"not-applicable"``, and ``status_reason`` says why; an implemented row that
+departs from its paper on purpose says what in ``simplified``, rendered as
+``implemented (simplified: <what>)`` (:func:`status_text`). Registry methods that are
 episode-level baselines rather than reviewed papers are listed under ``registry_extras``.
 
 Pure standard library: the JSON is read with :mod:`importlib.resources`.
@@ -59,6 +61,8 @@ class InventoryRow:
     status: str
     registry_name: Optional[str]
     status_reason: str
+    #: for an implemented row that departs from its paper on purpose: what was simplified ("" = faithful)
+    simplified: str = ""
 
     @property
     def is_background(self) -> bool:
@@ -70,7 +74,7 @@ class InventoryRow:
         kw = {f.name: d.get(f.name) for f in fields(cls)}
         kw["setting"] = tuple(d.get("setting") or ())
         kw["primary_benchmarks"] = tuple(d.get("primary_benchmarks") or ())
-        for key in ("full_name", "reference", "section", "baseline_label", "status_reason"):
+        for key in ("full_name", "reference", "section", "baseline_label", "status_reason", "simplified"):
             kw[key] = kw[key] or ""
         return cls(**kw)
 
@@ -143,12 +147,19 @@ def to_json(rows: Iterable[InventoryRow]) -> str:
     return json.dumps([r.to_dict() for r in rows], indent=2, ensure_ascii=False)
 
 
+def status_text(r: InventoryRow) -> str:
+    """``implemented (simplified: <what>)`` for a row with a ``simplified`` note, else the status."""
+    if r.status == "implemented" and r.simplified:
+        return f"implemented (simplified: {r.simplified})"
+    return r.status
+
+
 def render_table(rows: Iterable[InventoryRow]) -> str:
     """Fixed-width text table: #, method, type, setting, granularity, methodology, BL, Ev., status."""
     header = ("#", "Method", "Type", "Setting", "Gran.", "Methodology", "BL", "Ev.", "Status/registry")
     body = []
     for r in rows:
-        status = f"implemented ({r.registry_name})" if r.status == "implemented" else r.status
+        status = f"{status_text(r)} ({r.registry_name})" if r.status == "implemented" else r.status
         body.append((
             "" if r.number is None else str(r.number),
             r.method,
@@ -198,6 +209,10 @@ def check_against_registry(
                 problems.append(f"{label}: status implemented but no registry_name")
             elif r.registry_name not in known:
                 problems.append(f"{label}: status implemented but registry_name {r.registry_name!r} is not registered")
+            if r.simplified and not r.simplified.strip():
+                problems.append(f"{label}: blank 'simplified' note")
+        elif r.simplified:
+            problems.append(f"{label}: status {r.status!r} with a 'simplified' note (only implemented rows have one)")
         elif not r.status_reason.strip():
             problems.append(f"{label}: status {r.status!r} without a status_reason")
     row_names = {r.registry_name for r in rows if r.registry_name}

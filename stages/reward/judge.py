@@ -77,15 +77,21 @@ def step_prompt(problem: str, previous: Sequence[str], step: str) -> str:
     return "\n".join(lines) + "\nAnswer:"
 
 
-def correction_prompt(problem: str, previous: Sequence[str], wrong_step: str) -> str:
+def correction_prompt(problem: str, previous: Sequence[str], wrong_step: str,
+                      reference: Sequence[str] = ()) -> str:
     """InT's intervention prompt: the prefix up to a wrong step, the wrong step, and a request for
-    the corrected step (one line)."""
+    the corrected step (one line). With ``reference`` (the task's reference solution steps,
+    privileged training-time information) the proposer sees it first, as in Yang et al. 2026
+    (the model contrasts its trace with the reference to correct the first error)."""
     lines = [f"Problem: {_clean(problem)}"]
+    if reference:
+        lines.append("Reference solution:")
+        lines.extend(_clean(s) for s in reference)
     if previous:
         lines.append("Previous steps:")
         lines.extend(_clean(s) for s in previous)
     lines.append(f"This next step is wrong: {_clean(wrong_step)}")
-    return "\n".join(lines) + "\nCorrect next step:"
+    return "\n".join(lines) + "\nCorrect next step:\n"  # a new line: the policy writes steps one per line
 
 
 def batch_step_queries(batch: Batch) -> tuple[list[tuple[int, int]], list[str], int]:

@@ -7,6 +7,10 @@ families emit one reasoning step per policy turn (the math family: ``"3+4=7"``, 
 ``nan`` where trajectory ``b`` has no step ``k``. Token ``j`` of trajectory ``b`` belongs to step
 ``BatchTensors.turn_ids[b, j]``.
 
+Each source declares its kind (:data:`SOURCE_KINDS`, ``prefix_scores``): ``mc`` and ``prm``
+score the *prefix* ending with step k; ``step_check`` is a per-step correctness bit. Methods that
+take differences of consecutive prefix scores (RED) refuse a non-prefix source.
+
 Three sources, selected by a method's config field ``process_reward`` (the fields of
 :class:`ProcessRewardConfig`, which step-level methods embed in their ``Config``):
 
@@ -43,6 +47,37 @@ from stages.schema import Batch, Overhead
 #: the process-reward sources :func:`make_process_rewards` knows
 SOURCES = ("step_check", "mc", "prm")
 
+#: the declared kind of each source: ``(prefix_scores, what its value at step k is)``. A *prefix
+#: score* is a score of the whole prefix ending with step k (what RED-style redistribution takes
+#: differences of, Li et al. 2024); a per-step correctness bit is not: after an error, a correct
+#: step scores 1 again, so the difference of consecutive bits credits it with a recovery the
+#: trajectory never made.
+SOURCE_KINDS: dict[str, tuple[bool, str]] = {
+    "step_check": (False, "a per-step correctness bit of step k alone (the family's procedural check), not a score "
+                          "of the prefix: after an error a correct step scores 1 again"),
+    "mc": (True, "the Monte Carlo value of the prefix through step k (mean return of policy continuations from "
+                 "its end; the last step: the episode's outcome)"),
+    "prm": (True, "the PRM's score of the prefix through step k (one causal pass reads the prefix only)"),
+}
+
+
+def prefix_scores(source: str) -> bool:
+    """Whether ``source``'s values are scores of prefixes (:data:`SOURCE_KINDS`)."""
+    if source not in SOURCE_KINDS:
+        raise ValueError(f"config key 'credit.process_reward' must be one of {', '.join(SOURCES)}, got {source!r}")
+    return SOURCE_KINDS[source][0]
+
+
+def require_prefix_scores(source: str, method: str) -> None:
+    """Refuse a non-prefix source for a method that takes differences of prefix scores, with the reason."""
+    if not prefix_scores(source):
+        ok = [s for s in SOURCES if SOURCE_KINDS[s][0]]
+        raise ValueError(
+            f"credit.process_reward={source} cannot be used with credit={method}: {method} takes differences of "
+            f"scores of consecutive prefixes, and {source} is {SOURCE_KINDS[source][1]}; use one of "
+            f"{', '.join(f'credit.process_reward={s}' for s in ok)}"
+        )
+
 
 @dataclass
 class ProcessRewardConfig:
@@ -71,6 +106,7 @@ class StepCheckRewards:
     """Process rewards from the task family's procedural step checks (``turns[k].info["step_correct"]``)."""
 
     source = "step_check"
+    prefix_scores = SOURCE_KINDS["step_check"][0]  # declared kind (SOURCE_KINDS)
 
     def __call__(self, batch: Batch) -> tuple[torch.Tensor, Overhead]:
         out = _nan_matrix(batch)
@@ -121,6 +157,7 @@ class MCProcessRewards:
     trajectory's terminal reward. Overhead: what the MC provider reports."""
 
     source = "mc"
+    prefix_scores = SOURCE_KINDS["mc"][0]  # declared kind (SOURCE_KINDS)
 
     def __init__(self, mc_rollouts: Any, k: int):
         if mc_rollouts is None:
@@ -163,6 +200,7 @@ class PRMProcessRewards:
     """Process rewards from a PRM trained here: ``P(step k correct | prompt, steps 0..k)``."""
 
     source = "prm"
+    prefix_scores = SOURCE_KINDS["prm"][0]  # declared kind (SOURCE_KINDS)
 
     def __init__(self, prm: Any):
         if prm is None:

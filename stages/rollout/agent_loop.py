@@ -54,6 +54,9 @@ class EpisodeStart:
     #: the tail of ``response_ids`` that is the interrupted turn's action so far (may be empty)
     partial_action: list[int] = field(default_factory=list)
     prompt_text: str = ""
+    #: action tokens *imposed* on the first new turn instead of generating it (InT's intervention,
+    #: Yang et al. 2026: a rewritten step); behaviour log-probs/entropies 0.0, finish_reason "forced"
+    forced_action: Optional[list[int]] = None
 
 
 def _turn_seed(seed: int, uid: str, turn: int) -> int:
@@ -108,7 +111,10 @@ def run_episodes(
     first generated turn completes ``starts[i].partial_action`` (action tokens of the
     interrupted turn already in the context). The returned trajectories hold only the *new*
     response tokens and turns (the first new turn's action text includes the partial action);
-    their return is the return-to-go from the start turn on.
+    their return is the return-to-go from the start turn on. A start with ``forced_action``
+    (token ids) takes that action on its first new turn instead of generating one (InT's
+    counterfactual step, Yang et al. 2026); the turn's ``info["finish_reason"]`` is ``"forced"``
+    and its tokens count neither as generated nor as an engine call.
 
     ``prompts`` says the caller has already reset ``envs`` (and these are the prompts they
     returned), e.g. to retry environments that failed to start.
@@ -134,6 +140,10 @@ def run_episodes(
         prompt_ids = [list(st.prompt_ids) for st in starts]
         prefix = [list(st.response_ids) for st in starts]
         partial = [list(st.partial_action) for st in starts]
+    forced: list[Optional[list[int]]] = [None] * n if starts is None else [
+        None if st.forced_action is None else list(st.forced_action) for st in starts]
+    if any(f is not None and p for f, p in zip(forced, partial)):
+        raise ValueError("run_episodes: a start cannot have both a partial_action and a forced_action")
     resp: list[list[int]] = [[] for _ in range(n)]
     mask: list[list[bool]] = [[] for _ in range(n)]
     lps: list[list[float]] = [[] for _ in range(n)]
@@ -157,17 +167,24 @@ def run_episodes(
         idx = [i for i in range(n) if active[i]]
         if not idx:
             break
+        gen = [i for i in idx if forced[i] is None]
         requests = [
             GenerationRequest(context_ids=prompt_ids[i] + prefix[i] + resp[i], seed=_turn_seed(seed, uids[i], turn_idx))
-            for i in idx
+            for i in gen
         ]
         # a continued turn may already hold part of its action: it gets only the rest of the budget
-        budget = [max(cfg.max_new_tokens_per_turn - len(partial[i]), 1) for i in idx]
-        outs = engine.generate(requests, max(budget), stop_ids, cfg.temperature, cfg.top_p)
-        outs = [_truncate(out, b) for out, b in zip(outs, budget)]
+        budget = [max(cfg.max_new_tokens_per_turn - len(partial[i]), 1) for i in gen]
+        generated = engine.generate(requests, max(budget), stop_ids, cfg.temperature, cfg.top_p) if gen else []
+        by_row = {i: _truncate(out, b) for i, out, b in zip(gen, generated, budget)}
+        for i in idx:  # an imposed first action (intervention) is not generated: no log-probs of its own
+            if forced[i] is not None:
+                f = forced[i]
+                by_row[i] = GenerationOutput(f, [0.0] * len(f), [0.0] * len(f), "forced")
+                forced[i] = None
+        outs = [by_row[i] for i in idx]
         results: list[StepResult] = []
         for i, out in zip(idx, outs):
-            calls[i] += 1
+            calls[i] += out.finish_reason != "forced"
             text = tokenizer.decode(partial[i] + list(out.token_ids), skip_special_tokens=True)
             partial[i] = []
             key = envs[i].state_key()
@@ -181,7 +198,7 @@ def run_episodes(
             mask[i].extend([True] * len(out.token_ids))
             lps[i].extend(out.logprobs)
             ents[i].extend(out.entropies)
-            gen_tokens[i] += len(out.token_ids)
+            gen_tokens[i] += len(out.token_ids) if out.finish_reason != "forced" else 0
             turns[i].append(
                 Turn(
                     index=len(turns[i]),

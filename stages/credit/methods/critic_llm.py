@@ -20,21 +20,33 @@ family one reasoning line such as ``"3+4=7"``), so a token's step is ``BatchTens
   intersection = flagged by every vote, union = flagged by any), the paper's voting mechanism;
   useful only with a sampling judge (a local judge's log-odds verdicts are deterministic).
 
-* **InT** (Yang et al. 2026, "Self-Proposed Interventions"; survey §3.3.1, Appendix B row 14):
-  for each (by default failed) response the judge locates the *first* wrong step ``k*`` and
-  proposes a corrected step in its place (``Judge.propose``, the policy itself by default). The
-  credit stays the outcome advantage everywhere except on the tokens of step ``k*``:
+* **InT** (Yang et al. 2026, "InT: Self-Proposed Interventions Enable Credit Assignment in LLM
+  Reasoning", arXiv 2601.14209; survey §3.3.1, Appendix B row 14): for each (by default failed)
+  response the judge locates the *first* wrong step ``k*`` (``candidates=flagged``: every flagged
+  step) and proposes a single-step *intervention*, a rewrite of that step (``Judge.propose``; the
+  policy itself by default; with ``use_reference`` the proposer also sees the task's reference
+  solution, ``Trajectory.privileged["reference_steps"]``/``["answer"]``, as in the paper). The
+  episode is then **really continued** from the rewritten prefix (``mc_rollouts`` with
+  ``replacements``): the environment is restored to the state before step ``k``, the rewrite is
+  taken as the action, the policy generates the rest (``k`` continuations) and the family's
+  verifier scores it. The intervention's *effect* is the outcome change it causes,
 
-      A_{i,t} = Â_i - penalty · 1[step(t) == k*_i]
+      Δ_{i,k} = mean_j G(intervened_j) - G_i(from step k on)
 
-  Steps before ``k*`` are untouched (they are the prefix the intervention keeps); so are the steps
-  after it (their fate is already decided by ``k*``). The proposals are recorded in
-  ``ctx.extras["int_interventions"]`` (uid, step index, the wrong step, the proposed step, the
-  judge's prompt) and counted in ``stats``; they are *not* rolled out here — evaluating whether
-  the intervention changes the outcome needs an environment fork at step ``k*`` (``mc_rollouts``),
-  which this method does not request.
+  (1 when a failed trace is rescued every time, 0 when the rewrite is inconsequential), and the
+  step's tokens lose credit in proportion to it; every other token keeps the outcome advantage:
 
-Both record the judge's work as overhead (``judge_calls``, forward passes, generated tokens).
+      A_{i,t} = Â_i - penalty · Δ_{i,step(t)}   on intervened steps,   Â_i elsewhere.
+
+  A step whose rewrite changes nothing is not blamed; one whose rewrite rescues the trace carries
+  the failure. Simplified from the paper: the paper fine-tunes (SFT) on prefix + intervention and
+  then runs RL; here the rolled-out interventions are used as counterfactual step credit inside
+  the RL advantage (no SFT phase). Every intervention (prompt, proposal, returns, effect, the
+  continuations' steps) is returned in ``CreditResult.records["interventions"]`` and logged by
+  the flow as an MLflow artifact.
+
+Both record the judge's work as overhead (``judge_calls``, forward passes, generated tokens);
+InT adds the continuations' (environment resets and steps, generated tokens, forward passes).
 """
 
 from __future__ import annotations
@@ -190,25 +202,43 @@ class CAPO(CreditMethod):
 @dataclass
 class InTConfig(JudgeCreditConfig):
     method: str = "int"  # credit-assignment method (registry name; InT, Yang et al. 2026)
-    penalty: float = 1.0  # advantage subtracted on the first wrong step's tokens (Yang et al. 2026, intervention target)
+    penalty: float = 1.0  # advantage removed from an intervened step's tokens per unit of outcome change its rewrite causes
     only_failed: bool = True  # intervene only on responses whose outcome is not a success (Yang et al. 2026: failed traces)
-    propose_max_new_tokens: int = 32  # length cap of the self-proposed corrected step (Yang et al. 2026)
+    candidates: str = "first"  # steps to intervene on: first (the judge's first flagged step, Yang et al. 2026) | flagged (every flagged step)
+    k: int = 2  # continuations rolled out from each rewritten prefix (the intervention's outcome is their mean return)
+    use_reference: bool = True  # the proposer sees the task's reference solution where the family has one (Yang et al. 2026; privileged, training only)
+    propose_max_new_tokens: int = 32  # length cap of the self-proposed rewritten step (Yang et al. 2026)
     norm_adv_by_std: bool = True  # outcome advantage divided by the group std (GRPO; false: Dr. GRPO)
     epsilon: float = 1e-6  # added to the group std (GRPO, verl's epsilon)
 
 
+def reference_solution(privileged: dict[str, Any]) -> list[str]:
+    """The reference solution steps a family puts in ``Trajectory.privileged`` (math:
+    ``reference_steps`` + ``answer``), as step lines; empty when it has none."""
+    steps = [str(x) for x in (privileged or {}).get("reference_steps") or []]
+    answer = (privileged or {}).get("answer")
+    return steps + ([f"answer {answer}"] if answer not in (None, "") else [])
+
+
+def as_step(proposal: str, original: str) -> str:
+    """A proposal as one step action: its first non-empty line, ending like the original action
+    (e.g. with the math family's ``"\\n"`` stop text); empty if the proposal has no text."""
+    line = next((x.strip() for x in str(proposal).splitlines() if x.strip()), "")
+    return line + original[len(original.rstrip()):] if line else ""
+
+
 @register_method
 class InT(CreditMethod):
-    """InT: the judge finds each response's first wrong step and proposes a corrected step; the
-    wrong step's tokens are penalised, every other token keeps the outcome advantage (module
-    docstring; Yang et al. 2026; survey §3.3.1)."""
+    """InT: the judge finds each response's first wrong step and proposes a rewrite; the episode
+    is continued from the rewritten prefix and the step is blamed by the outcome change its
+    rewrite causes (module docstring; Yang et al. 2026; survey §3.3.1)."""
 
     name = "int"
     Config = InTConfig
     granularity = "step"
     methodology = "Intervention"
-    needs = frozenset({"judge"})
-    reference = "Yang et al. 2026 (InT: self-proposed interventions for credit assignment); survey §3.3.1"
+    needs = frozenset({"judge", "mc_rollouts"})
+    reference = "Yang et al. 2026 (InT: self-proposed interventions for credit assignment, arXiv 2601.14209); survey §3.3.1"
 
     def __init__(self, cfg: InTConfig):
         super().__init__(cfg)
@@ -216,53 +246,101 @@ class InT(CreditMethod):
             raise ValueError(f"credit.penalty must be >= 0, got {cfg.penalty}")
         if cfg.propose_max_new_tokens < 1:
             raise ValueError(f"credit.propose_max_new_tokens must be >= 1, got {cfg.propose_max_new_tokens}")
+        if cfg.k < 1:
+            raise ValueError(f"credit.k must be >= 1, got {cfg.k}")
+        if cfg.candidates not in ("first", "flagged"):
+            raise ValueError(f"credit.candidates must be first or flagged, got {cfg.candidates!r}")
         check_judge_config(cfg)
+
+    def checklist_note(self) -> str:
+        cfg: InTConfig = self.cfg  # type: ignore[assignment]
+        return ("intervention proposer sees the task's reference solution where the family has one (privileged, "
+                "training time only; Yang et al. 2026)" if cfg.use_reference else
+                "intervention proposer does not see reference solutions")
+
+    def candidate_steps(self, verdicts: torch.Tensor) -> torch.Tensor:
+        """(N, K) bool: the steps to intervene on from (N, K) judge verdicts (0 = wrong)."""
+        wrong = verdicts == 0
+        if self.cfg.candidates == "flagged":  # type: ignore[attr-defined]
+            return wrong
+        first = wrong & (wrong.long().cumsum(-1) == 1)  # the first flagged step of each row
+        return first
 
     def assign(self, tensors: BatchTensors, batch: Batch, ctx: CreditContext) -> CreditResult:
         cfg: InTConfig = self.cfg  # type: ignore[assignment]
-        assert ctx.judge is not None  # CreditMethod.__call__ checked ``needs``
+        assert ctx.judge is not None and ctx.mc_rollouts is not None  # CreditMethod.__call__ checked ``needs``
         adv_out, mask = _outcome_advantage(tensors, cfg.epsilon, cfg.norm_adv_by_std)
         B, K = mask.shape[0], _num_steps(tensors)
         trajs = batch.trajectories
         if len(trajs) != B:
             raise ValueError(f"credit method 'int': batch has {len(trajs)} trajectories, tensors have {B} rows")
-        if cfg.only_failed:
-            rows = [b for b, t in enumerate(trajs) if not t.success]
-        else:
-            rows = list(range(B))
+        rows = [b for b, t in enumerate(trajs) if not (cfg.only_failed and t.success)]
         before = usage(ctx.judge)
-        first = torch.full((B,), -1, dtype=torch.long)
-        interventions: list[dict[str, Any]] = []
+        cand = torch.zeros((B, K), dtype=torch.bool)
         if rows:
             sub = Batch([trajs[b] for b in rows], iteration=batch.iteration)
             v = _check_verdicts(self.name, ctx.judge.step_verdicts(sub), len(rows), K)
-            wrong = v == 0
-            has = wrong.any(-1)
-            k_star = wrong.float().argmax(-1)  # first wrong step (argmax returns the first maximum)
-            first[torch.tensor(rows)] = torch.where(has, k_star, torch.full_like(k_star, -1))
-            todo = [(b, int(first[b])) for b in rows if int(first[b]) >= 0]
-            prompts = []
-            for b, k in todo:
-                steps = [turn.action_text for turn in trajs[b].turns]
-                prompts.append(correction_prompt(trajs[b].prompt_text, steps[:k], steps[k]))
-            proposals = ctx.judge.propose(prompts, cfg.propose_max_new_tokens) if prompts else []
-            if len(proposals) != len(prompts):
-                raise ValueError(f"credit method 'int': judge.propose returned {len(proposals)} texts for {len(prompts)} prompts")
-            for (b, k), prompt, text in zip(todo, prompts, proposals):
-                interventions.append({"uid": trajs[b].uid, "row": b, "step": k,
-                                      "wrong_step": trajs[b].turns[k].action_text, "proposal": text, "prompt": prompt})
-        ctx.extras["int_interventions"] = interventions
-        first_flags = torch.zeros((B, K), dtype=torch.bool)
-        hit = first >= 0
-        first_flags[hit, first[hit]] = True
-        on_first = _step_of_tokens(first_flags.to(tensors.turn_ids.device), tensors.turn_ids).to(mask.dtype)
-        adv = (adv_out.unsqueeze(-1) - cfg.penalty * on_first) * mask
+            cand[torch.tensor(rows)] = self.candidate_steps(v)
+        todo = [(int(b), int(k)) for b, k in cand.nonzero().tolist() if int(k) < len(trajs[int(b)].turns)]
+        prompts, refs = [], 0
+        for b, k in todo:
+            steps = [turn.action_text for turn in trajs[b].turns]
+            reference = reference_solution(trajs[b].privileged) if cfg.use_reference else []
+            refs += bool(reference)
+            prompts.append(correction_prompt(trajs[b].prompt_text, steps[:k], steps[k], reference))
+        proposals = ctx.judge.propose(prompts, cfg.propose_max_new_tokens) if prompts else []
+        if len(proposals) != len(prompts):
+            raise ValueError(f"credit method 'int': judge.propose returned {len(proposals)} texts for {len(prompts)} prompts")
+        overhead = judge_overhead(ctx.judge, before)
+        texts = [as_step(p, trajs[b].turns[k].action_text) for (b, k), p in zip(todo, proposals)]
+        live = [n for n, t in enumerate(texts) if t]  # an empty proposal is no intervention
+        returns = torch.zeros((len(todo), cfg.k))
+        conts: list[list[list[str]]] = [[] for _ in todo]
+        if live:
+            starts = [(todo[n][0], int(trajs[todo[n][0]].turns[todo[n][1]].action_span[0])) for n in live]
+            got, mc_overhead = ctx.mc_rollouts(starts, cfg.k, replacements=[texts[n] for n in live])
+            got = torch.as_tensor(got, dtype=torch.float32)
+            if got.shape != (len(live), cfg.k):
+                raise ValueError(f"credit method 'int': mc_rollouts returned shape {tuple(got.shape)}, expected {(len(live), cfg.k)}")
+            returns[torch.tensor(live)] = got
+            overhead = overhead + mc_overhead
+            last = getattr(ctx.mc_rollouts, "last_continuations", None) or []
+            for n, c in zip(live, last):
+                conts[n] = c
+        # the original trace's return from step k on (terminal reward + turn rewards of k and later)
+        original = torch.tensor([trajs[b].reward + sum(t.reward for t in trajs[b].turns[k:]) for b, k in todo],
+                                dtype=torch.float32)
+        ok = torch.zeros(len(todo), dtype=torch.bool)
+        if live:
+            ok[torch.tensor(live)] = True
+        effect_list = torch.where(ok, returns.mean(-1) - original, torch.zeros_like(original))
+        effect = torch.zeros((B, K), dtype=mask.dtype)
+        if todo:
+            idx = torch.tensor(todo, dtype=torch.long)
+            effect[idx[:, 0], idx[:, 1]] = effect_list.to(mask.dtype)
+        valid = tensors.turn_ids >= 0
+        tok_effect = effect.gather(1, tensors.turn_ids.clamp(min=0, max=K - 1)) * valid
+        adv = (adv_out.unsqueeze(-1) - cfg.penalty * tok_effect) * mask
         credit = turn_credit(adv, tensors.turn_ids, K)
+        records = [{
+            "uid": trajs[b].uid, "row": b, "step": k, "wrong_step": trajs[b].turns[k].action_text,
+            "prompt": prompt, "proposal": proposal, "replacement": text,
+            "reference_shown": bool(cfg.use_reference and reference_solution(trajs[b].privileged)),
+            "original_return": float(original[n]),
+            "intervened_returns": [float(x) for x in returns[n]] if ok[n] else [],
+            "effect": float(effect_list[n]), "continuations": conts[n],
+        } for n, ((b, k), prompt, proposal, text) in enumerate(zip(todo, prompts, proposals, texts))]
+        hit = cand.any(-1)
+        first = cand.float().argmax(-1)  # argmax returns the first maximum
         stats = {
             "judged_responses": float(len(rows)),
-            "interventions": float(len(interventions)),
+            "interventions": float(len(live)),
+            "interventions_empty": float(len(todo) - len(live)),
+            "interventions_outcome_changed": float((effect_list.abs() > 1e-6).sum()),
+            "intervention_effect_mean": float(effect_list[ok].mean()) if live else 0.0,
+            "interventions_with_reference": float(refs),
             "first_wrong_step_mean": float(first[hit].float().mean()) if bool(hit.any()) else -1.0,
-            "proposal_chars_mean": (sum(len(i["proposal"]) for i in interventions) / len(interventions)) if interventions else 0.0,
+            "proposal_chars_mean": (sum(len(p) for p in proposals) / len(proposals)) if proposals else 0.0,
         }
-        return CreditResult(advantages=adv, granularity="step", credit=credit,
-                            overhead=judge_overhead(ctx.judge, before), stats=stats)
+        return CreditResult(advantages=adv, granularity="step", credit=credit, overhead=overhead, stats=stats,
+                            records={"interventions": records})

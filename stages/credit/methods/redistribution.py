@@ -3,11 +3,16 @@
 RED turns a sequence-level ("holistic") reward into dense rewards by reading a reward/value
 model on every prefix: the reward of unit ``t`` is the score increase it causes,
 ``d_t = score(prefix_<=t) - score(prefix_<t)`` (the RUDDER idea, survey §2.5). The paper probes
-an RLHF reward model token by token; here the prefix scores are the configured per-step process
-rewards (``ctx.process_rewards``: step checks, MC value estimates from the policy, or a PRM
-trained here), so the redistribution is at **step** granularity (steps: ``Trajectory.step_spans``,
-else turns; the provider's k-th non-nan score of a row is read as the score of the prefix ending
-with that row's k-th step).
+an RLHF reward model token by token; here the prefix scores come from a configured process-reward
+source that *scores prefixes* (``ctx.process_rewards``; default ``mc``: the MC value of the prefix
+through step k, estimated by policy continuations; or ``prm``: a PRM trained here read on the
+prefix). ``step_check`` is refused at config time: it is a per-step correctness bit, not a prefix
+score — on a failed trajectory with step checks 1,0,1,0 its increments would give the correct
+third step, *after* the error, the largest credit. The redistribution is at **step** granularity
+(steps: ``Trajectory.step_spans``, else turns; the provider's k-th non-nan score of a row is read
+as the score of the prefix ending with that row's k-th step). Simplified from the paper: step
+(not token) units, and the prefix scorer is an MC value estimate or a PRM rather than the RLHF
+reward model of the paper.
 
 * Score of the empty prefix (``empty_score``): ``group_mean`` — the group's mean holistic reward,
   an MC estimate of the prompt's value (right when the process rewards are values / success
@@ -48,7 +53,7 @@ from stages.credit.methods.montecarlo import (
     group_episode_advantages,
     step_segments,
 )
-from stages.reward.process import ProcessRewardConfig
+from stages.reward.process import ProcessRewardConfig, require_prefix_scores
 from stages.schema import Batch, BatchTensors, CreditResult, Overhead
 
 
@@ -104,6 +109,12 @@ def redistribute(
 @dataclass
 class REDConfig(ProcessRewardConfig, CreditConfig):
     method: str = "red"  # credit-assignment method (registry name; RED, Li et al. 2024)
+    process_reward: str = "mc"  # prefix scorer: mc (MC value of the prefix, needs no trained artifact) | prm (a PRM's prefix score); step_check is refused (not a prefix score)
+
+    def check_prefix_source(self) -> None:
+        """RED takes differences of scores of consecutive prefixes: refuse a source whose values
+        are not prefix scores (stages.reward.process.SOURCE_KINDS), with the reason."""
+        require_prefix_scores(self.process_reward, self.method)
     empty_score: str = "group_mean"  # score of the empty prefix: group_mean (mean holistic reward of the group), first_step, zero
     rescale: str = "shift"  # return equivalence: shift (add (R - sum d)/n to each step) or scale (multiply by R / sum d) (Li et al. 2024)
     norm_adv_by_std: bool = True  # divide by the group std of the holistic reward (GRPO baseline, Shao et al. 2024)
@@ -123,6 +134,16 @@ class RED(CreditMethod):
     methodology = "Redistribution (incremental prefix scores)"
     needs = frozenset({"process_rewards"})
     reference = "Li et al. 2024 (RED: reward redistribution to token level); survey §3.1.2, Appendix B row 2"
+
+    def __init__(self, cfg: REDConfig):
+        super().__init__(cfg)
+        cfg.check_prefix_source()  # at config time (the run builds its method before any compute)
+
+    def checklist_note(self) -> str:
+        from stages.reward.process import SOURCE_KINDS
+
+        src = self.cfg.process_reward  # type: ignore[attr-defined]
+        return f"prefix scores: process_reward={src} ({SOURCE_KINDS[src][1]})"
 
     def assign(self, tensors: BatchTensors, batch: Batch, ctx: CreditContext) -> CreditResult:
         cfg: REDConfig = self.cfg  # type: ignore[assignment]
@@ -150,6 +171,7 @@ class RED(CreditMethod):
         adv = broadcast(unit_adv, seg, mask).to(rewards.dtype)
         p = seg.present
         stats = {
+            "prefix_source_is_prefix_score": float(getattr(ctx.process_rewards, "prefix_scores", True)),
             "process_score_mean": float(scores[p].mean()) if p.any() else 0.0,
             "redistributed_abs_mean": float(step_rewards[p].abs().mean()) if p.any() else 0.0,
         }
