@@ -33,6 +33,7 @@ class SandboxConfig:
     pool_size: int = 4  # docker: warm containers kept ready (create/fork take one, close resets and returns it)
     cpus: float = 1.0  # docker: CPU quota per sandbox, in cores
     work_dir_mb: int = 128  # docker: size of the writable work dir (tmpfs at /work); disk filling stops there
+    docker_exec: str = "resident"  # docker: resident (one long-lived executor per container, commands over its socket) | exec (one docker exec per command)
     snapshot_mode: str = "archive"  # docker: archive (tar of /work into a pooled container) | commit (docker commit + start)
 
 

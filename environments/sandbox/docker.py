@@ -95,6 +95,7 @@ import weakref
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence, Union
 
+from environments.sandbox.docker_resident import ExecutorGone, Resident
 from environments.sandbox.base import ExecResult, Sandbox, SandboxBackend, SandboxConfig, SandboxUnavailable
 from environments.sandbox.image import DEFAULT_TAG, MANAGED_LABEL, SANDBOX_UID, ensure_image
 
@@ -122,13 +123,15 @@ _WRAPPER = (
 )
 _CANNOT_START = b"creditflow: cannot start "
 _KILL_ALL = "kill -9 -1 2>/dev/null; kill -9 -1 2>/dev/null; kill -9 -1 2>/dev/null; exit 0"
-_WIPE = (
-    "kill -9 -1 2>/dev/null; kill -9 -1 2>/dev/null; chmod -R u+rwX /work 2>/dev/null; "
+#: reset of the work dir; the resident executor kills every process before it, the per-exec path in it
+_WIPE_BODY = (
+    "chmod -R u+rwX /work 2>/dev/null; "
     "rm -rf /work/* /work/.[!.]* /work/..?* /dev/shm/* /dev/shm/.[!.]* 2>/dev/null; "
     'if [ "$1" = untar ]; then tar -C /work --no-overwrite-dir -xf - || exit 1; fi; '
     'if [ "$1" = copy ]; then cp -a ' + _SNAP_DIR + "/. /work/ || exit 1; fi; "
     'if [ "$1" = empty ] && [ -n "$(ls -A /work)" ]; then exit 1; fi; exit 0'
 )
+_WIPE = "kill -9 -1 2>/dev/null; kill -9 -1 2>/dev/null; " + _WIPE_BODY
 #: resolve a path inside /work (symlinks included) or fail with 98
 _RESOLVE = 'p=$(realpath -m -- "$1") || exit 98; case "$p" in /work/?*) ;; *) exit 98;; esac; '
 _SIGXCPU, _SIGXFSZ, _SIGKILL = int(signal.SIGXCPU), int(signal.SIGXFSZ), int(signal.SIGKILL)
@@ -340,6 +343,8 @@ class _Raw:
     killed_reason: str
     wall: float
     stderr_tail: bytes = b""
+    #: the cgroup's oom_kill counter after the command (resident executor), None when not read
+    oom: Optional[int] = None
 
 
 class DockerSandbox(Sandbox):
@@ -505,6 +510,36 @@ class DockerSandbox(Sandbox):
             stderr_tail=bytes(frames.tail),
         )
 
+    def _run(self, argv: list[str], stdin: Optional[bytes], timeout: float, cap: int,
+             kill_at: Optional[int] = None, fallback: Optional[list[str]] = None) -> _Raw:
+        """Run ``argv`` through the container's resident executor, or through ``docker exec``
+        (``fallback``, default ``argv``) when ``cfg.docker_exec="exec"`` or no executor can start.
+        ``killed_reason="executor"``: the executor died during the command (see docker_resident)."""
+        kill_at = max(cap * _KILL_FACTOR, _CHUNK) if kill_at is None else kill_at
+        res = self.backend._resident(self.container_id)
+        if res is None:
+            return self._raw_exec(fallback or argv, stdin, timeout, cap, kill_at)
+        t0 = time.monotonic()
+        try:
+            rep = res.run(argv, stdin, timeout, cap, kill_at)
+        except ExecutorGone as exc:
+            self.backend._drop_resident(self.container_id)
+            if not exc.started:  # it never ran the command: the per-exec path does
+                log.debug("sandbox %s: resident executor did not start (%s); docker exec", self.id, exc)
+                return self._raw_exec(fallback or argv, stdin, timeout, cap, kill_at)
+            log.info("sandbox %s: %s; killing what is left, a new executor starts on the next exec", self.id, exc)
+            self._kill_all()
+            return _Raw(None, b"", f"creditflow: {exc}\n".encode(), 0, 0,
+                        "timeout" if exc.hung else "executor", time.monotonic() - t0)
+        if self.cfg.cpu_seconds and rep.cpu > 0.5 * float(self.cfg.cpu_seconds):
+            self.backend._drop_resident(self.container_id)  # before the cpu ulimit ends it mid-command
+        if rep.error:
+            line = f"creditflow: cannot start {argv[0]}\n".encode(errors="replace")
+            return _Raw(127, rep.stdout, rep.stderr + rep.error.encode(errors="replace") + b"\n", 0, 0, "",
+                        rep.wall, stderr_tail=line, oom=rep.oom)
+        return _Raw(None if rep.killed else rep.rc, rep.stdout, rep.stderr, rep.seen_out, rep.seen_err,
+                    rep.killed, rep.wall, stderr_tail=rep.stderr[-256:], oom=rep.oom if rep.oom >= 0 else None)
+
     def _kill_all(self) -> None:
         """Kill every process of the sandbox user; restart the container if no exec can start."""
         api = self.backend.api
@@ -522,6 +557,7 @@ class DockerSandbox(Sandbox):
 
     def _restart(self) -> None:
         api = self.backend.api
+        self.backend._drop_resident(self.container_id)
         api.restart(self.container_id, timeout=0)
         self._oom_seen = 0
         self.restarted = True
@@ -556,11 +592,12 @@ class DockerSandbox(Sandbox):
             self.restarted = False
             t0 = time.monotonic()
             try:
-                raw = self._raw_exec(
-                    ["/bin/sh", "-c", _WRAPPER, "sh"] + argv,
+                raw = self._run(
+                    argv,
                     bytes(stdin) if stdin is not None else None,
                     timeout,
                     cap,
+                    fallback=["/bin/sh", "-c", _WRAPPER, "sh"] + argv,
                 )
             except Exception as exc:  # noqa: BLE001 - engine/container trouble is a result, not a raise
                 self._healthy = False
@@ -570,6 +607,10 @@ class DockerSandbox(Sandbox):
             truncated = raw.seen_out > cap or raw.seen_err > cap
             reason = raw.killed_reason
             stderr = raw.stderr
+            if reason == "executor":  # the command (or the OOM killer) killed the resident executor
+                count = self._oom_count()
+                reason = "oom" if count > self._oom_seen else "killed"
+                self._oom_seen = count
             if not reason and rc == 127 and argv and not isinstance(cmd, str) and raw.stderr_tail.endswith(
                 _CANNOT_START + argv[0].encode(errors="replace") + b"\n"
             ):
@@ -582,7 +623,7 @@ class DockerSandbox(Sandbox):
                 elif sig == _SIGXFSZ:
                     reason = "file_limit"
                 elif sig == _SIGKILL:
-                    count = self._oom_count()
+                    count = raw.oom if raw.oom is not None else self._oom_count()
                     reason = "oom" if count > self._oom_seen else "killed"
                     self._oom_seen = count
                 else:
@@ -602,7 +643,7 @@ class DockerSandbox(Sandbox):
             )
 
     def _file_op(self, script: str, path: str, stdin: Optional[bytes], cap: int) -> _Raw:
-        raw = self._raw_exec(["/bin/sh", "-c", _RESOLVE + script, "sh", path], stdin, max(self.cfg.exec_timeout_s, 30.0), cap)
+        raw = self._run(["/bin/sh", "-c", _RESOLVE + script, "sh", path], stdin, max(self.cfg.exec_timeout_s, 30.0), cap)
         if raw.exit_code == 98:
             raise ValueError(f"sandbox path {path!r} escapes the work directory")
         return raw
@@ -638,7 +679,7 @@ class DockerSandbox(Sandbox):
 
     def _tar_workdir(self) -> bytes:
         cap = int(self.cfg.work_dir_mb) * _MIB * 2 + _MIB
-        raw = self._raw_exec(["tar", "-C", _WORK, "-cf", "-", "."], None, max(self.cfg.exec_timeout_s, 60.0), cap, kill_at=cap)
+        raw = self._run(["tar", "-C", _WORK, "-cf", "-", "."], None, max(self.cfg.exec_timeout_s, 60.0), cap, kill_at=cap)
         if raw.exit_code != 0 or raw.seen_out > cap:
             raise RuntimeError(f"sandbox {self.id}: snapshot failed (exit {raw.exit_code}): {raw.stderr[-500:]!r}")
         return raw.stdout
@@ -649,7 +690,8 @@ class DockerSandbox(Sandbox):
             return self.backend._snapshot(self)
 
     def _wipe(self, mode: str, stdin: Optional[bytes] = None) -> None:
-        raw = self._raw_exec(["/bin/sh", "-c", _WIPE, "sh", mode], stdin, 60.0, 65536)
+        raw = self._run(["/bin/sh", "-c", _WIPE_BODY, "sh", mode], stdin, 60.0, 65536,
+                        fallback=["/bin/sh", "-c", _WIPE, "sh", mode])
         if raw.exit_code != 0:
             raise RuntimeError(f"sandbox {self.id}: reset failed (exit {raw.exit_code}): {raw.stderr[-500:]!r}")
 
@@ -703,6 +745,8 @@ class DockerBackend(SandboxBackend):
         self.cfg = cfg if cfg is not None else SandboxConfig()
         if self.cfg.snapshot_mode not in ("archive", "commit"):
             raise ValueError(f"sandbox.snapshot_mode must be archive or commit, got {self.cfg.snapshot_mode!r}")
+        if self.cfg.docker_exec not in ("resident", "exec"):
+            raise ValueError(f"sandbox.docker_exec must be resident or exec, got {self.cfg.docker_exec!r}")
         self.chosen = self.name
         self.client = client if client is not None else _docker_client()
         self.api = self.client.api
@@ -721,6 +765,8 @@ class DockerBackend(SandboxBackend):
         self._sandboxes: dict[str, DockerSandbox] = {}
         self._snapshots: dict[str, DockerSnapshot] = {}
         self._stale_images: set[str] = set()  # snapshot images whose removal must be retried at close
+        self._residents: dict[str, Resident] = {}  # container id -> its resident executor
+        self._resident_retry: dict[str, float] = {}  # container id -> when to try starting one again
         _LIVE.add(self)
         _install_exit_hooks()
         try:
@@ -805,7 +851,38 @@ class DockerBackend(SandboxBackend):
             raise
         return cid
 
+    def _resident(self, cid: str, wait: bool = False) -> Optional[Resident]:
+        """The container's resident executor, started when missing; None for ``docker_exec="exec"``
+        or while one cannot start (retried after a second)."""
+        if self.cfg.docker_exec != "resident":
+            return None
+        with self._lock:
+            r = self._residents.get(cid)
+            if r is not None and r.alive:
+                return r
+            if self._closed or time.monotonic() < self._resident_retry.get(cid, 0.0):
+                return None
+        try:
+            r = Resident(self.api, cid, _USER, _WORK, _ENV)
+            if wait and not r.wait_ready():
+                raise RuntimeError("no hello from the executor")
+        except Exception as exc:  # noqa: BLE001 - pids exhausted, container gone: docker exec instead
+            log.debug("sandbox %s: cannot start the resident executor: %s", cid[:12], exc)
+            with self._lock:
+                self._resident_retry[cid] = time.monotonic() + 1.0
+            return None
+        with self._lock:
+            self._residents[cid] = r
+        return r
+
+    def _drop_resident(self, cid: str) -> None:
+        with self._lock:
+            r = self._residents.pop(cid, None)
+        if r is not None:
+            r.close()
+
     def _remove_container(self, cid: str) -> None:
+        self._drop_resident(cid)
         try:
             self.api.remove_container(cid, force=True, v=True)
         except Exception as exc:  # noqa: BLE001 - already gone
@@ -828,6 +905,7 @@ class DockerBackend(SandboxBackend):
                     if not self._closed:
                         log.warning("sandbox pool refill failed: %s", exc)
                     break
+                self._resident(cid, wait=True)  # warm: the executor is up before the container is handed out
                 with self._lock:
                     self._idle.append(cid)
             if self._closed:
