@@ -511,9 +511,11 @@ class DockerSandbox(Sandbox):
         )
 
     def _run(self, argv: list[str], stdin: Optional[bytes], timeout: float, cap: int,
-             kill_at: Optional[int] = None, fallback: Optional[list[str]] = None) -> _Raw:
+             kill_at: Optional[int] = None, fallback: Optional[list[str]] = None,
+             native: Optional[dict[str, str]] = None) -> _Raw:
         """Run ``argv`` through the container's resident executor, or through ``docker exec``
         (``fallback``, default ``argv``) when ``cfg.docker_exec="exec"`` or no executor can start.
+        ``native``: a file operation the executor does in-process instead of running ``argv``.
         ``killed_reason="executor"``: the executor died during the command (see docker_resident)."""
         kill_at = max(cap * _KILL_FACTOR, _CHUNK) if kill_at is None else kill_at
         res = self.backend._resident(self.container_id)
@@ -521,7 +523,7 @@ class DockerSandbox(Sandbox):
             return self._raw_exec(fallback or argv, stdin, timeout, cap, kill_at)
         t0 = time.monotonic()
         try:
-            rep = res.run(argv, stdin, timeout, cap, kill_at)
+            rep = res.run(argv, stdin, timeout, cap, kill_at, op=native)
         except ExecutorGone as exc:
             self.backend._drop_resident(self.container_id)
             if not exc.started:  # it never ran the command: the per-exec path does
@@ -642,8 +644,11 @@ class DockerSandbox(Sandbox):
                 reason=reason,
             )
 
-    def _file_op(self, script: str, path: str, stdin: Optional[bytes], cap: int) -> _Raw:
-        raw = self._run(["/bin/sh", "-c", _RESOLVE + script, "sh", path], stdin, max(self.cfg.exec_timeout_s, 30.0), cap)
+    def _file_op(self, op: str, script: str, path: str, stdin: Optional[bytes], cap: int) -> _Raw:
+        """``op`` (write | read) done by the resident executor itself, else ``script`` in an exec;
+        both exit 98 (path escapes /work), 95 (a directory), 96 (missing)."""
+        raw = self._run(["/bin/sh", "-c", _RESOLVE + script, "sh", path], stdin, max(self.cfg.exec_timeout_s, 30.0), cap,
+                        native={"op": op, "path": path})
         if raw.exit_code == 98:
             raise ValueError(f"sandbox path {path!r} escapes the work directory")
         return raw
@@ -654,7 +659,7 @@ class DockerSandbox(Sandbox):
         p = self._check_path(path)
         with self._lock:
             self._check_open()
-            raw = self._file_op('[ -d "$p" ] && exit 95; mkdir -p -- "$(dirname -- "$p")" && cat > "$p"', p, bytes(data), 4096)
+            raw = self._file_op("write", '[ -d "$p" ] && exit 95; mkdir -p -- "$(dirname -- "$p")" && cat > "$p"', p, bytes(data), 4096)
         if raw.exit_code == 95:
             raise IsADirectoryError(f"sandbox path {path!r} is a directory")
         if raw.exit_code != 0:
@@ -666,7 +671,7 @@ class DockerSandbox(Sandbox):
         cap = int(self.cfg.max_file_mb) * _MIB + 1
         with self._lock:
             self._check_open()
-            raw = self._file_op('[ -e "$p" ] || exit 96; [ -d "$p" ] && exit 95; exec cat -- "$p"', p, None, cap)
+            raw = self._file_op("read", '[ -e "$p" ] || exit 96; [ -d "$p" ] && exit 95; exec cat -- "$p"', p, None, cap)
         if raw.exit_code == 96:
             raise FileNotFoundError(f"sandbox path {path!r} does not exist")
         if raw.exit_code == 95:
@@ -691,7 +696,7 @@ class DockerSandbox(Sandbox):
 
     def _wipe(self, mode: str, stdin: Optional[bytes] = None) -> None:
         raw = self._run(["/bin/sh", "-c", _WIPE_BODY, "sh", mode], stdin, 60.0, 65536,
-                        fallback=["/bin/sh", "-c", _WIPE, "sh", mode])
+                        fallback=["/bin/sh", "-c", _WIPE, "sh", mode], native={"op": "wipe"} if mode == "empty" else None)
         if raw.exit_code != 0:
             raise RuntimeError(f"sandbox {self.id}: reset failed (exit {raw.exit_code}): {raw.stderr[-500:]!r}")
 
