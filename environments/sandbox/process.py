@@ -332,25 +332,11 @@ class ProcessSandbox(Sandbox):
 
     # -- helpers -------------------------------------------------------------------------
 
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise RuntimeError(f"sandbox {self.id} is closed")
-
     def _env(self) -> dict[str, str]:
         return {"PATH": _MIN_PATH, "HOME": self.workdir, "TMPDIR": self.workdir, "LANG": "C.UTF-8"}
 
     def _resolve(self, path: Union[str, "os.PathLike[str]"]) -> str:
-        p = os.fspath(path)
-        if not isinstance(p, str):
-            raise TypeError(f"sandbox paths are str, got {type(p).__name__}")
-        if not p or "\x00" in p:
-            raise ValueError(f"invalid sandbox path {p!r}")
-        if os.path.isabs(p):
-            raise ValueError(f"sandbox path {p!r} must be relative to the work directory")
+        p = self.rel_path(path)
         root = os.path.realpath(self.workdir)
         full = os.path.realpath(os.path.join(root, p))
         if full == root or not full.startswith(root + os.sep):
@@ -376,39 +362,30 @@ class ProcessSandbox(Sandbox):
 
     # -- Sandbox API ---------------------------------------------------------------------
 
-    def exec(
-        self,
-        cmd: Union[str, Sequence[str]],
-        timeout_s: Optional[float] = None,
-        stdin: Optional[bytes] = None,
-    ) -> ExecResult:
-        self._check_open()
-        argv, timeout, stdin = self.exec_args(cmd, timeout_s, stdin)
+    def _exec(self, argv: list[str], timeout: float, stdin: Optional[bytes], shell: bool) -> ExecResult:
         argv = self.backend._wrap(argv, self.workdir)
-        with self._lock:
-            self._check_open()
-            t0 = time.monotonic()
-            try:
-                proc = subprocess.Popen(
-                    argv,
-                    cwd=self.workdir,
-                    env=self._env(),
-                    stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.PIPE,
-                    start_new_session=True,
-                    close_fds=True,
-                    preexec_fn=self.backend._preexec(),
-                )
-            except (OSError, subprocess.SubprocessError) as exc:
-                return ExecResult(
-                    exit_code=None,
-                    stdout=b"",
-                    stderr=f"cannot start {argv[0]!r}: {exc}".encode(),
-                    wall_seconds=time.monotonic() - t0,
-                    reason="error",
-                )
-            res = self._supervise(proc, bytes(stdin) if stdin is not None else None, timeout, t0)
+        t0 = time.monotonic()
+        try:
+            proc = subprocess.Popen(
+                argv,
+                cwd=self.workdir,
+                env=self._env(),
+                stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                start_new_session=True,
+                close_fds=True,
+                preexec_fn=self.backend._preexec(),
+            )
+        except (OSError, subprocess.SubprocessError) as exc:
+            return ExecResult(
+                exit_code=None,
+                stdout=b"",
+                stderr=f"cannot start {argv[0]!r}: {exc}".encode(),
+                wall_seconds=time.monotonic() - t0,
+                reason="error",
+            )
+        res = self._supervise(proc, bytes(stdin) if stdin is not None else None, timeout, t0)
         if self.backend.isolation == "bwrap" and res.exit_code is not None and not res.reason:
             rc = res.exit_code
             if rc == 1 and res.stderr.startswith(_BWRAP_ERR):
