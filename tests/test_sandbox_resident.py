@@ -11,17 +11,10 @@ import time
 
 import pytest
 
-from environments.sandbox import SandboxConfig
+from tests.docker_support import docker_cfg as _cfg
 from tests.docker_support import docker_engine, docker_session_cleanup, labelled  # noqa: F401
 
 HANG_GUARD_S = 30.0
-
-
-def _cfg(**kw) -> SandboxConfig:
-    base = dict(backend="docker", exec_timeout_s=5.0, memory_mb=256, max_processes=32, max_file_mb=16,
-                work_dir_mb=32, pool_size=1)
-    base.update(kw)
-    return SandboxConfig(**base)
 
 
 @pytest.fixture

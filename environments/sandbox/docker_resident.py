@@ -8,11 +8,15 @@ change), and commands travel over that exec's hijacked socket.
 
 Protocol (over the exec's stdin and its demultiplexed stdout stream)
 --------------------------------------------------------------------
-request: ``u32 n`` + ``n`` bytes of JSON ``{argv, stdin, timeout, cap, kill_at}`` + ``stdin``
+At start the executor sends ``b"h" + u32 0`` (hello: until it arrives, a failure means the
+command never ran and the per-exec path runs it). A request: ``u32 n`` + ``n`` bytes of JSON ``{argv, stdin, timeout, cap, kill_at}`` + ``stdin``
 bytes (``stdin`` is the byte count, -1 for none); the executor streams them into the command
 while it runs. Reply: any number of ``b"o"|b"e" + u32 n + n bytes`` output frames (at most
 ``cap`` bytes per stream are sent) and one ``b"r" + u32 n + JSON`` frame ``{rc, killed, seen,
-error, oom, cpu}``. ``rc`` is the status the way the shell reports it (128+N for a death by
+error, oom, cpu}``. ``{"op": "write" | "read", "path": p}`` and ``{"op": "wipe"}`` requests are
+file operations the executor does itself (no fork): the write/read of a path resolved inside
+``/work`` (exit codes 98 outside, 95 a directory, 96 missing, as the per-exec shell snippets) and
+the reset of ``/work`` and ``/dev/shm`` after killing every process. ``rc`` is the status the way the shell reports it (128+N for a death by
 signal N), so the backend reads it exactly as the old per-exec path's wrapper status.
 
 Semantics (the same as the per-exec path)
@@ -270,7 +274,7 @@ REPLY_GRACE_S = 10.0
 
 
 class ExecutorGone(RuntimeError):
-    """The resident executor died or stopped answering; ``reply`` says how far the command got."""
+    """The resident executor died (``hung=False``) or stopped answering (``hung=True``)."""
 
     def __init__(self, msg: str, hung: bool = False, started: bool = True):
         super().__init__(msg)
@@ -339,7 +343,7 @@ class Resident:
                            "cap": cap, "kill_at": kill_at, **(op or {})}).encode()
         out = memoryview(len(head).to_bytes(4, "big") + head + (bytes(stdin) if stdin else b""))
         bufs = {b"o": bytearray(), b"e": bytearray()}
-        if not out or not self.alive:
+        if not self.alive:
             raise ExecutorGone("the resident executor is closed", started=False)
         result: Optional[dict] = None
         deadline = t0 + timeout + REPLY_GRACE_S + (len(stdin) / 5e6 if stdin else 0.0)
