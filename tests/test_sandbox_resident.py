@@ -140,3 +140,18 @@ def test_per_exec_fallback_when_no_executor_starts(make, monkeypatch):
     assert sb.container_id not in b._residents
     r = sb.exec("sleep 30", timeout_s=0.5)
     assert r.reason == "timeout", r
+
+
+def test_oom_of_an_earlier_sandbox_is_not_blamed_on_the_next(make):
+    b = make(pool_size=1)
+    b.warm()
+    a = b.create()
+    cid = a.container_id
+    r = a.exec(["python3", "-c", "x = bytearray(1024 ** 3)"], timeout_s=20)
+    assert r.reason == "oom", r
+    a.close()
+    b.warm()
+    nxt = b.create()
+    assert nxt.container_id == cid  # the same pooled container, its oom_kill counter already > 0
+    r = nxt.exec(["python3", "-c", "import os; os.kill(os.getpid(), 9)"])
+    assert r.reason == "killed" and r.exit_code == -9, r

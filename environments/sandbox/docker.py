@@ -156,6 +156,7 @@ class DockerBackend(SandboxBackend):
         self._snapshots: dict[str, DockerSnapshot] = {}
         self._stale_images: set[str] = set()  # snapshot images whose removal must be retried at close
         self._residents: dict[str, Resident] = {}  # container id -> its resident executor
+        self._oom_counts: dict[str, int] = {}  # pooled container id -> its oom_kill counter when released
         self._resident_retry: dict[str, float] = {}  # container id -> when to try starting one again
         _LIVE.add(self)
         _install_exit_hooks()
@@ -273,6 +274,8 @@ class DockerBackend(SandboxBackend):
 
     def _remove_container(self, cid: str) -> None:
         self._drop_resident(cid)
+        with self._lock:
+            self._oom_counts.pop(cid, None)
         try:
             self.api.remove_container(cid, force=True, v=True)
         except Exception as exc:  # noqa: BLE001 - already gone
@@ -323,6 +326,7 @@ class DockerBackend(SandboxBackend):
         """A closed sandbox's container: reset and back to the pool, or removed."""
         with self._lock:
             self._sandboxes.pop(sb.id, None)
+            self._oom_counts[sb.container_id] = sb._oom_seen
             keep = not self._closed and sb._healthy and len(self._idle) < self._pool_target()
         if keep:
             try:

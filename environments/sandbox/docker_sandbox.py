@@ -60,7 +60,8 @@ class DockerSandbox(Sandbox):
         self.origin = origin
         self._closed = False
         self._lock = threading.RLock()
-        self._oom_seen = 0
+        #: the container's cgroup oom_kill counter as last seen (pooled containers carry it over)
+        self._oom_seen = backend._oom_counts.get(container_id, 0)
         self._healthy = True
 
     # -- helpers -------------------------------------------------------------------------
@@ -183,6 +184,8 @@ class DockerSandbox(Sandbox):
                 reason = "killed"
         if not reason and truncated:
             reason = "output_limit"
+        if raw.oom is not None:
+            self._oom_seen = max(self._oom_seen, raw.oom)
         if getattr(self, "restarted", False):
             stderr += b"\ncreditflow: the sandbox container was restarted; its work dir was lost\n"
         return ExecResult(
