@@ -4,7 +4,11 @@ Median of N of: create (pooled for docker: the pool is warmed first), exec (``ec
 python (``python3 -c pass``), reset, fork (from a snapshot of a small work dir; docker in both
 snapshot modes, ``archive`` and ``commit``), teardown (``Sandbox.close``; docker: reset + return to
 the pool), and episodes/s of a small scripted episode (create, write a file, exec python on it,
-read the result, close). Printed side by side with docker/process ratios.
+read the result, close), and code episodes/s: episodes of the ``code`` task family (create, write
+the harness and the task, run the hidden tests on the reference body, close; what a rollout of
+``env=code`` does per episode). Docker runs twice in the same process: commands through the
+resident executor (``sandbox.docker_exec=resident``, the default) and one ``docker exec`` per
+command (``docker_exec=exec``). Printed side by side with resident/process and exec/resident ratios.
 
     .venv/bin/python benchmarks/sandbox.py [--n 15] [--episodes 20] [--json out.json]
 """
@@ -45,6 +49,25 @@ def episode(backend: Any) -> None:
     assert r.ok and r.stdout == b"10\n", r
     assert sb.read_file("in.txt") == b"1 2 3 4"
     sb.close()
+
+
+def code_episodes_per_s(backend: Any, episodes: int) -> float:
+    """Episodes/s of the code family, solved by the reference body (every episode must succeed)."""
+    from environments.tasks.code import CodeFamily
+
+    fam = CodeFamily()
+    insts = [fam.instance("train", i, seed=0) for i in range(episodes)]
+    getattr(backend, "warm", lambda *a, **k: None)()
+    t0 = time.perf_counter()
+    for inst in insts:
+        sb = backend.create()
+        env = fam.make(inst, sb)
+        env.reset()
+        r = env.step(inst.spec["reference_body"] + "\n")
+        assert r.success, r
+        env.close()
+        sb.close()
+    return episodes / (time.perf_counter() - t0)
 
 
 def measure(backend: Any, n: int, episodes: int, fork_backend: Any = None) -> dict[str, float]:
@@ -109,6 +132,7 @@ def measure(backend: Any, n: int, episodes: int, fork_backend: Any = None) -> di
     for _ in range(episodes):
         episode(backend)
     out["episodes/s"] = episodes / (time.perf_counter() - t0)
+    out["code episodes/s"] = code_episodes_per_s(backend, episodes)
     return out
 
 
@@ -123,7 +147,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     cfg = SandboxConfig(pool_size=args.pool_size)
     with tempfile.TemporaryDirectory() as tmp, ProcessBackend(cfg, base_dir=tmp) as pb:
         proc = measure(pb, args.n, args.episodes)
-    dock: dict[str, float] = {}
+    dock: dict[str, Any] = {}
+    old: dict[str, Any] = {}
     why = ""
     try:
         from environments.sandbox.docker import DockerBackend
@@ -132,28 +157,33 @@ def main(argv: Optional[list[str]] = None) -> int:
         cb = DockerBackend(SandboxConfig(backend="docker", pool_size=0, snapshot_mode="commit"))
         try:
             dock = measure(db, args.n, args.episodes, fork_backend=cb)
-            dock["image"] = db.image_digest  # type: ignore[assignment]
+            dock["image"] = db.image_digest
         finally:
             cb.close()
             db.close()
+        with DockerBackend(SandboxConfig(backend="docker", pool_size=args.pool_size, docker_exec="exec")) as eb:
+            old = measure(eb, args.n, args.episodes)
     except Exception as exc:  # noqa: BLE001 - no engine: print the process column only
         why = f"{type(exc).__name__}: {exc}"
 
+    def cell(v: Any) -> str:
+        return f"{v:12.4f}" if isinstance(v, float) else f"{'-':>12}"
+
+    def ratio(a: Any, b: Any) -> str:
+        return f"{a / b:13.1f}x" if isinstance(a, float) and isinstance(b, float) and b else f"{'-':>14}"
+
     print(f"sandbox latencies, median of {args.n} (seconds; episodes/s higher is better)  [survey §8.2]")
-    print(f"{'operation':<20}{'process':>12}{'docker':>12}{'docker/process':>16}")
+    print(f"{'operation':<20}{'process':>12}{'resident':>12}{'docker exec':>12}{'resident/proc':>14}{'exec/resident':>14}")
     for key in list(proc) + [k for k in dock if k not in proc and k != "image"]:
-        p, d = proc.get(key), dock.get(key)
-        ps = f"{p:12.4f}" if p is not None else f"{'-':>12}"
-        ds = f"{d:12.4f}" if isinstance(d, float) else f"{'-':>12}"
-        ratio = f"{d / p:15.1f}x" if isinstance(d, float) and p else f"{'-':>16}"
-        print(f"{key:<20}{ps}{ds}{ratio}")
+        p, d, e = proc.get(key), dock.get(key), old.get(key)
+        print(f"{key:<20}{cell(p)}{cell(d)}{cell(e)}{ratio(d, p)}{ratio(e, d)}")
     if why:
-        print(f"docker column empty: {why}")
+        print(f"docker columns empty: {why}")
     else:
         print(f"docker image: {dock.get('image')}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"process": proc, "docker": dock, "docker_unavailable": why}, f, indent=2)
+            json.dump({"process": proc, "docker": dock, "docker_exec": old, "docker_unavailable": why}, f, indent=2)
     return 0
 
 

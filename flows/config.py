@@ -298,6 +298,8 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"config key 'sandbox.isolation' must be auto, bwrap or none; got {cfg.sandbox.isolation!r}")
     if cfg.sandbox.snapshot_mode not in ("archive", "commit"):
         raise ConfigError(f"config key 'sandbox.snapshot_mode' must be archive or commit; got {cfg.sandbox.snapshot_mode!r}")
+    if cfg.sandbox.docker_exec not in ("resident", "exec"):
+        raise ConfigError(f"config key 'sandbox.docker_exec' must be resident or exec; got {cfg.sandbox.docker_exec!r}")
     if cfg.sandbox.backend == "docker":
         # Docker asked for explicitly: the engine must be reachable before any compute starts
         from environments.sandbox import SandboxUnavailable, check_docker

@@ -75,6 +75,16 @@ def engine_or_reason() -> tuple[Optional[Any], str]:
     return _STATE["result"]
 
 
+def docker_cfg(**kw: Any) -> Any:
+    """The small docker sandbox config of the docker tests (``kw`` overrides fields)."""
+    from environments.sandbox import SandboxConfig
+
+    base = dict(backend="docker", exec_timeout_s=5.0, memory_mb=256, max_processes=32, max_file_mb=16,
+                work_dir_mb=32, pool_size=1)
+    base.update(kw)
+    return SandboxConfig(**base)
+
+
 def labelled(client: Any, **labels: str) -> list[dict[str, Any]]:
     """Containers (all states) carrying ``creditflow.managed=1`` and the given ``creditflow.<k>=v`` labels."""
     filters = [MANAGED] + [f"creditflow.{k}={v}" for k, v in labels.items()]

@@ -54,6 +54,7 @@ def test_group_switch_gives_method_schema():
         (["debug.crash_at=2:nowhere"], r"debug.crash_at"),
         (["noequals"], r"must look like key=value"),
         (["sandbox.snapshot_mode=criu"], r"sandbox.snapshot_mode' must be archive or commit"),
+        (["sandbox.docker_exec=ssh"], r"sandbox.docker_exec' must be resident or exec"),
         (["sandbox.backend=vm"], r"sandbox.backend' must be process, docker or auto"),
     ],
 )

@@ -13,18 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from environments.sandbox import ProcessBackend, SandboxConfig, SandboxUnavailable, check_docker, make_backend
+from environments.sandbox import ProcessBackend, SandboxUnavailable, check_docker, make_backend
+from tests.docker_support import docker_cfg as _cfg
 from tests.docker_support import docker_engine, docker_session_cleanup, labelled, labelled_images  # noqa: F401
 
 ROOT = Path(__file__).resolve().parent.parent
 HANG_GUARD_S = 30.0
-
-
-def _cfg(**kw) -> SandboxConfig:
-    base = dict(backend="docker", exec_timeout_s=5.0, memory_mb=256, max_processes=32, max_file_mb=16,
-                work_dir_mb=32, pool_size=1)
-    base.update(kw)
-    return SandboxConfig(**base)
 
 
 @pytest.fixture

@@ -33,6 +33,7 @@ class SandboxConfig:
     pool_size: int = 4  # docker: warm containers kept ready (create/fork take one, close resets and returns it)
     cpus: float = 1.0  # docker: CPU quota per sandbox, in cores
     work_dir_mb: int = 128  # docker: size of the writable work dir (tmpfs at /work); disk filling stops there
+    docker_exec: str = "resident"  # docker: resident (one long-lived executor per container, commands over its socket) | exec (one docker exec per command)
     snapshot_mode: str = "archive"  # docker: archive (tar of /work into a pooled container) | commit (docker commit + start)
 
 
@@ -57,16 +58,46 @@ class ExecResult:
 
 
 class Sandbox(abc.ABC):
-    """An isolated working directory plus the processes run in it."""
+    """An isolated working directory plus the processes run in it.
 
-    @abc.abstractmethod
+    A backend's sandbox sets ``cfg``, ``id``, ``_closed`` and ``_lock`` (a ``threading.RLock``
+    held during every operation) and implements :meth:`_exec`; the prologue every exec shares
+    (open check, argument checks, the lock) is :meth:`exec`'s.
+    """
+
+    cfg: SandboxConfig
+    id: str
+    _closed: bool
+    _lock: Any
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError(f"sandbox {self.id} is closed")
+
     def exec(
         self,
         cmd: Union[str, Sequence[str]],
         timeout_s: Optional[float] = None,
         stdin: Optional[bytes] = None,
     ) -> ExecResult:
-        """Run ``cmd`` inside the sandbox with a hard timeout; kill its whole process tree on expiry."""
+        """Run ``cmd`` inside the sandbox with a hard timeout; kill its whole process tree on expiry.
+
+        A string runs under ``/bin/sh -c``; a list is the argv. Faults come back as the result's
+        ``reason``, never as an exception; bad arguments raise ``ValueError``/``TypeError``."""
+        self._check_open()
+        argv, timeout, stdin = self.exec_args(cmd, timeout_s, stdin)
+        with self._lock:
+            self._check_open()
+            return self._exec(argv, timeout, None if stdin is None else bytes(stdin), isinstance(cmd, str))
+
+    @abc.abstractmethod
+    def _exec(self, argv: list[str], timeout: float, stdin: Optional[bytes], shell: bool) -> ExecResult:
+        """The backend's exec of validated arguments, called with ``_lock`` held (``shell``: ``argv``
+        is ``/bin/sh -c`` of a string command)."""
 
     def exec_args(self, cmd: Union[str, Sequence[str]], timeout_s: Optional[float],
                   stdin: Optional[bytes]) -> tuple[list[str], float, Optional[bytes]]:
@@ -86,6 +117,19 @@ class Sandbox(abc.ABC):
         if stdin is not None and not isinstance(stdin, (bytes, bytearray, memoryview)):
             raise TypeError(f"stdin must be bytes or None, got {type(stdin).__name__}")
         return argv, timeout, stdin
+
+    @staticmethod
+    def rel_path(path: Union[str, "os.PathLike[str]"]) -> str:
+        """Check a path given to the file API (shared by the backends): a non-empty relative
+        ``str`` without NUL; each backend then checks where it resolves to."""
+        p = os.fspath(path)
+        if not isinstance(p, str):
+            raise TypeError(f"sandbox paths are str, got {type(p).__name__}")
+        if not p or "\x00" in p:
+            raise ValueError(f"invalid sandbox path {p!r}")
+        if os.path.isabs(p):
+            raise ValueError(f"sandbox path {p!r} must be relative to the work directory")
+        return p
 
     def write_data(self, path: str, data: bytes) -> bytes:
         """Validate ``write_file``'s data (shared by the backends): bytes (str is encoded) of at

@@ -28,22 +28,37 @@ Created from ``cfg.image`` (default ``creditflow/sandbox:latest``, built offline
 
 Exec
 ----
-``docker exec`` has no timeout, so the backend drives the exec's raw hijacked socket itself
-(non-blocking, ``selectors``): stdin is fed concurrently and the write side half-closed at its
-end; stdout/stderr frames are demultiplexed; each stream keeps at most ``max_output_bytes``.
-The command runs under a tiny ``sh`` wrapper that, when the command returns, kills every
-remaining process of the sandbox (``kill -9 -1``) so background children never outlive an
-exec. At the deadline, or when a stream passes 10x the cap, a second exec runs ``kill -9 -1``
+By default (``docker_exec="resident"``) each container keeps one long-lived exec, a small Python
+executor that reads framed requests over that exec's hijacked socket and runs each command as
+uid 1000 in ``/work`` in its own session, with the timeout, output caps and process-tree kill
+below; file writes/reads and the reset of the work dir it does itself, without a fork
+(:mod:`~environments.sandbox.docker_resident`: protocol, and why ``kill(-1)`` spares the executor).
+That removes the engine round trips of ``docker exec`` (~50 ms a command here, ~3 ms resident).
+When no executor can start, or ``docker_exec="exec"``, each command is one ``docker exec``
+(:mod:`~environments.sandbox.docker_exec`): ``docker exec`` has no timeout, so the backend drives the
+exec's raw hijacked socket itself (non-blocking, ``selectors``): stdin is fed concurrently and the
+write side half-closed at its end; stdout/stderr frames are demultiplexed; each stream keeps at most
+``max_output_bytes``. The command runs under a tiny ``sh`` wrapper that, when the command returns,
+kills every remaining process of the sandbox (``kill -9 -1``) so background children never outlive
+an exec. At the deadline, or when a stream passes 10x the cap, a second exec runs ``kill -9 -1``
 (retried; a fork bomb that takes every pid is handled too) and the exec is abandoned. If even
 that fails, the container is restarted: its processes *and its work dir* are gone (logged,
-``stderr`` says so). Reasons are those of the process backend: ``timeout``, ``output_limit``,
+``stderr`` says so). A command that kills the resident executor itself (``kill -9 -1``) gets
+``killed`` (or ``oom``), its output is lost, the kill helper ends what is left and the next exec
+starts a new executor. Reasons are those of the process backend: ``timeout``, ``output_limit``,
 then from the exit status ``cpu_limit`` (``SIGXCPU``), ``file_limit`` (``SIGXFSZ``), ``oom``
 (``SIGKILL`` and the cgroup's ``oom_kill`` counter went up), ``killed`` (any other signal),
-``output_limit`` (truncated but finished), ``error`` (could not start). The wrapper reports a
+``output_limit`` (truncated but finished), ``error`` (could not start). Both paths report a
 death by signal N the way the shell does (status 128+N), so an exit status 129..192 is read as
 signal N and comes back as ``exit_code=-N``; a program that *exits* with such a status is
 indistinguishable. A pids-limit hit is not detected as such (fork fails inside the sandbox and
 the program usually ends at the timeout).
+
+Modules: :mod:`~environments.sandbox.docker_engine` (engine access, labels, ``cleanup_stale``, exit
+hooks), :mod:`~environments.sandbox.docker_exec` (the ``docker exec`` transport),
+:mod:`~environments.sandbox.docker_resident` (the resident executor),
+:mod:`~environments.sandbox.docker_sandbox` (``DockerSandbox``, ``DockerSnapshot``); this module:
+``DockerBackend`` (containers, pool, snapshots) and the public names.
 
 Snapshot and fork (why a tar, not ``docker commit``)
 ----------------------------------------------------
@@ -80,611 +95,28 @@ host is dead (a crash, ``kill -9``).
 
 from __future__ import annotations
 
-import atexit
 import io
 import logging
 import os
-import selectors
-import signal
-import socket
 import tarfile
 import threading
 import time
 import uuid
-import weakref
-from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Optional
 
-from environments.sandbox.base import ExecResult, Sandbox, SandboxBackend, SandboxConfig, SandboxUnavailable
+from environments.sandbox.base import SandboxBackend, SandboxConfig, SandboxUnavailable
+from environments.sandbox.docker_engine import (  # noqa: F401 - public names of this module
+    _LIVE, _docker_client, _hostname, _install_exit_hooks, _proc_start, check_docker, cleanup_stale,
+    docker_reachable,
+)
+from environments.sandbox.docker_exec import _ENV, _MIB, _PIDS_HEADROOM, _SNAP_DIR, _USER, _WORK
+from environments.sandbox.docker_resident import Resident
+from environments.sandbox.docker_sandbox import DockerSandbox, DockerSnapshot
 from environments.sandbox.image import DEFAULT_TAG, MANAGED_LABEL, SANDBOX_UID, ensure_image
 
+__all__ = ["DockerBackend", "DockerSandbox", "DockerSnapshot", "check_docker", "cleanup_stale", "docker_reachable"]
+
 log = logging.getLogger("creditflow.sandbox")
-
-_USER = f"{SANDBOX_UID}:{SANDBOX_UID}"
-_WORK = "/work"
-_ENV = {
-    "PATH": "/usr/local/bin:/usr/bin:/bin",
-    "HOME": _WORK,
-    "TMPDIR": _WORK,
-    "LANG": "C.UTF-8",
-    "PYTHONDONTWRITEBYTECODE": "1",
-}
-_CHUNK = 65536
-_KILL_FACTOR = 10  # a stream producing more than this many times the cap gets its exec killed
-_DRAIN_GRACE_S = 1.0
-_PIDS_HEADROOM = 4
-_MIB = 1 << 20
-_SNAP_DIR = "/creditflow-snapshot"
-#: runs the command; afterwards kills every other process of the sandbox user (background children)
-_WRAPPER = (
-    'if ! command -v -- "$1" >/dev/null 2>&1; then printf "creditflow: cannot start %s\\n" "$1" >&2; exit 127; fi; '
-    '"$@"; rc=$?; kill -9 -1 2>/dev/null; exit $rc'
-)
-_CANNOT_START = b"creditflow: cannot start "
-_KILL_ALL = "kill -9 -1 2>/dev/null; kill -9 -1 2>/dev/null; kill -9 -1 2>/dev/null; exit 0"
-_WIPE = (
-    "kill -9 -1 2>/dev/null; kill -9 -1 2>/dev/null; chmod -R u+rwX /work 2>/dev/null; "
-    "rm -rf /work/* /work/.[!.]* /work/..?* /dev/shm/* /dev/shm/.[!.]* 2>/dev/null; "
-    'if [ "$1" = untar ]; then tar -C /work --no-overwrite-dir -xf - || exit 1; fi; '
-    'if [ "$1" = copy ]; then cp -a ' + _SNAP_DIR + "/. /work/ || exit 1; fi; "
-    'if [ "$1" = empty ] && [ -n "$(ls -A /work)" ]; then exit 1; fi; exit 0'
-)
-#: resolve a path inside /work (symlinks included) or fail with 98
-_RESOLVE = 'p=$(realpath -m -- "$1") || exit 98; case "$p" in /work/?*) ;; *) exit 98;; esac; '
-_SIGXCPU, _SIGXFSZ, _SIGKILL = int(signal.SIGXCPU), int(signal.SIGXFSZ), int(signal.SIGKILL)
-
-
-# ----------------------------------------------------------------------------- engine access
-
-
-def _docker_client(timeout: int = 60) -> Any:
-    try:
-        import docker
-    except ImportError as exc:
-        raise SandboxUnavailable(
-            f"the docker sandbox backend needs the Python package 'docker' ({exc}); "
-            "fix: pip install docker, or use sandbox.backend=process"
-        ) from None
-    try:
-        client = docker.from_env(timeout=timeout)
-        client.ping()
-    except Exception as exc:  # noqa: BLE001 - any failure means "no engine"
-        raise SandboxUnavailable(
-            f"the docker sandbox backend needs a Docker engine, but none is reachable "
-            f"({type(exc).__name__}: {exc}); fix: start one (sudo infra/ensure_docker.sh), or point "
-            "DOCKER_HOST at one, or use sandbox.backend=process"
-        ) from None
-    return client
-
-
-def check_docker(cfg: Optional[SandboxConfig] = None) -> None:
-    """Raise :class:`SandboxUnavailable` (reason + fix) unless a Docker engine answers. Cheap; no compute."""
-    _docker_client(timeout=5).close()
-
-
-def docker_reachable() -> tuple[bool, str]:
-    """(whether a Docker engine answers, the reason when not)."""
-    try:
-        check_docker()
-    except SandboxUnavailable as exc:
-        return False, str(exc)
-    return True, ""
-
-
-# ----------------------------------------------------------------------------- ownership / cleanup
-
-
-def _proc_start(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-        return data[data.rfind(b")") + 2 :].split()[19].decode()
-    except (OSError, IndexError):
-        return ""
-
-
-def _owner_alive(pid: int, start: str) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return not start or not _proc_start(pid) or _proc_start(pid) == start
-
-
-def _hostname() -> str:
-    return socket.gethostname()
-
-
-def cleanup_stale(client: Any = None) -> int:
-    """Remove labelled containers and snapshot images whose owner process on this host is dead.
-
-    Returns how many containers and images were removed. Objects of live owners, and of owners on
-    other hosts (same engine, other machine), are left alone.
-    """
-    client = client or _docker_client()
-    host = _hostname()
-    removed = 0
-
-    def dead(labels: dict[str, str]) -> bool:
-        if labels.get("creditflow.owner_host") != host:
-            return False
-        try:
-            pid = int(labels.get("creditflow.owner_pid", ""))
-        except ValueError:
-            return False
-        return not _owner_alive(pid, labels.get("creditflow.owner_start", ""))
-
-    for c in client.api.containers(all=True, filters={"label": f"{MANAGED_LABEL}=1"}):
-        if dead(c.get("Labels") or {}):
-            try:
-                client.api.remove_container(c["Id"], force=True, v=True)
-                removed += 1
-            except Exception as exc:  # noqa: BLE001 - already gone or being removed
-                log.debug("cleanup_stale: %s: %s", c["Id"][:12], exc)
-    for img in client.api.images(filters={"label": "creditflow.kind=snapshot"}):
-        if dead(img.get("Labels") or {}):
-            try:
-                client.api.remove_image(img["Id"], force=True)
-                removed += 1
-            except Exception as exc:  # noqa: BLE001
-                log.debug("cleanup_stale: image %s: %s", img["Id"][:19], exc)
-    if removed:
-        log.info("sandbox cleanup_stale: removed %d leftover container(s)/image(s) of dead owners", removed)
-    return removed
-
-
-_LIVE: "weakref.WeakSet[DockerBackend]" = weakref.WeakSet()
-_HOOKS_INSTALLED = False
-_HOOK_LOCK = threading.Lock()
-
-
-def _close_all_backends() -> None:
-    for b in list(_LIVE):
-        try:
-            b.close()
-        except Exception as exc:  # noqa: BLE001 - best effort at exit
-            log.warning("closing docker sandbox backend at exit: %s", exc)
-
-
-def _install_exit_hooks() -> None:
-    global _HOOKS_INSTALLED
-    with _HOOK_LOCK:
-        if _HOOKS_INSTALLED:
-            return
-        _HOOKS_INSTALLED = True
-        atexit.register(_close_all_backends)
-        if threading.current_thread() is not threading.main_thread():
-            return
-        try:
-            previous = signal.getsignal(signal.SIGTERM)
-        except ValueError:
-            return
-        if previous is signal.SIG_IGN or previous is None:
-            return
-
-        def on_sigterm(signum: int, frame: Any) -> None:
-            _close_all_backends()
-            if callable(previous):
-                previous(signum, frame)
-            else:  # SIG_DFL: die of SIGTERM as if we had not been here
-                signal.signal(signal.SIGTERM, signal.SIG_DFL)
-                os.kill(os.getpid(), signal.SIGTERM)
-
-        try:
-            signal.signal(signal.SIGTERM, on_sigterm)
-        except ValueError:
-            pass
-
-
-# ----------------------------------------------------------------------------- snapshot handle
-
-
-@dataclass(frozen=True)
-class DockerSnapshot:
-    """Handle of a snapshot of a sandbox's work dir (owned by its backend).
-
-    ``archive`` mode: ``data`` is the tar of ``/work``. ``commit`` mode: ``image_id`` is a
-    committed image holding the tar's contents under ``/creditflow-snapshot``.
-    """
-
-    id: str
-    sandbox_id: str
-    created: float
-    mode: str
-    size: int
-    data: bytes = field(default=b"", repr=False)
-    image_id: str = ""
-
-
-# ----------------------------------------------------------------------------- exec machinery
-
-
-class _Frames:
-    """Incremental parser of docker's multiplexed stream (8-byte header: stream, 0, 0, 0, size)."""
-
-    def __init__(self, cap: int):
-        self.cap = cap
-        self.buf = bytearray()
-        self.out = {1: bytearray(), 2: bytearray()}
-        self.seen = {1: 0, 2: 0}
-        self.tail = bytearray()  # last bytes of stderr (the wrapper's message survives truncation)
-
-    def feed(self, data: bytes) -> None:
-        self.buf += data
-        while len(self.buf) >= 8:
-            size = int.from_bytes(self.buf[4:8], "big")
-            if len(self.buf) < 8 + size:
-                break
-            stream = self.buf[0]
-            payload = bytes(self.buf[8 : 8 + size])
-            del self.buf[: 8 + size]
-            if stream not in self.out:
-                continue
-            room = self.cap - len(self.out[stream])
-            if room > 0:
-                self.out[stream] += payload[:room]
-            self.seen[stream] += len(payload)
-            if stream == 2:
-                self.tail = (self.tail + payload)[-256:]
-
-
-@dataclass
-class _Raw:
-    exit_code: Optional[int]
-    stdout: bytes
-    stderr: bytes
-    seen_out: int
-    seen_err: int
-    killed_reason: str
-    wall: float
-    stderr_tail: bytes = b""
-
-
-class DockerSandbox(Sandbox):
-    """One container of the pool; see the module docstring for what ``exec`` enforces."""
-
-    def __init__(self, backend: "DockerBackend", container_id: str, origin: Optional[DockerSnapshot] = None):
-        self.backend = backend
-        self.cfg: SandboxConfig = backend.cfg
-        self.container_id = container_id
-        self.id = container_id[:12]
-        #: in-sandbox path of the work directory
-        self.workdir = _WORK
-        #: the snapshot this sandbox was forked from (``reset`` returns to it)
-        self.origin = origin
-        self._closed = False
-        self._lock = threading.RLock()
-        self._oom_seen = 0
-        self._healthy = True
-
-    # -- helpers -------------------------------------------------------------------------
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise RuntimeError(f"sandbox {self.id} is closed")
-
-    @staticmethod
-    def _check_path(path: Union[str, "os.PathLike[str]"]) -> str:
-        p = os.fspath(path)
-        if not isinstance(p, str):
-            raise TypeError(f"sandbox paths are str, got {type(p).__name__}")
-        if not p or "\x00" in p:
-            raise ValueError(f"invalid sandbox path {p!r}")
-        if os.path.isabs(p):
-            raise ValueError(f"sandbox path {p!r} must be relative to the work directory")
-        norm = os.path.normpath(p)
-        if norm in (".", "..") or norm.startswith("../"):
-            raise ValueError(f"sandbox path {p!r} escapes the work directory")
-        return p
-
-    def _raw_exec(
-        self,
-        argv: list[str],
-        stdin: Optional[bytes],
-        timeout: float,
-        cap: int,
-        kill_at: Optional[int] = None,
-    ) -> _Raw:
-        """Run ``argv`` in the container; never raises for what the program does."""
-        api = self.backend.api
-        t0 = time.monotonic()
-        kill_at = max(cap * _KILL_FACTOR, _CHUNK) if kill_at is None else kill_at
-        eid = api.exec_create(
-            self.container_id, argv, stdin=stdin is not None, user=_USER, workdir=_WORK, environment=_ENV
-        )["Id"]
-        resp = api.exec_start(eid, socket=True)
-        sock: socket.socket = getattr(resp, "_sock", resp)
-        frames = _Frames(cap)
-        killed = ""
-        sel = selectors.DefaultSelector()
-        try:
-            sock.setblocking(False)
-            view = memoryview(stdin) if stdin is not None else None
-            events = selectors.EVENT_READ | (selectors.EVENT_WRITE if view is not None else 0)
-            sel.register(sock, events)
-            if view is not None and not len(view):
-                sock.shutdown(socket.SHUT_WR)
-                view = None
-                sel.modify(sock, selectors.EVENT_READ)
-            deadline = t0 + timeout
-            eof = False
-            while not eof:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    killed = "timeout"
-                    break
-                for _key, mask in sel.select(timeout=left):
-                    if mask & selectors.EVENT_WRITE and view is not None:
-                        try:
-                            n = sock.send(view[:_CHUNK])
-                            view = view[n:]
-                            done = not len(view)
-                        except BlockingIOError:
-                            done = False
-                        except OSError:  # the program stopped reading
-                            done = True
-                        if done:
-                            try:
-                                sock.shutdown(socket.SHUT_WR)
-                            except OSError:
-                                pass
-                            view = None
-                            sel.modify(sock, selectors.EVENT_READ)
-                    if mask & selectors.EVENT_READ:
-                        try:
-                            chunk = sock.recv(_CHUNK)
-                        except BlockingIOError:
-                            continue
-                        except OSError:
-                            chunk = b""
-                        if not chunk:
-                            eof = True
-                            break
-                        frames.feed(chunk)
-                if max(frames.seen.values()) > kill_at:
-                    killed = "output_limit"
-                    break
-            if killed:
-                # kill in a helper thread while this one keeps draining the stream: an exec whose
-                # output is not consumed can stall the engine, and with it the kill helper's exec
-                killer = threading.Thread(target=self._kill_all, name=f"sandbox-kill-{self.id}", daemon=True)
-                killer.start()
-                sel.modify(sock, selectors.EVENT_READ)
-                end = time.monotonic() + 30.0
-                while time.monotonic() < end:
-                    if not killer.is_alive():
-                        end = min(end, time.monotonic() + _DRAIN_GRACE_S)
-                    if not sel.select(timeout=0.05):
-                        continue
-                    try:
-                        chunk = sock.recv(_CHUNK)
-                    except BlockingIOError:
-                        continue
-                    except OSError:
-                        chunk = b""
-                    if not chunk:
-                        break
-                    if max(frames.seen.values()) <= kill_at:
-                        frames.feed(chunk)
-                sock.close()  # abandon whatever is still coming
-                killer.join(timeout=60)
-        finally:
-            sel.close()
-            try:
-                sock.close()
-            except OSError:
-                pass
-            try:
-                resp.close()
-            except Exception:  # noqa: BLE001
-                pass
-        rc: Optional[int] = None
-        end = time.monotonic() + 2.0
-        while True:
-            info = api.exec_inspect(eid)
-            if not info.get("Running"):
-                rc = info.get("ExitCode")
-                break
-            if time.monotonic() > end:
-                break
-            time.sleep(0.005)
-        return _Raw(
-            exit_code=None if killed else rc,
-            stdout=bytes(frames.out[1]),
-            stderr=bytes(frames.out[2]),
-            seen_out=frames.seen[1],
-            seen_err=frames.seen[2],
-            killed_reason=killed,
-            wall=time.monotonic() - t0,
-            stderr_tail=bytes(frames.tail),
-        )
-
-    def _kill_all(self) -> None:
-        """Kill every process of the sandbox user; restart the container if no exec can start."""
-        api = self.backend.api
-        for attempt in range(12):
-            try:
-                eid = api.exec_create(self.container_id, ["/bin/sh", "-c", _KILL_ALL], user=_USER)["Id"]
-                api.exec_start(eid)
-                if api.exec_inspect(eid).get("ExitCode") == 0:
-                    return
-            except Exception as exc:  # noqa: BLE001 - pids exhausted: runc cannot start the helper
-                log.debug("sandbox %s: kill helper attempt %d failed: %s", self.id, attempt, exc)
-            time.sleep(0.05 * (attempt + 1))
-        log.warning("sandbox %s: cannot start the kill helper; restarting the container (work dir lost)", self.id)
-        self._restart()
-
-    def _restart(self) -> None:
-        api = self.backend.api
-        api.restart(self.container_id, timeout=0)
-        self._oom_seen = 0
-        self.restarted = True
-
-    def _oom_count(self) -> int:
-        try:
-            r = self._raw_exec(
-                ["/bin/sh", "-c", "cat /sys/fs/cgroup/memory/memory.oom_control /sys/fs/cgroup/memory.events 2>/dev/null"],
-                None, 10.0, 4096,
-            )
-        except Exception:  # noqa: BLE001
-            return self._oom_seen
-        for line in r.stdout.decode(errors="replace").splitlines():
-            parts = line.split()
-            if len(parts) == 2 and parts[0] == "oom_kill" and parts[1].isdigit():
-                return int(parts[1])
-        return self._oom_seen
-
-    # -- Sandbox API ---------------------------------------------------------------------
-
-    def exec(
-        self,
-        cmd: Union[str, Sequence[str]],
-        timeout_s: Optional[float] = None,
-        stdin: Optional[bytes] = None,
-    ) -> ExecResult:
-        self._check_open()
-        argv, timeout, stdin = self.exec_args(cmd, timeout_s, stdin)
-        cap = max(int(self.cfg.max_output_bytes), 0)
-        with self._lock:
-            self._check_open()
-            self.restarted = False
-            t0 = time.monotonic()
-            try:
-                raw = self._raw_exec(
-                    ["/bin/sh", "-c", _WRAPPER, "sh"] + argv,
-                    bytes(stdin) if stdin is not None else None,
-                    timeout,
-                    cap,
-                )
-            except Exception as exc:  # noqa: BLE001 - engine/container trouble is a result, not a raise
-                self._healthy = False
-                return ExecResult(None, b"", f"docker exec failed: {type(exc).__name__}: {exc}".encode(),
-                                  time.monotonic() - t0, reason="error")
-            rc = raw.exit_code
-            truncated = raw.seen_out > cap or raw.seen_err > cap
-            reason = raw.killed_reason
-            stderr = raw.stderr
-            if not reason and rc == 127 and argv and not isinstance(cmd, str) and raw.stderr_tail.endswith(
-                _CANNOT_START + argv[0].encode(errors="replace") + b"\n"
-            ):
-                return ExecResult(None, raw.stdout, stderr, raw.wall, reason="error")
-            if not reason and rc is not None and 128 < rc <= 192:
-                sig = rc - 128
-                rc = -sig
-                if sig == _SIGXCPU:
-                    reason = "cpu_limit"
-                elif sig == _SIGXFSZ:
-                    reason = "file_limit"
-                elif sig == _SIGKILL:
-                    count = self._oom_count()
-                    reason = "oom" if count > self._oom_seen else "killed"
-                    self._oom_seen = count
-                else:
-                    reason = "killed"
-            if not reason and truncated:
-                reason = "output_limit"
-            if getattr(self, "restarted", False):
-                stderr += b"\ncreditflow: the sandbox container was restarted; its work dir was lost\n"
-            return ExecResult(
-                exit_code=rc,
-                stdout=raw.stdout,
-                stderr=stderr,
-                wall_seconds=raw.wall,
-                timed_out=raw.killed_reason == "timeout",
-                truncated=truncated,
-                reason=reason,
-            )
-
-    def _file_op(self, script: str, path: str, stdin: Optional[bytes], cap: int) -> _Raw:
-        raw = self._raw_exec(["/bin/sh", "-c", _RESOLVE + script, "sh", path], stdin, max(self.cfg.exec_timeout_s, 30.0), cap)
-        if raw.exit_code == 98:
-            raise ValueError(f"sandbox path {path!r} escapes the work directory")
-        return raw
-
-    def write_file(self, path: str, data: bytes) -> None:
-        self._check_open()
-        data = self.write_data(path, data)
-        p = self._check_path(path)
-        with self._lock:
-            self._check_open()
-            raw = self._file_op('[ -d "$p" ] && exit 95; mkdir -p -- "$(dirname -- "$p")" && cat > "$p"', p, bytes(data), 4096)
-        if raw.exit_code == 95:
-            raise IsADirectoryError(f"sandbox path {path!r} is a directory")
-        if raw.exit_code != 0:
-            raise OSError(f"write_file {path!r} failed (exit {raw.exit_code}): {raw.stderr.decode(errors='replace')}")
-
-    def read_file(self, path: str) -> bytes:
-        self._check_open()
-        p = self._check_path(path)
-        cap = int(self.cfg.max_file_mb) * _MIB + 1
-        with self._lock:
-            self._check_open()
-            raw = self._file_op('[ -e "$p" ] || exit 96; [ -d "$p" ] && exit 95; exec cat -- "$p"', p, None, cap)
-        if raw.exit_code == 96:
-            raise FileNotFoundError(f"sandbox path {path!r} does not exist")
-        if raw.exit_code == 95:
-            raise IsADirectoryError(f"sandbox path {path!r} is a directory")
-        if raw.exit_code != 0:
-            raise OSError(f"read_file {path!r} failed (exit {raw.exit_code}): {raw.stderr.decode(errors='replace')}")
-        if raw.seen_out >= cap:
-            raise ValueError(f"read_file {path!r}: larger than max_file_mb={self.cfg.max_file_mb}")
-        return raw.stdout
-
-    def _tar_workdir(self) -> bytes:
-        cap = int(self.cfg.work_dir_mb) * _MIB * 2 + _MIB
-        raw = self._raw_exec(["tar", "-C", _WORK, "-cf", "-", "."], None, max(self.cfg.exec_timeout_s, 60.0), cap, kill_at=cap)
-        if raw.exit_code != 0 or raw.seen_out > cap:
-            raise RuntimeError(f"sandbox {self.id}: snapshot failed (exit {raw.exit_code}): {raw.stderr[-500:]!r}")
-        return raw.stdout
-
-    def snapshot(self) -> DockerSnapshot:
-        self._check_open()
-        with self._lock:
-            return self.backend._snapshot(self)
-
-    def _wipe(self, mode: str, stdin: Optional[bytes] = None) -> None:
-        raw = self._raw_exec(["/bin/sh", "-c", _WIPE, "sh", mode], stdin, 60.0, 65536)
-        if raw.exit_code != 0:
-            raise RuntimeError(f"sandbox {self.id}: reset failed (exit {raw.exit_code}): {raw.stderr[-500:]!r}")
-
-    def reset(self) -> None:
-        """Back to the state right after creation: empty, or the snapshot it was forked from."""
-        self._check_open()
-        with self._lock:
-            self._ensure_running()
-            if self.origin is None:
-                self._wipe("empty")
-            elif self.origin.mode == "commit":
-                self._wipe("copy")
-            else:
-                if not self.backend._has_snapshot(self.origin):
-                    raise RuntimeError(f"sandbox {self.id}: cannot reset, its origin snapshot {self.origin.id} was dropped")
-                self._wipe("untar", self.origin.data)
-
-    def _ensure_running(self) -> None:
-        try:
-            state = self.backend.api.inspect_container(self.container_id)["State"]
-        except Exception as exc:  # noqa: BLE001
-            raise RuntimeError(f"sandbox {self.id}: container is gone ({exc})") from None
-        if not state.get("Running"):
-            self.backend.api.start(self.container_id)
-            self._oom_seen = 0
-
-    def close(self) -> None:
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-            self.backend._release(self)
-
-    def __repr__(self) -> str:
-        return f"DockerSandbox({self.id}{', closed' if self._closed else ''})"
 
 
 # ----------------------------------------------------------------------------- backend
@@ -703,6 +135,8 @@ class DockerBackend(SandboxBackend):
         self.cfg = cfg if cfg is not None else SandboxConfig()
         if self.cfg.snapshot_mode not in ("archive", "commit"):
             raise ValueError(f"sandbox.snapshot_mode must be archive or commit, got {self.cfg.snapshot_mode!r}")
+        if self.cfg.docker_exec not in ("resident", "exec"):
+            raise ValueError(f"sandbox.docker_exec must be resident or exec, got {self.cfg.docker_exec!r}")
         self.chosen = self.name
         self.client = client if client is not None else _docker_client()
         self.api = self.client.api
@@ -721,6 +155,9 @@ class DockerBackend(SandboxBackend):
         self._sandboxes: dict[str, DockerSandbox] = {}
         self._snapshots: dict[str, DockerSnapshot] = {}
         self._stale_images: set[str] = set()  # snapshot images whose removal must be retried at close
+        self._residents: dict[str, Resident] = {}  # container id -> its resident executor
+        self._oom_counts: dict[str, int] = {}  # pooled container id -> its oom_kill counter when released
+        self._resident_retry: dict[str, float] = {}  # container id -> when to try starting one again
         _LIVE.add(self)
         _install_exit_hooks()
         try:
@@ -805,7 +242,40 @@ class DockerBackend(SandboxBackend):
             raise
         return cid
 
+    def _resident(self, cid: str, wait: bool = False) -> Optional[Resident]:
+        """The container's resident executor, started when missing; None for ``docker_exec="exec"``
+        or while one cannot start (retried after a second)."""
+        if self.cfg.docker_exec != "resident":
+            return None
+        with self._lock:
+            r = self._residents.get(cid)
+            if r is not None and r.alive:
+                return r
+            if self._closed or time.monotonic() < self._resident_retry.get(cid, 0.0):
+                return None
+        try:
+            r = Resident(self.api, cid, _USER, _WORK, _ENV)
+            if wait and not r.wait_ready():
+                raise RuntimeError("no hello from the executor")
+        except Exception as exc:  # noqa: BLE001 - pids exhausted, container gone: docker exec instead
+            log.debug("sandbox %s: cannot start the resident executor: %s", cid[:12], exc)
+            with self._lock:
+                self._resident_retry[cid] = time.monotonic() + 1.0
+            return None
+        with self._lock:
+            self._residents[cid] = r
+        return r
+
+    def _drop_resident(self, cid: str) -> None:
+        with self._lock:
+            r = self._residents.pop(cid, None)
+        if r is not None:
+            r.close()
+
     def _remove_container(self, cid: str) -> None:
+        self._drop_resident(cid)
+        with self._lock:
+            self._oom_counts.pop(cid, None)
         try:
             self.api.remove_container(cid, force=True, v=True)
         except Exception as exc:  # noqa: BLE001 - already gone
@@ -828,6 +298,7 @@ class DockerBackend(SandboxBackend):
                     if not self._closed:
                         log.warning("sandbox pool refill failed: %s", exc)
                     break
+                self._resident(cid, wait=True)  # warm: the executor is up before the container is handed out
                 with self._lock:
                     self._idle.append(cid)
             if self._closed:
@@ -855,6 +326,7 @@ class DockerBackend(SandboxBackend):
         """A closed sandbox's container: reset and back to the pool, or removed."""
         with self._lock:
             self._sandboxes.pop(sb.id, None)
+            self._oom_counts[sb.container_id] = sb._oom_seen
             keep = not self._closed and sb._healthy and len(self._idle) < self._pool_target()
         if keep:
             try:

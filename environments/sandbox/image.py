@@ -6,9 +6,12 @@ machine and loaded with ``docker import``. It holds
 * the host's ``python3`` interpreter (``/usr/bin/python3`` when present, else the interpreter
   running this code), every shared library ``ldd`` lists for it and for its extension modules
   (``lib-dynload``), and its standard library without ``test/``, ``idlelib``, ``tkinter``,
-  ``lib2to3``, ``ensurepip``, ``site-packages``/``dist-packages`` and ``__pycache__``
-  (the root filesystem is read-only in a sandbox, so Python runs with
-  ``PYTHONDONTWRITEBYTECODE=1`` and compiles what it imports in memory);
+  ``lib2to3``, ``ensurepip``, ``site-packages``/``dist-packages`` and the host's ``__pycache__``;
+  instead its bytecode is compiled at build time by that interpreter into ``__pycache__`` as
+  *unchecked-hash* pycs (PEP 552: valid whatever the files' mtimes, which the tar sets to 0; the
+  image never changes). The root filesystem is read-only in a sandbox and Python runs with
+  ``PYTHONDONTWRITEBYTECODE=1``: without them every exec compiled what it imported in memory
+  (``import ast, json, copy``: ~100 ms instead of ~25 ms here, most of a code-family test run);
 * ``/bin/sh`` and the few coreutils the backend and typical environments need (or the host's
   ``busybox`` with one link per applet, when present), with their shared libraries;
 * ``/etc/passwd`` and ``/etc/group`` with the unprivileged ``sandbox`` user (uid/gid 1000) that
@@ -30,6 +33,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import io
+import json
 import logging
 import os
 import re
@@ -47,7 +51,7 @@ log = logging.getLogger("creditflow.sandbox")
 #: tag of the image the docker backend uses when ``sandbox.image`` is empty
 DEFAULT_TAG = "creditflow/sandbox:latest"
 #: bump when the layout of the image changes (part of the content hash)
-BUILDER_VERSION = "2"
+BUILDER_VERSION = "3"
 #: uid/gid of the unprivileged user every exec runs as
 SANDBOX_UID = 1000
 #: labels put on everything this project creates in the Docker engine
@@ -174,6 +178,31 @@ def collect(python: Optional[str] = None) -> tuple[dict[str, str], dict[str, str
     return files, links
 
 
+_COMPILE = r"""
+import importlib.util, json, py_compile, sys
+out = {}
+for src, img, dest in json.load(sys.stdin):
+    try:
+        py_compile.compile(src, cfile=dest, dfile="/" + img, doraise=True,
+                           invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH)
+    except (py_compile.PyCompileError, SyntaxError, ValueError, OSError):
+        continue
+    out[importlib.util.cache_from_source("/" + img).lstrip("/")] = dest
+json.dump(out, sys.stdout)
+"""
+
+
+def compile_bytecode(files: dict[str, str], tmpdir: str, python: Optional[str] = None) -> dict[str, str]:
+    """Compile the image's ``.py`` files with the image's interpreter into ``tmpdir``; returns
+    ``{image path of the pyc: host path}`` (files that do not compile are left to run from source)."""
+    python = python or default_python()
+    jobs = [(host, img, os.path.join(tmpdir, f"{i}.pyc")) for i, (img, host) in enumerate(sorted(files.items()))
+            if img.endswith(".py")]
+    r = subprocess.run([python, "-I", "-c", _COMPILE], input=json.dumps(jobs), capture_output=True, text=True,
+                       timeout=600, check=True)
+    return json.loads(r.stdout)
+
+
 def _etc_files() -> dict[str, bytes]:
     u = SANDBOX_UID
     return {
@@ -282,7 +311,9 @@ def build_image(
         "ENV PATH=/usr/local/bin:/usr/bin:/bin HOME=/work TMPDIR=/work LANG=C.UTF-8 PYTHONDONTWRITEBYTECODE=1",
         'CMD ["/usr/bin/sleep", "infinity"]',
     ]
-    with tempfile.NamedTemporaryFile(prefix="creditflow-rootfs-", suffix=".tar") as tmp:
+    with tempfile.NamedTemporaryFile(prefix="creditflow-rootfs-", suffix=".tar") as tmp, \
+            tempfile.TemporaryDirectory(prefix="creditflow-pyc-") as pyc_dir:
+        files = {**files, **compile_bytecode(files, pyc_dir, python)}
         n = write_rootfs_tar(files, links, tmp)
         tmp.flush()
         size = tmp.tell()
