@@ -50,6 +50,7 @@ from stages.credit.methods.montecarlo import (
 )
 from stages.reward.process import ProcessRewardConfig
 from stages.schema import Batch, BatchTensors, CreditResult, Overhead
+from stages.config_fields import param
 
 
 def align_step_scores(scores: torch.Tensor, seg: Segments, name: str) -> torch.Tensor:
@@ -103,11 +104,11 @@ def redistribute(
 
 @dataclass
 class REDConfig(ProcessRewardConfig, CreditConfig):
-    method: str = "red"  # credit-assignment method (registry name; RED, Li et al. 2024)
-    empty_score: str = "group_mean"  # score of the empty prefix: group_mean (mean holistic reward of the group), first_step, zero
-    rescale: str = "shift"  # return equivalence: shift (add (R - sum d)/n to each step) or scale (multiply by R / sum d) (Li et al. 2024)
-    norm_adv_by_std: bool = True  # divide by the group std of the holistic reward (GRPO baseline, Shao et al. 2024)
-    epsilon: float = 1e-6  # added to the group std (GRPO)
+    method: str = param("red", help="credit-assignment method (registry name; RED, Li et al. 2024)")
+    empty_score: str = param("group_mean", help="score of the empty prefix: group_mean (mean holistic reward of the group), first_step, zero", choices=("group_mean", "first_step", "zero"))
+    rescale: str = param("shift", help="return equivalence: shift (add (R - sum d)/n to each step) or scale (multiply by R / sum d) (Li et al. 2024)", choices=("shift", "scale"))
+    norm_adv_by_std: bool = param(True, help="divide by the group std of the holistic reward (GRPO baseline, Shao et al. 2024)")
+    epsilon: float = param(1e-6, help="added to the group std (GRPO)", ge=0)
 
 
 @register_method
@@ -127,10 +128,6 @@ class RED(CreditMethod):
     def assign(self, tensors: BatchTensors, batch: Batch, ctx: CreditContext) -> CreditResult:
         cfg: REDConfig = self.cfg  # type: ignore[assignment]
         assert ctx.process_rewards is not None  # CreditMethod.__call__ checked ``needs``
-        if cfg.empty_score not in ("group_mean", "first_step", "zero"):
-            raise ValueError(f"credit method 'red': empty_score must be group_mean, first_step or zero, got {cfg.empty_score!r}")
-        if cfg.rescale not in ("shift", "scale"):
-            raise ValueError(f"credit method 'red': rescale must be shift or scale, got {cfg.rescale!r}")
         seg = step_segments(tensors, batch)
         raw, overhead = ctx.process_rewards(batch)
         scores = align_step_scores(raw, seg, self.name)
