@@ -28,7 +28,7 @@ from environments.sandbox.base import SandboxConfig
 from stages.credit.base import CreditConfig, get_method_class
 from stages.rollout.config import ModelConfig, RolloutConfig
 from stages.update.config import UpdateConfig
-from flows.scaleout import RunnerConfig
+from flows.runner_config import RunnerConfig
 from stages.config_fields import Problem, check, format_value, param
 
 #: config groups under configs/
@@ -389,3 +389,24 @@ def flatten(cfg: DictConfig) -> dict[str, str]:
 
 def to_yaml(cfg: DictConfig) -> str:
     return OmegaConf.to_yaml(cfg)
+
+
+def describe_config(group: Optional[str] = None, overrides: Optional[list[str]] = None) -> str:
+    """``creditflow config describe [group]``: key, type, default, rule and help of every field, from
+    the fields' metadata (:mod:`stages.config_fields`). ``env``/``credit`` show the family's/method's
+    own Config (``env=NAME`` / ``credit=NAME`` in ``overrides`` select it; default: base.yaml's)."""
+    from stages.config_fields import describe, render
+
+    groups, _ = _split_overrides(list(overrides or []))
+    defaults = dict(_load_yaml(configs_dir() / "base.yaml").get("defaults", {}) or {})
+    method = _check_registered("credit", groups.get("credit") or defaults.get("credit") or CreditConfig.method)
+    family = _check_registered("env", groups.get("env") or defaults.get("env") or EnvConfig.name)
+    docs = describe(TrainConfig)
+    docs = [d for d in docs if d.key.split(".")[0] not in ("env", "credit")]
+    docs += describe(family.Config, "env") + describe(method.Config, "credit")
+    if group:
+        known = sorted({d.key.split(".")[0] for d in docs if "." in d.key} | {"core"})
+        if group not in known:
+            raise problem_error("group", group, f"unknown config group; one of {', '.join(known)}")
+        docs = [d for d in docs if (d.key.split(".")[0] == group if group != "core" else "." not in d.key)]
+    return render(docs)
