@@ -73,7 +73,7 @@ class JudgeCreditConfig(CreditConfig):
         """Rules that look at the outside world (judge directory, endpoint key), run before compute."""
         try:
             check_judge_config(self)
-        except ValueError as exc:
+        except (ValueError, OSError) as exc:  # OSError: a local judge directory that does not exist
             yield "judge", str(exc)
 
 
