@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Optional
 
 from stages.schema import GroundTruthCredit
+from stages.config_fields import check_dataclass, param
 
 
 #: the splits every family provides (disjoint by construction)
@@ -50,7 +51,7 @@ def require_spec(instance: "TaskInstance", keys: tuple[str, ...], family: str) -
 class EnvConfig:
     """Base of every task family's config; ``name`` selects the family."""
 
-    name: str = "bifurcation"  # task family (registry name)
+    name: str = param("bifurcation", help="task family (registry name)")
 
 
 @dataclass(frozen=True)
@@ -130,6 +131,7 @@ class TaskFamily(abc.ABC):
 
     def __init__(self, cfg: Optional[EnvConfig] = None):
         self.cfg = cfg if cfg is not None else self.Config()
+        check_dataclass(self.cfg, "env")  # the Config's field rules and config_rules() (stages/config_fields.py)
 
     def instance(self, split: str, index: int, seed: int) -> TaskInstance:
         """Instance ``index`` of ``split`` for ``seed`` (deterministic)."""

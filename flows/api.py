@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Optional
 
-from flows.config import ConfigError, load_config
+from flows.config import ConfigError, load_config, problem_error
 from flows.runtime import RunState, creditflow_home
 
 
@@ -17,19 +17,19 @@ def preflight(cfg: Any) -> None:
 
             docker.from_env(timeout=5).ping()
         except Exception as exc:
-            raise ConfigError(
-                f"sandbox.backend=docker but no Docker engine is reachable ({type(exc).__name__}: {exc}); "
-                "start dockerd or use sandbox.backend=process"
+            raise problem_error(
+                "sandbox.backend", "docker",
+                f"no Docker engine is reachable ({type(exc).__name__}: {exc}); start dockerd or use sandbox.backend=process"
             ) from None
 
 
 def start_run(overrides: Optional[list[str]] = None, home: Optional[Path] = None, progress: bool = True,
               run_id: Optional[str] = None) -> dict[str, Any]:
     """Validate the config, create the run directory and drive the Prefect flow."""
+    cfg = load_config(overrides)  # before Prefect is imported: a bad config fails fast and creates nothing
+    preflight(cfg)
     from flows import train
 
-    cfg = load_config(overrides)
-    preflight(cfg)
     state = RunState.create(cfg, home or creditflow_home(), run_id=run_id)
     train._RUNS[state.run_id] = state
     return train.flow_for(state.obj)(state.run_id, str(state.home), progress)

@@ -3,6 +3,7 @@
     creditflow train [overrides...]        run the five-stage loop (Prefect flow, MLflow tracking)
     creditflow resume RUN_ID [overrides]   continue a crashed/killed run; nothing finished is recomputed
     creditflow config show [overrides...]  print the resolved config
+    creditflow config describe [GROUP] [env=NAME] [credit=NAME]   each key's type, default, rule and help
     creditflow checklist RUN_ID [--json]   the Appendix C reporting checklist of a run
     creditflow audit                       the checklist of every run in the tracking store (cf. Table 12)
     creditflow runs                        runs under $CREDITFLOW_HOME
@@ -80,8 +81,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("overrides", nargs="*")
     p.add_argument("--quiet", action="store_true")
     p = sub.add_parser("config", help="config utilities")
-    p.add_argument("action", choices=["show"])
-    p.add_argument("overrides", nargs="*")
+    p.add_argument("action", choices=["show", "describe"])
+    p.add_argument("overrides", nargs="*", help="show: overrides; describe: [GROUP] [env=NAME] [credit=NAME]")
     p = sub.add_parser("checklist", help="print a run's reporting checklist")
     p.add_argument("run_id")
     p.add_argument("--json", action="store_true")
@@ -131,6 +132,14 @@ def main(argv: Optional[list[str]] = None) -> int:
 def _dispatch(args: argparse.Namespace) -> int:
     from flows.config import ConfigError
 
+    if args.cmd == "config" and args.action == "describe":
+        from flows.config import describe_config
+
+        groups = [o for o in args.overrides if "=" not in o]
+        if len(groups) > 1:
+            raise ConfigError(f"config describe takes one group, got {' '.join(groups)}")
+        print(describe_config(groups[0] if groups else None, [o for o in args.overrides if "=" in o]))
+        return 0
     if args.cmd == "config":
         from omegaconf import OmegaConf
 

@@ -28,54 +28,71 @@ from environments.sandbox.base import SandboxConfig
 from stages.credit.base import CreditConfig, get_method_class
 from stages.rollout.config import ModelConfig, RolloutConfig
 from stages.update.config import UpdateConfig
-from flows.scaleout import RunnerConfig, validate_runner
+from flows.runner_config import RunnerConfig
+from stages.config_fields import Problem, check, format_value, param
 
 #: config groups under configs/
 GROUPS = ("model", "env", "credit", "update", "experiment")
+#: stages a fault can be injected into (debug.crash_at)
+STAGES = ("env", "rollout", "reward", "credit", "update", "checkpoint", "eval", "prepare")
 #: config sections whose values change what training computes (they enter the config hash)
 HASHED_SECTIONS = ("seed", "model", "env", "sandbox", "rollout", "credit", "update")
 
 
 class ConfigError(ValueError):
-    """A bad configuration, reported before any compute starts."""
+    """A bad configuration, reported before any compute starts. Its text is ``<key>=<value>: <rule>``
+    (the CLI prints ``creditflow: config error: <text>``)."""
+
+
+def problem_error(key: str, value: Any, rule: str) -> ConfigError:
+    """The :class:`ConfigError` of one broken rule, in the one-line ``<key>=<value>: <rule>`` shape."""
+    return ConfigError(Problem(key, value, rule).line())
+
+
+def _crash_at_problem(spec: str) -> Optional[str]:
+    try:
+        parse_crash_at(spec)
+    except ConfigError as exc:
+        return str(exc).split(": ", 1)[1]
+    return None
 
 
 @dataclass
 class TrackingConfig:
     """Keys allowed under ``tracking.``."""
 
-    mlflow_uri: Optional[str] = None  # MLflow tracking URI; default $MLFLOW_TRACKING_URI, else sqlite:///$CREDITFLOW_HOME/mlflow.db
-    experiment: str = "creditflow"  # MLflow experiment name
-    heatmap_every: int = 5  # log a credit heatmap PNG every N iterations (and at the last one)
-    retry_seconds: float = 300.0  # how long an unreachable tracking store is retried (metrics buffered in runs/<id>/tracking_buffer.jsonl) before the run fails
+    mlflow_uri: Optional[str] = param(None, help="MLflow tracking URI; default $MLFLOW_TRACKING_URI, else sqlite:///$CREDITFLOW_HOME/mlflow.db")
+    experiment: str = param("creditflow", help="MLflow experiment name")
+    heatmap_every: int = param(5, help="log a credit heatmap PNG every N iterations (and at the last one)", ge=1)
+    retry_seconds: float = param(300.0, help="how long an unreachable tracking store is retried (metrics buffered in runs/<id>/tracking_buffer.jsonl) before the run fails", ge=0)
 
 
 @dataclass
 class ReportConfig:
     """Keys allowed under ``report.``: reporting-checklist fields that cannot be measured (Appendix C)."""
 
-    baseline_run: Optional[str] = None  # run id of the episode-level baseline run this run is compared with
-    ablation_of: Optional[str] = None  # run id of the full method this run ablates (CA-component ablation)
-    notes: str = ""  # free text recorded with the run
+    baseline_run: Optional[str] = param(None, help="run id of the episode-level baseline run this run is compared with")
+    ablation_of: Optional[str] = param(None, help="run id of the full method this run ablates (CA-component ablation)")
+    notes: str = param("", help="free text recorded with the run")
 
 
 @dataclass
 class DebugConfig:
     """Keys allowed under ``debug.`` (never part of the config hash)."""
 
-    crash_at: Optional[str] = None  # inject a fault: "ITER:STAGE" raises, "ITER:STAGE:kill" SIGKILLs the process
+    crash_at: Optional[str] = param(None, help="inject a fault: \"ITER:STAGE\" raises, \"ITER:STAGE:kill\" SIGKILLs the process", check=_crash_at_problem, rule="must look like ITER:STAGE or ITER:STAGE:kill with STAGE one of " + ", ".join(STAGES))
 
 
 @dataclass
 class TrainConfig:
     """The whole run. Every field has a default; ``creditflow config show`` prints the resolved tree."""
 
-    seed: int = 0  # master seed; every stage derives its own generator from (seed, iteration, stage)
-    iterations: int = 10  # training iterations (each runs the five stages)
-    eval_episodes: int = 64  # eval-split episodes for the success rate before/after training
-    eval_every: int = 0  # also evaluate every N iterations (0 = only before and after)
-    eval_temperature: float = 1.0  # sampling temperature at evaluation
-    run_name: Optional[str] = None  # human-readable name shown in MLflow
+    seed: int = param(0, help="master seed; every stage derives its own generator from (seed, iteration, stage)")
+    iterations: int = param(10, help="training iterations (each runs the five stages)", ge=1)
+    eval_episodes: int = param(64, help="eval-split episodes for the success rate before/after training", ge=1)
+    eval_every: int = param(0, help="also evaluate every N iterations (0 = only before and after)", ge=0)
+    eval_temperature: float = param(1.0, help="sampling temperature at evaluation", ge=0)
+    run_name: Optional[str] = param(None, help="human-readable name shown in MLflow")
     model: ModelConfig = field(default_factory=ModelConfig)
     env: EnvConfig = field(default_factory=EnvConfig)
     sandbox: SandboxConfig = field(default_factory=SandboxConfig)
@@ -93,7 +110,7 @@ def configs_dir() -> Path:
     env = os.environ.get("CREDITFLOW_CONFIGS")
     path = Path(env) if env else Path(__file__).resolve().parent.parent / "configs"
     if not path.is_dir():
-        raise ConfigError(f"configs directory not found at {path} (set CREDITFLOW_CONFIGS)")
+        raise problem_error("CREDITFLOW_CONFIGS", str(path), "configs directory not found (set CREDITFLOW_CONFIGS)")
     return path
 
 
@@ -105,9 +122,9 @@ def _load_yaml(path: Path) -> DictConfig:
     try:
         node = OmegaConf.load(path)
     except Exception as exc:  # yaml syntax errors
-        raise ConfigError(f"cannot parse {path}: {exc}") from exc
+        raise problem_error(str(path), "", "cannot parse: " + " ".join(str(exc).split())) from None
     if not isinstance(node, DictConfig):
-        raise ConfigError(f"{path} must hold a mapping")
+        raise problem_error(str(path), "", "must hold a mapping")
     return node
 
 
@@ -122,16 +139,19 @@ def _group_node(group: str, option: str) -> DictConfig:
     if group == "env":
         _check_registered("env", option)
         return OmegaConf.create({"name": option})
-    raise ConfigError(
-        f"unknown {group} option {option!r}; available: {', '.join(group_options(group)) or '(none)'}"
-    )
+    raise problem_error(group, option, f"unknown {group} option; available: {', '.join(group_options(group)) or '(none)'}")
 
 
 def _check_registered(group: str, name: str) -> type:
+    from environments.base import family_names
+    from stages.credit.base import method_names
+
     try:
         return get_method_class(name) if group == "credit" else get_family_class(name)
-    except KeyError as exc:
-        raise ConfigError(str(exc.args[0])) from None
+    except KeyError:
+        known = method_names() if group == "credit" else family_names()
+        what = "credit method" if group == "credit" else "task family"
+        raise problem_error(group, name, f"unknown {what}; known: {', '.join(known)}") from None
 
 
 def _split_overrides(overrides: list[str]) -> tuple[dict[str, str], list[str]]:
@@ -139,7 +159,7 @@ def _split_overrides(overrides: list[str]) -> tuple[dict[str, str], list[str]]:
     dotlist: list[str] = []
     for item in overrides:
         if "=" not in item:
-            raise ConfigError(f"override {item!r} must look like key=value (e.g. credit=gae, update.lr=1e-5)")
+            raise ConfigError(f"{item}: an override must look like key=value (e.g. credit=gae, update.lr=1e-5)")
         key, value = item.split("=", 1)
         key = key.strip()
         if key in GROUPS:
@@ -163,9 +183,21 @@ def _schema_for(choices: dict[str, str]) -> DictConfig:
     return schema
 
 
-def _friendly(exc: OmegaConfBaseException, schema: DictConfig) -> ConfigError:
-    key = getattr(exc, "full_key", None) or ""
+def _dotlist_value(dotlist: list[str], key: str) -> Optional[str]:
+    for item in reversed(dotlist):
+        k, _, v = item.partition("=")
+        if k.strip() == key:
+            return v
+    return None
+
+
+def _friendly(exc: OmegaConfBaseException, schema: DictConfig, dotlist: list[str]) -> ConfigError:
+    """An OmegaConf merge error as ``<key>=<value>: <rule>``."""
+    key = str(getattr(exc, "full_key", None) or "")
     msg = str(exc).split("\n")[0]
+    value = _dotlist_value(dotlist, key)
+    if value is None:
+        value = getattr(exc, "value", None)
     if isinstance(exc, ConfigKeyError) or "not in" in msg:
         parent, _, leaf = key.rpartition(".")
         try:
@@ -174,10 +206,16 @@ def _friendly(exc: OmegaConfBaseException, schema: DictConfig) -> ConfigError:
         except Exception:
             allowed = ""
         where = f" under '{parent}'" if parent else " at top level"
-        return ConfigError(f"unknown config key '{key}'" + (f"; allowed{where}: {allowed}" if allowed else ""))
+        return problem_error(key, value, "unknown key" + (f"; allowed{where}: {allowed}" if allowed else ""))
     if isinstance(exc, ValidationError):
-        return ConfigError(f"wrong type for config key '{key}': {msg}")
-    return ConfigError(f"config key '{key}': {msg}")
+        try:
+            expected = OmegaConf.get_type(OmegaConf.select(schema, key.rpartition(".")[0]) or schema, key.rpartition(".")[2])
+        except Exception:
+            expected = None
+        name = getattr(expected, "__name__", None)
+        article = "an" if name and name[0] in "aeiou" else "a"
+        return problem_error(key, value, f"wrong type: must be {article} {name}" if name else f"wrong type: {msg}")
+    return problem_error(key, value, msg)
 
 
 def load_config(overrides: Optional[list[str]] = None, base: Optional[DictConfig] = None) -> DictConfig:
@@ -207,10 +245,9 @@ def load_config(overrides: Optional[list[str]] = None, base: Optional[DictConfig
             layers.append(exp_body)
     else:
         if group_choices:
-            raise ConfigError(
-                f"config groups ({', '.join(sorted(group_choices))}) cannot be changed for an existing run; "
-                "start a new run instead"
-            )
+            g = sorted(group_choices)[0]
+            raise problem_error(g, group_choices[g], "config groups cannot be changed for an existing run; "
+                                "start a new run instead")
         base_dict = OmegaConf.to_container(base, resolve=True)
         choices = {"credit": base_dict["credit"]["method"], "env": base_dict["env"]["name"]}
         layers = [base_dict]
@@ -231,75 +268,72 @@ def load_config(overrides: Optional[list[str]] = None, base: Optional[DictConfig
         if dotlist:
             cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(dotlist))
     except OmegaConfBaseException as exc:
-        raise _friendly(exc, schema) from None
+        raise _friendly(exc, schema, dotlist) from None
     OmegaConf.set_struct(cfg, True)
     validate(cfg)
     return cfg
 
 
+def check_rules(cfg: DictConfig) -> list[Problem]:
+    """Every broken field rule of the resolved config: core, model, env (the selected family's
+    Config), sandbox, rollout, credit (the selected method's Config), update, tracking, runner
+    (:func:`stages.config_fields.check`, with the outside-world hooks)."""
+    obj = to_object(cfg)
+    return check(obj, "", world=True)
+
+
+def check_learnable(cfg: DictConfig) -> Optional[ConfigError]:
+    """A combination that cannot learn by construction, with the reason, from what the method declares."""
+    method = get_method_class(cfg.credit.method)
+    upd = cfg["update"]
+    if method.needs_group and cfg.rollout.group_size < 2:
+        return problem_error(
+            "rollout.group_size", cfg.rollout.group_size,
+            f"must be >= 2 for credit.method={method.name}: its baseline is the group of rollouts of a task, so a "
+            "group of one gives every advantage 0 and nothing is learned")
+    if "critic" in method.needs and not upd.value_coef > 0:
+        return problem_error(
+            "update.value_coef", upd.value_coef,
+            f"must be > 0 for credit.method={method.name}: it needs a critic and update.value_coef=0 trains no value "
+            "loss, so the critic never learns")
+    return None
+
+
+
+
 def _validate_vllm(cfg: DictConfig) -> None:
-    """rollout.engine=vllm: fail before any compute when the engine cannot run."""
+    """rollout.engine=vllm: fail before any compute when the engine cannot run here."""
     from stages.rollout.vllm_engine import CPU_HEAD_SIZES, INSTALL_HINT, vllm_available
 
     r = cfg.rollout
-    if r.vllm_url is not None and not str(r.vllm_url).startswith(("http://", "https://")):
-        raise ConfigError(f"config key 'rollout.vllm_url' must start with http:// or https://, got {r.vllm_url!r}")
     if r.vllm_url is None and not vllm_available():
-        raise ConfigError(f"config key 'rollout.engine' is vllm but the vllm package is not installed: {INSTALL_HINT}")
-    if r.vllm_entropy_topk < 0:
-        raise ConfigError(f"config key 'rollout.vllm_entropy_topk' must be >= 0, got {r.vllm_entropy_topk}")
-    if not 0 < r.vllm_gpu_memory_utilization <= 1:
-        raise ConfigError(f"config key 'rollout.vllm_gpu_memory_utilization' must be in (0, 1], got {r.vllm_gpu_memory_utilization}")
-    if r.vllm_kv_cache_gib <= 0 or r.vllm_max_num_seqs < 1:
-        raise ConfigError("config keys 'rollout.vllm_kv_cache_gib' and 'rollout.vllm_max_num_seqs' must be > 0")
-    if r.vllm_block_size < 0 or r.vllm_block_size % 16:
-        raise ConfigError(f"config key 'rollout.vllm_block_size' must be 0 (engine default) or a positive multiple of 16 "
-                          f"(32 on CPU), got {r.vllm_block_size}")
+        raise problem_error("rollout.engine", "vllm", f"the vllm package is not installed: {INSTALL_HINT}")
     if r.vllm_url is None and cfg.model.path is None and cfg.model.device != "cuda":
         import torch
 
         if not (cfg.model.device == "auto" and torch.cuda.is_available()):
             head_dim = cfg.model.hidden_size // max(cfg.model.num_heads, 1)
             if head_dim not in CPU_HEAD_SIZES:
-                raise ConfigError(
+                raise problem_error(
+                    "model.num_heads", cfg.model.num_heads,
                     f"rollout.engine=vllm on CPU: vLLM's CPU attention supports head sizes {list(CPU_HEAD_SIZES)}, the "
                     f"tiny model has head_dim = model.hidden_size / model.num_heads = {head_dim}; set e.g. "
-                    f"model.num_heads={max(1, cfg.model.hidden_size // 32)} model.num_kv_heads=1"
-                )
+                    f"model.num_heads={max(1, cfg.model.hidden_size // 32)} model.num_kv_heads=1")
 
 
 def validate(cfg: DictConfig) -> None:
-    """Semantic checks that the type schema cannot express (ranges, existing paths, choices)."""
-
-    def positive(key: str, allow_zero: bool = False) -> None:
-        value = OmegaConf.select(cfg, key)
-        if value is None or value < 0 or (value == 0 and not allow_zero):
-            raise ConfigError(f"config key '{key}' must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
-
-    for key in ("iterations", "rollout.group_size", "rollout.tasks_per_iteration", "rollout.max_new_tokens_per_turn",
-                "update.minibatch_size", "update.epochs", "update.lr", "model.hidden_size", "eval_episodes"):
-        positive(key)
-    for key in ("update.kl_coef", "update.max_grad_norm", "update.clip_ratio", "rollout.temperature",
-                "eval_every", "model.warmup_steps", "eval_temperature"):
-        positive(key, allow_zero=True)
-    if not 0 < cfg.rollout.top_p <= 1:
-        raise ConfigError(f"config key 'rollout.top_p' must be in (0, 1], got {cfg.rollout.top_p}")
-    if cfg["update"].loss not in ("grpo", "ppo"):  # (cfg.update is the Mapping method)
-        raise ConfigError(f"config key 'update.loss' must be one of grpo, ppo; got {cfg['update'].loss!r}")
-    if cfg.rollout.engine not in ("hf", "vllm"):
-        raise ConfigError(
-            f"config key 'rollout.engine': {cfg.rollout.engine!r} is not available; implemented engines: hf, vllm"
-        )
+    """Check the whole resolved config before anything is created; raise the first problem as a
+    one-line :class:`ConfigError`. Field rules and rules between fields are declared at the fields
+    (:mod:`stages.config_fields`); only combinations that cannot learn and rules that look at the
+    outside world (a model directory, Docker, the vllm package) are checked here."""
+    problems = check_rules(cfg)
+    if problems:
+        raise ConfigError(problems[0].line())
+    err = check_learnable(cfg)
+    if err is not None:
+        raise err
     if cfg.rollout.engine == "vllm":
         _validate_vllm(cfg)
-    if cfg.sandbox.backend not in ("process", "docker", "auto"):
-        raise ConfigError(f"config key 'sandbox.backend' must be process, docker or auto; got {cfg.sandbox.backend!r}")
-    if cfg.sandbox.isolation not in ("auto", "bwrap", "none"):
-        raise ConfigError(f"config key 'sandbox.isolation' must be auto, bwrap or none; got {cfg.sandbox.isolation!r}")
-    if cfg.sandbox.snapshot_mode not in ("archive", "commit"):
-        raise ConfigError(f"config key 'sandbox.snapshot_mode' must be archive or commit; got {cfg.sandbox.snapshot_mode!r}")
-    if cfg.sandbox.docker_exec not in ("resident", "exec"):
-        raise ConfigError(f"config key 'sandbox.docker_exec' must be resident or exec; got {cfg.sandbox.docker_exec!r}")
     if cfg.sandbox.backend == "docker":
         # Docker asked for explicitly: the engine must be reachable before any compute starts
         from environments.sandbox import SandboxUnavailable, check_docker
@@ -307,24 +341,13 @@ def validate(cfg: DictConfig) -> None:
         try:
             check_docker(OmegaConf.to_object(cfg.sandbox))
         except SandboxUnavailable as exc:
-            raise ConfigError(f"config key 'sandbox.backend' is docker: {exc}") from None
-    if cfg.model.dtype not in ("float32", "bfloat16", "float16"):
-        raise ConfigError(f"config key 'model.dtype' must be float32, bfloat16 or float16; got {cfg.model.dtype!r}")
-    if cfg.model.device not in ("auto", "cpu", "cuda"):
-        raise ConfigError(f"config key 'model.device' must be auto, cpu or cuda; got {cfg.model.device!r}")
+            raise problem_error("sandbox.backend", "docker", str(exc)) from None
     if cfg.model.path is not None:
         path = Path(os.path.expanduser(cfg.model.path))
         if not path.is_dir():
-            raise ConfigError(f"config key 'model.path': model directory {path} does not exist")
+            raise problem_error("model.path", cfg.model.path, f"model directory {path} does not exist")
         if not (path / "config.json").is_file():
-            raise ConfigError(f"config key 'model.path': {path} has no config.json (not a Hugging Face model directory)")
-    if cfg.debug.crash_at is not None:
-        parse_crash_at(cfg.debug.crash_at)
-    for message in validate_runner(cfg.runner):
-        raise ConfigError(message)
-
-
-STAGES = ("env", "rollout", "reward", "credit", "update", "checkpoint", "eval", "prepare")
+            raise problem_error("model.path", cfg.model.path, f"{path} has no config.json (not a Hugging Face model directory)")
 
 
 def parse_crash_at(spec: str) -> tuple[int, str, str]:
@@ -332,10 +355,8 @@ def parse_crash_at(spec: str) -> tuple[int, str, str]:
     if len(parts) not in (2, 3) or not parts[0].isdigit() or parts[1] not in STAGES or (
         len(parts) == 3 and parts[2] not in ("raise", "kill")
     ):
-        raise ConfigError(
-            f"config key 'debug.crash_at' must look like ITER:STAGE or ITER:STAGE:kill with STAGE in "
-            f"{', '.join(STAGES)}; got {spec!r}"
-        )
+        raise problem_error("debug.crash_at", spec, "must look like ITER:STAGE or ITER:STAGE:kill with STAGE one of "
+                            + ", ".join(STAGES))
     return int(parts[0]), parts[1], parts[2] if len(parts) == 3 else "raise"
 
 
@@ -368,3 +389,24 @@ def flatten(cfg: DictConfig) -> dict[str, str]:
 
 def to_yaml(cfg: DictConfig) -> str:
     return OmegaConf.to_yaml(cfg)
+
+
+def describe_config(group: Optional[str] = None, overrides: Optional[list[str]] = None) -> str:
+    """``creditflow config describe [group]``: key, type, default, rule and help of every field, from
+    the fields' metadata (:mod:`stages.config_fields`). ``env``/``credit`` show the family's/method's
+    own Config (``env=NAME`` / ``credit=NAME`` in ``overrides`` select it; default: base.yaml's)."""
+    from stages.config_fields import describe, render
+
+    groups, _ = _split_overrides(list(overrides or []))
+    defaults = dict(_load_yaml(configs_dir() / "base.yaml").get("defaults", {}) or {})
+    method = _check_registered("credit", groups.get("credit") or defaults.get("credit") or CreditConfig.method)
+    family = _check_registered("env", groups.get("env") or defaults.get("env") or EnvConfig.name)
+    docs = describe(TrainConfig)
+    docs = [d for d in docs if d.key.split(".")[0] not in ("env", "credit")]
+    docs += describe(family.Config, "env") + describe(method.Config, "credit")
+    if group:
+        known = sorted({d.key.split(".")[0] for d in docs if "." in d.key} | {"core"})
+        if group not in known:
+            raise problem_error("group", group, f"unknown config group; one of {', '.join(known)}")
+        docs = [d for d in docs if (d.key.split(".")[0] == group if group != "core" else "." not in d.key)]
+    return render(docs)

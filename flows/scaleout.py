@@ -44,37 +44,8 @@ import torch
 
 from environments.construct import EnvBatch, EnvSlot
 from stages.rollout.hf_engine import HFEngine
+from flows.runner_config import RUNNER_KINDS, RunnerConfig  # noqa: F401  (re-exported; a light module the config loader imports)
 from stages.schema import Batch, Overhead
-
-RUNNER_KINDS = ("local", "dask", "ray")
-
-
-# ---------------------------------------------------------------------------------- configuration
-@dataclass
-class RunnerConfig:
-    """Keys allowed under ``runner.``: where the rollout stage's shards run (never part of the config
-    hash: placement does not change what is computed, so a run may resume on another runner)."""
-
-    kind: str = "local"  # local (flow process) | dask (prefect-dask) | ray (prefect-ray): task runner of the flow
-    address: Optional[str] = None  # scheduler to join (dask: tcp://host:8786; ray: auto or ray://host:10001); unset = start a local cluster
-    workers: int = 2  # local cluster only: worker processes (dask n_workers, ray num_cpus)
-    rollout_shards: int = 1  # rollout stage: shards of whole groups, one task each (1 = unsharded, in the flow process)
-
-
-def validate_runner(cfg: Any) -> list[str]:
-    """Problems with a ``runner`` node (for :func:`flows.config.validate`), as messages naming the key."""
-    errors = []
-    if cfg.kind not in RUNNER_KINDS:
-        errors.append(f"config key 'runner.kind' must be one of {', '.join(RUNNER_KINDS)}; got {cfg.kind!r}")
-    if int(cfg.rollout_shards) < 1:
-        errors.append(f"config key 'runner.rollout_shards' must be >= 1, got {cfg.rollout_shards}")
-    if int(cfg.workers) < 1:
-        errors.append(f"config key 'runner.workers' must be >= 1, got {cfg.workers}")
-    if cfg.kind == "local" and cfg.address is not None:
-        errors.append("config key 'runner.address' needs runner.kind=dask or ray (local runs in the flow process)")
-    if cfg.kind == "dask" and cfg.address is not None and "://" not in str(cfg.address):
-        errors.append(f"config key 'runner.address' for dask must look like tcp://host:8786, got {cfg.address!r}")
-    return errors
 
 
 def make_task_runner(cfg: RunnerConfig) -> Any:

@@ -15,6 +15,7 @@ from environments.construct import build_env_batch
 from flows import scaleout
 from flows.config import load_config
 from flows.providers import run_slots
+from stages.config_fields import check
 from stages.rollout.hf_engine import sample_per_request
 from flows.runtime import RunState
 
@@ -80,11 +81,10 @@ def test_shards_hold_whole_groups_in_order(run):
 
 def test_runner_config_is_checked_and_local_has_no_runner():
     assert scaleout.make_task_runner(scaleout.RunnerConfig()) is None
-    assert scaleout.validate_runner(scaleout.RunnerConfig(kind="dask", rollout_shards=2)) == []
-    errors = scaleout.validate_runner(scaleout.RunnerConfig(kind="spark", rollout_shards=0, address="x"))
-    assert any("runner.kind" in e for e in errors) and any("runner.rollout_shards" in e for e in errors)
-    assert scaleout.validate_runner(scaleout.RunnerConfig(kind="dask", address="host:8786"))[0].startswith(
-        "config key 'runner.address'")
+    assert check(scaleout.RunnerConfig(kind="dask", rollout_shards=2), "runner") == []
+    errors = {p.key for p in check(scaleout.RunnerConfig(kind="spark", rollout_shards=0, address="x"), "runner")}
+    assert {"runner.kind", "runner.rollout_shards"} <= errors
+    assert [p.key for p in check(scaleout.RunnerConfig(kind="dask", address="host:8786"), "runner")] == ["runner.address"]
 
 
 # ------------------------------------------------------------------------------------- sampling

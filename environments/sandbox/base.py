@@ -14,27 +14,28 @@ import abc
 import os
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence, Union
+from stages.config_fields import param
 
 
 @dataclass
 class SandboxConfig:
     """Keys allowed under ``sandbox.`` in the run config."""
 
-    backend: str = "process"  # process | docker | auto (auto: docker when reachable)
-    exec_timeout_s: float = 10.0  # hard wall-clock limit of one exec
-    memory_mb: int = 512  # address-space / memory limit per sandbox
-    cpu_seconds: int = 30  # CPU-time limit per exec (process backend rlimit)
-    max_processes: int = 64  # pids limit (fork bombs)
-    max_output_bytes: int = 1_000_000  # stdout/stderr kept per exec; the rest is dropped and flagged
-    max_file_mb: int = 64  # largest file a sandbox may write
-    network: bool = False  # allow network access (off by default)
-    isolation: str = "auto"  # process: auto (bwrap namespaces when available, else none) | bwrap (required) | none
-    image: str = ""  # docker: image to run; "" = creditflow/sandbox:latest, built offline from the host on first use
-    pool_size: int = 4  # docker: warm containers kept ready (create/fork take one, close resets and returns it)
-    cpus: float = 1.0  # docker: CPU quota per sandbox, in cores
-    work_dir_mb: int = 128  # docker: size of the writable work dir (tmpfs at /work); disk filling stops there
-    docker_exec: str = "resident"  # docker: resident (one long-lived executor per container, commands over its socket) | exec (one docker exec per command)
-    snapshot_mode: str = "archive"  # docker: archive (tar of /work into a pooled container) | commit (docker commit + start)
+    backend: str = param("process", help="process | docker | auto (auto: docker when reachable)", choices=("process", "docker", "auto"))
+    exec_timeout_s: float = param(10.0, help="hard wall-clock limit of one exec", gt=0)
+    memory_mb: int = param(512, help="address-space / memory limit per sandbox", ge=1)
+    cpu_seconds: int = param(30, help="CPU-time limit per exec (process backend rlimit)", ge=1)
+    max_processes: int = param(64, help="pids limit (fork bombs)", ge=1)
+    max_output_bytes: int = param(1_000_000, help="stdout/stderr kept per exec; the rest is dropped and flagged", ge=1)
+    max_file_mb: int = param(64, help="largest file a sandbox may write", ge=1)
+    network: bool = param(False, help="allow network access (off by default)")
+    isolation: str = param("auto", help="process: auto (bwrap namespaces when available, else none) | bwrap (required) | none", choices=("auto", "bwrap", "none"))
+    image: str = param("", help="docker: image to run; \"\" = creditflow/sandbox:latest, built offline from the host on first use")
+    pool_size: int = param(4, help="docker: warm containers kept ready (create/fork take one, close resets and returns it)", ge=1)
+    cpus: float = param(1.0, help="docker: CPU quota per sandbox, in cores", gt=0)
+    work_dir_mb: int = param(128, help="docker: size of the writable work dir (tmpfs at /work); disk filling stops there", ge=1)
+    docker_exec: str = param("resident", help="docker: resident (one long-lived executor per container, commands over its socket) | exec (one docker exec per command)", choices=("resident", "exec"))
+    snapshot_mode: str = param("archive", help="docker: archive (tar of /work into a pooled container) | commit (docker commit + start)", choices=("archive", "commit"))
 
 
 class SandboxUnavailable(RuntimeError):

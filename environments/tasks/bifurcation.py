@@ -111,6 +111,7 @@ from environments.base import (
     register_family,
 )
 from stages.schema import GroundTruthCredit
+from stages.config_fields import param
 
 LETTERS = "ABCDEF"
 CUES = "abcdef"
@@ -127,38 +128,26 @@ NO_CUE = "-"
 class BifurcationConfig(EnvConfig):
     """Keys allowed under ``env.`` for the bifurcation family."""
 
-    name: str = "bifurcation"  # task family (registry name)
-    horizon: int = 4  # turns per episode (H)
-    num_decisive: int = 2  # decisive turns (bifurcation points) per instance, 0..horizon
-    num_actions: int = 2  # valid actions A, B, ... (2..6); cues a, b, ... likewise
-    slip_prob: float = 0.0  # probability that a correct decisive action still fails (stochastic transition)
-    distractors: bool = True  # routine turns show a cue too, so decisive turns are not marked
-    mark_decisive: bool = False  # print a "!" marker on decisive turns
-    terminate_on_error: bool = False  # a wrong decisive or invalid action ends the episode at once
-    decisive_reward: float = 0.0  # turn reward for a correct decisive action (besides terminal 1.0 on success)
-    train_size: int = 512  # train-split instance pool size
-    eval_size: int = 128  # eval-split instance pool size
-    rule_seed: int = 0  # seed of the hidden cue->action rule shared by all instances
-    reference_policy: str = "uniform"  # policy of the ground-truth V/Q/A: uniform (over valid actions) | optimal
-    sandboxed: bool = False  # compute every transition inside a sandbox (stdlib step script; same trajectories)
+    name: str = param("bifurcation", help="task family (registry name)")
+    horizon: int = param(4, help="turns per episode (H)", ge=1)
+    num_decisive: int = param(2, help="decisive turns (bifurcation points) per instance, 0..horizon", ge=0)
+    num_actions: int = param(2, help="valid actions A, B, ... (2..6); cues a, b, ... likewise", ge=2, le=MAX_ACTIONS)
+    slip_prob: float = param(0.0, help="probability that a correct decisive action still fails (stochastic transition)", ge=0, le=1)
+    distractors: bool = param(True, help="routine turns show a cue too, so decisive turns are not marked")
+    mark_decisive: bool = param(False, help="print a \"!\" marker on decisive turns")
+    terminate_on_error: bool = param(False, help="a wrong decisive or invalid action ends the episode at once")
+    decisive_reward: float = param(0.0, help="turn reward for a correct decisive action (besides terminal 1.0 on success)")
+    train_size: int = param(512, help="train-split instance pool size", ge=0)
+    eval_size: int = param(128, help="eval-split instance pool size", ge=0)
+    rule_seed: int = param(0, help="seed of the hidden cue->action rule shared by all instances")
+    reference_policy: str = param("uniform", help="policy of the ground-truth V/Q/A: uniform (over valid actions) | optimal", choices=REFERENCE_POLICIES)
+    sandboxed: bool = param(False, help="compute every transition inside a sandbox (stdlib step script; same trajectories)")
 
+    def config_rules(self):
+        """Rules between fields (checked by stages.config_fields.check)."""
+        if self.num_decisive > self.horizon:
+            yield "num_decisive", f"must be <= env.horizon={self.horizon}"
 
-def _check_config(cfg: Any) -> None:
-    def bad(field: str, why: str) -> ValueError:
-        return ValueError(f"env.{field}={getattr(cfg, field)!r}: {why}")
-
-    if not 1 <= cfg.horizon:
-        raise bad("horizon", "must be >= 1")
-    if not 0 <= cfg.num_decisive <= cfg.horizon:
-        raise bad("num_decisive", f"must be between 0 and horizon={cfg.horizon}")
-    if not 2 <= cfg.num_actions <= MAX_ACTIONS:
-        raise bad("num_actions", f"must be between 2 and {MAX_ACTIONS}")
-    if not 0.0 <= cfg.slip_prob <= 1.0:
-        raise bad("slip_prob", "must be a probability in [0, 1]")
-    if cfg.reference_policy not in REFERENCE_POLICIES:
-        raise bad("reference_policy", f"must be one of {', '.join(REFERENCE_POLICIES)}")
-    if cfg.train_size < 0 or cfg.eval_size < 0:
-        raise ValueError("env.train_size and env.eval_size must be >= 0")
 
 
 def make_rule(rule_seed: int, num_actions: int) -> dict[str, str]:
@@ -558,7 +547,6 @@ class BifurcationFamily(TaskFamily):
 
     def __init__(self, cfg: Optional[Any] = None):
         super().__init__(cfg)
-        _check_config(self.cfg)
         #: per instance: the sandboxed mode runs its transitions in a sandbox (shadows the class default)
         self.needs_sandbox = bool(getattr(self.cfg, "sandboxed", False))
         #: the hidden rule (privileged: for scripted agents and tests)

@@ -62,6 +62,7 @@ from environments.base import (
     require_spec,
 )
 from environments.tasks import code_harness
+from stages.config_fields import param
 
 HARNESS_FILE = "cf_harness.py"
 TASK_FILE = "cf_task.json"
@@ -75,14 +76,14 @@ EVAL_SHARE = 4  # 1 in EVAL_SHARE problems belongs to the eval split
 class CodeConfig(EnvConfig):
     """Keys allowed under ``env.`` for the code family."""
 
-    name: str = "code"  # task family (registry name)
-    max_attempts: int = 1  # attempts per episode; > 1 shows a test summary after each failure (multi-turn)
-    num_tests: int = 5  # hidden unit tests per instance
-    partial_credit: bool = False  # terminal reward = fraction of tests passed instead of all-or-nothing
-    exec_timeout_s: float = 5.0  # wall-clock limit of one test run in the sandbox (then sandbox_timeout)
-    feedback_chars: int = 120  # longest test-summary observation shown between attempts
-    train_size: int = 256  # train-split instance pool size (cycles through the split's problems)
-    eval_size: int = 64  # eval-split instance pool size
+    name: str = param("code", help="task family (registry name)")
+    max_attempts: int = param(1, help="attempts per episode; > 1 shows a test summary after each failure (multi-turn)", ge=1)
+    num_tests: int = param(5, help="hidden unit tests per instance", ge=1)
+    partial_credit: bool = param(False, help="terminal reward = fraction of tests passed instead of all-or-nothing")
+    exec_timeout_s: float = param(5.0, help="wall-clock limit of one test run in the sandbox (then sandbox_timeout)", gt=0)
+    feedback_chars: int = param(120, help="longest test-summary observation shown between attempts", ge=0)
+    train_size: int = param(256, help="train-split instance pool size (cycles through the split's problems)", ge=0)
+    eval_size: int = param(64, help="eval-split instance pool size", ge=0)
 
 
 # ----------------------------------------------------------------------------- templates
@@ -339,15 +340,6 @@ class CodeFamily(TaskFamily):
 
     def __init__(self, cfg: Optional[Any] = None):
         super().__init__(cfg)
-        c = self.cfg
-        if int(c.max_attempts) < 1:
-            raise ValueError(f"env.max_attempts={c.max_attempts!r}: must be >= 1")
-        if int(c.num_tests) < 1:
-            raise ValueError(f"env.num_tests={c.num_tests!r}: must be >= 1")
-        if not float(c.exec_timeout_s) > 0:
-            raise ValueError(f"env.exec_timeout_s={c.exec_timeout_s!r}: must be > 0")
-        if c.train_size < 0 or c.eval_size < 0:
-            raise ValueError("env.train_size and env.eval_size must be >= 0")
         self.problems = {s: [p for p in all_problems() if problem_split(p["key"]) == s] for s in SPLITS}
         self._refs: dict[str, Callable[..., Any]] = {}
 

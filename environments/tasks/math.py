@@ -83,6 +83,7 @@ from environments.base import (
     require_spec,
 )
 from stages.schema import GroundTruthCredit
+from stages.config_fields import param
 
 KINDS = ("arith", "linear", "word")
 STOP_TEXT = "\n"
@@ -100,26 +101,14 @@ EVAL_SHARE = 5  # 1 in EVAL_SHARE problems is an eval problem
 class MathConfig(EnvConfig):
     """Keys allowed under ``env.`` for the math family."""
 
-    name: str = "math"  # task family (registry name)
-    kinds: str = "arith,linear,word"  # comma-separated problem kinds drawn uniformly: arith | linear | word
-    difficulty: int = 1  # 1..5: operations per problem, number ranges, fractions from 4
-    max_steps: int = 6  # turns per episode at most, the answer turn included (then reason max_turns)
-    step_reward: float = 0.0  # turn reward for each verified-correct step line (0 = outcome reward only)
-    train_size: int = 512  # train-split instance pool size
-    eval_size: int = 128  # eval-split instance pool size
+    name: str = param("math", help="task family (registry name)")
+    kinds: str = param("arith,linear,word", help="comma-separated problem kinds drawn uniformly: arith | linear | word", subset_of=KINDS)
+    difficulty: int = param(1, help="1..5: operations per problem, number ranges, fractions from 4", ge=1, le=5)
+    max_steps: int = param(6, help="turns per episode at most, the answer turn included (then reason max_turns)", ge=1)
+    step_reward: float = param(0.0, help="turn reward for each verified-correct step line (0 = outcome reward only)")
+    train_size: int = param(512, help="train-split instance pool size", ge=0)
+    eval_size: int = param(128, help="eval-split instance pool size", ge=0)
 
-
-def _check_config(cfg: Any) -> list[str]:
-    kinds = [k.strip() for k in str(cfg.kinds).split(",") if k.strip()]
-    if not kinds or any(k not in KINDS for k in kinds):
-        raise ValueError(f"env.kinds={cfg.kinds!r}: must be a comma-separated subset of {', '.join(KINDS)}")
-    if not 1 <= int(cfg.difficulty) <= 5:
-        raise ValueError(f"env.difficulty={cfg.difficulty!r}: must be between 1 and 5")
-    if int(cfg.max_steps) < 1:
-        raise ValueError(f"env.max_steps={cfg.max_steps!r}: must be >= 1")
-    if cfg.train_size < 0 or cfg.eval_size < 0:
-        raise ValueError("env.train_size and env.eval_size must be >= 0")
-    return kinds
 
 
 # ----------------------------------------------------------------------------- exact parser
@@ -655,7 +644,7 @@ class MathFamily(TaskFamily):
 
     def __init__(self, cfg: Optional[Any] = None):
         super().__init__(cfg)
-        self.kinds = _check_config(self.cfg)
+        self.kinds = [k.strip() for k in str(self.cfg.kinds).split(",") if k.strip()]
 
     def instance(self, split: str, index: int, seed: int) -> TaskInstance:
         prob = generate_problem(self.kinds, int(self.cfg.difficulty), split, (split, seed, index, self.cfg.difficulty))

@@ -70,6 +70,7 @@ from environments.base import (
     require_spec,
 )
 from environments.tasks.math import ParseError, evaluate, format_number, parse_answer
+from stages.config_fields import param
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 WORLD_FILE = DATA_DIR / "tooluse_world.json"
@@ -81,20 +82,28 @@ _TOOL_ERRORS = (FileNotFoundError, IsADirectoryError, NotADirectoryError, Permis
                 UnicodeError)
 
 
+def _question_types_problem(value: str) -> Optional[str]:
+    """The rule of ``env.question_types`` when ``value`` breaks it (QUESTION_TYPES is defined below)."""
+    types = [t.strip() for t in str(value).split(",") if t.strip()]
+    if value == "all" or (types and all(t in QUESTION_TYPES for t in types)):
+        return None
+    return f"must be all or a comma-separated subset of {', '.join(QUESTION_TYPES)}"
+
+
 @dataclass
 class ToolUseConfig(EnvConfig):
     """Keys allowed under ``env.`` for the tooluse family."""
 
-    name: str = "tooluse"  # task family (registry name)
-    world: str = ""  # path of a world JSON (see generate_world); "" = the shipped environments/data/tooluse_world.json
-    question_types: str = "all"  # comma-separated question types (see QUESTION_TYPES) or "all"
-    max_steps: int = 6  # turns per episode at most, the answer turn included (then reason max_turns)
-    search_k: int = 2  # documents a search returns
-    obs_chars: int = 240  # tool outputs are truncated to this many characters
-    max_write_chars: int = 200  # longest text one write stores
-    max_files: int = 8  # files an episode may write
-    train_size: int = 512  # train-split instance pool size (cycles through the split's questions)
-    eval_size: int = 128  # eval-split instance pool size
+    name: str = param("tooluse", help="task family (registry name)")
+    world: str = param("", help="path of a world JSON (see generate_world); \"\" = the shipped environments/data/tooluse_world.json")
+    question_types: str = param("all", help="comma-separated question types (see QUESTION_TYPES) or \"all\"", check=lambda v: _question_types_problem(v), rule="must be all or a comma-separated subset of the QUESTION_TYPES")
+    max_steps: int = param(6, help="turns per episode at most, the answer turn included (then reason max_turns)", ge=1)
+    search_k: int = param(2, help="documents a search returns", ge=1)
+    obs_chars: int = param(240, help="tool outputs are truncated to this many characters", ge=16)
+    max_write_chars: int = param(200, help="longest text one write stores", ge=1)
+    max_files: int = param(8, help="files an episode may write", ge=1)
+    train_size: int = param(512, help="train-split instance pool size (cycles through the split's questions)", ge=0)
+    eval_size: int = param(128, help="eval-split instance pool size", ge=0)
 
 
 # ----------------------------------------------------------------------------- world
@@ -484,17 +493,8 @@ class ToolUseFamily(TaskFamily):
     def __init__(self, cfg: Optional[Any] = None):
         super().__init__(cfg)
         c = self.cfg
-        if int(c.max_steps) < 1:
-            raise ValueError(f"env.max_steps={c.max_steps!r}: must be >= 1")
-        if int(c.search_k) < 1 or int(c.obs_chars) < 16:
-            raise ValueError("env.search_k must be >= 1 and env.obs_chars >= 16")
-        if c.train_size < 0 or c.eval_size < 0:
-            raise ValueError("env.train_size and env.eval_size must be >= 0")
         types = QUESTION_TYPES if c.question_types == "all" else tuple(
             t.strip() for t in str(c.question_types).split(",") if t.strip())
-        bad = [t for t in types if t not in QUESTION_TYPES]
-        if bad or not types:
-            raise ValueError(f"env.question_types={c.question_types!r}: use 'all' or a subset of {', '.join(QUESTION_TYPES)}")
         self.world = load_world(c.world)
         self.index = BM25(self.world["documents"])
         qs = [q for q in all_questions(self.world) if q["type"] in types]

@@ -18,13 +18,14 @@ from typing import Any, Callable, ClassVar, Optional, Protocol
 import torch
 
 from stages.schema import Batch, BatchTensors, CreditResult, Overhead
+from stages.config_fields import check_dataclass, param
 
 
 @dataclass
 class CreditConfig:
     """Base of every method's config; ``method`` selects the registry entry."""
 
-    method: str = "grpo"  # credit-assignment method (registry name; `creditflow methods` lists them)
+    method: str = param("grpo", help="credit-assignment method (registry name; `creditflow methods` lists them)")
 
 
 class Critic(Protocol):
@@ -126,6 +127,9 @@ class CreditMethod(abc.ABC):
     methodology: ClassVar[str]
     #: True for episode-level baselines (GRPO, PPO, RLOO, ...) — Appendix C "episode-level baseline"
     episode_level_baseline: ClassVar[bool] = False
+    #: True when the method's baseline is the group of rollouts of the same task (group-normalised:
+    #: GRPO, RLOO, ...): with ``rollout.group_size=1`` every advantage is 0, so the loader refuses it
+    needs_group: ClassVar[bool] = False
     #: what the method needs the stages to provide: a subset of :data:`NEEDS`
     needs: ClassVar[frozenset[str]] = frozenset()
     #: short citation of the paper / survey section the method implements
@@ -133,6 +137,7 @@ class CreditMethod(abc.ABC):
 
     def __init__(self, cfg: CreditConfig):
         self.cfg = cfg
+        check_dataclass(cfg, "credit")  # the Config's field rules and config_rules() (stages/config_fields.py)
 
     def checklist_note(self) -> str:
         """What the Appendix C checklist should say beyond the methodology (e.g. privileged

@@ -37,6 +37,7 @@ from typing import Any, Iterable, Optional, Sequence
 
 import torch
 from torch import nn
+from stages.config_fields import param
 
 #: format tag in config.json
 PRM_FORMAT = "creditflow-prm"
@@ -49,18 +50,18 @@ Example = tuple[str, Sequence[str], Sequence[float]]
 class PRMConfig:
     """Size and training recipe of a PRM built here."""
 
-    hidden_size: int = 64  # trunk width (Qwen2 architecture, like the tiny policy)
-    num_layers: int = 2  # transformer blocks
-    num_heads: int = 4  # attention heads
-    num_kv_heads: int = 2  # key/value heads (GQA)
-    intermediate_size: int = 128  # MLP width
-    vocab_size: int = 384  # size of the BPE tokenizer trained on the examples (when none is given)
-    max_length: int = 512  # tokens per solution; steps ending beyond it are not scored (nan)
-    steps: int = 300  # optimizer steps
-    batch_size: int = 16  # solutions per step
-    lr: float = 3e-3  # AdamW learning rate
-    weight_decay: float = 0.0  # AdamW weight decay
-    seed: int = 0  # seed of the initial weights and of the minibatch order
+    hidden_size: int = param(64, help="trunk width (Qwen2 architecture, like the tiny policy)", ge=1)
+    num_layers: int = param(2, help="transformer blocks", ge=1)
+    num_heads: int = param(4, help="attention heads", ge=1)
+    num_kv_heads: int = param(2, help="key/value heads (GQA)", ge=1)
+    intermediate_size: int = param(128, help="MLP width", ge=1)
+    vocab_size: int = param(384, help="size of the BPE tokenizer trained on the examples (when none is given)", ge=1)
+    max_length: int = param(512, help="tokens per solution; steps ending beyond it are not scored (nan)", ge=1)
+    steps: int = param(300, help="optimizer steps", ge=1)
+    batch_size: int = param(16, help="solutions per step", ge=1)
+    lr: float = param(3e-3, help="AdamW learning rate", gt=0)
+    weight_decay: float = param(0.0, help="AdamW weight decay", ge=0)
+    seed: int = param(0, help="seed of the initial weights and of the minibatch order")
 
 
 def _step_text(step: str) -> str:

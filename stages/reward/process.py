@@ -43,6 +43,7 @@ from typing import Any, Optional
 import torch
 
 from stages.schema import Batch, Overhead
+from stages.config_fields import param
 
 #: the process-reward sources :func:`make_process_rewards` knows
 SOURCES = ("step_check", "mc", "prm")
@@ -83,9 +84,9 @@ def require_prefix_scores(source: str, method: str) -> None:
 class ProcessRewardConfig:
     """Config fields of the process-reward source; step-level methods inherit them in their Config."""
 
-    process_reward: str = "step_check"  # source of per-step rewards: step_check (family's procedural check) | mc (Math-Shepherd MC, Wang et al. 2024) | prm (PRM trained by `creditflow prm train`)
-    mc_k: int = 4  # process_reward=mc: continuations sampled from the end of each step (Math-Shepherd uses N=8)
-    prm_path: str = ""  # process_reward=prm: directory of a PRM saved by `creditflow prm train` (stages/reward/prm.py)
+    process_reward: str = param("step_check", help="source of per-step rewards: step_check (family's procedural check) | mc (Math-Shepherd MC, Wang et al. 2024) | prm (PRM trained by `creditflow prm train`)", choices=SOURCES)
+    mc_k: int = param(4, help="process_reward=mc: continuations sampled from the end of each step (Math-Shepherd uses N=8)", ge=1)
+    prm_path: str = param("", help="process_reward=prm: directory of a PRM saved by `creditflow prm train` (stages/reward/prm.py)")
 
 
 def num_steps(batch: Batch) -> int:

@@ -3,22 +3,23 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from stages.config_fields import param
 
 
 @dataclass
 class UpdateConfig:
     """Keys allowed under ``update.``."""
 
-    loss: str = "grpo"  # grpo (per-sequence token mean, Shao et al. 2024) | ppo (token mean, Schulman et al. 2017)
-    lr: float = 1e-3  # AdamW learning rate of the policy
-    weight_decay: float = 0.0  # AdamW weight decay
-    epochs: int = 2  # passes over the batch per iteration
-    minibatch_size: int = 16  # trajectories per optimizer step
-    clip_ratio: float = 0.2  # PPO clip epsilon
-    kl_coef: float = 0.0  # coefficient of the KL(pi || pi_ref) penalty (k3 estimator); 0 = no reference model
-    entropy_coef: float = 0.0  # entropy bonus coefficient
-    max_grad_norm: float = 1.0  # gradient clipping threshold
-    critic_lr: float = 1e-3  # AdamW learning rate of the value model (methods that need a critic)
-    value_coef: float = 1.0  # weight of the value loss
-    value_clip: float = 0.0  # value clipping range (0 = off)
-    keep_checkpoints: int = 2  # policy checkpoints kept on disk (older ones are pruned)
+    loss: str = param("grpo", help="grpo (per-sequence token mean, Shao et al. 2024) | ppo (token mean, Schulman et al. 2017)", choices=("grpo", "ppo"))
+    lr: float = param(1e-3, help="AdamW learning rate of the policy", gt=0)
+    weight_decay: float = param(0.0, help="AdamW weight decay", ge=0)
+    epochs: int = param(2, help="passes over the batch per iteration", ge=1)
+    minibatch_size: int = param(16, help="trajectories per optimizer step", ge=1)
+    clip_ratio: float = param(0.2, help="PPO clip epsilon", ge=0)
+    kl_coef: float = param(0.0, help="coefficient of the KL(pi || pi_ref) penalty (k3 estimator); 0 = no reference model", ge=0)
+    entropy_coef: float = param(0.0, help="entropy bonus coefficient", ge=0)
+    max_grad_norm: float = param(1.0, help="gradient clipping threshold", ge=0)
+    critic_lr: float = param(1e-3, help="AdamW learning rate of the value model (methods that need a critic)", gt=0)
+    value_coef: float = param(1.0, help="weight of the value loss", ge=0)
+    value_clip: float = param(0.0, help="value clipping range (0 = off)", ge=0)
+    keep_checkpoints: int = param(2, help="policy checkpoints kept on disk (older ones are pruned)", ge=1)

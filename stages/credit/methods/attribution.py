@@ -50,16 +50,17 @@ from stages.credit import functional as F
 from stages.credit.base import CreditConfig, CreditContext, CreditMethod, register_method
 from stages.reward.judge import judge_overhead, usage
 from stages.schema import Batch, BatchTensors, CreditResult, turn_credit
+from stages.config_fields import param
 
 
 @dataclass
 class ACPOConfig(CreditConfig):
-    method: str = "acpo"  # credit-assignment method (registry name; ACPO, Yin et al. 2025)
-    step_weight: float = 0.5  # beta in [0, 1]: how far step attribution reshapes the episode advantage (Yin et al. 2025)
-    attribution_temperature: float = 1.0  # tau of the softmax turning information gains into step shares (Yin et al. 2025)
-    difficulty_weight: float = 0.0  # gamma: difficulty-aware weight 1 + gamma*(1 - group success rate) (Yin et al. 2025 curriculum)
-    norm_adv_by_std: bool = True  # episode advantage divided by the group std (GRPO; false: Dr. GRPO)
-    epsilon: float = 1e-6  # added to the group std (GRPO, verl's epsilon)
+    method: str = param("acpo", help="credit-assignment method (registry name; ACPO, Yin et al. 2025)")
+    step_weight: float = param(0.5, help="beta in [0, 1]: how far step attribution reshapes the episode advantage (Yin et al. 2025)", ge=0, le=1)
+    attribution_temperature: float = param(1.0, help="tau of the softmax turning information gains into step shares (Yin et al. 2025)", gt=0)
+    difficulty_weight: float = param(0.0, help="gamma: difficulty-aware weight 1 + gamma*(1 - group success rate) (Yin et al. 2025 curriculum)", ge=0)
+    norm_adv_by_std: bool = param(True, help="episode advantage divided by the group std (GRPO; false: Dr. GRPO)")
+    epsilon: float = param(1e-6, help="added to the group std (GRPO, verl's epsilon)", ge=0)
 
 
 @dataclass
@@ -93,20 +94,12 @@ class ACPO(CreditMethod):
     survey §3.3.2)."""
 
     name = "acpo"
+    needs_group = True  # group baseline: rollout.group_size=1 gives zero advantages
     Config = ACPOConfig
     granularity = "step"
     methodology = "Attribution"
     needs = frozenset({"scorer"})
     reference = "Yin et al. 2025 (ACPO: attribution-based credit assignment for RLVR, arXiv 2510.08899); survey §3.3.2"
-
-    def __init__(self, cfg: ACPOConfig):
-        super().__init__(cfg)
-        if not 0.0 <= cfg.step_weight <= 1.0:
-            raise ValueError(f"credit.step_weight must be in [0, 1] (no sign flips), got {cfg.step_weight}")
-        if not cfg.attribution_temperature > 0:
-            raise ValueError(f"credit.attribution_temperature must be > 0, got {cfg.attribution_temperature}")
-        if cfg.difficulty_weight < 0:
-            raise ValueError(f"credit.difficulty_weight must be >= 0, got {cfg.difficulty_weight}")
 
     # ---------------------------------------------------------------- attribution
     def information_gains(self, tensors: BatchTensors, scorer, K: int) -> torch.Tensor:

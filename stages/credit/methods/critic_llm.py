@@ -60,6 +60,7 @@ from stages.credit import functional as F
 from stages.credit.base import CreditConfig, CreditContext, CreditMethod, register_method
 from stages.reward.judge import DEFAULT_API_KEY_ENV, check_judge_config, correction_prompt, judge_overhead, usage
 from stages.schema import Batch, BatchTensors, CreditResult, turn_credit
+from stages.config_fields import param
 
 # --------------------------------------------------------------------------------------------
 # shared helpers
@@ -70,15 +71,22 @@ from stages.schema import Batch, BatchTensors, CreditResult, turn_credit
 class JudgeCreditConfig(CreditConfig):
     """Judge fields shared by the LLM-as-critic methods (read by :func:`stages.reward.judge.make_judge`)."""
 
-    judge: str = "policy"  # LLM judge: 'policy' (the live policy), 'openai' (endpoint), or a local HF model directory
-    judge_url: str = ""  # OpenAI-compatible endpoint root (e.g. http://localhost:8000/v1) when judge='openai'
-    judge_model: str = ""  # model name sent to the endpoint when judge='openai'
-    judge_api_key_env: str = DEFAULT_API_KEY_ENV  # NAME of the env variable holding the endpoint's API key ('' = none)
-    judge_api: str = "chat"  # endpoint flavour: 'chat' (/v1/chat/completions) or 'completions' (/v1/completions)
-    judge_timeout_s: float = 30.0  # per-request timeout of the endpoint judge (seconds)
-    judge_max_retries: int = 3  # retries of the endpoint judge on 429/5xx/connection errors (exponential backoff)
-    judge_margin: float = 0.0  # local judge: a step is correct iff log P(yes) - log P(no) > margin
-    judge_batch_size: int = 32  # local judge: sequences per forward pass
+    judge: str = param("policy", help="LLM judge: 'policy' (the live policy), 'openai' (endpoint), or a local HF model directory")
+    judge_url: str = param("", help="OpenAI-compatible endpoint root (e.g. http://localhost:8000/v1) when judge='openai'")
+    judge_model: str = param("", help="model name sent to the endpoint when judge='openai'")
+    judge_api_key_env: str = param(DEFAULT_API_KEY_ENV, help="NAME of the env variable holding the endpoint's API key ('' = none)")
+    judge_api: str = param("chat", help="endpoint flavour: 'chat' (/v1/chat/completions) or 'completions' (/v1/completions)", choices=("chat", "completions"))
+    judge_timeout_s: float = param(30.0, help="per-request timeout of the endpoint judge (seconds)", gt=0)
+    judge_max_retries: int = param(3, help="retries of the endpoint judge on 429/5xx/connection errors (exponential backoff)", ge=0)
+    judge_margin: float = param(0.0, help="local judge: a step is correct iff log P(yes) - log P(no) > margin")
+    judge_batch_size: int = param(32, help="local judge: sequences per forward pass", ge=1)
+
+    def world_rules(self):
+        """Rules that look at the outside world (judge directory, endpoint key), run before compute."""
+        try:
+            check_judge_config(self)
+        except (ValueError, OSError) as exc:  # OSError: a local judge directory that does not exist
+            yield "judge", str(exc)
 
 
 def _outcome_advantage(tensors: BatchTensors, epsilon: float, norm_adv_by_std: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -122,13 +130,18 @@ def _num_steps(tensors: BatchTensors) -> int:
 
 @dataclass
 class CAPOConfig(JudgeCreditConfig):
-    method: str = "capo"  # credit-assignment method (registry name; CAPO, Xie et al. 2025)
-    outcome_weight: float = 2.0  # W_whole: weight of the outcome advantage (Xie et al. 2025, asymmetric reward)
-    process_weight: float = 1.0  # W_process: weight of the wrong-step penalty; must be < W_whole (Xie et al. 2025)
-    votes: int = 1  # critiques per step, aggregated by `vote` (Xie et al. 2025 voting; >1 only helps a sampling judge)
-    vote: str = "majority"  # vote aggregation: majority | intersection (all votes flag) | union (any vote flags)
-    norm_adv_by_std: bool = True  # outcome advantage divided by the group std (GRPO; false: Dr. GRPO)
-    epsilon: float = 1e-6  # added to the group std (GRPO, verl's epsilon)
+    method: str = param("capo", help="credit-assignment method (registry name; CAPO, Xie et al. 2025)")
+    outcome_weight: float = param(2.0, help="W_whole: weight of the outcome advantage (Xie et al. 2025, asymmetric reward)")
+    process_weight: float = param(1.0, help="W_process: weight of the wrong-step penalty; must be < W_whole (Xie et al. 2025)", gt=0)
+    votes: int = param(1, help="critiques per step, aggregated by `vote` (Xie et al. 2025 voting; >1 only helps a sampling judge)", ge=1)
+    vote: str = param("majority", help="vote aggregation: majority | intersection (all votes flag) | union (any vote flags)", choices=("majority", "intersection", "union"))
+    norm_adv_by_std: bool = param(True, help="outcome advantage divided by the group std (GRPO; false: Dr. GRPO)")
+    epsilon: float = param(1e-6, help="added to the group std (GRPO, verl's epsilon)", ge=0)
+
+    def config_rules(self):
+        """CAPO's asymmetric weighting keeps the outcome dominant (Xie et al. 2025)."""
+        if not self.outcome_weight > self.process_weight:
+            yield "outcome_weight", f"must be > credit.process_weight={self.process_weight} (CAPO's asymmetric weighting keeps the outcome dominant)"
 
 
 @register_method
@@ -145,15 +158,6 @@ class CAPO(CreditMethod):
 
     def __init__(self, cfg: CAPOConfig):
         super().__init__(cfg)
-        if not (cfg.outcome_weight > cfg.process_weight > 0):
-            raise ValueError(
-                f"credit.outcome_weight ({cfg.outcome_weight}) must be > credit.process_weight ({cfg.process_weight}) "
-                f"> 0: CAPO's asymmetric weighting keeps the outcome dominant"
-            )
-        if cfg.votes < 1:
-            raise ValueError(f"credit.votes must be >= 1, got {cfg.votes}")
-        if cfg.vote not in ("majority", "intersection", "union"):
-            raise ValueError(f"credit.vote must be majority, intersection or union, got {cfg.vote!r}")
         check_judge_config(cfg)
 
     def wrong_steps(self, batch: Batch, judge: Any, B: int, K: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -201,15 +205,15 @@ class CAPO(CreditMethod):
 
 @dataclass
 class InTConfig(JudgeCreditConfig):
-    method: str = "int"  # credit-assignment method (registry name; InT, Yang et al. 2026)
-    penalty: float = 1.0  # advantage removed from an intervened step's tokens per unit of outcome change its rewrite causes
-    only_failed: bool = True  # intervene only on responses whose outcome is not a success (Yang et al. 2026: failed traces)
-    candidates: str = "first"  # steps to intervene on: first (the judge's first flagged step, Yang et al. 2026) | flagged (every flagged step)
-    k: int = 2  # continuations rolled out from each rewritten prefix (the intervention's outcome is their mean return)
-    use_reference: bool = True  # the proposer sees the task's reference solution where the family has one (Yang et al. 2026; privileged, training only)
-    propose_max_new_tokens: int = 32  # length cap of the self-proposed rewritten step (Yang et al. 2026)
-    norm_adv_by_std: bool = True  # outcome advantage divided by the group std (GRPO; false: Dr. GRPO)
-    epsilon: float = 1e-6  # added to the group std (GRPO, verl's epsilon)
+    method: str = param("int", help="credit-assignment method (registry name; InT, Yang et al. 2026)")
+    penalty: float = param(1.0, help="advantage removed from an intervened step's tokens per unit of outcome change its rewrite causes", ge=0)
+    only_failed: bool = param(True, help="intervene only on responses whose outcome is not a success (Yang et al. 2026: failed traces)")
+    candidates: str = param("first", help="steps to intervene on: first (the judge's first flagged step, Yang et al. 2026) | flagged (every flagged step)", choices=("first", "flagged"))
+    k: int = param(2, help="continuations rolled out from each rewritten prefix (the intervention's outcome is their mean return)", ge=1)
+    use_reference: bool = param(True, help="the proposer sees the task's reference solution where the family has one (Yang et al. 2026; privileged, training only)")
+    propose_max_new_tokens: int = param(32, help="length cap of the self-proposed rewritten step (Yang et al. 2026)", ge=1)
+    norm_adv_by_std: bool = param(True, help="outcome advantage divided by the group std (GRPO; false: Dr. GRPO)")
+    epsilon: float = param(1e-6, help="added to the group std (GRPO, verl's epsilon)", ge=0)
 
 
 def reference_solution(privileged: dict[str, Any]) -> list[str]:
@@ -242,14 +246,6 @@ class InT(CreditMethod):
 
     def __init__(self, cfg: InTConfig):
         super().__init__(cfg)
-        if cfg.penalty < 0:
-            raise ValueError(f"credit.penalty must be >= 0, got {cfg.penalty}")
-        if cfg.propose_max_new_tokens < 1:
-            raise ValueError(f"credit.propose_max_new_tokens must be >= 1, got {cfg.propose_max_new_tokens}")
-        if cfg.k < 1:
-            raise ValueError(f"credit.k must be >= 1, got {cfg.k}")
-        if cfg.candidates not in ("first", "flagged"):
-            raise ValueError(f"credit.candidates must be first or flagged, got {cfg.candidates!r}")
         check_judge_config(cfg)
 
     def checklist_note(self) -> str:

@@ -19,6 +19,7 @@ import torch
 from stages.credit import functional as F
 from stages.credit.base import CreditConfig, CreditContext, CreditMethod, register_method
 from stages.schema import Batch, BatchTensors, CreditResult, Overhead
+from stages.config_fields import param
 
 # --------------------------------------------------------------------------------------------
 # helpers
@@ -78,9 +79,9 @@ def _episode_result(scalars: torch.Tensor, mask: torch.Tensor, stats: dict[str, 
 
 @dataclass
 class GRPOConfig(CreditConfig):
-    method: str = "grpo"  # credit-assignment method (registry name)
-    norm_adv_by_std: bool = True  # divide by the group std (GRPO, Shao et al. 2024; §2.3 eq. 2); false: Dr. GRPO
-    epsilon: float = 1e-6  # added to the group std before dividing (Shao et al. 2024; verl's epsilon)
+    method: str = param("grpo", help="credit-assignment method (registry name)")
+    norm_adv_by_std: bool = param(True, help="divide by the group std (GRPO, Shao et al. 2024; §2.3 eq. 2); false: Dr. GRPO")
+    epsilon: float = param(1e-6, help="added to the group std before dividing (Shao et al. 2024; verl's epsilon)", ge=0)
 
 
 @register_method
@@ -93,6 +94,7 @@ class GRPO(CreditMethod):
     """
 
     name = "grpo"
+    needs_group = True  # group baseline: rollout.group_size=1 gives zero advantages
     Config = GRPOConfig
     granularity = "episode"
     methodology = "MC (group baseline)"
@@ -113,7 +115,7 @@ class GRPO(CreditMethod):
 
 @dataclass
 class RLOOConfig(CreditConfig):
-    method: str = "rloo"  # credit-assignment method (registry name; leave-one-out baseline, Ahmadian et al. 2024)
+    method: str = param("rloo", help="credit-assignment method (registry name; leave-one-out baseline, Ahmadian et al. 2024)")
 
 
 @register_method
@@ -122,6 +124,7 @@ class RLOO(CreditMethod):
     (Ahmadian et al. 2024; group baselines, survey §2.3). Singleton groups keep ``R_i`` (verl)."""
 
     name = "rloo"
+    needs_group = True  # group baseline: rollout.group_size=1 gives zero advantages
     Config = RLOOConfig
     granularity = "episode"
     methodology = "MC (leave-one-out baseline)"
@@ -141,8 +144,8 @@ class RLOO(CreditMethod):
 
 @dataclass
 class ReinforcePPConfig(CreditConfig):
-    method: str = "reinforce_pp"  # credit-assignment method (registry name; REINFORCE++, Hu 2025)
-    gamma: float = 1.0  # discount of the per-token return-to-go (Hu 2025, REINFORCE++)
+    method: str = param("reinforce_pp", help="credit-assignment method (registry name; REINFORCE++, Hu 2025)")
+    gamma: float = param(1.0, help="discount of the per-token return-to-go (Hu 2025, REINFORCE++)", ge=0, le=1)
 
 
 @register_method
@@ -170,8 +173,8 @@ class ReinforcePP(CreditMethod):
 
 @dataclass
 class ReinforcePPBaselineConfig(CreditConfig):
-    method: str = "reinforce_pp_baseline"  # credit-assignment method (registry name; REINFORCE++-baseline, Hu 2025)
-    epsilon: float = 1e-6  # accepted for verl parity and unused, as in verl (Hu 2025, REINFORCE++-baseline)
+    method: str = param("reinforce_pp_baseline", help="credit-assignment method (registry name; REINFORCE++-baseline, Hu 2025)")
+    epsilon: float = param(1e-6, help="accepted for verl parity and unused, as in verl (Hu 2025, REINFORCE++-baseline)", ge=0)
 
 
 @register_method
@@ -180,6 +183,7 @@ class ReinforcePPBaseline(CreditMethod):
     tokens of the batch (Hu 2025; survey §2.3)."""
 
     name = "reinforce_pp_baseline"
+    needs_group = True  # group baseline: rollout.group_size=1 gives zero advantages
     Config = ReinforcePPBaselineConfig
     granularity = "episode"
     methodology = "MC (group-mean baseline, batch normalization)"
@@ -202,9 +206,9 @@ class ReinforcePPBaseline(CreditMethod):
 
 @dataclass
 class GAEConfig(CreditConfig):
-    method: str = "gae"  # credit-assignment method (registry name; PPO with GAE, Schulman et al. 2016/2017)
-    gamma: float = 1.0  # discount factor of the TD errors (Schulman et al. 2016, GAE)
-    lam: float = 0.95  # GAE lambda: 0 = one-step TD, 1 = Monte-Carlo return minus value (Schulman et al. 2016)
+    method: str = param("gae", help="credit-assignment method (registry name; PPO with GAE, Schulman et al. 2016/2017)")
+    gamma: float = param(1.0, help="discount factor of the TD errors (Schulman et al. 2016, GAE)", ge=0, le=1)
+    lam: float = param(0.95, help="GAE lambda: 0 = one-step TD, 1 = Monte-Carlo return minus value (Schulman et al. 2016)", ge=0, le=1)
 
 
 @register_method
@@ -265,7 +269,7 @@ class GAE(CreditMethod):
 
 @dataclass
 class ReMaxConfig(CreditConfig):
-    method: str = "remax"  # credit-assignment method (registry name; ReMax, Li et al. 2023)
+    method: str = param("remax", help="credit-assignment method (registry name; ReMax, Li et al. 2023)")
 
 
 @register_method

@@ -21,6 +21,7 @@ from stages.credit import functional as F
 from stages.credit.base import CreditConfig, CreditContext, CreditMethod, register_method
 from stages.credit.methods.process import _mask, _ref_logratio
 from stages.schema import Batch, BatchTensors, CreditResult, Overhead
+from stages.config_fields import param
 
 # --------------------------------------------------------------------------------------------
 # implicit DPO token credit ("From r to Q*")
@@ -39,11 +40,11 @@ def implicit_token_credit(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, re
 
 @dataclass
 class DPOImplicitConfig(CreditConfig):
-    method: str = "dpo_implicit"  # credit-assignment method (registry name; implicit token credit, Rafailov et al. 2024)
-    beta: float = 0.1  # DPO temperature beta of the implicit reward beta * log(pi/pi_ref) (Rafailov et al. 2024)
-    credit_weight: float = 1.0  # weight of the implicit token credit added to the outcome advantage (0 = GRPO)
-    norm_adv_by_std: bool = True  # outcome advantage: divide by the group std (GRPO); false: Dr. GRPO
-    epsilon: float = 1e-6  # added to the group std (GRPO)
+    method: str = param("dpo_implicit", help="credit-assignment method (registry name; implicit token credit, Rafailov et al. 2024)")
+    beta: float = param(0.1, help="DPO temperature beta of the implicit reward beta * log(pi/pi_ref) (Rafailov et al. 2024)", gt=0)
+    credit_weight: float = param(1.0, help="weight of the implicit token credit added to the outcome advantage (0 = GRPO)")
+    norm_adv_by_std: bool = param(True, help="outcome advantage: divide by the group std (GRPO); false: Dr. GRPO")
+    epsilon: float = param(1e-6, help="added to the group std (GRPO)", ge=0)
 
 
 @register_method
@@ -134,13 +135,13 @@ def _encode(tokenizer: Any, text: str) -> list[int]:
 
 @dataclass
 class TREGConfig(CreditConfig):
-    method: str = "t_reg"  # credit-assignment method (registry name; T-REG, Zhou et al. 2024)
-    reg_weight: float = 0.1  # weight of the self-generated token rewards added to the GRPO advantage (0 = GRPO exactly)
-    good_instruction: str = "Solve this correctly, checking every step.\n"  # contrastive prompt that elicits good responses (Zhou et al. 2024, contrastive self-prompting)
-    bad_instruction: str = "Solve this carelessly, with mistakes.\n"  # contrastive prompt that elicits bad responses (Zhou et al. 2024)
-    squash: str = "sigmoid"  # token reward from the log-prob difference d: sigmoid (sigmoid(d) - 1/2, bounded) | none (d)
-    norm_adv_by_std: bool = True  # GRPO base advantage: divide by the group std; false: Dr. GRPO
-    epsilon: float = 1e-6  # added to the group std (GRPO)
+    method: str = param("t_reg", help="credit-assignment method (registry name; T-REG, Zhou et al. 2024)")
+    reg_weight: float = param(0.1, help="weight of the self-generated token rewards added to the GRPO advantage (0 = GRPO exactly)")
+    good_instruction: str = param("Solve this correctly, checking every step.\n", help="contrastive prompt that elicits good responses (Zhou et al. 2024, contrastive self-prompting)")
+    bad_instruction: str = param("Solve this carelessly, with mistakes.\n", help="contrastive prompt that elicits bad responses (Zhou et al. 2024)")
+    squash: str = param("sigmoid", help="token reward from the log-prob difference d: sigmoid (sigmoid(d) - 1/2, bounded) | none (d)", choices=("sigmoid", "none"))
+    norm_adv_by_std: bool = param(True, help="GRPO base advantage: divide by the group std; false: Dr. GRPO")
+    epsilon: float = param(1e-6, help="added to the group std (GRPO)", ge=0)
 
 
 @register_method

@@ -51,6 +51,7 @@ import torch
 from stages.credit import functional as F
 from stages.credit.base import CreditConfig, CreditContext, CreditMethod, MCRollouts, register_method
 from stages.schema import Batch, BatchTensors, CreditResult, Overhead
+from stages.config_fields import param
 
 # --------------------------------------------------------------------------------------------
 # shared: steps / segments of a response
@@ -285,9 +286,9 @@ def _mc_result(
 
 @dataclass
 class VinePPOConfig(CreditConfig):
-    method: str = "vineppo"  # credit-assignment method (registry name; VinePPO, Kazemnejad et al. 2025)
-    k: int = 9  # MC continuations ("vines") per step boundary; VinePPO uses K=9 (Kazemnejad et al. 2025)
-    gamma: float = 1.0  # per-step discount of V(s_{t+1}); the MC returns are undiscounted, so only 1.0 (VinePPO's) is unbiased
+    method: str = param("vineppo", help="credit-assignment method (registry name; VinePPO, Kazemnejad et al. 2025)")
+    k: int = param(9, help="MC continuations (\"vines\") per step boundary; VinePPO uses K=9 (Kazemnejad et al. 2025)", ge=1)
+    gamma: float = param(1.0, help="per-step discount of V(s_{t+1}); the MC returns are undiscounted, so only 1.0 (VinePPO's) is unbiased")
 
 
 @register_method
@@ -323,14 +324,14 @@ class VinePPO(CreditMethod):
 
 @dataclass
 class SPOConfig(CreditConfig):
-    method: str = "spo"  # credit-assignment method (registry name; Segment Policy Optimization, Guo et al. 2025)
-    variant: str = "chain"  # chain: MC values per cut point (SPO-chain); tree: subtree-mean values, episode path as one child (SPO-tree)
-    partition: str = "cutpoint"  # segment cuts: cutpoint (SPO-chain's probability-guided), fixed (every segment_tokens tokens), step (reasoning steps)
-    segment_tokens: int = 32  # policy tokens per segment with partition=fixed (Guo et al. 2025, SPO-tree's fixed-length segments)
-    cutpoint_threshold: float = 0.9  # a token is a cut point if its behaviour probability is below this (Guo et al. 2025, rho)
-    cutpoints_per_segment: int = 1  # cut points per segment with partition=cutpoint (Guo et al. 2025, SPO-chain)
-    k: int = 4  # MC continuations per segment cut (Guo et al. 2025)
-    probability_mask: bool = True  # give segment advantages only to cut-point tokens (Guo et al. 2025, probability mask)
+    method: str = param("spo", help="credit-assignment method (registry name; Segment Policy Optimization, Guo et al. 2025)")
+    variant: str = param("chain", help="chain: MC values per cut point (SPO-chain); tree: subtree-mean values, episode path as one child (SPO-tree)", choices=("chain", "tree"))
+    partition: str = param("cutpoint", help="segment cuts: cutpoint (SPO-chain's probability-guided), fixed (every segment_tokens tokens), step (reasoning steps)", choices=("cutpoint", "fixed", "step"))
+    segment_tokens: int = param(32, help="policy tokens per segment with partition=fixed (Guo et al. 2025, SPO-tree's fixed-length segments)", ge=1)
+    cutpoint_threshold: float = param(0.9, help="a token is a cut point if its behaviour probability is below this (Guo et al. 2025, rho)", gt=0, le=1)
+    cutpoints_per_segment: int = param(1, help="cut points per segment with partition=cutpoint (Guo et al. 2025, SPO-chain)", ge=1)
+    k: int = param(4, help="MC continuations per segment cut (Guo et al. 2025)", ge=1)
+    probability_mask: bool = param(True, help="give segment advantages only to cut-point tokens (Guo et al. 2025, probability mask)")
 
 
 @register_method
@@ -352,18 +353,12 @@ class SPO(CreditMethod):
         """``(segments, cut)``: the partition and the (B, R) bool cut-point tokens."""
         cfg: SPOConfig = self.cfg  # type: ignore[assignment]
         mask = tensors.response_mask != 0
-        if not 0.0 < cfg.cutpoint_threshold <= 1.0:
-            raise ValueError(f"credit method 'spo': cutpoint_threshold must be in (0, 1], got {cfg.cutpoint_threshold}")
         cut = mask & (tensors.old_logprobs < math.log(cfg.cutpoint_threshold))
         if cfg.partition == "cutpoint":
-            if cfg.cutpoints_per_segment < 1:
-                raise ValueError(f"credit method 'spo': cutpoints_per_segment must be >= 1, got {cfg.cutpoints_per_segment}")
             c = cut.long().cumsum(-1)  # cut points up to and including each token
             raw = (c - 1).clamp(min=0) // cfg.cutpoints_per_segment  # a segment starts at every m-th cut point
             seg = segments_from_ids(_compact(torch.where(mask, raw, torch.full_like(raw, -1))))
         elif cfg.partition == "fixed":
-            if cfg.segment_tokens < 1:
-                raise ValueError(f"credit method 'spo': segment_tokens must be >= 1, got {cfg.segment_tokens}")
             q = mask.long().cumsum(-1) - 1
             raw = torch.where(mask, q // cfg.segment_tokens, torch.full_like(q, -1))
             seg = segments_from_ids(_compact(raw))
@@ -375,8 +370,6 @@ class SPO(CreditMethod):
 
     def assign(self, tensors: BatchTensors, batch: Batch, ctx: CreditContext) -> CreditResult:
         cfg: SPOConfig = self.cfg  # type: ignore[assignment]
-        if cfg.variant not in ("chain", "tree"):
-            raise ValueError(f"credit method 'spo': variant must be chain or tree, got {cfg.variant!r}")
         assert ctx.mc_rollouts is not None  # CreditMethod.__call__ checked ``needs``
         seg, cut = self.segments(tensors, batch)
         G, overhead, n = mc_returns(ctx.mc_rollouts, seg, cfg.k, self.name)

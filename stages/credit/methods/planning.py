@@ -30,13 +30,14 @@ per step with one compiled regex and broadcast to tokens with ``turn_ids`` (no l
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from stages.credit import functional as F
 from stages.credit.base import CreditConfig, CreditContext, CreditMethod, register_method
 from stages.schema import Batch, BatchTensors, CreditResult, turn_credit
+from stages.config_fields import param
 
 #: strategic grams (deduction, branching, backtracking, planning) after Wang et al. 2025c
 DEFAULT_PLANNING_PHRASES = [
@@ -47,16 +48,24 @@ DEFAULT_PLANNING_PHRASES = [
 ]
 
 
+def _regex_problem(pattern: str) -> str | None:
+    try:
+        re.compile(pattern)
+    except re.error as e:
+        return f"must be a valid regular expression ({e})"
+    return None
+
+
 @dataclass
 class HICRAConfig(CreditConfig):
-    method: str = "hicra"  # credit-assignment method (registry name; HICRA, Wang et al. 2025c)
-    alpha: float = 0.2  # amplification on planning tokens, A' = A + alpha*|A| (Wang et al. 2025c; 0 = GRPO)
-    planning_phrases: list[str] = field(default_factory=lambda: list(DEFAULT_PLANNING_PHRASES))  # strategic grams marking a planning step (Wang et al. 2025c), case-insensitive
-    non_computation_is_planning: bool = False  # math family: a step that is neither a computation nor the answer plans
-    computation_pattern: str = r"^[\s\d.+\-*/×÷^()=a-zA-Z]*=\s*-?[\d.]+\s*$"  # regex of a computation step (math family)
-    answer_pattern: str = r"^\s*answer\b"  # regex of the final-answer step (math family), case-insensitive
-    norm_adv_by_std: bool = True  # base GRPO advantage divided by the group std (Wang et al. 2025c build on GRPO)
-    epsilon: float = 1e-6  # added to the group std (GRPO, verl's epsilon)
+    method: str = param("hicra", help="credit-assignment method (registry name; HICRA, Wang et al. 2025c)")
+    alpha: float = param(0.2, help="amplification on planning tokens, A' = A + alpha*|A| (Wang et al. 2025c; 0 = GRPO)", ge=0)
+    planning_phrases: list[str] = param(default_factory=lambda: list(DEFAULT_PLANNING_PHRASES), help="strategic grams marking a planning step (Wang et al. 2025c), case-insensitive")
+    non_computation_is_planning: bool = param(False, help="math family: a step that is neither a computation nor the answer plans")
+    computation_pattern: str = param(r"^[\s\d.+\-*/×÷^()=a-zA-Z]*=\s*-?[\d.]+\s*$", help="regex of a computation step (math family)", check=_regex_problem, rule="must be a valid regular expression")
+    answer_pattern: str = param(r"^\s*answer\b", help="regex of the final-answer step (math family), case-insensitive", check=_regex_problem, rule="must be a valid regular expression")
+    norm_adv_by_std: bool = param(True, help="base GRPO advantage divided by the group std (Wang et al. 2025c build on GRPO)")
+    epsilon: float = param(1e-6, help="added to the group std (GRPO, verl's epsilon)", ge=0)
 
 
 def _phrase_regex(phrases: list[str]) -> re.Pattern[str] | None:
@@ -77,6 +86,7 @@ class HICRA(CreditMethod):
     docstring; Wang et al. 2025c; survey §3.3.4)."""
 
     name = "hicra"
+    needs_group = True  # group baseline: rollout.group_size=1 gives zero advantages
     Config = HICRAConfig
     granularity = "step"
     methodology = "Hierarchy"
@@ -84,14 +94,9 @@ class HICRA(CreditMethod):
 
     def __init__(self, cfg: HICRAConfig):
         super().__init__(cfg)
-        if cfg.alpha < 0:
-            raise ValueError(f"credit.alpha must be >= 0, got {cfg.alpha}")
         self._phrases = _phrase_regex(list(cfg.planning_phrases))
-        try:
-            self._computation = re.compile(cfg.computation_pattern)
-            self._answer = re.compile(cfg.answer_pattern, re.IGNORECASE)
-        except re.error as e:
-            raise ValueError(f"credit.computation_pattern / credit.answer_pattern is not a valid regex: {e}") from None
+        self._computation = re.compile(cfg.computation_pattern)  # valid: a field rule (_regex_problem)
+        self._answer = re.compile(cfg.answer_pattern, re.IGNORECASE)
 
     def is_planning(self, text: str) -> bool:
         """Whether one step's decoded text is a planning step."""

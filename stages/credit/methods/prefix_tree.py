@@ -42,6 +42,7 @@ import torch
 from stages.credit import functional as F
 from stages.credit.base import CreditConfig, CreditContext, CreditMethod, register_method
 from stages.schema import Batch, BatchTensors, CreditResult
+from stages.config_fields import param
 
 
 @dataclass
@@ -105,12 +106,12 @@ def build_prefix_tree(response_ids: torch.Tensor, lengths: torch.Tensor, gid: to
 
 @dataclass
 class TEMPOConfig(CreditConfig):
-    method: str = "tempo"  # credit-assignment method (registry name; TEMPO, Tran et al. 2025)
-    td_coef: float = 1.0  # weight of the branch-gated TD term added to the GRPO advantage (Tran et al. 2025)
-    normalize_values: bool = True  # node values from group-normalized outcomes (the paper's mean normalized reward); false: raw returns
-    root_td: bool = False  # also add the TD term at the root's branching (double-counts the group advantage; off: no shared prefix -> GRPO)
-    norm_adv_by_std: bool = True  # divide the group advantage by the group std (GRPO, Shao et al. 2024)
-    epsilon: float = 1e-6  # added to the group std (GRPO)
+    method: str = param("tempo", help="credit-assignment method (registry name; TEMPO, Tran et al. 2025)")
+    td_coef: float = param(1.0, help="weight of the branch-gated TD term added to the GRPO advantage (Tran et al. 2025)")
+    normalize_values: bool = param(True, help="node values from group-normalized outcomes (the paper's mean normalized reward); false: raw returns")
+    root_td: bool = param(False, help="also add the TD term at the root's branching (double-counts the group advantage; off: no shared prefix -> GRPO)")
+    norm_adv_by_std: bool = param(True, help="divide the group advantage by the group std (GRPO, Shao et al. 2024)")
+    epsilon: float = param(1e-6, help="added to the group std (GRPO)", ge=0)
 
 
 @register_method
@@ -121,6 +122,7 @@ class TEMPO(CreditMethod):
     no extra compute (no forward pass, no generation)."""
 
     name = "tempo"
+    needs_group = True  # group baseline: rollout.group_size=1 gives zero advantages
     Config = TEMPOConfig
     granularity = "token"
     methodology = "Tree-TD (prefix-tree values, branch-gated TD on GRPO)"

@@ -32,6 +32,7 @@ from stages.credit import functional as F
 from stages.credit.base import CreditConfig, CreditContext, CreditMethod, register_method
 from stages.reward.process import ProcessRewardConfig
 from stages.schema import Batch, BatchTensors, CreditResult, Overhead
+from stages.config_fields import param
 
 # --------------------------------------------------------------------------------------------
 # helpers
@@ -137,10 +138,10 @@ def softmin_returns(rewards: torch.Tensor, valid: torch.Tensor, temperature: flo
 
 @dataclass
 class PUREConfig(ProcessRewardConfig, CreditConfig):
-    method: str = "pure"  # credit-assignment method (registry name; PURE, Cheng et al. 2025)
-    temperature: float = 0.0  # 0: exact min-form return min_{j>=k} r_j; >0: PURE's softmin transform r*_k = softmax(-r/T)_k * r_k summed (Cheng et al. 2025, §4)
-    process_weight: float = 1.0  # weight of the min-form process advantage (PURE's PRM term)
-    outcome_weight: float = 1.0  # weight of the verifiable-reward RLOO advantage added to it (PURE-VR mixes PRM and verifiable rewards; 0 = PRM only)
+    method: str = param("pure", help="credit-assignment method (registry name; PURE, Cheng et al. 2025)")
+    temperature: float = param(0.0, help="0: exact min-form return min_{j>=k} r_j; >0: PURE's softmin transform r*_k = softmax(-r/T)_k * r_k summed (Cheng et al. 2025, §4)", ge=0)
+    process_weight: float = param(1.0, help="weight of the min-form process advantage (PURE's PRM term)")
+    outcome_weight: float = param(1.0, help="weight of the verifiable-reward RLOO advantage added to it (PURE-VR mixes PRM and verifiable rewards; 0 = PRM only)")
 
 
 @register_method
@@ -241,11 +242,11 @@ def masked_step_advantage(cum_rewards: torch.Tensor, response_mask: torch.Tensor
 
 @dataclass
 class SPROConfig(CreditConfig):
-    method: str = "spro"  # credit-assignment method (registry name; SPRO, Fei et al. 2025)
-    beta: float = 0.05  # scale of the self-guided process reward beta * log(pi/pi_ref) (Fei et al. 2025; implicit-reward beta)
-    outcome_weight: float = 1.0  # weight of the GRPO outcome advantage added to the masked step advantage (Fei et al. 2025)
-    norm_adv_by_std: bool = True  # divide the outcome advantage by the group std (GRPO); false: Dr. GRPO
-    epsilon: float = 1e-6  # added to the group std (GRPO)
+    method: str = param("spro", help="credit-assignment method (registry name; SPRO, Fei et al. 2025)")
+    beta: float = param(0.05, help="scale of the self-guided process reward beta * log(pi/pi_ref) (Fei et al. 2025; implicit-reward beta)", gt=0)
+    outcome_weight: float = param(1.0, help="weight of the GRPO outcome advantage added to the masked step advantage (Fei et al. 2025)")
+    norm_adv_by_std: bool = param(True, help="divide the outcome advantage by the group std (GRPO); false: Dr. GRPO")
+    epsilon: float = param(1e-6, help="added to the group std (GRPO)", ge=0)
 
 
 @register_method
@@ -333,12 +334,12 @@ def prl_process_rewards(outcome: torch.Tensor, logratio: torch.Tensor, step_ids:
 
 @dataclass
 class PRLConfig(CreditConfig):
-    method: str = "prl"  # credit-assignment method (registry name; PRL, Yao et al. 2026)
-    beta: float = 0.05  # KL coefficient 1/eta of the entropy-regularized objective E[r] - (1/eta) KL(pi || pi_ref) (Yao et al. 2026)
-    step_unit: str = "turn"  # what a step is: turn (one reasoning step per turn) | tokens (fixed-length chunks of step_tokens policy tokens, PRL's default split)
-    step_tokens: int = 256  # step_unit=tokens: policy tokens per step (PRL splits by fixed length, e.g. 256)
-    norm_adv_by_std: bool = True  # divide by the group std of the entropy-regularized returns (GRPO-style); false: centre only
-    epsilon: float = 1e-6  # added to the group std
+    method: str = param("prl", help="credit-assignment method (registry name; PRL, Yao et al. 2026)")
+    beta: float = param(0.05, help="KL coefficient 1/eta of the entropy-regularized objective E[r] - (1/eta) KL(pi || pi_ref) (Yao et al. 2026)", gt=0)
+    step_unit: str = param("turn", help="what a step is: turn (one reasoning step per turn) | tokens (fixed-length chunks of step_tokens policy tokens, PRL's default split)", choices=("turn", "tokens"))
+    step_tokens: int = param(256, help="step_unit=tokens: policy tokens per step (PRL splits by fixed length, e.g. 256)", ge=1)
+    norm_adv_by_std: bool = param(True, help="divide by the group std of the entropy-regularized returns (GRPO-style); false: centre only")
+    epsilon: float = param(1e-6, help="added to the group std", ge=0)
 
 
 @register_method
@@ -378,8 +379,6 @@ class PRL(CreditMethod):
             step_ids = tensors.turn_ids
             K = max(tensors.max_turns, 1)
         elif cfg.step_unit == "tokens":
-            if cfg.step_tokens < 1:
-                raise ValueError(f"config key 'credit.step_tokens' must be >= 1, got {cfg.step_tokens}")
             step_ids = fixed_length_steps(tensors.response_mask, cfg.step_tokens)
             K = max(int(step_ids.max().item()) + 1, 1)
         else:

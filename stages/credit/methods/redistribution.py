@@ -53,8 +53,9 @@ from stages.credit.methods.montecarlo import (
     group_episode_advantages,
     step_segments,
 )
-from stages.reward.process import ProcessRewardConfig, require_prefix_scores
+from stages.reward.process import SOURCE_KINDS, SOURCES, ProcessRewardConfig, prefix_scores, require_prefix_scores
 from stages.schema import Batch, BatchTensors, CreditResult, Overhead
+from stages.config_fields import param
 
 
 def align_step_scores(scores: torch.Tensor, seg: Segments, name: str) -> torch.Tensor:
@@ -108,17 +109,24 @@ def redistribute(
 
 @dataclass
 class REDConfig(ProcessRewardConfig, CreditConfig):
-    method: str = "red"  # credit-assignment method (registry name; RED, Li et al. 2024)
-    process_reward: str = "mc"  # prefix scorer: mc (MC value of the prefix, needs no trained artifact) | prm (a PRM's prefix score); step_check is refused (not a prefix score)
+    method: str = param("red", help="credit-assignment method (registry name; RED, Li et al. 2024)")
+    process_reward: str = param("mc", help="prefix scorer: mc (MC value of the prefix, needs no trained artifact) | prm (a PRM's prefix score); step_check is refused (not a prefix score)", choices=SOURCES)
+    empty_score: str = param("group_mean", help="score of the empty prefix: group_mean (mean holistic reward of the group), first_step, zero", choices=("group_mean", "first_step", "zero"))
+    rescale: str = param("shift", help="return equivalence: shift (add (R - sum d)/n to each step) or scale (multiply by R / sum d) (Li et al. 2024)", choices=("shift", "scale"))
+    norm_adv_by_std: bool = param(True, help="divide by the group std of the holistic reward (GRPO baseline, Shao et al. 2024)")
+    epsilon: float = param(1e-6, help="added to the group std (GRPO)", ge=0)
 
     def check_prefix_source(self) -> None:
         """RED takes differences of scores of consecutive prefixes: refuse a source whose values
         are not prefix scores (stages.reward.process.SOURCE_KINDS), with the reason."""
         require_prefix_scores(self.process_reward, self.method)
-    empty_score: str = "group_mean"  # score of the empty prefix: group_mean (mean holistic reward of the group), first_step, zero
-    rescale: str = "shift"  # return equivalence: shift (add (R - sum d)/n to each step) or scale (multiply by R / sum d) (Li et al. 2024)
-    norm_adv_by_std: bool = True  # divide by the group std of the holistic reward (GRPO baseline, Shao et al. 2024)
-    epsilon: float = 1e-6  # added to the group std (GRPO)
+
+    def config_rules(self):
+        """Rules between fields (checked by stages.config_fields.check): a prefix-scoring source."""
+        if not prefix_scores(self.process_reward):
+            ok = ", ".join(s for s in SOURCES if SOURCE_KINDS[s][0])
+            yield "process_reward", (f"RED takes differences of scores of consecutive prefixes and "
+                                     f"{self.process_reward} is {SOURCE_KINDS[self.process_reward][1]}; use one of {ok}")
 
 
 @register_method
@@ -148,10 +156,6 @@ class RED(CreditMethod):
     def assign(self, tensors: BatchTensors, batch: Batch, ctx: CreditContext) -> CreditResult:
         cfg: REDConfig = self.cfg  # type: ignore[assignment]
         assert ctx.process_rewards is not None  # CreditMethod.__call__ checked ``needs``
-        if cfg.empty_score not in ("group_mean", "first_step", "zero"):
-            raise ValueError(f"credit method 'red': empty_score must be group_mean, first_step or zero, got {cfg.empty_score!r}")
-        if cfg.rescale not in ("shift", "scale"):
-            raise ValueError(f"credit method 'red': rescale must be shift or scale, got {cfg.rescale!r}")
         seg = step_segments(tensors, batch)
         raw, overhead = ctx.process_rewards(batch)
         scores = align_step_scores(raw, seg, self.name)

@@ -46,6 +46,7 @@ from stages.credit import functional as F
 from stages.credit.base import CreditConfig, CreditContext, CreditMethod, Scorer, register_method
 from stages.credit.methods.montecarlo import Segments, broadcast, step_segments
 from stages.schema import Batch, BatchTensors, CreditResult, Overhead
+from stages.config_fields import param
 
 
 def shapley_exact(v: torch.Tensor, n: int) -> torch.Tensor:
@@ -84,12 +85,12 @@ def shapley_from_permutations(v_of: dict[int, float], perms: torch.Tensor, masks
 
 @dataclass
 class SCARConfig(CreditConfig):
-    method: str = "scar"  # credit-assignment method (registry name; SCAR, Cao et al. 2025)
-    exact_max_segments: int = 8  # enumerate all 2^n coalitions up to this many players, else sample orders (Cao et al. 2025)
-    num_permutations: int = 64  # sampled player orders when n > exact_max_segments (Monte Carlo Shapley; Cao et al. 2025)
-    seed: int = 0  # seed of the sampled orders (combined with the batch iteration)
-    norm_adv_by_std: bool = True  # divide by the group std of the outcome (GRPO baseline, Shao et al. 2024)
-    epsilon: float = 1e-6  # added to the group std (GRPO)
+    method: str = param("scar", help="credit-assignment method (registry name; SCAR, Cao et al. 2025)")
+    exact_max_segments: int = param(8, help="enumerate all 2^n coalitions up to this many players, else sample orders (Cao et al. 2025)", ge=1)
+    num_permutations: int = param(64, help="sampled player orders when n > exact_max_segments (Monte Carlo Shapley; Cao et al. 2025)", ge=1)
+    seed: int = param(0, help="seed of the sampled orders (combined with the batch iteration)")
+    norm_adv_by_std: bool = param(True, help="divide by the group std of the outcome (GRPO baseline, Shao et al. 2024)")
+    epsilon: float = param(1e-6, help="added to the group std (GRPO)", ge=0)
 
 
 @register_method
