@@ -5,7 +5,7 @@ One :meth:`HFEngine.generate` call samples a continuation for every request at o
 1. the contexts are left-padded to a common length and run through the model in one prefill
    forward (``attention_mask`` and ``position_ids`` make the padding invisible);
 2. a decode loop runs one forward per new-token step for the whole batch, feeding the sampled
-   tokens with ``past_key_values`` (no Python loop over batch rows);
+   tokens with the KV cache (no Python loop over batch rows);
 3. at each step the logits are divided by the temperature, optionally truncated to the top-p
    nucleus and renormalised, and each row's token is drawn by inverse CDF at a uniform that depends
    only on that request's seed and the decode step (:func:`sample_per_request`). The engine records
@@ -26,6 +26,9 @@ stepping for the other rows with the finished rows masked out, until all rows ar
 """
 
 from __future__ import annotations
+
+import functools
+import inspect
 
 import time
 from typing import Any, Optional
@@ -180,7 +183,7 @@ class HFEngine(RolloutEngine):
                 out = self._forward(ids, attn, pos, None, logits_to_keep=1)
                 forwards += 1
                 logits = out.logits[:, -1]
-                past = out.past_key_values
+                past = _cache_of(out)
                 next_pos = pos[:, -1]
                 for t in range(max_new_tokens):
                     tok, lp, ent = sample_per_request(logits, temperature, top_p, seeds, t)
@@ -198,7 +201,7 @@ class HFEngine(RolloutEngine):
                     out = self._forward(tok[:, None], attn, next_pos[:, None], past)
                     forwards += 1
                     logits = out.logits[:, -1]
-                    past = out.past_key_values
+                    past = _cache_of(out)
         finally:
             model.train(was_training)
         tok_l, lp_l, ent_l = tokens.cpu().tolist(), lps.cpu().tolist(), ents.cpu().tolist()
@@ -221,10 +224,27 @@ class HFEngine(RolloutEngine):
     def _forward(self, ids, attn, pos, past, logits_to_keep: Optional[int] = None) -> Any:
         kwargs: dict[str, Any] = dict(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True)
         if past is not None:
-            kwargs["past_key_values"] = past
+            kwargs[_cache_kwarg(type(self.model))] = past
         if logits_to_keep is not None:
             try:
                 return self.model(**kwargs, logits_to_keep=logits_to_keep)
             except TypeError:
                 pass
         return self.model(**kwargs)
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_kwarg(model_cls: type) -> str:
+    """The forward keyword of the KV cache: ``cache`` from transformers 5.25 on (which deprecates
+    ``past_key_values`` with a FutureWarning per call), ``past_key_values`` before (one look-up per model class)."""
+    fwd = getattr(model_cls, "forward", None)
+    try:
+        return "cache" if "cache" in inspect.signature(fwd).parameters else "past_key_values"
+    except (TypeError, ValueError):
+        return "past_key_values"
+
+
+def _cache_of(out: Any) -> Any:
+    """The KV cache of a model output under either name (``cache`` on transformers >= 5.25)."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else getattr(out, "past_key_values", None)
