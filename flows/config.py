@@ -63,7 +63,7 @@ class TrackingConfig:
 
     mlflow_uri: Optional[str] = param(None, help="MLflow tracking URI; default $MLFLOW_TRACKING_URI, else sqlite:///$CREDITFLOW_HOME/mlflow.db")
     experiment: str = param("creditflow", help="MLflow experiment name")
-    heatmap_every: int = param(5, help="log a credit heatmap PNG every N iterations (and at the last one)", ge=1)
+    heatmap_every: int = param(5, help="log a credit heatmap PNG every N iterations (and at the last one); 0 = never", ge=0)
     retry_seconds: float = param(300.0, help="how long an unreachable tracking store is retried (metrics buffered in runs/<id>/tracking_buffer.jsonl) before the run fails", ge=0)
 
 

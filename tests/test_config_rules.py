@@ -101,6 +101,8 @@ def _config_classes():
 def test_every_field_has_help_and_passes_its_own_rules_at_default():
     missing = []
     for cls in _config_classes():
+        if not cls.__module__.startswith(("stages.", "environments.", "flows.")):
+            continue  # a config class a test registers for its own purposes
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
             section = isinstance(hints.get(f.name), type) and dataclasses.is_dataclass(hints[f.name])

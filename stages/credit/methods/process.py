@@ -243,7 +243,7 @@ def masked_step_advantage(cum_rewards: torch.Tensor, response_mask: torch.Tensor
 @dataclass
 class SPROConfig(CreditConfig):
     method: str = param("spro", help="credit-assignment method (registry name; SPRO, Fei et al. 2025)")
-    beta: float = param(0.05, help="scale of the self-guided process reward beta * log(pi/pi_ref) (Fei et al. 2025; implicit-reward beta)", gt=0)
+    beta: float = param(0.05, help="scale of the self-guided process reward beta * log(pi/pi_ref) (Fei et al. 2025; implicit-reward beta)", ge=0)
     outcome_weight: float = param(1.0, help="weight of the GRPO outcome advantage added to the masked step advantage (Fei et al. 2025)")
     norm_adv_by_std: bool = param(True, help="divide the outcome advantage by the group std (GRPO); false: Dr. GRPO")
     epsilon: float = param(1e-6, help="added to the group std (GRPO)", ge=0)
@@ -335,7 +335,7 @@ def prl_process_rewards(outcome: torch.Tensor, logratio: torch.Tensor, step_ids:
 @dataclass
 class PRLConfig(CreditConfig):
     method: str = param("prl", help="credit-assignment method (registry name; PRL, Yao et al. 2026)")
-    beta: float = param(0.05, help="KL coefficient 1/eta of the entropy-regularized objective E[r] - (1/eta) KL(pi || pi_ref) (Yao et al. 2026)", gt=0)
+    beta: float = param(0.05, help="KL coefficient 1/eta of the entropy-regularized objective E[r] - (1/eta) KL(pi || pi_ref) (Yao et al. 2026); 0 = GRPO exactly", ge=0)
     step_unit: str = param("turn", help="what a step is: turn (one reasoning step per turn) | tokens (fixed-length chunks of step_tokens policy tokens, PRL's default split)", choices=("turn", "tokens"))
     step_tokens: int = param(256, help="step_unit=tokens: policy tokens per step (PRL splits by fixed length, e.g. 256)", ge=1)
     norm_adv_by_std: bool = param(True, help="divide by the group std of the entropy-regularized returns (GRPO-style); false: centre only")

@@ -53,7 +53,7 @@ from stages.credit.methods.montecarlo import (
     group_episode_advantages,
     step_segments,
 )
-from stages.reward.process import SOURCE_KINDS, SOURCES, ProcessRewardConfig, prefix_scores, require_prefix_scores
+from stages.reward.process import SOURCES, ProcessRewardConfig, prefix_scores, require_prefix_scores
 from stages.schema import Batch, BatchTensors, CreditResult, Overhead
 from stages.config_fields import param
 
@@ -124,9 +124,10 @@ class REDConfig(ProcessRewardConfig, CreditConfig):
     def config_rules(self):
         """Rules between fields (checked by stages.config_fields.check): a prefix-scoring source."""
         if not prefix_scores(self.process_reward):
-            ok = ", ".join(s for s in SOURCES if SOURCE_KINDS[s][0])
-            yield "process_reward", (f"RED takes differences of scores of consecutive prefixes and "
-                                     f"{self.process_reward} is {SOURCE_KINDS[self.process_reward][1]}; use one of {ok}")
+            try:
+                require_prefix_scores(self.process_reward, self.method)
+            except ValueError as exc:
+                yield "process_reward", str(exc)
 
 
 @register_method
