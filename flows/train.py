@@ -283,7 +283,7 @@ def _prefect_flow_run_id() -> str:
         return ""
 
 
-@flow(name="creditflow-train", persist_result=False, log_prints=False)
+@flow(name="creditflow-train", flow_run_name="{run_id}", persist_result=False, log_prints=False)
 def train_flow(run_id: str, home: Optional[str] = None, progress: bool = True) -> dict[str, Any]:
     """One training run (create it with :func:`flows.api.create_run`, or resume an existing one)."""
     state = RunState.open(run_id, Path(home) if home else None) if run_id not in _RUNS else _RUNS[run_id]

@@ -129,3 +129,16 @@ def test_without_a_scorer_is_a_clear_error():
     batch = Batch([make_traj([20, 21], 1.0, "a")])
     with pytest.raises(ValueError, match=r"needs \['scorer'\]"):
         build_method(get_method_class("scar").Config())(batch.to_tensors(), batch, CreditContext())
+
+
+def test_rows_that_fall_back_to_grpo_are_counted_by_reason():
+    """Issue 13: a failed episode, Shapley values summing to zero and a single-step episode are
+    each GRPO exactly; SCAR counts them so a run sees how often it is GRPO."""
+    scorer = SetScorer({20: 1.0, 21: 0.5, 22: 0.0})
+    batch = Batch([make_traj([20, 21], 1.0, "ok"),    # informative: not a fallback
+                   make_traj([20, 21], 0.0, "fail"),  # failed: nothing to distribute
+                   make_traj([22, 22], 1.0, "null"),  # both steps null players: sum phi = 0
+                   make_traj([], 1.0, "single")])     # only the answer step: no players
+    stats = _run(batch, scorer).stats
+    assert stats["fallback_failed"] == 1 and stats["fallback_zero_sum"] == 1 and stats["fallback_single_step"] == 1
+    assert stats["fallback_rows"] == 3

@@ -80,7 +80,10 @@ def test_two_iterations_log_params_metrics_tags_artifacts(prefect_harness, home)
     from prefect.client.orchestration import get_client
 
     with get_client(sync_client=True) as client:
-        assert tags["prefect.flow_run_id"] in {str(r.id) for r in client.read_flow_runs(limit=200)}
+        runs = {str(r.id): r for r in client.read_flow_runs(limit=200)}
+        assert tags["prefect.flow_run_id"] in runs
+        # the UI and the CLI speak of the same run: the flow run is named after the creditflow run id
+        assert runs[tags["prefect.flow_run_id"]].name == out["run_id"]
     # nothing landed in the current directory
     assert not Path("mlruns").exists() and not Path("mlartifacts").exists()
 

@@ -140,7 +140,7 @@ def test_sandbox_faults_end_episodes_and_the_run_goes_on_in_docker(prefect_harne
     # the spy only records what the real reward stage returned (it runs the real stage)
     monkeypatch.setattr(train.reward_stage, "fn", spy)
     n = len(FAULTS)
-    out = api.start_run(["env=test-sandbox-faults", "sandbox.backend=docker", "iterations=1",
+    out = api.start_run(["env=test-sandbox-faults", "sandbox.backend=docker", "iterations=1", "credit=reinforce_pp",  # a group of one: no group baseline
                          f"rollout.tasks_per_iteration={n}", "rollout.group_size=1", "eval_episodes=2",
                          "sandbox.memory_mb=256", "sandbox.max_output_bytes=1000000", "sandbox.work_dir_mb=64",
                          "tracking.heatmap_every=0", "model.warmup_steps=2"],

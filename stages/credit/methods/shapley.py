@@ -28,7 +28,9 @@ the reasoning supports the answer it led to, and step ``k``'s Shapley value
   over the reasoning steps is GRPO's advantage and uniform shares give exactly GRPO), the answer
   step ``(R - mean_g R) / (std_g R + eps)``. A failed episode (``R = 0``) has no reward to
   distribute and gets GRPO's advantage on every step. Trajectories with a single step are plain
-  GRPO.
+  GRPO. The rows that fall back to GRPO are counted by reason in ``stats`` (``fallback_single_step``,
+  ``fallback_failed``, ``fallback_zero_sum``: Shapley values summing to <= 0, uniform shares;
+  ``fallback_rows`` in all), so a run can see how often SCAR is GRPO.
 
 Native credit: the (B, K) Shapley values ``phi`` (nan for the answer step and absent steps).
 Overhead: the scorer's forward passes (one per coalition context; ``2^n`` per trajectory exact,
@@ -198,4 +200,12 @@ class SCAR(CreditMethod):
         overhead = Overhead(extra_forward_passes=passes if passes > 0 else int(stats["scorer_contexts"]))
         credit = torch.where(player, phi, torch.full_like(phi, float("nan"))).to(rewards.dtype)
         stats["shaped_reward_abs_mean"] = float(rho[player].abs().mean()) if player.any() else 0.0
+        # rows whose advantages are exactly GRPO's, by reason (mutually exclusive, in this order)
+        single = n.squeeze(1) == 0
+        failed = ~single & (R.abs() < 1e-12)
+        zero_sum = ~single & ~failed & (total.squeeze(1) <= 1e-12)
+        stats["fallback_single_step"] = float(single.sum())
+        stats["fallback_failed"] = float(failed.sum())
+        stats["fallback_zero_sum"] = float(zero_sum.sum())
+        stats["fallback_rows"] = float((single | failed | zero_sum).sum())
         return CreditResult(advantages=adv, granularity="segment", credit=credit, overhead=overhead, stats=stats)
