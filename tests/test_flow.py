@@ -63,7 +63,7 @@ def test_two_iterations_log_params_metrics_tags_artifacts(prefect_harness, home)
     c = tracker.client
     assert _metric_steps(c, run.info.run_id, "progress.iteration") == [0, 1, 2]
     for key in ("reward.success_rate", "credit.mean", "credit.std", "credit.zero_fraction",
-                "credit.decisive_share", "credit.gt_rank_corr", "update.loss", "update.grad_norm",
+                "credit.decisive_share", "credit.gt_rank_corr", "credit.gt_rmse", "credit.gt_zero_advantage_mass", "update.loss", "update.grad_norm",
                 "update.clip_fraction", "update.entropy", "time.rollout_seconds", "time.credit_seconds",
                 "overhead.rollout.env_steps"):
         assert _metric_steps(c, run.info.run_id, key) == [0, 1], key

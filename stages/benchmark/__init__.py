@@ -1,0 +1,1 @@
+"""Benchmark machinery (survey §9): ground-truth credit metrics."""
