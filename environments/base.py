@@ -128,6 +128,9 @@ class TaskFamily(abc.ABC):
     Config: ClassVar[type[EnvConfig]] = EnvConfig
     #: whether environments of this family execute code in a sandbox
     needs_sandbox: ClassVar[bool] = False
+    #: whether every episode's ground truth carries the task's exact MDP (``GroundTruthCredit.mdp``),
+    #: so that credit under any policy is computable (the oracle-credit method)
+    exact_mdp: ClassVar[bool] = False
 
     def __init__(self, cfg: Optional[EnvConfig] = None):
         self.cfg = cfg if cfg is not None else self.Config()

@@ -204,6 +204,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         rows = inventory.filter_rows(inventory.load_inventory(), setting=args.setting,
                                      granularity=args.granularity, methodology=args.methodology)
         out = {"table": inventory.render_table, "csv": inventory.to_csv, "json": inventory.to_json}[args.format](rows)
+        if args.format == "table" and not (args.setting or args.granularity or args.methodology):
+            out += "\n" + inventory.render_extras(inventory.load_registry_extras())
         print(out, end="" if out.endswith("\n") else "\n")
         return 0
     if args.cmd == "recommend":

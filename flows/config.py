@@ -291,6 +291,11 @@ def check_learnable(cfg: DictConfig) -> Optional[ConfigError]:
             "rollout.group_size", cfg.rollout.group_size,
             f"must be >= 2 for credit.method={method.name}: its baseline is the group of rollouts of a task, so a "
             "group of one gives every advantage 0 and nothing is learned")
+    if method.needs_exact_mdp and not get_family_class(cfg.env.name).exact_mdp:
+        return problem_error(
+            "credit.method", method.name,
+            f"needs a task whose exact MDP is known (a family with exact_mdp, e.g. env=bifurcation); "
+            f"env={cfg.env.name} has none, so there is no exact advantage to assign")
     if "critic" in method.needs and not upd.value_coef > 0:
         return problem_error(
             "update.value_coef", upd.value_coef,

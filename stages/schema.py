@@ -63,6 +63,38 @@ class GroundTruthCredit:
     advantage: list[float]
     decisive: list[bool]
     reference_policy: str = "uniform"
+    #: the task's exact finite-horizon MDP, for credit under *other* policies (the oracle-credit
+    #: method evaluates it under the current policy); None where the task does not export it
+    mdp: Optional["TabularMDP"] = None
+
+
+@dataclass
+class TabularMDP:
+    """A finite-horizon tabular MDP of one episode's task, in a family-independent form.
+
+    Horizon H, S states, A actions (the last action may be the *invalid* action, label None).
+    ``reward[t][s][a]`` is the expected immediate reward of action a in state s at turn t (the
+    terminal reward is in ``terminal_value``), ``transition[t][s][a]`` the distribution over the
+    next states (S probabilities), ``terminal_value[s]`` the value of state s after turn H-1.
+    ``states[t]`` is the state the episode was actually in at each played turn (its realized
+    stochastic transitions), ``action_texts[a]`` the canonical text of valid action a (what a
+    policy emits to take it; used to score the policy's probability of each action).
+    """
+
+    reward: list[list[list[float]]]
+    transition: list[list[list[list[float]]]]
+    terminal_value: list[float]
+    states: list[int]
+    actions: list[Optional[str]]
+    action_texts: list[str]
+
+    @property
+    def horizon(self) -> int:
+        return len(self.reward)
+
+    @property
+    def num_states(self) -> int:
+        return len(self.terminal_value)
 
 
 @dataclass

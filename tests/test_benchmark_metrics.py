@@ -162,7 +162,7 @@ def _play_uniform(env, inst, i, rng):
     env.reset()
     turns, resp, mask = [], [], []
     while not env.done:
-        key = env.state_key
+        key = env.state_key()
         a = rng.choice("ABC")
         s = len(resp)
         resp += [7, 8]

@@ -17,6 +17,10 @@ def test_methods_table_filters_and_formats(capsys):
     assert main(["methods", "--granularity", "turn", "--format", "json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data and all("turn" in r["granularity"].lower() for r in data)
+    assert main(["methods"]) == 0  # the full table also lists the registry extras with their status
+    out = capsys.readouterr().out
+    assert "Registry methods beyond the inventory" in out
+    assert any(line.split()[0] == "oracle" and "implemented (simplified:" in line for line in out.splitlines() if line.strip())
 
 
 def test_recommend_from_fields_and_file(tmp_path, capsys):

@@ -34,6 +34,7 @@ BAD = [
     (["credit=vineppo", "credit.k=0"], "credit.k=0", ">= 1"),
     (["credit=int", "credit.candidates=all"], "credit.candidates=all", "one of"),
     (["credit=red", "credit.process_reward=step_check"], "credit.process_reward=step_check", "prefix"),
+    (["env=math", "credit=oracle"], "credit.method=oracle", "exact MDP"),
     (["rollout.top_p=1.5"], "rollout.top_p=1.5", ""),
     (["rollout.temperature=nan"], "rollout.temperature=nan", "finite"),
     (["sandbox.backend=vm"], "sandbox.backend=vm", "one of"),

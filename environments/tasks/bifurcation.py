@@ -110,7 +110,7 @@ from environments.base import (
     derive_seed,
     register_family,
 )
-from stages.schema import GroundTruthCredit
+from stages.schema import GroundTruthCredit, TabularMDP
 from stages.config_fields import param
 
 LETTERS = "ABCDEF"
@@ -364,6 +364,7 @@ class BifurcationEnv(Environment):
         values: list[float] = []
         qs: list[float] = []
         advs: list[float] = []
+        states: list[int] = []
         on = True
         ended = False
         for t, a in enumerate(actions):
@@ -374,6 +375,7 @@ class BifurcationEnv(Environment):
                 )
             if a is not None:
                 a = parse_action(a, self.num_actions)
+            states.append(int(on))
             v, q = V[t][int(on)], Q[t][int(on)][a]
             values.append(float(v))
             qs.append(float(q))
@@ -385,7 +387,48 @@ class BifurcationEnv(Environment):
             advantage=advs,
             decisive=list(self.decisive[: len(actions)]),
             reference_policy=str(self.cfg.reference_policy),
+            mdp=self.tabular_mdp(states),
         )
+
+    def tabular_mdp(self, states: list[int]) -> TabularMDP:
+        """This instance's MDP in the family-independent form of :class:`TabularMDP` (states
+        0 = off track, 1 = on track, 2 = ended by ``terminate_on_error``; actions the valid
+        letters, then None = invalid), the same dynamics as :func:`_exact_tables`; ``states`` are
+        the realized states of the played turns."""
+        spec = self.instance.spec
+        H, letters = int(spec["horizon"]), list(LETTERS[: int(spec["num_actions"])])
+        decisive, answers = set(spec["decisive"]), spec["answers"]
+        slip, r_dec, terminate = float(self.cfg.slip_prob), float(self.cfg.decisive_reward), bool(self.cfg.terminate_on_error)
+        OFF, ON, END = 0, 1, 2
+        reward: list[list[list[float]]] = []
+        trans: list[list[list[list[float]]]] = []
+        for t in range(H):
+            r_t, p_t = [], []
+            for s in (OFF, ON, END):
+                r_s, p_s = [], []
+                for a in letters + [None]:
+                    nxt = [0.0, 0.0, 0.0]
+                    if s == END:
+                        r_s.append(0.0)
+                        nxt[END] = 1.0
+                        p_s.append(nxt)
+                        continue
+                    correct = t in decisive and a is not None and a == answers[t]
+                    error = a is None or (t in decisive and not correct)
+                    r_s.append(r_dec if correct else 0.0)
+                    if error:
+                        nxt[END if terminate else OFF] = 1.0
+                    elif correct and s == ON:
+                        nxt[ON], nxt[OFF] = 1.0 - slip, slip
+                    else:
+                        nxt[s] = 1.0
+                    p_s.append(nxt)
+                r_t.append(r_s)
+                p_t.append(p_s)
+            reward.append(r_t)
+            trans.append(p_t)
+        return TabularMDP(reward=reward, transition=trans, terminal_value=[0.0, 1.0, 0.0], states=list(states),
+                          actions=[*letters, None], action_texts=[format_action(a) for a in letters])
 
     def snapshot(self) -> dict[str, Any]:
         return {
@@ -544,6 +587,8 @@ class BifurcationFamily(TaskFamily):
     name = "bifurcation"
     Config = BifurcationConfig
     needs_sandbox = False
+
+    exact_mdp = True  # every ground truth carries the instance's TabularMDP (oracle credit)
 
     def __init__(self, cfg: Optional[Any] = None):
         super().__init__(cfg)

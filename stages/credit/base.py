@@ -130,6 +130,9 @@ class CreditMethod(abc.ABC):
     #: True when the method's baseline is the group of rollouts of the same task (group-normalised:
     #: GRPO, RLOO, ...): with ``rollout.group_size=1`` every advantage is 0, so the loader refuses it
     needs_group: ClassVar[bool] = False
+    #: True when the method reads the task's exact MDP (``Trajectory.ground_truth.mdp``; the
+    #: oracle): the loader refuses it on a family that does not export one (``TaskFamily.exact_mdp``)
+    needs_exact_mdp: ClassVar[bool] = False
     #: what the method needs the stages to provide: a subset of :data:`NEEDS`
     needs: ClassVar[frozenset[str]] = frozenset()
     #: short citation of the paper / survey section the method implements

@@ -181,6 +181,20 @@ def render_table(rows: Iterable[InventoryRow]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def render_extras(extras: Iterable[dict[str, Any]]) -> str:
+    """The registry methods that are not reviewed papers (baselines, the oracle), one line each
+    with their status (``implemented (simplified: <what>)`` where they carry a note)."""
+    extras = list(extras)
+    if not extras:
+        return ""
+    w = max(len(e["registry_name"]) for e in extras)
+    lines = ["Registry methods beyond the inventory (baselines and benchmark instruments):"]
+    for e in extras:
+        status = f"implemented (simplified: {e['simplified']})" if e.get("simplified") else "implemented"
+        lines.append(f"  {e['registry_name'].ljust(w)}  {e['method']} — {status}")
+    return "\n".join(lines) + "\n"
+
+
 def check_against_registry(
     rows: Iterable[InventoryRow],
     registry_names: Iterable[str],
