@@ -19,7 +19,7 @@ Tools (one per turn; the policy's action is one line ending with ``"\\n"``)
   unit tests) the same files live in the environment's memory only.
 * ``answer <text>`` — ends the episode. Names are compared case-, space- and
   punctuation-insensitively (a leading "the" ignored); numbers exactly (the math family's
-  :func:`~environments.tasks.math.parse_answer`: ``1,200``, ``1200.``, ``x=1200`` all fine).
+  :func:`~environments.tasks.math_checker.parse_answer`: ``1,200``, ``1200.``, ``x=1200`` all fine).
 
 Anything else (unknown tool, empty line, garbage, invalid UTF-8 decoded to U+FFFD) gets the
 observation ``"error: unknown tool ..."`` and uses up the turn (``StepResult.action`` None).
@@ -69,7 +69,7 @@ from environments.base import (
     register_family,
     require_spec,
 )
-from environments.tasks.math import ParseError, evaluate, format_number, parse_answer
+from environments.tasks.math_checker import ParseError, evaluate, format_number, parse_answer
 from stages.config_fields import param
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
