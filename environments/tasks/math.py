@@ -75,6 +75,7 @@ from environments.base import (
     StepResult,
     TaskFamily,
     TaskInstance,
+    as_action_text,
     derive_seed,
     register_family,
     require_spec,
@@ -144,11 +145,8 @@ class MathEnv(Environment):
         return f"{self.instance.task_id}{end}|t={self._t}|h={h.hexdigest()}"
 
     def step(self, action_text: str) -> StepResult:
-        if not self._started:
-            raise RuntimeError("call reset() before step()")
-        if self._done:
-            raise RuntimeError(f"episode of {self.instance.task_id} is over; call reset()")
-        text = action_text if isinstance(action_text, str) else ""
+        self.check_can_step()
+        text = as_action_text(action_text)
         line = text.split("\n", 1)[0]
         t = self._t
         info: dict[str, Any] = {"turn": t}

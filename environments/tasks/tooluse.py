@@ -64,6 +64,7 @@ from environments.base import (
     StepResult,
     TaskFamily,
     TaskInstance,
+    as_action_text,
     derive_seed,
     hash_split,
     register_family,
@@ -290,12 +291,6 @@ def check_answer(text: str, gold: str, numeric: bool) -> bool:
     return bool(body) and _norm_name(body.rstrip(".")) == _norm_name(gold)
 
 
-def _as_text(action_text: Any) -> str:
-    if isinstance(action_text, bytes):
-        return action_text.decode("utf-8", "replace")
-    return action_text if isinstance(action_text, str) else ""
-
-
 # ----------------------------------------------------------------------------- environment
 
 
@@ -382,11 +377,8 @@ class ToolUseEnv(Environment):
     # -- step ----------------------------------------------------------------------------------
 
     def step(self, action_text: str) -> StepResult:
-        if not self._started:
-            raise RuntimeError("call reset() before step()")
-        if self._done:
-            raise RuntimeError(f"episode of {self.instance.task_id} is over; call reset()")
-        text = _as_text(action_text)
+        self.check_can_step()
+        text = as_action_text(action_text)
         line = text.split("\n", 1)[0].strip()
         prefix = "" if text.endswith("\n") else "\n"
         tool, _, arg = line.partition(" ")
