@@ -47,6 +47,14 @@ def require_spec(instance: "TaskInstance", keys: tuple[str, ...], family: str) -
             raise ValueError(f"instance {instance.task_id}: spec lacks {k!r} (not a {family} instance?)")
 
 
+def as_action_text(action_text: Any) -> str:
+    """The policy's decoded action as ``str``: bytes are decoded as UTF-8 (invalid bytes become
+    U+FFFD), anything else that is not text (None, numbers) is the empty action ``""``."""
+    if isinstance(action_text, bytes):
+        return action_text.decode("utf-8", "replace")
+    return action_text if isinstance(action_text, str) else ""
+
+
 @dataclass
 class EnvConfig:
     """Base of every task family's config; ``name`` selects the family."""
@@ -80,7 +88,22 @@ class StepResult:
 
 
 class Environment(abc.ABC):
-    """A live episode of one task instance."""
+    """A live episode of one task instance.
+
+    Environments keep two episode flags that :meth:`check_can_step` reads: ``_started`` (set by
+    ``reset``) and ``_done`` (set by the step that ends the episode)."""
+
+    _started: bool = False
+    _done: bool = False
+
+    def check_can_step(self) -> None:
+        """The guard at the start of every ``step``: ``RuntimeError`` before ``reset()`` and after
+        the episode ended."""
+        if not self._started:
+            raise RuntimeError("call reset() before step()")
+        if self._done:
+            task_id = getattr(getattr(self, "instance", None), "task_id", type(self).__name__)
+            raise RuntimeError(f"episode of {task_id} is over; call reset()")
 
     @abc.abstractmethod
     def reset(self) -> str:

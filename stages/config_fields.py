@@ -25,7 +25,8 @@ The help and the rule live in ``dataclasses.field(metadata=...)`` (cf. TRL's
   ``creditflow: config error: <key>=<value>: <rule>`` before a run id exists;
 * :func:`describe` — key, type, default, rule and help of every field (``creditflow config describe``).
 
-Rules are: ``choices`` (a tuple of allowed values), bounds ``ge``/``gt``/``le``/``lt``, ``finite``
+Rules are: ``choices`` (a tuple of allowed values, or a callable returning them when a registry
+derives them, e.g. ``update.loss`` from :func:`stages.update.loss_registry.loss_names`), bounds ``ge``/``gt``/``le``/``lt``, ``finite``
 (floats, on by default), ``subset_of`` (a comma-separated subset of given words, e.g. ``kinds``),
 ``multiple_of`` and ``check`` (a callable returning an error text or None, with ``rule`` its
 description). ``None`` satisfies every rule of an ``Optional`` field. Rules that need the outside
@@ -78,7 +79,9 @@ def _fmt(x: Any) -> str:
 class Rule:
     """The rule of one field (see the module docstring). ``describe()`` says it in words."""
 
-    choices: Optional[tuple] = None
+    #: allowed values: a tuple, or a zero-argument callable returning them (read at each use, so the
+    #: values a registry holds, test-registered entries included, are the allowed ones)
+    choices: Optional[tuple | Callable[[], Sequence]] = None
     ge: Optional[float] = None
     gt: Optional[float] = None
     le: Optional[float] = None
@@ -89,12 +92,19 @@ class Rule:
     check: Optional[Callable[[Any], Optional[str]]] = None
     text: Optional[str] = None  # description of ``check`` (or an override of the generated one)
 
+    def allowed(self) -> Optional[tuple]:
+        """The allowed values of ``choices`` now (a callable ``choices`` is called), or None."""
+        if self.choices is None:
+            return None
+        return tuple(self.choices()) if callable(self.choices) else self.choices
+
     def describe(self, type_name: str = "") -> str:
         if self.text and self.check is None:
             return self.text
         parts: list[str] = []
-        if self.choices is not None:
-            parts.append("one of " + ", ".join(_fmt(c) for c in self.choices))
+        allowed = self.allowed()
+        if allowed is not None:
+            parts.append("one of " + ", ".join(_fmt(c) for c in allowed))
         if self.subset_of is not None:
             parts.append("a comma-separated subset of " + ", ".join(self.subset_of))
         bounds = []
@@ -124,7 +134,8 @@ class Rule:
             return None
         if isinstance(value, float) and self.finite and not math.isfinite(value):
             return self.describe(type_name) or "must be a finite number"
-        if self.choices is not None and value not in self.choices:
+        allowed = self.allowed()
+        if allowed is not None and value not in allowed:
             return self.describe(type_name)
         if self.subset_of is not None:
             items = [s.strip() for s in str(value).split(",")]
@@ -143,13 +154,16 @@ class Rule:
         return None
 
 
-def param(default: Any = MISSING, *, help: str, choices: Optional[Sequence] = None, ge: Optional[float] = None,
-          gt: Optional[float] = None, le: Optional[float] = None, lt: Optional[float] = None, finite: bool = True,
+def param(default: Any = MISSING, *, help: str, choices: Optional[Sequence | Callable[[], Sequence]] = None,
+          ge: Optional[float] = None, gt: Optional[float] = None, le: Optional[float] = None,
+          lt: Optional[float] = None, finite: bool = True,
           subset_of: Optional[Sequence[str]] = None, multiple_of: Optional[int] = None,
           check: Optional[Callable[[Any], Optional[str]]] = None, rule: Optional[str] = None,
           default_factory: Any = MISSING) -> Any:
     """A dataclass field with its ``help`` and rule in ``metadata`` (see the module docstring)."""
-    r = Rule(choices=tuple(choices) if choices is not None else None, ge=ge, gt=gt, le=le, lt=lt, finite=finite,
+    if choices is not None and not callable(choices):
+        choices = tuple(choices)
+    r = Rule(choices=choices, ge=ge, gt=gt, le=le, lt=lt, finite=finite,
              subset_of=tuple(subset_of) if subset_of is not None else None, multiple_of=multiple_of,
              check=check, text=rule)
     meta = {HELP_KEY: help, RULE_KEY: r}

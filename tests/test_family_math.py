@@ -8,15 +8,9 @@ from fractions import Fraction
 import pytest
 
 from environments.base import get_family_class
-from environments.tasks.math import (
-    MathConfig,
-    MathFamily,
-    check_step,
-    evaluate,
-    format_number,
-    parse_answer,
-    problem_split,
-)
+from environments.tasks.math import MathConfig, MathFamily
+from environments.tasks.math_checker import check_step, evaluate, format_number, parse_answer
+from environments.tasks.math_problems import problem_split
 from stages.credit.decision_tree import TaskProfile
 
 

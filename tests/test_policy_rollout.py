@@ -109,7 +109,7 @@ class ScriptedEngine(RolloutEngine):
     def __init__(self, tokenizer, actions: list[str]):
         self.tokenizer, self.actions, self.turn, self.calls = tokenizer, actions, 0, []
 
-    def generate(self, requests, max_new_tokens, stop_token_ids, temperature=1.0, top_p=1.0):
+    def _generate(self, requests, max_new_tokens, stop_token_ids, temperature, top_p):
         self.calls.append(len(requests))
         ids = self.tokenizer.encode(self.actions[self.turn], add_special_tokens=False)[:max_new_tokens]
         self.turn += 1
@@ -285,6 +285,25 @@ def test_reproducibility(tiny):
     assert [o.token_ids for o in a] == [o.token_ids for o in b]
     assert [o.logprobs for o in a] == [o.logprobs for o in b]
     assert [o.token_ids for o in a] != [o.token_ids for o in c]
+
+
+@pytest.mark.parametrize("engine", ["hf", "scripted"])
+def test_generate_checks_its_arguments_for_every_engine(tiny, engine):
+    """The argument checks live in RolloutEngine.generate: an engine implements only _generate."""
+    model, tok = tiny
+    eng = HFEngine(model) if engine == "hf" else ScriptedEngine(tok, ["a\n"])
+    ok = [GenerationRequest([1, 2], 0)]
+    assert eng.generate([], 4, set()) == []
+    for kwargs, msg in [(dict(max_new_tokens=0), "max_new_tokens"), (dict(top_p=0.0), "top_p"),
+                        (dict(temperature=-1.0), "temperature")]:
+        args = dict(max_new_tokens=4, temperature=1.0, top_p=1.0) | kwargs
+        with pytest.raises(ValueError, match=msg):
+            eng.generate(ok, args["max_new_tokens"], set(), args["temperature"], args["top_p"])
+    with pytest.raises(ValueError, match="request 1 has an empty context"):
+        eng.generate(ok + [GenerationRequest([], 1)], 4, set())
+    if engine == "scripted":
+        assert eng.calls == []  # nothing reached the engine's own sampling
+    assert len(eng.generate(ok, 4, set())) == 1
 
 
 # --------------------------------------------------------------------------- agent loop

@@ -311,10 +311,7 @@ class BifurcationEnv(Environment):
         return a, on, reward, terminated
 
     def step(self, action_text: str) -> StepResult:
-        if not self._started:
-            raise RuntimeError("call reset() before step()")
-        if self._done:
-            raise RuntimeError(f"episode of {self.instance.task_id} is over; call reset()")
+        self.check_can_step()
         t = self._t
         a, on, reward, terminated = self._apply(t, action_text)
         self.actions.append(a)

@@ -56,6 +56,7 @@ from environments.base import (
     StepResult,
     TaskFamily,
     TaskInstance,
+    as_action_text,
     derive_seed,
     hash_split,
     register_family,
@@ -185,12 +186,6 @@ def feedback_line(summary: dict[str, Any], max_chars: int) -> str:
     return text if len(text) <= max_chars else text[: max(max_chars - 3, 0)] + "..."
 
 
-def _as_text(action_text: Any) -> str:
-    if isinstance(action_text, bytes):
-        return action_text.decode("utf-8", "replace")
-    return action_text if isinstance(action_text, str) else ""
-
-
 # ----------------------------------------------------------------------------- environment
 
 
@@ -266,11 +261,8 @@ class CodeEnv(Environment):
         return {"passed": 0, "total": total, "failures": [], "error": "no test summary"}, ""
 
     def step(self, action_text: str) -> StepResult:
-        if not self._started:
-            raise RuntimeError("call reset() before step()")
-        if self._done:
-            raise RuntimeError(f"episode of {self.instance.task_id} is over; call reset()")
-        text = _as_text(action_text)
+        self.check_can_step()
+        text = as_action_text(action_text)
         body = text.split("\n", 1)[0][:MAX_BODY_CHARS]
         prefix = "" if text.endswith("\n") else "\n"
         self._ensure_files()

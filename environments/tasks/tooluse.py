@@ -19,7 +19,7 @@ Tools (one per turn; the policy's action is one line ending with ``"\\n"``)
   unit tests) the same files live in the environment's memory only.
 * ``answer <text>`` — ends the episode. Names are compared case-, space- and
   punctuation-insensitively (a leading "the" ignored); numbers exactly (the math family's
-  :func:`~environments.tasks.math.parse_answer`: ``1,200``, ``1200.``, ``x=1200`` all fine).
+  :func:`~environments.tasks.math_checker.parse_answer`: ``1,200``, ``1200.``, ``x=1200`` all fine).
 
 Anything else (unknown tool, empty line, garbage, invalid UTF-8 decoded to U+FFFD) gets the
 observation ``"error: unknown tool ..."`` and uses up the turn (``StepResult.action`` None).
@@ -64,12 +64,13 @@ from environments.base import (
     StepResult,
     TaskFamily,
     TaskInstance,
+    as_action_text,
     derive_seed,
     hash_split,
     register_family,
     require_spec,
 )
-from environments.tasks.math import ParseError, evaluate, format_number, parse_answer
+from environments.tasks.math_checker import ParseError, evaluate, format_number, parse_answer
 from stages.config_fields import param
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
@@ -290,12 +291,6 @@ def check_answer(text: str, gold: str, numeric: bool) -> bool:
     return bool(body) and _norm_name(body.rstrip(".")) == _norm_name(gold)
 
 
-def _as_text(action_text: Any) -> str:
-    if isinstance(action_text, bytes):
-        return action_text.decode("utf-8", "replace")
-    return action_text if isinstance(action_text, str) else ""
-
-
 # ----------------------------------------------------------------------------- environment
 
 
@@ -382,11 +377,8 @@ class ToolUseEnv(Environment):
     # -- step ----------------------------------------------------------------------------------
 
     def step(self, action_text: str) -> StepResult:
-        if not self._started:
-            raise RuntimeError("call reset() before step()")
-        if self._done:
-            raise RuntimeError(f"episode of {self.instance.task_id} is over; call reset()")
-        text = _as_text(action_text)
+        self.check_can_step()
+        text = as_action_text(action_text)
         line = text.split("\n", 1)[0].strip()
         prefix = "" if text.endswith("\n") else "\n"
         tool, _, arg = line.partition(" ")

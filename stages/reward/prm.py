@@ -153,34 +153,12 @@ class ProcessRewardModel(nn.Module):
 def build_prm(cfg: PRMConfig, tokenizer: Any = None, corpus_texts: Optional[list[str]] = None) -> ProcessRewardModel:
     """A fresh PRM (weights seeded by ``cfg.seed``). Without ``tokenizer`` a byte-level BPE
     tokenizer is trained on ``corpus_texts`` (the policy's recipe, :func:`stages.rollout.policy.build_tokenizer`)."""
-    from transformers import Qwen2Config
+    from stages.rollout.policy import build_tiny_qwen2, build_tokenizer
 
     if tokenizer is None:
-        from stages.rollout.policy import build_tokenizer
-
         tokenizer = build_tokenizer(cfg.vocab_size, list(corpus_texts or []))
-    if cfg.hidden_size % cfg.num_heads or cfg.num_heads % cfg.num_kv_heads:
-        raise ValueError(
-            f"PRM hidden_size ({cfg.hidden_size}) must be divisible by num_heads ({cfg.num_heads}) and "
-            f"num_heads by num_kv_heads ({cfg.num_kv_heads})"
-        )
-    qcfg = Qwen2Config(
-        vocab_size=len(tokenizer),
-        hidden_size=cfg.hidden_size,
-        intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_layers,
-        num_attention_heads=cfg.num_heads,
-        num_key_value_heads=cfg.num_kv_heads,
-        max_position_embeddings=max(cfg.max_length, 16),
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=None,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)
-        model = ProcessRewardModel(qcfg, tokenizer, cfg)
-    model.eval()
-    return model
+    return build_tiny_qwen2(cfg, tokenizer, lambda qcfg: ProcessRewardModel(qcfg, tokenizer, cfg), seed=cfg.seed,
+                            max_position_embeddings=max(cfg.max_length, 16), key="prm")
 
 
 def _check_examples(examples: Iterable[Example]) -> list[Example]:

@@ -34,7 +34,6 @@ class GenerationOutput:
 class RolloutEngine(abc.ABC):
     name: str
 
-    @abc.abstractmethod
     def generate(
         self,
         requests: list[GenerationRequest],
@@ -43,7 +42,33 @@ class RolloutEngine(abc.ABC):
         temperature: float = 1.0,
         top_p: float = 1.0,
     ) -> list[GenerationOutput]:
-        """Sample one continuation per request, batched."""
+        """Sample one continuation per request, batched: ``[]`` for no requests; otherwise the
+        arguments are checked (:func:`check_generation_args`) and the engine's :meth:`_generate`
+        samples."""
+        if not requests:
+            return []
+        check_generation_args(requests, max_new_tokens, temperature, top_p)
+        return self._generate(requests, max_new_tokens, stop_token_ids, temperature, top_p)
+
+    @abc.abstractmethod
+    def _generate(self, requests: list[GenerationRequest], max_new_tokens: int, stop_token_ids: set[int],
+                  temperature: float, top_p: float) -> list[GenerationOutput]:
+        """The engine's sampling of a non-empty batch of checked requests (see :meth:`generate`)."""
+
+
+def check_generation_args(requests: list[GenerationRequest], max_new_tokens: int, temperature: float,
+                          top_p: float) -> None:
+    """``ValueError`` naming the bad argument of a :meth:`RolloutEngine.generate` call: at least one
+    new token, ``top_p`` in (0, 1], ``temperature >= 0`` (0 = greedy), no empty context."""
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    for i, r in enumerate(requests):
+        if not r.context_ids:
+            raise ValueError(f"request {i} has an empty context")
 
     def sync_weights(self, model: Optional[object] = None) -> float:
         """Make the engine sample from the latest policy weights; return seconds spent."""

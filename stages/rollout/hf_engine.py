@@ -134,25 +134,8 @@ class HFEngine(RolloutEngine):
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def generate(
-        self,
-        requests: list[GenerationRequest],
-        max_new_tokens: int,
-        stop_token_ids: set[int],
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-    ) -> list[GenerationOutput]:
-        if not requests:
-            return []
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        if not 0 < top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
-        for i, r in enumerate(requests):
-            if not r.context_ids:
-                raise ValueError(f"request {i} has an empty context")
+    def _generate(self, requests: list[GenerationRequest], max_new_tokens: int, stop_token_ids: set[int],
+                  temperature: float, top_p: float) -> list[GenerationOutput]:
         t0 = time.perf_counter()
         model = self.model
         was_training = model.training

@@ -27,7 +27,7 @@ import time
 import uuid
 import weakref
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -148,20 +148,22 @@ def build_tokenizer(vocab_size: int, corpus_texts: list[str]):
     return hf_tok
 
 
-def build_tiny_policy(cfg: ModelConfig, corpus_texts: list[str]):
-    """Build the tiny Qwen2-architecture policy and its locally trained tokenizer.
+def build_tiny_qwen2(cfg: Any, tokenizer: Any, build: Callable[[Any], torch.nn.Module], *, seed: int,
+                     max_position_embeddings: int, tie_word_embeddings: bool = False, key: str = "model"
+                     ) -> torch.nn.Module:
+    """A tiny Qwen2-architecture model built here (the policy; the PRM's trunk): ``build(config)``
+    on the ``Qwen2Config`` whose sizes are ``cfg``'s ``hidden_size``, ``intermediate_size``,
+    ``num_layers``, ``num_heads`` and ``num_kv_heads`` and whose vocabulary and special tokens are
+    the tokenizer's. The weights are drawn under ``torch.manual_seed(seed)`` without touching the
+    global RNG stream (``fork_rng``), so they are a deterministic function of the config; the
+    model is returned in eval mode. ``ValueError`` (naming ``key``'s fields) when the head counts
+    do not divide the width."""
+    from transformers import Qwen2Config
 
-    Returns ``(model, tokenizer)``; the model is float32 on CPU in eval mode, its weights a
-    deterministic function of ``cfg`` (seeded with ``cfg.init_seed``) and the tokenizer's
-    vocabulary size. Input and output embeddings are tied.
-    """
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    tokenizer = build_tokenizer(cfg.vocab_size, corpus_texts)
     if cfg.hidden_size % cfg.num_heads or cfg.num_heads % cfg.num_kv_heads:
         raise ValueError(
-            f"model.hidden_size ({cfg.hidden_size}) must be divisible by model.num_heads ({cfg.num_heads}) "
-            f"and num_heads by model.num_kv_heads ({cfg.num_kv_heads})"
+            f"{key}.hidden_size ({cfg.hidden_size}) must be divisible by {key}.num_heads ({cfg.num_heads}) "
+            f"and num_heads by {key}.num_kv_heads ({cfg.num_kv_heads})"
         )
     config = Qwen2Config(
         vocab_size=len(tokenizer),
@@ -170,16 +172,31 @@ def build_tiny_policy(cfg: ModelConfig, corpus_texts: list[str]):
         num_hidden_layers=cfg.num_layers,
         num_attention_heads=cfg.num_heads,
         num_key_value_heads=cfg.num_kv_heads,
-        max_position_embeddings=2048,
-        tie_word_embeddings=cfg.tie_embeddings,
+        max_position_embeddings=max_position_embeddings,
+        tie_word_embeddings=tie_word_embeddings,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=None,
     )
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.init_seed)
-        model = Qwen2ForCausalLM(config)
+        torch.manual_seed(seed)
+        model = build(config)
     model.eval()
+    return model
+
+
+def build_tiny_policy(cfg: ModelConfig, corpus_texts: list[str]):
+    """Build the tiny Qwen2-architecture policy and its locally trained tokenizer.
+
+    Returns ``(model, tokenizer)``; the model is float32 on CPU in eval mode, its weights a
+    deterministic function of ``cfg`` (seeded with ``cfg.init_seed``) and the tokenizer's
+    vocabulary size. Input and output embeddings are tied when ``cfg.tie_embeddings``.
+    """
+    from transformers import Qwen2ForCausalLM
+
+    tokenizer = build_tokenizer(cfg.vocab_size, corpus_texts)
+    model = build_tiny_qwen2(cfg, tokenizer, Qwen2ForCausalLM, seed=cfg.init_seed, max_position_embeddings=2048,
+                             tie_word_embeddings=cfg.tie_embeddings)
     return model, tokenizer
 
 

@@ -116,18 +116,6 @@ def vllm_available() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
 
-def _validate(requests: list[GenerationRequest], max_new_tokens: int, temperature: float, top_p: float) -> None:
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    for i, r in enumerate(requests):
-        if not r.context_ids:
-            raise ValueError(f"request {i} has an empty context")
-
-
 def entropy_from_logprobs(logprobs: list[float], vocab_size: int, exact: bool) -> float:
     """Entropy of a distribution from (some of) its log-probs.
 
@@ -356,17 +344,8 @@ class VLLMEngine(RolloutEngine):
         reason = "stop" if completion.finish_reason == "stop" else "length"
         return GenerationOutput(token_ids=toks, logprobs=lps, entropies=ents, finish_reason=reason)
 
-    def generate(
-        self,
-        requests: list[GenerationRequest],
-        max_new_tokens: int,
-        stop_token_ids: set[int],
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-    ) -> list[GenerationOutput]:
-        if not requests:
-            return []
-        _validate(requests, max_new_tokens, temperature, top_p)
+    def _generate(self, requests: list[GenerationRequest], max_new_tokens: int, stop_token_ids: set[int],
+                  temperature: float, top_p: float) -> list[GenerationOutput]:
         if self.auto_sync and self.is_stale():
             self.sync_weights()
             self.stats["auto_syncs"] += 1
@@ -513,11 +492,8 @@ class VLLMServerEngine(RolloutEngine):
         reason = "stop" if choice.get("finish_reason") == "stop" else "length"
         return GenerationOutput(token_ids=toks, logprobs=lps, entropies=ents, finish_reason=reason)
 
-    def generate(self, requests: list[GenerationRequest], max_new_tokens: int, stop_token_ids: set[int],
-                 temperature: float = 1.0, top_p: float = 1.0) -> list[GenerationOutput]:
-        if not requests:
-            return []
-        _validate(requests, max_new_tokens, temperature, top_p)
+    def _generate(self, requests: list[GenerationRequest], max_new_tokens: int, stop_token_ids: set[int],
+                  temperature: float, top_p: float) -> list[GenerationOutput]:
         t0 = time.perf_counter()
         stops = sorted(int(s) for s in stop_token_ids)
         with ThreadPoolExecutor(max_workers=min(self.max_concurrency, len(requests))) as pool:

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from stages.config_fields import param
+from stages.update.loss_registry import loss_names
 
 
 @dataclass
 class UpdateConfig:
     """Keys allowed under ``update.``."""
 
-    loss: str = param("grpo", help="grpo (per-sequence token mean, Shao et al. 2024) | ppo (token mean, Schulman et al. 2017)", choices=("grpo", "ppo"))
+    loss: str = param("grpo", help="policy loss (registry name, stages/update/loss_registry.py): grpo = clipped "
+                      "surrogate, per-sequence token mean (Shao et al. 2024); ppo = token mean (Schulman et al. 2017)",
+                      choices=loss_names)
     lr: float = param(1e-3, help="AdamW learning rate of the policy", gt=0)
     weight_decay: float = param(0.0, help="AdamW weight decay", ge=0)
     epochs: int = param(2, help="passes over the batch per iteration", ge=1)

@@ -3,9 +3,11 @@
 :class:`PolicyTrainer` consumes only per-token advantages (and returns, for methods with a
 critic), so every credit method composes with every loss:
 
-* ``update.loss=ppo``: PPO-clip, token-mean aggregation (Schulman et al. 2017).
-* ``update.loss=grpo``: the same clipped surrogate with per-sequence token-mean aggregation
-  (Shao et al. 2024).
+* ``update.loss`` names a loss of :mod:`stages.update.loss_registry` (built in: ``ppo``, PPO-clip
+  with token-mean aggregation, Schulman et al. 2017; ``grpo``, the same clipped surrogate with
+  per-sequence token-mean aggregation, Shao et al. 2024). The trainer looks it up by name and
+  provides what it declares in ``needs``; the entropy bonus and the KL penalty are aggregated
+  the way the loss declares (``aggregation``).
 * optional k3 KL to a frozen reference policy (``update.kl_coef > 0``), entropy bonus,
   value loss for the critic, AdamW, gradient clipping, shuffled mini-batches.
 * NaN/inf guard: a mini-batch whose loss or gradient norm is not finite is skipped (no
@@ -25,9 +27,8 @@ from stages.rollout.policy import sequence_logprobs
 from stages.schema import BatchTensors, CreditResult
 from stages.update.config import UpdateConfig
 from stages.update.critic import ValueModel
-from stages.update.losses import aggregate, clipped_policy_loss, kl_k3, value_loss
-
-AGGREGATION = {"ppo": "token-mean", "grpo": "seq-mean-token-mean"}
+from stages.update.loss_registry import get_loss
+from stages.update.losses import aggregate, kl_k3, value_loss
 
 
 class PolicyTrainer:
@@ -42,9 +43,10 @@ class PolicyTrainer:
         self.policy = policy
         self.cfg = cfg
         self.temperature = temperature
+        self.loss = get_loss(cfg.loss)
         self.optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.reference: Optional[torch.nn.Module] = None
-        if cfg.kl_coef > 0:
+        if cfg.kl_coef > 0 or "ref_logprobs" in self.loss.needs:
             self.reference = reference if reference is not None else copy.deepcopy(policy)
             self.reference.eval().requires_grad_(False)
         self.critic: Optional[ValueModel] = ValueModel(policy) if needs_critic else None
@@ -94,7 +96,6 @@ class PolicyTrainer:
     def update(self, tensors: BatchTensors, credit: CreditResult, seed: int) -> dict[str, float]:
         """One stage-5 update on a batch; returns statistics (means over mini-batches)."""
         cfg = self.cfg
-        agg = AGGREGATION[cfg.loss]
         if self.critic is not None and credit.returns is None:
             raise ValueError("the critic needs value targets but the credit method returned no returns")
         gen = torch.Generator().manual_seed(seed)
@@ -112,7 +113,7 @@ class PolicyTrainer:
                 mb = self._rows(tensors, credit, rows)
                 if not bool(mb["mask"].any()):
                     continue
-                stats, reason = self._step(mb, agg)
+                stats, reason = self._step(mb)
                 n_mb += 1
                 if reason:
                     skipped[reason] += 1
@@ -126,23 +127,27 @@ class PolicyTrainer:
             out[f"skipped.{reason}"] = float(count)
         return out
 
-    def _step(self, mb: dict[str, Any], agg: str) -> tuple[dict[str, float], str]:
+    def _step(self, mb: dict[str, Any]) -> tuple[dict[str, float], str]:
         cfg = self.cfg
         mask = mb["mask"]
+        agg = self.loss.aggregation
         logprobs, entropy = sequence_logprobs(
             self.policy, mb["input_ids"], mb["attention_mask"], mb["position_ids"],
             mb["input_ids"].shape[1] - mask.shape[1], temperature=self.temperature,
         )
-        pg_loss, stats = clipped_policy_loss(logprobs, mb["old_logprobs"], mb["advantages"], mask, cfg.clip_ratio, agg)
-        ent = aggregate(entropy, mask, agg)
-        loss = pg_loss - cfg.entropy_coef * ent
-        stats.update({"pg_loss": float(pg_loss.detach()), "entropy": float(ent.detach())})
+        ref_lp = None
         if self.reference is not None:
             with torch.no_grad():
                 ref_lp, _ = sequence_logprobs(
                     self.reference, mb["input_ids"], mb["attention_mask"], mb["position_ids"],
                     mb["input_ids"].shape[1] - mask.shape[1], temperature=self.temperature,
                 )
+        provided = {"ref_logprobs": ref_lp} if ref_lp is not None else {}
+        pg_loss, stats = self.loss(logprobs, mb["old_logprobs"], mb["advantages"], mask, cfg, **provided)
+        ent = aggregate(entropy, mask, agg)
+        loss = pg_loss - cfg.entropy_coef * ent
+        stats.update({"pg_loss": float(pg_loss.detach()), "entropy": float(ent.detach())})
+        if cfg.kl_coef > 0:
             kl = aggregate(kl_k3(logprobs, ref_lp), mask, agg)
             loss = loss + cfg.kl_coef * kl
             stats["kl_ref"] = float(kl.detach())

@@ -1,0 +1,114 @@
+"""The policy-loss registry of stage 5 (survey §2.6, §8), after verl's ``register_policy_loss`` /
+``get_policy_loss_fn`` (``verl/trainer/ppo/core_algos.py``).
+
+A loss is a function registered with :func:`register_loss` under the name ``update.loss`` takes;
+the accepted ``update.loss`` values are :func:`loss_names` (the field's ``choices`` call it), and
+:class:`~stages.update.trainer.PolicyTrainer` looks the loss up by name and never branches on it.
+Every loss has one signature (:data:`PolicyLoss`)::
+
+    @register_loss("ppo", aggregation="token-mean", reference="Schulman et al. 2017, eq. 7")
+    def ppo_loss(logprobs, old_logprobs, advantages, mask, cfg):
+        ...
+        return loss, {"clip_fraction": ..., ...}
+
+* ``logprobs`` (B, R) log pi_theta of the response tokens (with grad), ``old_logprobs`` (B, R)
+  behaviour log-probs of the rollout, ``advantages`` (B, R) per-token advantages of the credit
+  stage, ``mask`` (B, R) float, 1 on policy tokens; ``cfg`` the :class:`UpdateConfig`;
+* returns the scalar loss to minimise and a dict of detached float statistics (logged as
+  ``update.<key>``).
+
+A loss *declares* what it needs beyond those (``needs``, a subset of :data:`LOSS_NEEDS`, like a
+credit method's ``needs``); the trainer provides each as a keyword argument of the same name,
+e.g. ``needs=("ref_logprobs",)`` (DPO-family losses) makes the trainer keep a frozen reference
+policy and call ``fn(..., cfg, ref_logprobs=...)``. ``aggregation`` (a mode of
+:func:`stages.update.losses.aggregate`) is how the trainer averages the entropy bonus and the KL
+penalty over tokens, so they are weighted like the loss itself.
+
+Adding a loss (DPO-family, turn-level IS / clip for the agentic catalogue): a function in
+:mod:`stages.update.losses` (or a module it imports) decorated with :func:`register_loss`, and a
+test of its defining property against a direct computation (``tests/test_loss_registry.py``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
+
+import torch
+
+if TYPE_CHECKING:  # pragma: no cover
+    from stages.update.config import UpdateConfig
+
+#: ``fn(logprobs, old_logprobs, advantages, mask, cfg, **needs) -> (loss, stats)``
+PolicyLoss = Callable[..., "tuple[torch.Tensor, dict[str, float]]"]
+
+#: every value a loss may put in ``needs``, and what the trainer then passes (keyword of that name)
+LOSS_NEEDS: dict[str, str] = {
+    "ref_logprobs": "(B, R) response log-probs under the frozen reference policy (no grad)",
+}
+
+#: aggregation modes of :func:`stages.update.losses.aggregate`
+AGGREGATIONS = ("token-mean", "seq-mean-token-mean")
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """One registered loss: the function and what it declares."""
+
+    name: str
+    fn: PolicyLoss
+    aggregation: str
+    needs: frozenset[str]
+    #: short citation of the paper / section the loss implements
+    reference: str
+
+    def __call__(self, logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+                 mask: torch.Tensor, cfg: "UpdateConfig", **provided: torch.Tensor
+                 ) -> tuple[torch.Tensor, dict[str, float]]:
+        missing = sorted(self.needs - set(provided))
+        if missing:
+            raise ValueError(f"loss {self.name!r} needs {missing} but the trainer did not provide it")
+        return self.fn(logprobs, old_logprobs, advantages, mask, cfg, **{k: provided[k] for k in self.needs})
+
+
+_LOSSES: dict[str, LossSpec] = {}
+
+
+def register_loss(name: str, *, aggregation: str, needs: tuple[str, ...] = (), reference: str = ""
+                  ) -> Callable[[PolicyLoss], PolicyLoss]:
+    """Decorator adding a :data:`PolicyLoss` to the registry under ``name`` (see the module docstring)."""
+    unknown = set(needs) - set(LOSS_NEEDS)
+    if unknown:
+        raise ValueError(f"loss {name!r} declares unknown needs {sorted(unknown)}; known: {sorted(LOSS_NEEDS)}")
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"loss {name!r}: aggregation must be one of {', '.join(AGGREGATIONS)}, got {aggregation!r}")
+
+    def add(fn: PolicyLoss) -> PolicyLoss:
+        if name in _LOSSES:
+            raise ValueError(f"loss {name!r} registered twice")
+        _LOSSES[name] = LossSpec(name, fn, aggregation, frozenset(needs), reference)
+        return fn
+
+    return add
+
+
+def unregister_loss(name: str) -> None:
+    """Remove ``name`` from the registry (for losses a test registers)."""
+    _LOSSES.pop(name, None)
+
+
+def _load_builtin() -> None:
+    import stages.update.losses  # noqa: F401  (registers the built-in losses)
+
+
+def loss_names() -> list[str]:
+    """The accepted ``update.loss`` values."""
+    _load_builtin()
+    return sorted(_LOSSES)
+
+
+def get_loss(name: str) -> LossSpec:
+    _load_builtin()
+    if name not in _LOSSES:
+        raise KeyError(f"unknown loss {name!r}; known losses: {', '.join(sorted(_LOSSES))}")
+    return _LOSSES[name]
