@@ -32,6 +32,7 @@ BAD = [
     (["env.horizon=0"], "env.horizon=0", ">= 1"),
     (["env.horizon=3", "env.num_decisive=5"], "env.num_decisive=5", "env.horizon"),
     (["credit=vineppo", "credit.k=0"], "credit.k=0", ">= 1"),
+    (["credit=vineppo", "credit.gamma=1.5"], "credit.gamma=1.5", "<= 1"),
     (["credit=int", "credit.candidates=all"], "credit.candidates=all", "one of"),
     (["credit=red", "credit.process_reward=step_check"], "credit.process_reward=step_check", "prefix"),
     (["env=math", "credit=oracle"], "credit.method=oracle", "exact MDP"),

@@ -229,6 +229,23 @@ def test_methods_command_shows_simplified_statuses(capsys):
     assert next(r for r in records if r["method"] == "InT")["simplified"].startswith("interventions are rolled out")
 
 
+def test_spo_scar_and_reinforce_pp_say_what_they_simplify(rows, capsys):
+    """Issue 13: SPO-tree's continuations are not trained on; SCAR's game is the policy's answer
+    likelihood over steps, not a reward model over spans; REINFORCE++'s KL is a loss term."""
+    from flows.cli import main
+
+    notes = {r.method: r.simplified for r in rows}
+    assert "not trained on" in notes["SPO"] and "answer step" in notes["SCAR"]
+    assert notes["VinePPO"] == "" and notes["TEMPO"] == ""  # faithful
+    assert main(["methods", "--setting", "R"]) in (0, None)
+    out = capsys.readouterr().out
+    for name in ("SPO", "SCAR"):
+        line = next(line for line in out.splitlines() if line.split()[1:2] == [name])
+        assert f"implemented (simplified: {notes[name]})" in line
+    extras = {e["registry_name"]: e for e in load_registry_extras()}
+    assert "update.kl_coef" in extras["reinforce_pp"]["simplified"]
+
+
 def test_registry_consistency():
     from stages.credit.base import method_names
 

@@ -46,8 +46,61 @@ def _check_red(client, run, m):
     assert m["overhead.credit.env_resets"] > 0 and m["overhead.credit.extra_tokens"] > 0  # the MC continuations
 
 
+ROWS = 4  # rollout.tasks_per_iteration x rollout.group_size of SMALL
+
+
+def _check_mc(m, k):
+    """MC methods (VinePPO, SPO): k continuations per estimation point, each a fresh environment;
+    MC values are mean returns (math rewards lie in [0, 1])."""
+    points = m["credit.method.mc_points"]
+    assert points >= ROWS and m["credit.method.mc_continuations"] == k * points
+    assert m["overhead.credit.env_resets"] == m["credit.method.mc_continuations"]
+    assert m["credit.method.units_per_trajectory"] * ROWS == pytest.approx(points)
+    assert 0.0 <= m["credit.method.value_mean"] <= 1.0
+    assert m["credit.method.unit_adv_abs_mean"] >= 0.0
+
+
+def _check_vineppo(client, run, m):
+    """VinePPO: one MC point per reasoning step, k=2 continuations each, no critic trained."""
+    _check_mc(m, k=2)
+    assert "update.value_loss" not in m and "update.critic_grad_norm" not in m
+
+
+def _check_spo(client, run, m):
+    """SPO (cut points, probability mask): only cut-point tokens carry credit, so at least the
+    non-cut share of the policy tokens has zero advantage."""
+    _check_mc(m, k=2)
+    cut = m["credit.method.cutpoint_fraction"]
+    assert 0.0 < cut <= 1.0
+    assert m["credit.zero_fraction"] >= 1.0 - cut - 1e-6
+
+
+def _check_tempo(client, run, m):
+    """TEMPO: one prefix tree per group, no extra compute (no forward pass, no generation)."""
+    assert m["credit.method.groups"] == ROWS // 2
+    assert m["credit.method.tree_nodes"] >= 2 * m["credit.method.groups"]  # a root and a leaf per group
+    assert 0.0 <= m["credit.method.branch_token_fraction"] <= 1.0 and m["credit.method.td_abs_mean"] >= 0.0
+    assert m["credit.method.branch_nodes"] <= m["credit.method.tree_nodes"]
+    for k in ("extra_forward_passes", "extra_tokens", "env_resets", "env_steps"):
+        assert f"overhead.credit.{k}" not in m  # zero counters are not logged
+
+
+def _check_scar(client, run, m):
+    """SCAR: every row with >= 2 steps is a Shapley game (exact here: n <= 8), scored by the
+    policy; the rows that fall back to GRPO are counted by reason."""
+    fb = {r: m[f"credit.method.fallback_{r}"] for r in ("single_step", "failed", "zero_sum")}
+    assert m["credit.method.fallback_rows"] == sum(fb.values()) <= ROWS
+    games = m["credit.method.exact_rows"] + m["credit.method.sampled_rows"]
+    assert games == ROWS - fb["single_step"]
+    assert m["credit.method.scorer_contexts"] >= 2 * games  # at least v(empty) and v(all) per game
+    if games:
+        assert m["overhead.credit.extra_forward_passes"] >= 1
+    assert m["credit.method.shaped_reward_abs_mean"] >= 0.0
+
+
 #: method-specific checks of the flow-level run beyond "finished with metrics"
-EXTRA = {"int": _check_int, "red": _check_red}
+EXTRA = {"int": _check_int, "red": _check_red,
+         "vineppo": _check_vineppo, "spo": _check_spo, "tempo": _check_tempo, "scar": _check_scar}
 
 REASONING = sorted(r.registry_name for r in load_inventory()
                    if r.status == "implemented" and r.number is not None and "R" in r.setting)

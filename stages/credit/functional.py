@@ -576,8 +576,8 @@ def remax(
     sum of ``token_level_rewards * response_mask``; ``advantages = returns - b * response_mask``
     with ``b = reward_baselines`` the reward of the greedy (argmax) response to the same prompt.
 
-    Functional only: it is not a registry method because the baseline needs an extra greedy
-    rollout per prompt, which the rollout stage does not produce.
+    The registry method ``remax`` (:mod:`stages.credit.methods.episode`) gets ``b`` from the
+    greedy rollouts the credit stage provides (``needs={"greedy_rollout"}``).
 
     Args:
         token_level_rewards: (bs, response_length)

@@ -288,7 +288,7 @@ def _mc_result(
 class VinePPOConfig(CreditConfig):
     method: str = param("vineppo", help="credit-assignment method (registry name; VinePPO, Kazemnejad et al. 2025)")
     k: int = param(9, help="MC continuations (\"vines\") per step boundary; VinePPO uses K=9 (Kazemnejad et al. 2025)", ge=1)
-    gamma: float = param(1.0, help="per-step discount of V(s_{t+1}); the MC returns are undiscounted, so only 1.0 (VinePPO's) is unbiased")
+    gamma: float = param(1.0, help="per-step discount of V(s_{t+1}); the MC returns are undiscounted, so only 1.0 (VinePPO's) is unbiased", ge=0, le=1)
 
 
 @register_method

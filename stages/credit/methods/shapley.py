@@ -33,8 +33,14 @@ the reasoning supports the answer it led to, and step ``k``'s Shapley value
   ``fallback_rows`` in all), so a run can see how often SCAR is GRPO.
 
 Native credit: the (B, K) Shapley values ``phi`` (nan for the answer step and absent steps).
-Overhead: the scorer's forward passes (one per coalition context; ``2^n`` per trajectory exact,
-at most ``num_permutations * (n + 1)`` sampled).
+Overhead: the scorer's forward passes as the scorer counts them (the policy scorer batches all
+contexts of a call); ``stats["scorer_contexts"]`` counts the coalition contexts scored (``2^n`` per
+trajectory exact, at most ``num_permutations * (n + 1)`` sampled).
+
+Departures from the paper (inventory ``simplified``): SCAR's game is a reward model scoring the
+response restricted to a coalition of tokens/spans (Owen values over a span hierarchy), its
+Shapley rewards are dense PPO rewards; here the players are steps, the game is the policy's own
+answer likelihood, and the shares feed a GRPO baseline.
 """
 
 from __future__ import annotations
