@@ -291,6 +291,11 @@ def check_learnable(cfg: DictConfig) -> Optional[ConfigError]:
             "rollout.group_size", cfg.rollout.group_size,
             f"must be >= 2 for credit.method={method.name}: its baseline is the group of rollouts of a task, so a "
             "group of one gives every advantage 0 and nothing is learned")
+    if "planning_pattern" in method.needs and not get_family_class(cfg.env.name).planning_pattern:
+        return problem_error(
+            "credit.method", method.name,
+            f"needs planning text and env.name={cfg.env.name} declares none (TaskFamily.planning_pattern): every "
+            "token would be execution and the method would be GRPO exactly; use credit.method=grpo")
     if "critic" in method.needs and not upd.value_coef > 0:
         return problem_error(
             "update.value_coef", upd.value_coef,
