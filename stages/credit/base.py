@@ -143,6 +143,12 @@ class CreditMethod(abc.ABC):
         self.cfg = cfg
         check_dataclass(cfg, "credit")  # the Config's field rules and config_rules() (stages/config_fields.py)
 
+    def task_weights(self, curriculum: dict[str, float], iteration: int, iterations: int) -> Optional[dict[str, float]]:
+        """Relative sampling weights (task_id -> weight > 0; absent ids weigh 1) of the train
+        instances for ``iteration`` of ``iterations``, from the ``CreditResult.curriculum`` scores
+        the credit stages of the earlier iterations recorded. ``None`` (the default): uniform."""
+        return None
+
     def checklist_note(self) -> str:
         """What the Appendix C checklist should say beyond the methodology (e.g. privileged
         information the method uses at training time); empty by default."""
