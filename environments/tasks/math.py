@@ -644,7 +644,7 @@ class MathEnv(Environment):
 #: an ``answer`` line is the final commitment, not planning. Prose lines (which the protocol admits
 #: as unverified steps, e.g. ``"first add the tens"`` from a larger policy) plan by the paper's
 #: natural-language strategic grams.
-PLANNING_PATTERN = grams_pattern(STRATEGIC_GRAMS) + r"|^(?!\s*(?i:answer)\b)\s*[^=\s][^=\n]*(?==)"
+PLANNING_PATTERN = r"^(?!\s*(?i:answer)\b)\s*[^=\s][^=\n]*(?==)|" + grams_pattern(STRATEGIC_GRAMS)
 
 
 @register_family
