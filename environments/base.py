@@ -154,6 +154,11 @@ class TaskFamily(abc.ABC):
     #: whether every episode's ground truth carries the task's exact MDP (``GroundTruthCredit.mdp``),
     #: so that credit under any policy is computable (the oracle-credit method)
     exact_mdp: ClassVar[bool] = False
+    #: planning text of the family's actions (HICRA's strategic grams, Wang et al. 2025c §3;
+    #: :mod:`environments.planning_text`): a regular expression whose matches in one step's action
+    #: text are planning tokens, the rest execution. ``None``: the family's text has no planning
+    #: (HICRA would be GRPO there, so the config loader refuses it)
+    planning_pattern: ClassVar[Optional[str]] = None
 
     def __init__(self, cfg: Optional[EnvConfig] = None):
         self.cfg = cfg if cfg is not None else self.Config()

@@ -88,8 +88,9 @@ def run_plain(overrides: Optional[list[str]] = None, home: Optional[Path] = None
     try:
         ck = call(train.prepare_stage, "prepare", -1).value["checkpoint"]
         before = call(train.eval_stage, "eval-before", -1, ck).value
+        res = None
         for it in range(state.obj.iterations):
-            res = train.run_iteration(call, it, ck)
+            res = train.run_iteration(call, it, ck, res)
             ck = res["update"].value["checkpoint"]
             if on_iteration is not None:
                 on_iteration(it, res["reward"], res["credit"], res["update"])

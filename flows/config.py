@@ -296,6 +296,11 @@ def check_learnable(cfg: DictConfig) -> Optional[ConfigError]:
             "credit.method", method.name,
             f"needs a task whose exact MDP is known (a family with exact_mdp, e.g. env=bifurcation); "
             f"env={cfg.env.name} has none, so there is no exact advantage to assign")
+    if "planning_pattern" in method.needs and not get_family_class(cfg.env.name).planning_pattern:
+        return problem_error(
+            "credit.method", method.name,
+            f"needs planning text and env.name={cfg.env.name} declares none (TaskFamily.planning_pattern): every "
+            "token would be execution and the method would be GRPO exactly; use credit.method=grpo")
     if "critic" in method.needs and not upd.value_coef > 0:
         return problem_error(
             "update.value_coef", upd.value_coef,

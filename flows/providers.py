@@ -27,6 +27,7 @@ Providers:
 * ``process_rewards`` / ``judge`` — built from the method's own config fields by
   :func:`stages.reward.process.make_process_rewards` and :func:`stages.reward.judge.make_judge`.
 * ``tokenizer`` — the policy's tokenizer.
+* ``planning_pattern`` — the task family's declared planning text (``TaskFamily.planning_pattern``; HICRA).
 """
 
 from __future__ import annotations
@@ -371,6 +372,8 @@ def build_context(state: Any, envb: EnvBatch, batch: Batch, iteration: int, chec
         ctx.greedy_rollout = greedy_rollout_provider(state, envb, iteration)
     if "tokenizer" in needs:
         ctx.tokenizer = state.tokenizer
+    if "planning_pattern" in needs:
+        ctx.planning_pattern = state.family.planning_pattern or ""
     if "ref_logprobs" in needs:
         ctx.ref_logprobs = reference_logprobs(state, batch, pad)
         overhead.extra_forward_passes += 1

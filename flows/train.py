@@ -136,14 +136,31 @@ def prepare_stage(state: RunState, iteration: int) -> StageResult:
 
 
 @_stage("env")
-def env_stage(state: RunState, iteration: int) -> StageResult:
-    """Stage 1: environment construction (task instances x group size, episode seeds)."""
+def env_stage(state: RunState, iteration: int, curriculum: Optional[dict[str, float]] = None) -> StageResult:
+    """Stage 1: environment construction (task instances x group size, episode seeds), sampled by
+    the credit method's schedule over ``curriculum`` (the scores the credit stages of the earlier
+    iterations recorded, read from their persisted results: :func:`next_curriculum`)."""
     cfg = state.obj
+    curriculum = dict(curriculum or {})
     pool = getattr(cfg.env, "train_size", cfg.rollout.tasks_per_iteration)
+    weights = state.method.task_weights(curriculum, iteration, cfg.iterations)
     envb = build_env_batch(state.family, cfg.rollout.tasks_per_iteration, cfg.rollout.group_size, pool,
-                           iteration, cfg.seed, split="train")
-    return StageResult(value=envb, stats={"episodes": len(envb.slots), "groups": envb.num_groups},
-                       overhead=envb.overhead)
+                           iteration, cfg.seed, split="train", weights=weights)
+    envb.curriculum = curriculum
+    stats = {"episodes": len(envb.slots), "groups": envb.num_groups}
+    if weights is not None:
+        stats.update(curriculum_tasks=float(len(curriculum)),
+                     curriculum_weight_max=max(weights.values(), default=1.0),
+                     curriculum_weight_min=min(weights.values(), default=1.0))
+    return StageResult(value=envb, stats=stats, overhead=envb.overhead)
+
+
+def next_curriculum(prev: Optional[dict[str, StageResult]]) -> dict[str, float]:
+    """The curriculum iteration k+1 samples by: iteration k's (persisted) environment batch's
+    curriculum updated with the scores its credit stage recorded (``CreditResult.curriculum``)."""
+    if prev is None:
+        return {}
+    return {**getattr(prev["env"].value, "curriculum", {}), **getattr(prev["credit"].value, "curriculum", {})}
 
 
 def _run_episodes(state: RunState, envb: EnvBatch, seed: int, temperature: float) -> tuple[Batch, Overhead, int]:
@@ -193,11 +210,13 @@ def reward_stage(state: RunState, iteration: int, batch: Batch) -> StageResult:
     return StageResult(value=batch, stats=stats, overhead=overhead)
 
 
-def run_iteration(run: Callable[..., StageResult], it: int, checkpoint: str) -> dict[str, StageResult]:
+def run_iteration(run: Callable[..., StageResult], it: int, checkpoint: str,
+                  prev: Optional[dict[str, StageResult]] = None) -> dict[str, StageResult]:
     """One iteration of the five stages of survey §8, each through ``run(task, key, iteration, *args)``:
     the flow's runner goes through Prefect (persisted, cache-keyed), :func:`flows.api.run_plain`'s
-    calls the stage bodies directly. The single place that says which stage feeds which."""
-    env = run(env_stage, f"it{it}-env", it)
+    calls the stage bodies directly. The single place that says which stage feeds which; ``prev``
+    is the previous iteration's results (its curriculum feeds this iteration's env stage)."""
+    env = run(env_stage, f"it{it}-env", it, next_curriculum(prev))
     rollout = run(rollout_stage, f"it{it}-rollout", it, env.value, checkpoint)
     reward = run(reward_stage, f"it{it}-reward", it, rollout.value)
     credit = run(credit_stage, f"it{it}-credit", it, reward.value, checkpoint, env.value)
@@ -403,18 +422,20 @@ def _iterate(state: RunState, say: Progress, run: Callable, tracker: Tracker) ->
         return result
 
     prev: Optional[tuple[StageResult, StageResult, str]] = None  # last iteration's reward, credit, input checkpoint
+    last: Optional[dict[str, StageResult]] = None  # last iteration's results (its curriculum)
     for it in range(cfg.iterations):
         say(f"  [iter {it + 1}/{cfg.iterations}]", end="")
 
         try:
-            results = run_iteration(staged, it, checkpoint)
+            results = run_iteration(staged, it, checkpoint, last)
         except CheckpointError as exc:
             if exc.path is None or Path(exc.path) != Path(checkpoint):
                 raise
             checkpoint = _rebuild_checkpoint(state, run, tracker, it, checkpoint, prev, exc)
             say(f"  [iter {it + 1}/{cfg.iterations}]", end="")
-            results = run_iteration(staged, it, checkpoint)
+            results = run_iteration(staged, it, checkpoint, last)
         prev = (results["reward"], results["credit"], checkpoint)
+        last = results
         rew, cred, upd = results["reward"], results["credit"], results["update"]
         checkpoint = upd.value["checkpoint"]
         say(f" | success {rew.stats['success_rate']:.2f} loss {upd.stats.get('loss', float('nan')):.4f}")
@@ -558,6 +579,8 @@ def _iteration_metrics(results: dict[str, StageResult]) -> dict[str, float]:
             if k != "wall_seconds" and v:
                 m[f"overhead.{stage}.{k}"] = float(v)
     m["overhead.credit.wall_seconds"] = results["credit"].overhead.wall_seconds
+    for k, v in results["env"].stats.items():
+        m[f"env.{k}"] = v
     for k, v in results["rollout"].stats.items():
         m[f"rollout.{k}"] = v
     for k, v in results["reward"].stats.items():

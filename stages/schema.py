@@ -330,6 +330,10 @@ class CreditResult:
     #: JSON-serialisable per-method records (e.g. InT's interventions: prompt, proposal, outcomes),
     #: logged by the flow as the MLflow artifact ``credit/<key>/iter_<iteration>.json``
     records: dict[str, Any] = field(default_factory=dict)
+    #: per task instance score (task_id -> float) that the method's sampling schedule reads
+    #: (:meth:`stages.credit.base.CreditMethod.task_weights`, e.g. ACPO's credit concentration); the
+    #: flow hands it, with the earlier iterations' scores, to the next iteration's environment stage
+    curriculum: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.granularity not in GRANULARITIES:

@@ -67,7 +67,8 @@ def test_not_a_model_directory(tmp_path):
         load_config([f"model.path={tmp_path}"])
 
 
-CLI_BAD = [["env.horizon=0"], ["update.lr=nan"], ["credit=grpo", "rollout.group_size=1"], ["credit=nosuch"]]
+CLI_BAD = [["env.horizon=0"], ["update.lr=nan"], ["credit=grpo", "rollout.group_size=1"], ["credit=nosuch"],
+           ["credit=hicra"]]  # bifurcation has no planning text: HICRA would be GRPO
 
 
 @pytest.mark.parametrize("overrides", CLI_BAD, ids=[" ".join(o) for o in CLI_BAD])

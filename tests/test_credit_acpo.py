@@ -142,7 +142,51 @@ def test_difficulty_weight_and_curriculum(tiny):
     d = torch.tensor([2.0] * 4 + [1 + 2 / 3] * 3)
     assert torch.allclose(ctx.extras["acpo"]["difficulty"], d)
     assert torch.allclose(res.advantages, res0.advantages * d[:, None], atol=1e-6)
-    cur = ctx.extras["acpo_curriculum"]
+    cur = res.curriculum  # persisted with the credit stage's result; the next env stage samples by it
     assert set(cur) == {"task0", "task1"} and all(0 <= v <= 1 for v in cur.values())
     conc = ctx.extras["acpo"]["concentration"]
     assert float(conc[3]) == 1.0 and torch.isnan(conc[4])  # one reasoning step: fully concentrated; none: undefined
+    # task0's value is the mean concentration of its four responses (task1: rows 5, 6; row 4 has none)
+    assert cur["task0"] == pytest.approx(float(conc[:4].mean()), abs=1e-6)
+    assert cur["task1"] == pytest.approx(float(conc[5:7].mean()), abs=1e-6)
+
+
+def test_curriculum_schedule_concentrated_first_then_uniform():
+    """Sampling weights exp(s (1-p) (c - mean c)): concentrated-credit problems preferred early,
+    the preference fades to uniform at the last iteration; s = 0 or no scores: uniform (None)."""
+    m = build_method(get_method_class("acpo").Config())
+    cur = {"sharp": 0.9, "mid": 0.5, "diffuse": 0.1}
+    w0 = m.task_weights(cur, 0, 5)
+    assert w0["sharp"] > w0["mid"] > w0["diffuse"]
+    assert w0["sharp"] == pytest.approx(math.exp(3.0 * 0.4)) and w0["diffuse"] == pytest.approx(math.exp(-3.0 * 0.4))
+    w2 = m.task_weights(cur, 2, 5)
+    assert 1 < w2["sharp"] < w0["sharp"] and w0["diffuse"] < w2["diffuse"] < 1  # the preference fades
+    assert all(v == pytest.approx(1.0) for v in m.task_weights(cur, 4, 5).values())  # last iteration: uniform
+    assert m.task_weights({}, 0, 5) is None
+    assert build_method(get_method_class("acpo").Config(curriculum_strength=0.0)).task_weights(cur, 0, 5) is None
+    with pytest.raises(ValueError, match="curriculum_strength"):
+        build_method(get_method_class("acpo").Config(curriculum_strength=-1.0))
+
+
+def test_env_batch_samples_by_the_weights():
+    """The environment stage's weighted draw: deterministic in (seed, iteration, weights), distinct
+    instances, and heavily weighted instances are drawn far more often than uniformly."""
+    from environments.base import get_family_class
+    from environments.construct import build_env_batch
+
+    fam = get_family_class("math")(get_family_class("math").Config(train_size=40))
+    pool = [i.task_id for i in fam.instances("train", 40, 0)]
+    heavy = {tid: 50.0 for tid in pool[:5]}
+    a = build_env_batch(fam, 5, 2, 40, 3, 0, weights=heavy)
+    b = build_env_batch(fam, 5, 2, 40, 3, 0, weights=heavy)
+    assert [s.instance.task_id for s in a.slots] == [s.instance.task_id for s in b.slots]
+    assert [s.episode_seed for s in a.slots] == [s.episode_seed for s in b.slots]
+    hits = uniform_hits = 0
+    for it in range(20):
+        ids = {s.instance.task_id for s in build_env_batch(fam, 5, 1, 40, it, 0, weights=heavy).slots}
+        assert len(ids) == 5
+        hits += len(ids & set(pool[:5]))
+        uniform_hits += len({s.instance.task_id for s in build_env_batch(fam, 5, 1, 40, it, 0).slots} & set(pool[:5]))
+    assert hits >= 60 and uniform_hits <= 30  # of 100 draws: ~4 heavy per batch weighted, ~0.6 uniformly
+    with pytest.raises(ValueError, match="weights"):
+        build_env_batch(fam, 5, 1, 40, 0, 0, weights={pool[0]: float("nan")})

@@ -206,3 +206,33 @@ def test_checklist_and_audit_cli(prefect_harness, home, capsys):
     table = capsys.readouterr().out
     assert "cf-test-baseline" in table and "cf-test-compared" in table and "items reported (of 14)" in table
     assert main(["checklist", "cf-nope"]) == 2
+
+
+def _persisted(state, key):
+    """The value of a stage result the flow persisted under the run's results directory."""
+    from prefect.results import ResultRecord
+
+    record = ResultRecord.deserialize((state.paths.results / f"{state.run_id}-{key}-{state.chash}").read_bytes())
+    return record.result.value
+
+
+def test_acpo_curriculum_samples_the_next_iteration_and_survives_resume(prefect_harness, home):
+    """ACPO's curriculum (credit concentration per task instance) goes from iteration 0's persisted
+    credit result to iteration 1's environment stage, which samples by it; a run that crashed in
+    that env stage and was resumed samples exactly what an uninterrupted run samples."""
+    overrides = SMALL + ["credit=acpo", "rollout.tasks_per_iteration=3", "rollout.group_size=2", "eval_episodes=2",
+                         "tracking.heatmap_every=0"]
+    straight = api.start_run(overrides, home=home, progress=False, run_id="cf-test-acpo-straight")
+    with pytest.raises(InjectedCrash):
+        api.start_run(overrides + ["debug.crash_at=1:env"], home=home, progress=False, run_id="cf-test-acpo-crash")
+    api.resume_run("cf-test-acpo-crash", home=home, progress=False)
+    a, b = RunState.open(straight["run_id"], home), RunState.open("cf-test-acpo-crash", home)
+    assert collections.Counter((e["iteration"], e["stage"]) for e in b.executions())[(0, "credit")] == 1
+    credit0, env1 = _persisted(a, "it0-credit"), _persisted(a, "it1-env")
+    assert credit0.curriculum and set(credit0.curriculum) <= {s.instance.task_id for s in _persisted(a, "it0-env").slots}
+    assert env1.curriculum == credit0.curriculum  # what iteration 1 sampled by
+    resumed = _persisted(b, "it1-env")
+    assert resumed.curriculum == env1.curriculum
+    assert [(s.instance.task_id, s.episode_seed) for s in resumed.slots] == [(s.instance.task_id, s.episode_seed) for s in env1.slots]
+    m = _client(home).client.get_run(straight["mlflow_run_id"]).data.metrics
+    assert m["env.curriculum_tasks"] == len(credit0.curriculum)

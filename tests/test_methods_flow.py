@@ -46,6 +46,13 @@ def _check_red(client, run, m):
     assert m["overhead.credit.env_resets"] > 0 and m["overhead.credit.extra_tokens"] > 0  # the MC continuations
 
 
+def _check_hicra(client, run, m):
+    """HICRA found planning tokens in real math rollouts with default settings (the family's
+    declared planning text: the left-hand sides of the step lines), so it is not GRPO."""
+    assert 0 < m["credit.method.planning_token_fraction"] < 1
+    assert m["credit.method.amplification_mass"] > 0 or m["credit.abs_mean"] == 0
+
+
 ROWS = 4  # rollout.tasks_per_iteration x rollout.group_size of SMALL
 
 
@@ -99,7 +106,7 @@ def _check_scar(client, run, m):
 
 
 #: method-specific checks of the flow-level run beyond "finished with metrics"
-EXTRA = {"int": _check_int, "red": _check_red,
+EXTRA = {"int": _check_int, "red": _check_red, "hicra": _check_hicra,
          "vineppo": _check_vineppo, "spo": _check_spo, "tempo": _check_tempo, "scar": _check_scar}
 
 REASONING = sorted(r.registry_name for r in load_inventory()

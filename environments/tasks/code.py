@@ -329,6 +329,9 @@ class CodeFamily(TaskFamily):
     name = "code"
     Config = CodeConfig
     needs_sandbox = True
+    #: no planning text (HICRA, Wang et al. 2025c §3): an action is one ``return`` line, a direct
+    #: formula application -- the paper's own example of execution -- with no prose to steer it
+    planning_pattern = None
 
     def __init__(self, cfg: Optional[Any] = None):
         super().__init__(cfg)

@@ -82,6 +82,7 @@ from environments.base import (
 )
 from environments.tasks.math_checker import check_step, format_number, is_answer_line, parse_answer
 from environments.tasks.math_problems import EVAL_SHARE, KINDS, generate_problem, step_line
+from environments.planning_text import STRATEGIC_GRAMS, grams_pattern
 from stages.schema import GroundTruthCredit
 from stages.config_fields import param
 
@@ -226,11 +227,22 @@ class MathEnv(Environment):
 # ----------------------------------------------------------------------------- family
 
 
+#: planning text of a math step (HICRA, Wang et al. 2025c §3): the step lines are one operation
+#: each, ``"12*7=84"``, so the paper's split of "what to do" (planning) from "carrying out the
+#: operation" (execution) falls inside the line: the left-hand side, which chooses the operands and
+#: the operator (the decomposition of the problem), plans; ``"=84"``, the computed result, executes;
+#: an ``answer`` line is the final commitment, not planning. Prose lines (which the protocol admits
+#: as unverified steps, e.g. ``"first add the tens"`` from a larger policy) plan by the paper's
+#: natural-language strategic grams.
+PLANNING_PATTERN = r"^(?!\s*(?i:answer)\b)\s*[^=\s][^=\n]*(?==)|" + grams_pattern(STRATEGIC_GRAMS)
+
+
 @register_family
 class MathFamily(TaskFamily):
     name = "math"
     Config = MathConfig
     needs_sandbox = False
+    planning_pattern = PLANNING_PATTERN
 
     def __init__(self, cfg: Optional[Any] = None):
         super().__init__(cfg)

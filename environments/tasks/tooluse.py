@@ -476,11 +476,20 @@ def load_world(path: str = "") -> dict[str, Any]:
     return json.loads(p.read_text())
 
 
+#: planning text of a tool call (HICRA, Wang et al. 2025c §3; the plan-execute hierarchy of
+#: agentic tasks, survey §5.4): ``search <query>`` chooses the next hop of the multi-hop question
+#: (which entity to look up) and ``write <path> <text>`` writes the plan or what was found into
+#: notes: they plan. ``calc`` (arithmetic on known numbers), ``read`` (fetching notes) and
+#: ``answer`` execute and commit.
+PLANNING_PATTERN = r"^\s*(?i:search|write)\b.*"
+
+
 @register_family
 class ToolUseFamily(TaskFamily):
     name = "tooluse"
     Config = ToolUseConfig
     needs_sandbox = True
+    planning_pattern = PLANNING_PATTERN
 
     def __init__(self, cfg: Optional[Any] = None):
         super().__init__(cfg)

@@ -95,7 +95,9 @@ NEEDS: dict[str, str] = {
     "scorer": "log-probs of given tokens after given contexts under the current policy (ctx.scorer)",
     "process_rewards": "per-step process rewards from the configured source (ctx.process_rewards)",
     "judge": "an LLM judge backed by a real model (ctx.judge)",
-    "tokenizer": "the policy's tokenizer (ctx.tokenizer), for methods that build prompts",
+    "tokenizer": "the policy's tokenizer (ctx.tokenizer), for methods that build prompts or decode tokens",
+    "planning_pattern": "the task family's planning-text regex (ctx.planning_pattern: TaskFamily.planning_pattern, "
+                        "\"\" when the family declares none; HICRA's strategic grams)",
 }
 
 
@@ -112,6 +114,8 @@ class CreditContext:
     process_rewards: Optional[ProcessRewards] = None
     judge: Optional[Judge] = None
     tokenizer: Any = None
+    #: regex of the family's planning text ("" = the family declares none); see environments.planning_text
+    planning_pattern: Optional[str] = None
     generator: Optional[torch.Generator] = None
     extras: dict[str, Any] = field(default_factory=dict)
 
@@ -141,6 +145,12 @@ class CreditMethod(abc.ABC):
     def __init__(self, cfg: CreditConfig):
         self.cfg = cfg
         check_dataclass(cfg, "credit")  # the Config's field rules and config_rules() (stages/config_fields.py)
+
+    def task_weights(self, curriculum: dict[str, float], iteration: int, iterations: int) -> Optional[dict[str, float]]:
+        """Relative sampling weights (task_id -> weight > 0; absent ids weigh 1) of the train
+        instances for ``iteration`` of ``iterations``, from the ``CreditResult.curriculum`` scores
+        the credit stages of the earlier iterations recorded. ``None`` (the default): uniform."""
+        return None
 
     def checklist_note(self) -> str:
         """What the Appendix C checklist should say beyond the methodology (e.g. privileged

@@ -31,12 +31,21 @@ one is the answer ``y`` (for the math family the line ``"answer 14"``):
    flips); the factors average to 1 over the reasoning steps, so the mean step advantage equals
    the episode advantage (the hierarchical decomposition is conservative). ``beta = 0`` and
    ``gamma = 0`` give GRPO exactly; uniform attribution gives GRPO too.
-4. **Curriculum signal**: the concentration ``1 - H(w)/log(n-1)`` of each response's shares
-   (1 = one decisive step, 0 = diffuse) averaged per task instance is recorded in
-   ``ctx.extras["acpo_curriculum"]`` (task_id -> concentration) and in ``stats``: the paper
-   prioritises concentrated-credit problems early. Reordering the task sampler by it is the rollout
-   stage's business and is not done here; the paper's entropy-regulation phase is not part of
-   credit assignment either.
+4. **Difficulty-aware curriculum** (the sampling schedule; survey §3.3.2: "problems where credit
+   is concentrated on a few steps are prioritized early in training, while problems with diffuse
+   credit are introduced later"): the concentration ``c = 1 - H(w)/log(n-1)`` of each response's
+   shares (1 = one decisive step, 0 = diffuse) averaged per task instance is the method's
+   ``CreditResult.curriculum`` (task_id -> c). The flow carries it, with the earlier iterations'
+   scores, to the next iteration's environment stage, which samples the train instances with
+   weights (:meth:`ACPO.task_weights`)
+
+       w_i = exp(s · (1 - p) · (c_i - c̄)),   p = iteration / (iterations - 1)
+
+   (``c̄`` the mean recorded concentration; an instance not yet seen has ``c_i = c̄``, weight 1;
+   ``s = curriculum_strength``): concentrated problems are preferred at the start, the preference
+   fades linearly and the last iteration samples uniformly, so diffuse problems come in later.
+   ``s = 0`` samples uniformly. The paper's entropy-regulation phase is not part of credit
+   assignment and is not implemented.
 """
 
 from __future__ import annotations
@@ -59,6 +68,7 @@ class ACPOConfig(CreditConfig):
     step_weight: float = param(0.5, help="beta in [0, 1]: how far step attribution reshapes the episode advantage (Yin et al. 2025)", ge=0, le=1)
     attribution_temperature: float = param(1.0, help="tau of the softmax turning information gains into step shares (Yin et al. 2025)", gt=0)
     difficulty_weight: float = param(0.0, help="gamma: difficulty-aware weight 1 + gamma*(1 - group success rate) (Yin et al. 2025 curriculum)", ge=0)
+    curriculum_strength: float = param(3.0, help="s: task sampling weight exp(s*(1-progress)*(concentration - mean)), concentrated-credit problems first (Yin et al. 2025 curriculum; survey 3.3.2); 0 = uniform", ge=0)
     norm_adv_by_std: bool = param(True, help="episode advantage divided by the group std (GRPO; false: Dr. GRPO)")
     epsilon: float = param(1e-6, help="added to the group std (GRPO, verl's epsilon)", ge=0)
 
@@ -212,12 +222,12 @@ class ACPO(CreditMethod):
         ctx.extras["acpo"] = {"gains": fac.gains, "shares": fac.shares, "step_rewards": fac.step_rewards,
                               "factors": fac.factors, "difficulty": d, "concentration": fac.concentration}
         conc_ok = ~torch.isnan(fac.concentration)
-        curriculum: dict[str, list[float]] = {}
+        per_task: dict[str, list[float]] = {}
         if batch is not None and len(batch.trajectories) == len(total):
             for t, c in zip(batch.trajectories, fac.concentration.tolist()):
                 if not math.isnan(c):
-                    curriculum.setdefault(t.task_id, []).append(c)
-        ctx.extras["acpo_curriculum"] = {k: sum(v) / len(v) for k, v in curriculum.items()}
+                    per_task.setdefault(t.task_id, []).append(c)
+        curriculum = {k: sum(v) / len(v) for k, v in per_task.items()}
         g_ok = ~torch.isnan(gains)
         stats = {
             "attributed_steps": float(g_ok.sum()),
@@ -228,4 +238,18 @@ class ACPO(CreditMethod):
         }
         overhead = judge_overhead(ctx.scorer, before)
         overhead.judge_calls = 0  # a scorer is forward passes of the policy, not judge queries
-        return CreditResult(advantages=adv, granularity="step", credit=credit, overhead=overhead, stats=stats)
+        return CreditResult(advantages=adv, granularity="step", credit=credit, overhead=overhead, stats=stats,
+                            curriculum=curriculum)
+
+    # ---------------------------------------------------------------- curriculum
+    def task_weights(self, curriculum: dict[str, float], iteration: int, iterations: int) -> dict[str, float] | None:
+        """Sampling weights ``exp(s (1 - p) (c_i - c̄))`` of the instances with a recorded
+        concentration (module docstring, step 4); None (uniform) without scores or with ``s = 0``."""
+        s = float(self.cfg.curriculum_strength)  # type: ignore[attr-defined]
+        if not curriculum or s == 0:
+            return None
+        ids = sorted(curriculum)
+        c = torch.tensor([float(curriculum[i]) for i in ids], dtype=torch.float64)
+        p = min(max(iteration / max(iterations - 1, 1), 0.0), 1.0)
+        w = torch.exp(s * (1 - p) * (c - c.mean()))
+        return dict(zip(ids, w.tolist()))
