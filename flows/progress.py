@@ -285,8 +285,9 @@ class LiveProgress(RunProgress):
             last = self.done[-1]
             text = Text(f"last: iteration {last.iteration + 1}  ", style="dim")
             text.append(f"success {last.success:.2f}  loss {last.loss:.4f}", style="bold")
-            text.append(f"   {last.stage_text()}")
             rows.append(text)
+            # (a row of its own: on a narrow terminal a wrapped panel row would leave its tail behind)
+            rows.append(Text(f"      {last.stage_text()}", no_wrap=True, overflow="ellipsis"))
         return Group(*rows)
 
 
