@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from flows.config import ConfigError, load_config, problem_error
+from flows.runlog import RunLog
 from flows.runtime import RunState, creditflow_home
 
 
@@ -24,25 +25,34 @@ def preflight(cfg: Any) -> None:
 
 
 def start_run(overrides: Optional[list[str]] = None, home: Optional[Path] = None, progress: bool = True,
-              run_id: Optional[str] = None) -> dict[str, Any]:
-    """Validate the config, create the run directory and drive the Prefect flow."""
+              run_id: Optional[str] = None, log: Optional[RunLog] = None) -> dict[str, Any]:
+    """Validate the config, create the run directory and drive the Prefect flow.
+
+    ``progress``: the console display (:mod:`flows.progress`); ``log``: a :class:`flows.runlog.RunLog`
+    that takes library logging and warnings off the console into ``<run dir>/creditflow.log`` from
+    the moment the run directory exists (the CLI passes one; the caller stops it)."""
     cfg = load_config(overrides)  # before Prefect is imported: a bad config fails fast and creates nothing
     preflight(cfg)
-    from flows import train
+    from flows import train  # (imports Prefect, which configures logging: the log file goes on after)
 
     state = RunState.create(cfg, home or creditflow_home(), run_id=run_id)
+    if log is not None:
+        log.start(state.paths.log)
     train._RUNS[state.run_id] = state
     return train.flow_for(state.obj)(state.run_id, str(state.home), progress)
 
 
 def resume_run(run_id: str, overrides: Optional[list[str]] = None, home: Optional[Path] = None,
-               progress: bool = True) -> dict[str, Any]:
-    """Continue a run from where it stopped; finished stages load from persisted results."""
+               progress: bool = True, log: Optional[RunLog] = None) -> dict[str, Any]:
+    """Continue a run from where it stopped; finished stages load from persisted results
+    (``progress``, ``log``: as for :func:`start_run`; the log file is appended to)."""
     from flows import train
 
     state = RunState.open(run_id, home or creditflow_home(), overrides)
     preflight(state.cfg)
     state.save_config()
+    if log is not None:
+        log.start(state.paths.log)
     train._RUNS[state.run_id] = state
     return train.flow_for(state.obj)(state.run_id, str(state.home), progress)
 

@@ -15,6 +15,8 @@
 
 Overrides: ``group=option`` (model, env, credit, update, experiment) or OmegaConf dotlist
 ``a.b=value``. Errors in the config are reported before any compute starts (exit code 2).
+``train`` / ``resume`` show a progress display (flows/progress.py) and write the libraries' logs,
+warnings and a crash's traceback to ``<run dir>/creditflow.log`` (flows/runlog.py), not the console.
 """
 
 from __future__ import annotations
@@ -26,13 +28,17 @@ import sys
 from typing import Optional
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+os.environ.setdefault("DO_NOT_TRACK", "1")  # Prefect's client telemetry (and its first-run notice on a terminal)
+# the embedded (ephemeral) Prefect server gets 20 s to start by default: too short on a loaded small machine
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+# Prefect logs at its default level (INFO): flow/task run lines reach its API (the UI shows them);
+# on the console they do not appear, a run's library logs go to its log file (flows/runlog.py)
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
 
 
-def _print_summary(out: dict) -> None:
+def _print_summary(out: dict, log_path: Optional[str] = None) -> None:
     print()
     print(f"run id:          {out['run_id']}")
     print(f"MLflow run:      {out['mlflow_run_id']}  (experiment '{out['experiment']}')")
@@ -44,6 +50,8 @@ def _print_summary(out: dict) -> None:
         print(f"  browse it:     mlflow ui --backend-store-uri {uri}")
     print(f"success rate:    {out['success_before']:.3f} before -> {out['success_after']:.3f} after training")
     print(f"checklist:       creditflow checklist {out['run_id']}")
+    if log_path:
+        print(f"log:             {log_path}")
 
 
 #: tools with their own options: ``creditflow NAME [VERB] ARGS...`` calls ``module.main(ARGS)``
@@ -74,7 +82,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     sub = parser.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("train", help="start a training run")
     p.add_argument("overrides", nargs="*")
-    p.add_argument("--quiet", action="store_true", help="no per-stage progress lines")
+    p.add_argument("--quiet", action="store_true", help="no progress display (the summary still prints)")
     p.add_argument("--run-id", default=None, help="id of the new run (default: generated)")
     p = sub.add_parser("resume", help="resume a run")
     p.add_argument("run_id")
@@ -129,6 +137,44 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
 
 
+def _run(args: argparse.Namespace) -> int:
+    """``train`` / ``resume``: the progress display on the console, library logs in the run's log file.
+
+    A config error keeps its one line (raised on to :func:`main`). Any other failure once the run
+    directory exists is a crash: its traceback goes to the log file, the console gets one line with
+    the error and where it was raised, the log's path and how to continue (exit 1; Ctrl-C: 130)."""
+    import atexit
+
+    from flows.api import resume_run, start_run
+    from flows.config import ConfigError
+    from flows.runlog import RunLog, format_crash
+    from flows.runtime import RunLockedError
+
+    log = RunLog()
+    # kept until the process exits, after Prefect's own exit hooks (registered later, so run earlier):
+    # stopping its temporary server is logged too
+    atexit.register(log.stop)
+    try:
+        if args.cmd == "train":
+            out = start_run(args.overrides, progress=not args.quiet, run_id=args.run_id, log=log)
+        else:
+            out = resume_run(args.run_id, args.overrides, progress=not args.quiet, log=log)
+    except (ConfigError, RunLockedError):
+        raise
+    except (Exception, KeyboardInterrupt) as exc:
+        if log.path is None:  # before the run directory existed: nothing to resume, no log file
+            raise
+        run_id = log.path.parent.name
+        interrupted = isinstance(exc, KeyboardInterrupt)
+        log.log_exception("interrupted" if interrupted else f"run {run_id} failed", exc)
+        what = "interrupted" if interrupted else f"error: {format_crash(exc)}"
+        print(f"creditflow: {what}\n  traceback and library logs: {log.path}\n"
+              f"  continue with: creditflow resume {run_id}", file=sys.stderr)
+        return 130 if interrupted else 1
+    _print_summary(out, str(log.path) if log.path else None)
+    return 0
+
+
 def _dispatch(args: argparse.Namespace) -> int:
     from flows.config import ConfigError
 
@@ -149,16 +195,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         cfg = load_config(args.overrides)
         print(OmegaConf.to_yaml(secrets.mask_config(cfg)), end="")
         return 0
-    if args.cmd == "train":
-        from flows.api import start_run
-
-        _print_summary(start_run(args.overrides, progress=not args.quiet, run_id=args.run_id))
-        return 0
-    if args.cmd == "resume":
-        from flows.api import resume_run
-
-        _print_summary(resume_run(args.run_id, args.overrides, progress=not args.quiet))
-        return 0
+    if args.cmd in ("train", "resume"):
+        return _run(args)
     if args.cmd == "checklist":
         from flows import checklist
         from flows.api import find_mlflow_run, tracker_for

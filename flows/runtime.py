@@ -11,6 +11,7 @@ Run directory layout (``$CREDITFLOW_HOME/runs/<run_id>/``)::
     results/             Prefect persisted results  checkpoints/    init, iter_0000, ...
     executions.jsonl     one line per stage body actually executed (resume audit)
     tracking_buffer.jsonl  MLflow entries not yet acknowledged by the tracking store (see flows.tracking)
+    creditflow.log       library logs and warnings of CLI runs, crash tracebacks (see flows.runlog)
 """
 
 from __future__ import annotations
@@ -86,6 +87,10 @@ class RunPaths:
     @property
     def tracking_buffer(self) -> Path:
         return self.root / "tracking_buffer.jsonl"
+
+    @property
+    def log(self) -> Path:
+        return self.root / "creditflow.log"
 
 
 def _atomic_write(path: Path, text: str) -> None:

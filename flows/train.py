@@ -38,6 +38,7 @@ from environments.construct import EnvBatch, build_env_batch  # noqa: E402
 from flows import checklist as checklist_mod  # noqa: E402
 from flows.config import flatten, to_yaml  # noqa: E402
 from flows import secrets  # noqa: E402
+from flows.progress import PRELUDE, RunProgress, for_console  # noqa: E402
 from flows.providers import build_context, run_slots  # noqa: E402
 from flows.runtime import RunState  # noqa: E402
 from flows.scaleout import rollout_sharded, with_runner  # noqa: E402
@@ -91,17 +92,6 @@ def _cpu_seconds() -> float:
 
 def _cache_key(context: Any, parameters: dict[str, Any]) -> str:
     return f"{parameters['run_id']}-{parameters['stage_key']}-{parameters['chash']}"
-
-
-class Progress:
-    """One line per stage and iteration on stdout (the CLI's progress display)."""
-
-    def __init__(self, enabled: bool = True):
-        self.enabled = enabled
-
-    def __call__(self, text: str, end: str = "\n") -> None:
-        if self.enabled:
-            print(text, end=end, flush=True)
 
 
 def _stage(name: str) -> Callable:
@@ -307,11 +297,12 @@ def train_flow(run_id: str, home: Optional[str] = None, progress: bool = True) -
     """One training run (create it with :func:`flows.api.create_run`, or resume an existing one)."""
     state = RunState.open(run_id, Path(home) if home else None) if run_id not in _RUNS else _RUNS[run_id]
     _RUNS[run_id] = state
-    say = Progress(progress)
+    say = for_console(progress)
     try:
         with state.locked():
             return _drive(state, say)
     finally:
+        say.close()
         state.close()
         _RUNS.pop(run_id, None)
 
@@ -321,7 +312,7 @@ def flow_for(cfg: Any) -> Any:
     return with_runner(train_flow, cfg.runner)
 
 
-def _drive(state: RunState, say: Progress) -> dict[str, Any]:
+def _drive(state: RunState, say: RunProgress) -> dict[str, Any]:
     cfg = state.obj
     secrets.install_log_filter(state.cfg)  # also registers the names of its *_env keys
     logger = get_run_logger()
@@ -398,53 +389,54 @@ def _drive(state: RunState, say: Progress) -> dict[str, Any]:
         raise
 
 
-def _iterate(state: RunState, say: Progress, run: Callable, tracker: Tracker) -> dict[str, Any]:
+def _iterate(state: RunState, say: RunProgress, run: Callable, tracker: Tracker) -> dict[str, Any]:
     cfg = state.obj
     acc = checklist_mod.Accumulator()
-    say(f"creditflow run {state.run_id}: method={cfg.credit.method} env={cfg.env.name} "
-        f"model={cfg.model.name} iterations={cfg.iterations}")
-    prep, cached = run(prepare_stage, "prepare", -1)
+    say.run_started(state.run_id, cfg.credit.method, cfg.env.name, cfg.model.name, cfg.iterations)
+
+    def timed(stage_task: Any, stage_key: str, iteration: int, *args: Any) -> tuple[StageResult, bool]:
+        """``run`` with the progress display told when the stage starts and ends (``*`` = loaded from results)."""
+        say.stage_started(iteration, stage_task.name)
+        result, cached = run(stage_task, stage_key, iteration, *args)
+        say.stage_done(iteration, stage_task.name, result.wall_seconds, cached)
+        return result, cached
+
+    def staged(stage_task: Any, stage_key: str, iteration: int, *args: Any) -> StageResult:
+        return timed(stage_task, stage_key, iteration, *args)[0]
+
+    prep, cached = timed(prepare_stage, "prepare", PRELUDE)
     acc.add_stage(prep)
     state.model_info = prep.value["model"]
     checkpoint = prep.value["checkpoint"]
-    say(f"  prepare {'(cached)' if cached else ''} model {state.model_info.get('name')} "
-        f"{state.model_info.get('num_parameters', 0):,} params")
-    ev, cached = run(eval_stage, "eval-before", -1, checkpoint)
+    say.prepared(str(state.model_info.get("name")), int(state.model_info.get("num_parameters", 0)), cached)
+    ev, cached = timed(eval_stage, "eval-before", PRELUDE, checkpoint)
     acc.add_stage(ev)
     before = ev.value
-    say(f"  eval before training: success {before['success_rate']:.3f} "
-        f"(95% CI {before['ci95'][0]:.3f}-{before['ci95'][1]:.3f}, {before['episodes']} episodes)")
-    def staged(stage_task: Any, stage_key: str, iteration: int, *args: Any) -> StageResult:
-        """``run`` plus this stage's part of the iteration's progress line (``*`` = loaded from results)."""
-        result, cached = run(stage_task, stage_key, iteration, *args)
-        sep = " |" if stage_task.name != "env" else ""
-        say(f"{sep} {stage_task.name}{'*' if cached else ''} {result.wall_seconds:.2f}s", end="")
-        return result
+    say.evaluated("before", before)
 
     prev: Optional[tuple[StageResult, StageResult, str]] = None  # last iteration's reward, credit, input checkpoint
     last: Optional[dict[str, StageResult]] = None  # last iteration's results (its curriculum)
     for it in range(cfg.iterations):
-        say(f"  [iter {it + 1}/{cfg.iterations}]", end="")
-
+        say.iteration_started(it)
         try:
             results = run_iteration(staged, it, checkpoint, last)
         except CheckpointError as exc:
             if exc.path is None or Path(exc.path) != Path(checkpoint):
                 raise
             checkpoint = _rebuild_checkpoint(state, run, tracker, it, checkpoint, prev, exc)
-            say(f"  [iter {it + 1}/{cfg.iterations}]", end="")
+            say.iteration_started(it)
             results = run_iteration(staged, it, checkpoint, last)
         prev = (results["reward"], results["credit"], checkpoint)
         last = results
         rew, cred, upd = results["reward"], results["credit"], results["update"]
         checkpoint = upd.value["checkpoint"]
-        say(f" | success {rew.stats['success_rate']:.2f} loss {upd.stats.get('loss', float('nan')):.4f}")
+        say.iteration_done(it, {"success": rew.stats["success_rate"], "loss": upd.stats.get("loss", float("nan"))})
         for r in results.values():
             acc.add_stage(r)
         acc.add_batch(rew.value, cred.overhead)
         metrics = _iteration_metrics(results)
         if cfg.eval_every and (it + 1) % cfg.eval_every == 0 and it + 1 < cfg.iterations:
-            mid, _ = run(eval_stage, f"eval-it{it}", it, checkpoint)
+            mid, _ = timed(eval_stage, f"eval-it{it}", it, checkpoint)
             acc.add_stage(mid)
             metrics.update({f"eval.{k}": v for k, v in mid.stats.items()})
         if tracker.log_step(it, metrics):
@@ -456,11 +448,10 @@ def _iterate(state: RunState, say: Progress, run: Callable, tracker: Tracker) ->
             tracker.set_tags(_checklist_tags(state, checklist_mod.fill(state, acc, tracker, before, None)))
         for hook in ITERATION_HOOKS:
             hook(state, it)
-    ev, cached = run(eval_stage, f"eval-after-{cfg.iterations}", cfg.iterations, checkpoint)
+    ev, cached = timed(eval_stage, f"eval-after-{cfg.iterations}", cfg.iterations, checkpoint)
     acc.add_stage(ev)
     after = ev.value
-    say(f"  eval after training:  success {after['success_rate']:.3f} "
-        f"(95% CI {after['ci95'][0]:.3f}-{after['ci95'][1]:.3f}, {after['episodes']} episodes)")
+    say.evaluated("after", after)
     tracker.log_step(cfg.iterations, {"eval.success_rate_before": before["success_rate"],
                                       "eval.success_rate": after["success_rate"],
                                       "eval.ci95_low": after["ci95"][0], "eval.ci95_high": after["ci95"][1]})
