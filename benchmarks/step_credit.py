@@ -45,6 +45,7 @@ from flows.runtime import RunState  # noqa: E402
 from stages.credit.base import build_method  # noqa: E402
 from stages.credit.inventory import load_inventory  # noqa: E402
 from stages.credit.stats import credit_statistics  # noqa: E402
+from stages.rollout.policy import pad_token_id  # noqa: E402
 from stages.schema import turn_credit  # noqa: E402
 
 #: the papers' defaults, cut to keep one benchmark run within minutes on 2 CPU cores
@@ -139,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.perf_counter()
             for it, (env, batch) in enumerate(batches):
                 res = train.credit_stage.fn(state.run_id, f"it{it}-credit", state.chash, it, batch, ck, env)
-                tensors = batch.to_tensors(pad_token_id=train._pad_id(state))
+                tensors = batch.to_tensors(pad_token_id=pad_token_id(state.tokenizer))
                 st = credit_statistics(tensors, res.value)
                 acc["sign"].append(st.get("gt_sign_agreement", float("nan")))
                 acc["rank"].append(st.get("gt_rank_corr", float("nan")))

@@ -121,7 +121,7 @@ def fill(state: Any, acc: Accumulator, tracker: Any, before: Optional[dict], aft
 
     if cfg.report.baseline_run:
         # looked up once per run (fill runs after every iteration; the baseline run does not change)
-        looked_up = state.__dict__.setdefault("_baseline_tags", {})
+        looked_up = state.baseline_tags
         if cfg.report.baseline_run not in looked_up:
             looked_up[cfg.report.baseline_run] = _baseline_run_facts(tracker, cfg.report.baseline_run)
         tags = looked_up[cfg.report.baseline_run]
@@ -188,7 +188,7 @@ def fill(state: Any, acc: Accumulator, tracker: Any, before: Optional[dict], aft
         values["trajectory.length_distribution"] = (MISSING, "")
     items = [Item(k, c, p, t, *values[k]) for k, c, p, t in ITEMS]
     # raw values other runs compare against (not printed as items)
-    state._checklist_raw = {
+    state.checklist_raw = {
         "checklist.model.name": info.get("name", cfg.model.name),
         "checklist.model.config_hash": info.get("config_hash", ""),
         "checklist.model.parameters": params or "",

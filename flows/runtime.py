@@ -104,11 +104,31 @@ def _atomic_write(path: Path, text: str) -> None:
 
 @dataclass
 class RunState:
+    """The live state of one training run in the flow process (never pickled, never persisted).
+
+    Built from the run directory (:meth:`create` / :meth:`open`); everything in it can be rebuilt
+    from ``config.yaml`` plus the checkpoint a stage names. Stage tasks reach it through the
+    flow's registry of live runs (:mod:`flows.train`), never through attributes other modules
+    attach: every field is declared here.
+
+    Identity and config: ``run_id``, ``home``, ``cfg`` (resolved OmegaConf), ``obj`` (the same as
+    typed dataclasses), ``chash`` (config hash: part of every stage's cache key), ``paths``,
+    ``info`` (``run.json``). Built from the config: ``family`` (task family), ``method`` (credit
+    method). Live objects, made on first use: ``policy``, ``tokenizer``, ``engine``, ``trainer``
+    (:meth:`build_policy`), the sandbox backend (:attr:`sandbox_backend`), the frozen reference
+    policy (:meth:`reference_policy`) and the LLM judge (:meth:`judge`). Bookkeeping:
+    ``policy_version`` (checkpoint the live policy equals), ``model_info``, ``executed_count``
+    (stage bodies run by this process: a stage is cached when it does not move), and the checklist's
+    ``checklist_raw`` / ``baseline_tags`` (:mod:`flows.checklist`).
+    """
+
     run_id: str
     home: Path
     cfg: DictConfig
     paths: RunPaths
     info: dict[str, Any]
+    obj: Any = field(init=False)
+    chash: str = field(init=False)
     family: TaskFamily = field(init=False)
     method: CreditMethod = field(init=False)
     policy: Any = None
@@ -117,13 +137,19 @@ class RunState:
     trainer: Any = None
     model_info: dict[str, Any] = field(default_factory=dict)
     policy_version: Optional[str] = None
-    _lock_fh: Any = None
+    executed_count: int = 0
+    #: raw checklist values other runs compare against (``checklist.fill`` writes them)
+    checklist_raw: dict[str, Any] = field(default_factory=dict)
+    #: ``report.baseline_run`` -> that run's checklist tags (looked up once per run; None = not found)
+    baseline_tags: dict[str, Any] = field(default_factory=dict)
+    _sandbox_backend: Any = field(default=None, repr=False)
+    _reference: Any = field(default=None, repr=False)
+    _judge: Any = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
-        obj = to_object(self.cfg)
-        self.obj = obj
-        self.family = get_family_class(obj.env.name)(obj.env)
-        self.method = build_method(obj.credit)
+        self.obj = to_object(self.cfg)
+        self.family = get_family_class(self.obj.env.name)(self.obj.env)
+        self.method = build_method(self.obj.credit)
         self.chash = config_hash(self.cfg)
 
     # ------------------------------------------------------------------ creation / lookup
@@ -196,7 +222,7 @@ class RunState:
 
     # ------------------------------------------------------------------ execution audit
     def record_execution(self, iteration: int, stage: str) -> None:
-        self.executed_count = getattr(self, "executed_count", 0) + 1
+        self.executed_count += 1
         with open(self.paths.executions, "a") as fh:
             fh.write(json.dumps({"iteration": iteration, "stage": stage, "pid": os.getpid(), "t": time.time()}) + "\n")
             fh.flush()
@@ -228,26 +254,31 @@ class RunState:
         return torch.device("cpu")
 
     def build_policy(self) -> dict[str, Any]:
-        """Build (or load from the home cache) the base policy, tokenizer, engine and trainer."""
+        """Build (or load from the home cache) the base policy, tokenizer, engine and trainer
+        (:func:`stages.rollout.policy.build_live_policy`: the builder rollout shards use too)."""
         if self.policy is not None:
             return self.model_info
-        from stages.rollout.engine import make_engine
-        from stages.rollout.policy import get_policy
+        from stages.rollout.policy import build_live_policy
         from stages.update.trainer import PolicyTrainer
 
-        torch.manual_seed(self.obj.seed)
-        model, tokenizer, info = get_policy(self.obj.model, self.family, self.home, self.obj.seed, self.obj.rollout)
-        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[self.cfg.model.dtype]
-        model = model.to(device=self.device, dtype=dtype).eval()
-        self.policy, self.tokenizer, self.model_info = model, tokenizer, dict(info)
-        # rollout.engine: hf samples from this model object; vllm keeps its own copy, synced in
-        # ensure_policy and, after every optimizer step, automatically at its next generate
-        self.engine = make_engine(self.obj.rollout, model, tokenizer, seed=self.obj.seed)
+        live = build_live_policy(self.obj.model, self.obj.rollout, self.family, self.home, self.obj.seed, self.device)
+        self.policy, self.tokenizer, self.engine, self.model_info = live.model, live.tokenizer, live.engine, live.info
+        # rollout.engine=vllm keeps its own copy of the weights, synced in ensure_policy and, after
+        # every optimizer step, automatically at its next generate
         self.trainer = PolicyTrainer(
-            model, self.obj.update, temperature=self.obj.rollout.temperature,
+            live.model, self.obj.update, temperature=self.obj.rollout.temperature,
             needs_critic="critic" in self.method.needs,
         )
         return self.model_info
+
+    def drop_policy(self) -> None:
+        """Forget the live policy's checkpoint and weights: the next :meth:`build_policy` rebuilds
+        the base policy (checkpoint recovery re-runs prepare)."""
+        self.policy, self.policy_version = None, None
+
+    def adopt_checkpoint(self, path: str) -> None:
+        """The live policy now equals the checkpoint at ``path`` (the update stage just wrote it)."""
+        self.policy_version = str(path)
 
     def save_init_checkpoint(self) -> str:
         self.build_policy()
@@ -271,17 +302,48 @@ class RunState:
     @property
     def sandbox_backend(self) -> Any:
         """The sandbox backend of this run (created on first use, for families that need one)."""
-        if getattr(self, "_sandbox_backend", None) is None:
+        if self._sandbox_backend is None:
             from environments.sandbox import make_backend
 
             self._sandbox_backend = make_backend(self.obj.sandbox, base_dir=str(self.paths.root / "sandboxes"))
         return self._sandbox_backend
 
+    @property
+    def player(self) -> Any:
+        """A :class:`environments.start.SlotPlayer` on this run's live objects (policy built first)."""
+        from environments.start import SlotPlayer
+
+        self.build_policy()
+        new_sandbox = (lambda: self.sandbox_backend.create()) if self.family.needs_sandbox else None
+        return SlotPlayer(family=self.family, engine=self.engine, tokenizer=self.tokenizer, rollout=self.obj.rollout,
+                          new_sandbox=new_sandbox)
+
+    def reference_policy(self) -> torch.nn.Module:
+        """The frozen initial policy: the trainer's KL reference if there is one, else the run's
+        ``init`` checkpoint loaded into a copy of the policy (kept for the rest of the process)."""
+        self.build_policy()
+        if self.trainer.reference is not None:
+            return self.trainer.reference
+        if self._reference is None:
+            import copy
+
+            ref = copy.deepcopy(self.policy)
+            load_checkpoint(self.paths.checkpoints / "init", ref, None)
+            self._reference = ref.eval().requires_grad_(False)
+        return self._reference
+
+    def judge(self) -> Any:
+        """The LLM judge the credit method's config names (loaded once per process)."""
+        if self._judge is None:
+            from stages.reward.judge import make_judge
+
+            self._judge = make_judge(self.method.cfg, policy=self.policy, tokenizer=self.tokenizer)
+        return self._judge
+
     def close(self) -> None:
         """Release live resources (sandboxes); the run directory stays."""
-        backend = getattr(self, "_sandbox_backend", None)
-        if backend is not None:
-            backend.close()
+        if self._sandbox_backend is not None:
+            self._sandbox_backend.close()
             self._sandbox_backend = None
 
     def seed_for(self, iteration: int, stage: str) -> int:

@@ -40,10 +40,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-import torch
 
 from environments.construct import EnvBatch, EnvSlot
-from stages.rollout.hf_engine import HFEngine
+from environments.start import EnvStartError, SlotPlayer
 from flows.runner_config import RUNNER_KINDS, RunnerConfig  # noqa: F401  (re-exported; a light module the config loader imports)
 from stages.schema import Batch, Overhead
 
@@ -118,33 +117,29 @@ def shard_slots(slots: list[EnvSlot], n: int) -> list[list[EnvSlot]]:
 
 # ---------------------------------------------------------------------------------- worker side
 class ShardContext:
-    """What :func:`flows.providers.run_slots` needs of a run, built on a worker from the run
-    directory: ``obj``, ``family``, ``tokenizer``, ``engine``, ``sandbox_backend``."""
+    """A run's live objects on a worker, built from the run directory with the flow process's own
+    policy builder (:func:`stages.rollout.policy.build_live_policy`): ``obj``, ``family``,
+    ``policy``, ``tokenizer``, ``engine``, the worker's sandbox backend, and :attr:`player` (the
+    :class:`environments.start.SlotPlayer` a shard plays with)."""
 
     def __init__(self, run_id: str, home: str):
         from flows.runtime import RunState
-        from stages.rollout.policy import get_policy
+        from stages.rollout.policy import build_live_policy
 
         run = RunState.open(run_id, Path(home))  # reads config.yaml (and checks its hash)
         self.run_id, self.home, self.obj, self.family = run_id, home, run.obj, run.family
-        torch.manual_seed(self.obj.seed)
-        model, tokenizer, _ = get_policy(self.obj.model, self.family, Path(home), self.obj.seed, self.obj.rollout)
-        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[self.obj.model.dtype]
-        self.policy = model.to(device=run.device, dtype=dtype).eval()
-        self.tokenizer = tokenizer
-        self.engine = self._make_engine()
+        # vllm: per-request seeds already; with vllm_url the worker is one more client of the shared server
+        live = build_live_policy(self.obj.model, self.obj.rollout, self.family, Path(home), self.obj.seed, run.device)
+        self.policy, self.tokenizer, self.engine = live.model, live.tokenizer, live.engine
         self.version: Optional[str] = None
         self.lock = threading.Lock()
         self._backend: Any = None
 
-    def _make_engine(self) -> Any:
-        r = self.obj.rollout
-        if r.engine == "hf":
-            return HFEngine(self.policy, pad_token_id=getattr(self.tokenizer, "pad_token_id", None))
-        from stages.rollout.engine import make_engine
-
-        # vllm: per-request seeds already; with vllm_url the worker is one more client of the shared server
-        return make_engine(r, self.policy, self.tokenizer, seed=self.obj.seed)
+    @property
+    def player(self) -> SlotPlayer:
+        new_sandbox = (lambda: self.sandbox_backend.create()) if self.family.needs_sandbox else None
+        return SlotPlayer(family=self.family, engine=self.engine, tokenizer=self.tokenizer, rollout=self.obj.rollout,
+                          new_sandbox=new_sandbox)
 
     @property
     def server_engine(self) -> bool:
@@ -216,21 +211,18 @@ class ShardResult:
     pid: int = 0
 
 
-def play_shard(run_id: str, home: str, checkpoint: str, slots: list[EnvSlot], family: str, seed: int,
-               temperature: float) -> ShardResult:
+def play_shard(run_id: str, home: str, checkpoint: str, slots: list[EnvSlot], seed: int, temperature: float) -> ShardResult:
     """Play ``slots`` with the policy of ``checkpoint`` in this process (the shard task's body).
 
     A shard whose every group fails to start returns an empty batch that says so (the stage fails
     only if *every* shard does, as the unsharded stage fails only if every group does)."""
     import socket
 
-    from flows.providers import EnvStartError, run_slots
-
     ctx = worker_context(run_id, home)
     with ctx.lock:  # one shard at a time per context (threads of a local runner share it)
         ctx.ensure_checkpoint(checkpoint)
         try:
-            batch, overhead, tokens = run_slots(ctx, slots, family, seed, temperature)
+            batch, overhead, tokens = ctx.player.play(slots, seed, temperature)
         except EnvStartError as exc:
             groups = len({s.group_id for s in slots})
             retries = int(ctx.obj.rollout.env_start_retries)
@@ -265,10 +257,10 @@ def _shard_task() -> Any:
     from prefect import task
     from prefect.cache_policies import NO_CACHE
 
-    def rollout_shard(index: int, run_id: str, home: str, checkpoint: str, slots: Slots, family: str,
-                      seed: int, temperature: float) -> ShardResult:
+    def rollout_shard(index: int, run_id: str, home: str, checkpoint: str, slots: Slots, seed: int,
+                      temperature: float) -> ShardResult:
         """One shard of the rollout stage (whole groups), played on whichever worker runs it."""
-        return play_shard(run_id, home, checkpoint, slots.slots, family, seed, temperature)
+        return play_shard(run_id, home, checkpoint, slots.slots, seed, temperature)
 
     # not persisted and not cached: the rollout stage persists the merged batch under its own key
     return task(name="rollout-shard", task_run_name="rollout-shard-{index}", cache_policy=NO_CACHE,
@@ -281,8 +273,6 @@ rollout_shard = _shard_task()
 
 def merge_shards(slots: list[EnvSlot], results: list[ShardResult]) -> tuple[Batch, Overhead, int]:
     """One batch in slot order from the shards' results (as the unsharded stage would return it)."""
-    from flows.providers import EnvStartError
-
     order = {s.uid: i for i, s in enumerate(slots)}
     trajs = sorted((t for r in results for t in r.batch.trajectories), key=lambda t: order[t.uid])
     meta: dict[str, Any] = {"dropped_groups": 0, "start_failures": 0, "failure_reasons": []}
@@ -314,9 +304,9 @@ def rollout_sharded(run_id: str, home: str, envb: EnvBatch, checkpoint: str, see
 
     parts = shard_slots(envb.slots, shards)
     if FlowRunContext.get() is None:
-        results = [play_shard(run_id, str(home), checkpoint, p, envb.family, seed, temperature) for p in parts]
+        results = [play_shard(run_id, str(home), checkpoint, p, seed, temperature) for p in parts]
         return merge_shards(envb.slots, results)
-    futures = [rollout_shard.submit(i, run_id, str(home), checkpoint, Slots(p), envb.family, seed, temperature)
+    futures = [rollout_shard.submit(i, run_id, str(home), checkpoint, Slots(p), seed, temperature)
                for i, p in enumerate(parts)]
     wait(futures)
     return merge_shards(envb.slots, [f.result() for f in futures])

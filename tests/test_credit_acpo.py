@@ -12,7 +12,7 @@ import torch
 import stages.credit.methods.attribution  # noqa: F401  (registers acpo)
 from stages.credit import functional as F
 from stages.credit.base import CreditContext, build_method, get_method_class
-from stages.reward.judge import HFScorer
+from stages.rollout.scorer import HFScorer
 from stages.rollout.config import ModelConfig
 from stages.rollout.policy import build_tiny_policy
 from stages.schema import Batch, Trajectory, Turn

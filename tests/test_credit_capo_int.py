@@ -14,7 +14,8 @@ import torch
 import stages.credit.methods.critic_llm  # noqa: F401  (registers capo, int)
 from stages.credit import functional as F
 from stages.credit.base import CreditContext, build_method, get_method_class
-from stages.reward.judge import HFJudge, correction_prompt, step_prompt
+from stages.reward.judge_hf import HFJudge
+from stages.reward.judge_prompts import correction_prompt, step_prompt
 from stages.rollout.config import ModelConfig
 from stages.rollout.policy import build_tiny_policy
 from stages.schema import Batch, Overhead, Trajectory, Turn

@@ -199,14 +199,14 @@ def test_treg_reg_weight_zero_is_grpo_exactly(models):
 
 @pytest.mark.parametrize("squash", ["sigmoid", "none"])
 def test_treg_token_rewards_match_direct_contrastive_computation(models, squash):
-    from flows.providers import PolicyScorer
+    from stages.rollout.scorer import HFScorer
 
     model, _, tok = models
     batch = make_batch(tok, seed=4)
     t = batch.to_tensors(pad_token_id=tok.pad_token_id)
     cls = get_method_class("t_reg")
     cfg = cls.Config(reg_weight=0.5, squash=squash)
-    scorer = PolicyScorer(model, tok.pad_token_id)
+    scorer = HFScorer(model, tok.pad_token_id)
     res = cls(cfg)(t, batch, CreditContext(scorer=scorer, tokenizer=tok))
     good = tok(cfg.good_instruction, add_special_tokens=False)["input_ids"]
     bad = tok(cfg.bad_instruction, add_special_tokens=False)["input_ids"]

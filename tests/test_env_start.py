@@ -3,13 +3,11 @@ retried, then dropped whole — never a group with missing members — and the d
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 
 from environments.base import TaskInstance
 from environments.construct import EnvSlot
-from flows.providers import EnvStartError, start_environments
+from environments.start import EnvStartError, start_environments
 
 
 class Box:
@@ -55,15 +53,13 @@ def _slots(modes):
     return out
 
 
-def _state(family):
-    return SimpleNamespace(family=family, sandbox_backend=SimpleNamespace(create=Box))
 
 
 def test_failed_group_is_retried_then_dropped_whole():
     Box.closed = 0
     fam = Family()
     slots = _slots(["ok", "always", "once", "ok"])
-    kept, envs, boxes, prompts, info = start_environments(_state(fam), slots, retries=2)
+    kept, envs, boxes, prompts, info = start_environments(fam, slots, retries=2, new_sandbox=Box)
     # group 1 never starts: dropped whole after 1 + 2 attempts; group 2 starts on its second attempt
     assert sorted({s.group_id for s in kept}) == [0, 2, 3]
     assert all(sum(s.group_id == g for s in kept) == 3 for g in (0, 2, 3))  # no group with missing members
@@ -77,11 +73,11 @@ def test_failed_group_is_retried_then_dropped_whole():
 
 def test_zero_retries_drops_at_first_failure():
     fam = Family()
-    kept, *_, info = start_environments(_state(fam), _slots(["once", "ok"]), retries=0)
+    kept, *_, info = start_environments(fam, _slots(["once", "ok"]), retries=0, new_sandbox=Box)
     assert {s.group_id for s in kept} == {1}
     assert info["dropped_groups"] == 1 and info["start_failures"] == 1
 
 
 def test_all_groups_failing_is_a_clear_error():
     with pytest.raises(EnvStartError, match="every group's environment failed to start"):
-        start_environments(_state(Family()), _slots(["always", "always"]), retries=1)
+        start_environments(Family(), _slots(["always", "always"]), retries=1, new_sandbox=Box)

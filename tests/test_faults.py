@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from flows import api, train
+from flows import api, reporting, train
 from flows.config import ConfigError
 from flows.runtime import InjectedCrash, RunState
 from tests.server_support import _free_port
@@ -519,10 +519,10 @@ def test_store_lost_while_logging_a_heatmap_fails_the_run_clearly(monkeypatch):
 
     monkeypatch.setattr(flows.heatmap, "credit_heatmap", lambda *a, **k: plt.figure())
     with pytest.raises(TrackingUnavailableError, match="store gone"):
-        train._log_heatmap(Gone(), None, None, 0)
+        reporting.log_heatmap(Gone(), None, None, 0)
 
     class Broken:
         def log_figure(self, fig, name):
             raise ValueError("bad figure")
 
-    train._log_heatmap(Broken(), None, None, 0)  # a plotting error: warning only
+    reporting.log_heatmap(Broken(), None, None, 0)  # a plotting error: warning only

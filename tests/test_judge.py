@@ -1,4 +1,4 @@
-"""LLM judges backed by real models (stages/reward/judge.py).
+"""LLM judges backed by real models (stages/reward/judge*.py) and the scorer (stages/rollout/scorer.py).
 
 HFScorer / HFJudge run the tiny Qwen2 policy built locally (real transformers forwards); the
 OpenAI-compatible judge is tested against a small HTTP server started here (the scripted server
@@ -15,18 +15,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import torch
 
-from stages.reward.judge import (
-    HFJudge,
-    HFScorer,
-    JudgeEndpointError,
-    OpenAIJudge,
-    check_judge_config,
-    correction_prompt,
-    judge_overhead,
-    make_judge,
-    step_prompt,
-    usage,
-)
+from stages.reward.judge import check_judge_config, judge_overhead, make_judge, usage
+from stages.reward.judge_hf import HFJudge
+from stages.reward.judge_openai import JudgeEndpointError, OpenAIJudge
+from stages.reward.judge_prompts import correction_prompt, step_prompt
+from stages.rollout.scorer import HFScorer
 from stages.rollout.config import ModelConfig
 from stages.rollout.policy import build_tiny_policy
 from stages.schema import Batch, Trajectory, Turn

@@ -14,7 +14,6 @@ import torch
 from environments.construct import build_env_batch
 from flows import scaleout
 from flows.config import load_config
-from flows.providers import run_slots
 from stages.config_fields import check
 from stages.rollout.hf_engine import sample_per_request
 from flows.runtime import RunState
@@ -36,7 +35,7 @@ def run(shared_home):
     seed = state.seed_for(0, "rollout")
     ctx = scaleout.ShardContext(state.run_id, str(home))  # not the cached one: the reference is independent
     ctx.ensure_checkpoint(checkpoint)
-    reference, _, tokens = run_slots(ctx, envb.slots, envb.family, seed, cfg.rollout.temperature)
+    reference, _, tokens = ctx.player.play(envb.slots, seed, cfg.rollout.temperature)
     ctx.close()
     assert len(reference) == 15 and tokens > 0
     return {"home": str(home), "run_id": state.run_id, "checkpoint": checkpoint, "envb": envb, "seed": seed,

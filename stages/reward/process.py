@@ -237,3 +237,17 @@ def make_process_rewards(
     if source == "prm":
         return PRMProcessRewards(prm)
     raise ValueError(f"config key 'credit.process_reward' must be one of {', '.join(SOURCES)}, got {source!r}")
+
+
+def process_rewards_for(cfg: Any, *, mc_rollouts: Any = None, tokenizer: Optional[Any] = None):
+    """The process-reward source a method's config names (``process_reward``; ``prm_path`` for a
+    PRM trained here, loaded from disk; ``mc_k`` continuations per step for ``mc``)."""
+    prm = None
+    if cfg.process_reward == "prm":
+        from stages.reward.prm import load_prm
+
+        if not cfg.prm_path:
+            raise ValueError("credit.process_reward=prm needs credit.prm_path (train one with `creditflow prm train`)")
+        prm = load_prm(cfg.prm_path)
+    return make_process_rewards(cfg.process_reward, mc_rollouts=mc_rollouts, prm=prm, tokenizer=tokenizer,
+                                mc_k=cfg.mc_k)

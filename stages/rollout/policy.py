@@ -62,6 +62,23 @@ def resolve_dtype(dtype: str) -> torch.dtype:
     return table[dtype]
 
 
+def pad_token_id(tokenizer: Any = None, model: Any = None) -> int:
+    """The padding id of a policy: the tokenizer's pad token, else the model config's, else eos
+    (tokenizer's, then the model config's first), else 0. Padding is masked out everywhere, so
+    any id works; this one keeps padded batches inside the vocabulary."""
+    if tokenizer is not None and getattr(tokenizer, "pad_token_id", None) is not None:
+        return int(tokenizer.pad_token_id)
+    config = getattr(model, "config", None)
+    if getattr(config, "pad_token_id", None) is not None:
+        return int(config.pad_token_id)
+    if tokenizer is not None and getattr(tokenizer, "eos_token_id", None) is not None:
+        return int(tokenizer.eos_token_id)
+    eos = getattr(config, "eos_token_id", None)
+    if eos is not None:
+        return int(eos[0] if isinstance(eos, (list, tuple)) else eos)
+    return 0
+
+
 def count_parameters(model: torch.nn.Module) -> int:
     """Number of distinct parameters (tied embeddings counted once)."""
     return sum(p.numel() for p in model.parameters())
@@ -546,3 +563,30 @@ def get_policy(model_cfg: ModelConfig, family: TaskFamily, home: Path, seed: int
         "build_seconds": build_seconds,
     }
     return model, tokenizer, info
+
+
+@dataclasses.dataclass
+class LivePolicy:
+    """A run's live policy: the model (on its device, in the configured dtype, eval mode), its
+    tokenizer, the rollout engine sampling from it, and :func:`get_policy`'s ``info``."""
+
+    model: torch.nn.Module
+    tokenizer: Any
+    engine: Any
+    info: dict[str, Any]
+
+
+def build_live_policy(model_cfg: ModelConfig, rollout_cfg: RolloutConfig, family: TaskFamily, home: Path,
+                      seed: int, device: torch.device) -> LivePolicy:
+    """The policy of a run, as the flow process and every rollout shard's worker build it (one
+    builder, so shards sample from exactly the run's policy): :func:`get_policy` under
+    ``torch.manual_seed(seed)``, cast to ``model.dtype`` on ``device``, and the engine
+    ``rollout.engine`` names (:func:`stages.rollout.engine.make_engine`)."""
+    from stages.rollout.engine import make_engine
+
+    torch.manual_seed(seed)
+    model, tokenizer, info = get_policy(model_cfg, family, home, seed, rollout_cfg)
+    model = model.to(device=device, dtype=resolve_dtype(model_cfg.dtype)).eval()
+    # rollout.engine: hf samples from this model object; vllm keeps its own copy (synced on demand)
+    engine = make_engine(rollout_cfg, model, tokenizer, seed=seed)
+    return LivePolicy(model=model, tokenizer=tokenizer, engine=engine, info=dict(info))

@@ -58,7 +58,9 @@ import torch
 
 from stages.credit import functional as F
 from stages.credit.base import CreditConfig, CreditContext, CreditMethod, register_method
-from stages.reward.judge import DEFAULT_API_KEY_ENV, check_judge_config, correction_prompt, judge_overhead, usage
+from stages.reward.judge import check_judge_config, judge_overhead, usage
+from stages.reward.judge_openai import DEFAULT_API_KEY_ENV
+from stages.reward.judge_prompts import correction_prompt
 from stages.schema import Batch, BatchTensors, CreditResult, turn_credit
 from stages.config_fields import param
 

@@ -1,0 +1,188 @@
+"""Stage 1 of survey §8, live part: start environments (with retry), replay them, play slots.
+
+:mod:`environments.construct` draws the picklable :class:`~environments.construct.EnvSlot` s of an
+iteration; this module turns slots into live environments and episodes:
+
+* :func:`start_environments` — start the environments (and, for families that execute code,
+  their sandboxes) group by group. Environment faults (survey §8.2): a group whose sandbox
+  creation, ``make`` or ``reset`` raises is retried, then dropped *whole*, never kept with
+  missing members (that would bias group baselines, §2.3); the drops are counted.
+* :func:`replay_environments` — restore environments to a state inside a recorded episode by
+  replaying its actions on a fresh environment of the same instance and episode seed (each
+  replayed observation checked against the recorded one). This is how Monte Carlo continuations
+  (VinePPO §3.1.1) and interventions (InT) re-enter an episode without persisting anything live.
+* :class:`SlotPlayer` — what playing slots needs (family, engine, tokenizer, rollout config, a
+  sandbox factory), and :meth:`SlotPlayer.play`: start (or replay), run the multi-turn agent loop
+  of stage 2 (:func:`stages.rollout.agent_loop.run_episodes`), close everything.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Optional
+
+from environments.base import TaskFamily
+from environments.construct import EnvSlot
+from stages.rollout.config import RolloutConfig
+from stages.schema import Batch, Overhead
+
+
+class EnvStartError(RuntimeError):
+    """Every group of a batch failed to start its environments (sandbox or reset failures)."""
+
+
+#: makes one sandbox for one environment (``backend.create``); ``None`` for families without sandboxes
+SandboxFactory = Optional[Callable[[], Any]]
+
+
+def close_all(objs: list[Any]) -> None:
+    """Close environments and sandboxes, best effort (the backend's own cleanup removes leftovers)."""
+    for obj in objs:
+        try:
+            obj.close()
+        except Exception:
+            pass
+
+
+def start_group(family: TaskFamily, slots: list[EnvSlot], new_sandbox: SandboxFactory
+                ) -> tuple[list[Any], list[Any], list[str]]:
+    """Sandboxes, environments and prompts for one group's slots; on any failure everything made
+    so far is closed and the exception propagates."""
+    boxes: list[Any] = []
+    envs: list[Any] = []
+    try:
+        if family.needs_sandbox:
+            if new_sandbox is None:
+                raise ValueError(f"env family {family.name!r} executes code but no sandbox backend was given")
+            for _ in slots:
+                boxes.append(new_sandbox())
+        for i, s in enumerate(slots):
+            envs.append(family.make(s.instance, sandbox=boxes[i] if boxes else None, episode_seed=s.episode_seed))
+        prompts = [env.reset() for env in envs]
+        return envs, boxes, prompts
+    except BaseException:
+        close_all([*envs, *boxes])
+        raise
+
+
+def start_environments(family: TaskFamily, slots: list[EnvSlot], retries: int, new_sandbox: SandboxFactory = None
+                       ) -> tuple[list[EnvSlot], list[Any], list[Any], list[str], dict[str, Any]]:
+    """Start the environments of ``slots`` group by group (survey §8.2: environment faults).
+
+    A group whose environment fails to start (sandbox creation, ``make`` or ``reset`` raising) is
+    retried ``retries`` times; then the *whole* group is dropped — never a group with missing
+    members, which would bias group baselines — and the drop is reported in ``info``
+    (``dropped_groups``, ``start_failures``, ``failure_reasons``, ``start_seconds``,
+    ``sandboxes_created``). Returns ``(kept slots, envs, sandboxes, prompts, info)``."""
+    groups: dict[int, list[EnvSlot]] = {}
+    for s in slots:
+        groups.setdefault(s.group_id, []).append(s)
+    kept: list[EnvSlot] = []
+    envs: list[Any] = []
+    boxes: list[Any] = []
+    prompts: list[str] = []
+    info: dict[str, Any] = {"dropped_groups": 0, "start_failures": 0, "failure_reasons": []}
+    t0 = time.perf_counter()
+    try:
+        for gid, members in groups.items():
+            for attempt in range(retries + 1):
+                try:
+                    e, b, p = start_group(family, members, new_sandbox)
+                except Exception as exc:
+                    info["start_failures"] += 1
+                    info["failure_reasons"].append(f"group {gid} attempt {attempt + 1}: {type(exc).__name__}: {exc}"[:300])
+                    continue
+                kept.extend(members)
+                envs.extend(e)
+                boxes.extend(b)
+                prompts.extend(p)
+                break
+            else:
+                info["dropped_groups"] += 1
+    except BaseException:
+        close_all([*envs, *boxes])
+        raise
+    # environment construction cost (survey §8.2 "reset cost"): sandboxes made + envs reset, seconds
+    info["start_seconds"] = time.perf_counter() - t0
+    info["sandboxes_created"] = len(boxes)
+    if slots and not kept:
+        raise EnvStartError(
+            f"every group's environment failed to start ({info['start_failures']} attempts); last error: "
+            f"{info['failure_reasons'][-1] if info['failure_reasons'] else '?'}"
+        )
+    return kept, envs, boxes, prompts, info
+
+
+def replay_environments(envs: list[Any], slots: list[EnvSlot], replay: list[list[Any]], family: str) -> int:
+    """Step each freshly reset environment through the recorded turns ``replay[i]`` of its episode
+    (``turn.action_text`` in, ``turn.observation`` checked); returns the environment steps taken.
+    A divergent observation raises: the family's transitions must be deterministic given the
+    episode seed."""
+    steps = 0
+    for env, turns, slot in zip(envs, replay, slots):
+        for turn in turns:
+            res = env.step(turn.action_text)
+            steps += 1
+            if res.observation != turn.observation:
+                raise RuntimeError(
+                    f"replaying episode {slot.uid} of env {family!r} diverged at turn {turn.index}: "
+                    f"recorded observation {turn.observation!r}, replay gave {res.observation!r}; "
+                    "the family's transitions must be deterministic given the episode seed"
+                )
+    return steps
+
+
+@dataclass
+class SlotPlayer:
+    """What playing slots needs, and nothing else.
+
+    ``family``: the task family (makes environments); ``engine`` / ``tokenizer``: the policy's
+    rollout engine and tokenizer; ``rollout``: the run's ``rollout.`` config (turns, tokens per
+    turn, ``env_start_retries``); ``new_sandbox``: makes one sandbox (families that execute code).
+    The flow process (:class:`flows.runtime.RunState`) and every rollout shard's worker build one
+    from their own live objects."""
+
+    family: TaskFamily
+    engine: Any
+    tokenizer: Any
+    rollout: RolloutConfig
+    new_sandbox: SandboxFactory = None
+
+    def play(self, slots: list[EnvSlot], seed: int, temperature: float, starts: Optional[list[Any]] = None,
+             replay: Optional[list[list[Any]]] = None, uids: Optional[list[str]] = None) -> tuple[Batch, Overhead, int]:
+        """Make live environments (and sandboxes) for ``slots``, play them, close everything.
+
+        Plain episodes start through :func:`start_environments` (retry, then drop whole groups; the
+        batch's ``meta`` says how many). With ``starts``/``replay`` (continuations) the environments
+        are reset and replayed through the given recorded turns (:func:`replay_environments`), then
+        continued from the start points. Returns ``(batch, overhead, generated tokens)``."""
+        from stages.rollout.agent_loop import run_episodes
+
+        name = self.family.name
+        cfg = replace(self.rollout, temperature=temperature)
+        boxes: list[Any] = []
+        envs: list[Any] = []
+        replay_steps = 0
+        info: dict[str, Any] = {}
+        prompts: Optional[list[str]] = None
+        try:
+            if starts is None:
+                slots, envs, boxes, prompts, info = start_environments(
+                    self.family, slots, int(self.rollout.env_start_retries), self.new_sandbox)
+            else:
+                envs, boxes, _ = start_group(self.family, slots, self.new_sandbox)
+                replay_steps = replay_environments(envs, slots, replay or [[]] * len(envs), name)
+            trajs = run_episodes(
+                self.engine, self.tokenizer, envs,
+                group_ids=[s.group_id for s in slots],
+                task_ids=[s.instance.task_id for s in slots],
+                uids=uids or [s.uid for s in slots],
+                env_name=name, cfg=cfg, seed=seed, starts=starts, prompts=prompts,
+            )
+        finally:
+            close_all([*envs, *boxes])
+        steps = sum(len(t.turns) for t in trajs) + replay_steps
+        # imposed actions (interventions) are not generated
+        gen_tokens = sum(int(t.meta.get("generated_tokens", t.num_policy_tokens)) for t in trajs)
+        return Batch(trajectories=trajs, meta=info), Overhead(env_resets=len(envs), env_steps=steps), gen_tokens

@@ -1,0 +1,214 @@
+"""MLflow reporting of a training run: what the flow records, and when (see :mod:`flows.tracking`).
+
+* :func:`open_tracker` — at the start of every flow run (fresh or resumed): the MLflow run is
+  started or re-attached, params = the resolved config (flattened), tags = run/config/commit ids,
+  the Prefect flow runs that drove it, the decision tree's recommendation (survey §7.5), the
+  sandbox backend and image; the resolved config as an artifact, and a Prefect artifact linking
+  the MLflow run.
+* :func:`log_iteration` — after an iteration's update: its metrics in one batch, exactly once per
+  step, with the credit records, heatmaps and the reporting checklist (Appendix C) so far.
+* :func:`report_finish` / :func:`report_failure` — the end of the run: eval metrics, checklist
+  tags and JSON, status; or the failure tag and ``FAILED`` (never replacing the original error).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Optional
+
+from flows import checklist as checklist_mod
+from flows import secrets
+from flows.config import flatten, to_yaml
+from flows.tracking import Tracker, TrackingUnavailableError, default_tracking_uri
+from stages.schema import Batch, CreditResult
+
+if TYPE_CHECKING:
+    from flows.runtime import RunState
+
+
+def git_commit() -> str:
+    """The commit of the code that runs (``unknown`` outside a git checkout)."""
+    try:
+        root = Path(__file__).resolve().parent.parent
+        return subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=5).stdout.strip() or "unknown"
+    except Exception:
+        return "unknown"
+
+
+def prefect_flow_run_id() -> str:
+    """The id of the Prefect flow run this code runs in ('' outside one)."""
+    from prefect.context import get_run_context
+
+    try:
+        return str(get_run_context().flow_run.id)
+    except Exception:
+        return ""
+
+
+def make_tracker(state: "RunState") -> Tracker:
+    uri = state.cfg.tracking.mlflow_uri or default_tracking_uri(state.home)
+    return Tracker(uri, state.cfg.tracking.experiment, state.home, buffer=state.paths.tracking_buffer,
+                   retry_seconds=state.cfg.tracking.retry_seconds)
+
+
+def open_tracker(state: "RunState", logger: Any) -> Tracker:
+    """Start (or re-attach to) the run's MLflow run and record what is known before any stage runs."""
+    from prefect.artifacts import create_markdown_artifact
+
+    cfg = state.obj
+    tracker = make_tracker(state)
+    flow_run_id = prefect_flow_run_id()
+    if state.info.get("mlflow_run_id"):
+        tracker.attach(state.info["mlflow_run_id"])
+    else:
+        tracker.start(cfg.run_name or state.run_id, tags={
+            "creditflow.run_id": state.run_id,
+            "creditflow.config_hash": state.chash,
+            "mlflow.source.git.commit": git_commit(),
+        })
+        state.info["mlflow_run_id"] = tracker.run_id
+    state.info.setdefault("prefect_flow_runs", []).append(flow_run_id)
+    state.save_info()
+    tracker.log_params(flatten(state.cfg))
+    tracker.set_tags({"prefect.flow_run_id": flow_run_id,
+                      "prefect.flow_run_ids": ",".join(x for x in state.info["prefect_flow_runs"] if x),
+                      "creditflow.method": cfg.credit.method, "creditflow.env": cfg.env.name})
+    tracker.set_tags(recommendation_tags(state))
+    tracker.set_tags(sandbox_tags(state))
+    tracker.log_text(to_yaml(state.cfg), "config/resolved.yaml")
+    try:
+        create_markdown_artifact(
+            key=f"mlflow-{state.run_id.lower()}"[:60].replace("_", "-"),
+            markdown=secrets.mask_text(f"MLflow run `{tracker.run_id}` (experiment `{cfg.tracking.experiment}`, tracking URI "
+                     f"`{tracker.uri}`) for creditflow run `{state.run_id}`."),
+            description="MLflow run of this training run",
+        )
+    except Exception as exc:  # the artifact is a convenience link; never fail a run for it
+        logger.warning("could not create the Prefect artifact linking the MLflow run: %s", exc)
+    return tracker
+
+
+def report_failure(state: "RunState", tracker: Tracker, exc: BaseException) -> None:
+    """A crash is visible in MLflow (a kill -9 leaves RUNNING; `creditflow resume` continues either
+    way); reporting it must not replace the original error (tracking store down, disk full)."""
+    try:
+        tracker.set_tags({"creditflow.failure": f"{type(exc).__name__}: {exc}"[:500]})
+        tracker.finish("FAILED")
+    except Exception as report_exc:
+        print(f"warning: could not record the failure in MLflow: {type(report_exc).__name__}: {report_exc}",
+              file=sys.stderr)
+    try:
+        state.info["status"] = "failed"
+        state.save_info()
+    except OSError as report_exc:
+        print(f"warning: could not write {state.paths.info}: {report_exc}", file=sys.stderr)
+
+
+def log_iteration(state: "RunState", tracker: Tracker, it: int, metrics: dict[str, float], batch: Batch,
+                  credit: CreditResult, acc: checklist_mod.Accumulator, before: dict[str, Any]) -> None:
+    """Iteration ``it``'s metrics (once per step; a resumed step already logged is skipped), then its
+    credit records (e.g. InT's interventions), heatmap (every ``tracking.heatmap_every``) and checklist."""
+    cfg = state.obj
+    if not tracker.log_step(it, metrics):
+        return
+    for key, record in (getattr(credit, "records", None) or {}).items():
+        tracker.log_json(record, f"credit/{key}/iter_{it:04d}.json")
+    heat_every = cfg.tracking.heatmap_every
+    if heat_every and ((it + 1) % heat_every == 0 or it + 1 == cfg.iterations):
+        log_heatmap(tracker, batch, credit, it)
+    tracker.set_tags(checklist_tags(state, checklist_mod.fill(state, acc, tracker, before, None)))
+
+
+def report_finish(state: "RunState", tracker: Tracker, acc: checklist_mod.Accumulator, before: dict[str, Any],
+                  after: dict[str, Any]) -> list:
+    """The final step's eval metrics, the filled checklist (tags + JSON), ``FINISHED``; returns its items."""
+    cfg = state.obj
+    tracker.log_step(cfg.iterations, {"eval.success_rate_before": before["success_rate"],
+                                      "eval.success_rate": after["success_rate"],
+                                      "eval.ci95_low": after["ci95"][0], "eval.ci95_high": after["ci95"][1]})
+    items = checklist_mod.fill(state, acc, tracker, before, after)
+    tracker.set_tags(checklist_tags(state, items))
+    tracker.set_tags({"creditflow.success_before": f"{before['success_rate']:.4f}",
+                      "creditflow.success_after": f"{after['success_rate']:.4f}"})
+    tracker.log_json(checklist_mod.as_json(items), "checklist.json")
+    tracker.finish("FINISHED")
+    state.info["status"] = "finished"
+    state.save_info()
+    return items
+
+
+def recommendation_tags(state: "RunState") -> dict[str, str]:
+    """Was the chosen method among the decision tree's candidates for this task (survey §7.5)?"""
+    from stages.credit import decision_tree
+
+    profile = state.family.profile()
+    if profile is None:
+        return {"creditflow.method_in_recommended": "unknown (task family declares no profile)"}
+    recs = decision_tree.recommend(decision_tree.TaskProfile.from_dict(profile), top_k=5)
+    names = [r.method for r in recs]
+    return {
+        "creditflow.task_profile": json.dumps(profile, sort_keys=True),
+        "creditflow.recommended_methods": ",".join(names),
+        "creditflow.method_in_recommended": str(state.obj.credit.method in names).lower(),
+    }
+
+
+def sandbox_tags(state: "RunState") -> dict[str, str]:
+    """Which sandbox backend the run's environments execute in, and the image (its digest)."""
+    if not state.family.needs_sandbox:
+        return {"creditflow.sandbox": "none (the task family executes no code)"}
+    backend = state.sandbox_backend
+    tags = {"creditflow.sandbox": str(getattr(backend, "chosen", backend.name)),
+            "creditflow.sandbox.requested": str(getattr(backend, "requested", state.obj.sandbox.backend))}
+    digest = getattr(backend, "image_digest", None)
+    if digest:
+        tags["creditflow.sandbox.image"] = str(getattr(backend, "image", state.obj.sandbox.image))
+        tags["creditflow.sandbox.image_digest"] = str(digest)
+    return tags
+
+
+def checklist_tags(state: "RunState", items: list) -> dict[str, str]:
+    return {**checklist_mod.as_tags(items), **{k: str(v) for k, v in state.checklist_raw.items()}}
+
+
+def iteration_metrics(results: dict[str, Any]) -> dict[str, float]:
+    """One iteration's MLflow metrics from its stage results: per-stage wall/CPU time and overhead
+    counters, and each stage's statistics under its name (finite numbers only)."""
+    m: dict[str, float] = {}
+    for stage, r in results.items():
+        m[f"time.{stage}_seconds"] = r.wall_seconds
+        m[f"time.{stage}_cpu_seconds"] = r.cpu_seconds
+        for k, v in r.overhead.as_dict().items():
+            if k != "wall_seconds" and v:
+                m[f"overhead.{stage}.{k}"] = float(v)
+    m["overhead.credit.wall_seconds"] = results["credit"].overhead.wall_seconds
+    for k, v in results["rollout"].stats.items():
+        m[f"rollout.{k}"] = v
+    for k, v in results["reward"].stats.items():
+        m[f"reward.{k}"] = v
+    for k, v in results["credit"].stats.items():
+        m[f"credit.{k}"] = v
+    for k, v in results["update"].stats.items():
+        m[f"update.{k}"] = v
+    return {k: float(v) for k, v in m.items() if isinstance(v, (int, float)) and math.isfinite(float(v))}
+
+
+def log_heatmap(tracker: Tracker, batch: Optional[Batch], credit: Optional[CreditResult], iteration: int) -> None:
+    """The credit heatmap of an iteration as a PNG artifact; a plotting error is a warning only."""
+    try:
+        from flows.heatmap import credit_heatmap
+
+        fig = credit_heatmap(batch, credit, title=f"iteration {iteration}")
+        tracker.log_figure(fig, f"heatmaps/credit_iter_{iteration:04d}.png")
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
+    except TrackingUnavailableError:  # the store, not the plot: the run must fail clearly (journal kept)
+        raise
+    except Exception as exc:  # plotting must never kill training; say why
+        print(f"warning: credit heatmap for iteration {iteration} failed: {exc}", file=sys.stderr)

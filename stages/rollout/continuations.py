@@ -1,0 +1,148 @@
+"""Extra rollouts a credit method asks for: Monte Carlo continuations, interventions, greedy episodes.
+
+* :class:`MCContinuations` — the ``mc_rollouts`` need (:class:`~stages.credit.base.MCRollouts`):
+  Monte Carlo continuations with the current policy from inside the batch's episodes (VinePPO
+  §3.1.1, SPO, Math-Shepherd process rewards). The environment of the prefix is restored by
+  *replay* (:func:`environments.start.replay_environments`): a fresh environment of the same
+  instance and episode seed is reset and given the recorded actions of the earlier turns (each
+  replayed observation is checked against the recorded one). Replay works for every family,
+  survives resume (nothing live is persisted) and costs only environment steps, which are counted.
+  Continuations of one prefix share the environment's random stream (same episode seed), so on
+  stochastic environments they differ only by the policy's samples. With ``replacements`` a
+  start's turn is *intervened on* (InT, Yang et al. 2026): the environment is restored to the
+  state before that turn, the given text is taken as the turn's action (tokenized, not
+  generated) and the policy generates the rest of the episode, scored by the family's verifier.
+* :class:`GreedyRollout` — the ``greedy_rollout`` need (ReMax, Li et al. 2024): one argmax
+  (temperature 0) episode per task instance of the batch, with the group's episode seed; each
+  trajectory gets its instance's greedy return as baseline.
+
+Both play through a :class:`environments.start.SlotPlayer` and count what they spend (extra
+forward passes and generated tokens, environment resets and steps) in an
+:class:`~stages.schema.Overhead`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Callable, Optional
+
+import torch
+
+from environments.construct import EnvBatch, EnvSlot
+from environments.start import SlotPlayer
+from stages.reward.verifier import compute_rewards
+from stages.schema import Batch, Overhead
+
+#: the stage seed of one named draw of the iteration (``lambda name: run.seed_for(iteration, name)``)
+SeedFor = Callable[[str], int]
+
+
+def _returns(batch: Batch) -> list[float]:
+    """Each trajectory's return: terminal reward plus its turns' rewards."""
+    return [t.reward + sum(turn.reward for turn in t.turns) for t in batch.trajectories]
+
+
+class GreedyRollout:
+    """``batch -> ((B,) greedy return of each trajectory's task instance, Overhead)`` (ReMax)."""
+
+    def __init__(self, player: SlotPlayer, envb: EnvBatch, seed_for: SeedFor):
+        self.player, self.envb, self.seed_for = player, envb, seed_for
+
+    def __call__(self, batch: Batch) -> tuple[torch.Tensor, Overhead]:
+        first: dict[int, EnvSlot] = {}
+        for slot in self.envb.slots:
+            first.setdefault(slot.group_id, replace(slot, uid=f"{slot.uid}-greedy"))
+        engine = self.player.engine
+        forwards = engine.stats["forward_passes"]
+        gbatch, overhead, tokens = self.player.play(list(first.values()), self.seed_for("greedy"), 0.0)
+        gbatch, _, _ = compute_rewards(gbatch, self.player.family)
+        ret = {t.group_id: r for t, r in zip(gbatch.trajectories, _returns(gbatch))}
+        overhead.extra_tokens = tokens
+        overhead.extra_forward_passes = int(engine.stats["forward_passes"] - forwards)
+        return torch.tensor([ret[t.group_id] for t in batch.trajectories]), overhead
+
+
+class MCContinuations:
+    """Monte Carlo continuations with the current policy from inside the batch's episodes
+    (the :class:`~stages.credit.base.MCRollouts` protocol). All ``N*k`` continuations of a call
+    are generated together, turn by turn, in batched engine calls."""
+
+    def __init__(self, player: SlotPlayer, envb: EnvBatch, batch: Batch, seed_for: SeedFor):
+        self.player, self.envb, self.batch, self.seed_for = player, envb, batch, seed_for
+        self.slots = {s.uid: s for s in envb.slots}
+        self.calls = 0
+        #: per start of the last call: each continuation's action texts (for logging interventions)
+        self.last_continuations: list[list[list[str]]] = []
+
+    def _locate(self, row: int, pos: int) -> Optional[int]:
+        """Index of the turn whose action starts at or contains ``pos``; None past the last action."""
+        traj = self.batch.trajectories[row]
+        for turn in traj.turns:
+            a, b = turn.action_span
+            if a <= pos < b or (pos == a):
+                return turn.index
+            if pos < a:
+                break
+        if traj.turns and pos >= traj.turns[-1].action_span[1]:
+            return None
+        raise ValueError(
+            f"mc_rollouts: position {pos} of trajectory {traj.uid} is inside an observation, not on a policy "
+            f"action (turn action spans: {[t.action_span for t in traj.turns]})"
+        )
+
+    def __call__(self, starts: list[tuple[int, int]], k: int,
+                 replacements: Optional[list[Optional[str]]] = None) -> tuple[torch.Tensor, Overhead]:
+        from stages.rollout.agent_loop import EpisodeStart
+
+        if k < 1:
+            raise ValueError(f"mc_rollouts: k must be >= 1, got {k}")
+        if replacements is not None and len(replacements) != len(starts):
+            raise ValueError(f"mc_rollouts: {len(replacements)} replacements for {len(starts)} starts")
+        player = self.player
+        returns = torch.zeros((len(starts), k), dtype=torch.float32)
+        slots, eps, replays, where, uids = [], [], [], [], []
+        self.last_continuations = [[] for _ in starts]
+        for n, (row, pos) in enumerate(starts):
+            if not 0 <= row < len(self.batch):
+                raise ValueError(f"mc_rollouts: row {row} outside the batch of {len(self.batch)} trajectories")
+            traj = self.batch.trajectories[row]
+            t = self._locate(row, pos)
+            if t is None:  # the episode is over at this point: nothing more to collect
+                continue
+            a = traj.turns[t].action_span[0]
+            slot = self.slots.get(traj.uid)
+            if slot is None:
+                raise ValueError(f"mc_rollouts: trajectory {traj.uid} is not in this iteration's environment batch")
+            text = None if replacements is None else replacements[n]
+            forced = None
+            if text is not None:  # an intervention: turn t's action is replaced by ``text`` (InT)
+                if pos != a:
+                    raise ValueError(f"mc_rollouts: a replacement needs a start at a turn's action start "
+                                     f"({a} for turn {t} of {traj.uid}), got position {pos}")
+                forced = list(player.tokenizer(text, add_special_tokens=False)["input_ids"])
+                if not forced:
+                    raise ValueError(f"mc_rollouts: replacement {text!r} for turn {t} of {traj.uid} has no tokens")
+            for j in range(k):
+                slots.append(slot)
+                uids.append(f"{traj.uid}-{'iv' if forced is not None else 'mc'}{pos}-{j}")
+                eps.append(EpisodeStart(prompt_ids=traj.prompt_ids, response_ids=traj.response_ids[:pos],
+                                        partial_action=traj.response_ids[a:pos], prompt_text=traj.prompt_text,
+                                        forced_action=forced))
+                replays.append(traj.turns[:t])
+                where.append((n, j))
+        self.calls += 1
+        if not slots:
+            return returns, Overhead()
+        forwards = player.engine.stats["forward_passes"]
+        seed = self.seed_for(f"mc{self.calls}")
+        cont, overhead, tokens = player.play(slots, seed, player.rollout.temperature,
+                                             starts=eps, replay=replays, uids=uids)
+        cont, _, _ = compute_rewards(cont, player.family)
+        rtg = torch.tensor(_returns(cont), dtype=torch.float32)
+        idx = torch.tensor(where, dtype=torch.long)
+        returns[idx[:, 0], idx[:, 1]] = rtg
+        for (n, _), traj in zip(where, cont.trajectories):  # what each continuation did, for the record
+            self.last_continuations[n].append([turn.action_text for turn in traj.turns])
+        overhead.extra_tokens = tokens
+        overhead.extra_forward_passes = int(player.engine.stats["forward_passes"] - forwards)
+        return returns, overhead
