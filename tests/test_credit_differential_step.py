@@ -282,6 +282,7 @@ def test_treg_redistributes_the_outcome_along_each_response(tiny):
         assert float(res.advantages[b, hi]) > float(res.advantages[b, lo])
     # agree: every row sums to GRPO's (the outcome fixes each response's total credit) ...
     assert torch.allclose(res.advantages.sum(-1), g.sum(-1), atol=1e-5)
+    assert res.stats["row_sum_shift_max"] < 1e-5
     assert (g[3:] == 0).all() and float(res.advantages[3:].abs().max()) > 1e-5
     # ... and the self-reward never flips the outcome's sign where GRPO has one
     s = m & (g != 0)

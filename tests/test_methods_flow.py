@@ -75,6 +75,7 @@ def _check_t_reg(client, run, m):
     assert abs(m["credit.method.token_reward_mean"]) <= m["credit.method.token_reward_abs_mean"]
     assert 0 <= m["credit.method.positive_token_fraction"] <= 1
     assert m["credit.method.scored_tokens"] > 2 * m["credit.policy_tokens"]  # prompts + responses, twice
+    assert m["credit.method.row_sum_shift_max"] < 1e-5  # redistribute (default): each response keeps GRPO's total
 
 
 def _check_acpo(client, run, m):

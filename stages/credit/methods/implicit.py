@@ -136,7 +136,7 @@ def _encode(tokenizer: Any, text: str) -> list[int]:
 @dataclass
 class TREGConfig(CreditConfig):
     method: str = param("t_reg", help="credit-assignment method (registry name; T-REG, Zhou et al. 2024)")
-    reg_weight: float = param(0.1, help="weight of the self-generated token rewards added to the GRPO advantage (0 = GRPO exactly)")
+    reg_weight: float = param(0.1, help="weight of the self-generated token rewards (centred per response when redistribute) added to the GRPO advantage (0 = GRPO exactly)")
     good_instruction: str = param("Solve this correctly, checking every step.\n", help="contrastive prompt that elicits good responses (Zhou et al. 2024, contrastive self-prompting)")
     bad_instruction: str = param("Solve this carelessly, with mistakes.\n", help="contrastive prompt that elicits bad responses (Zhou et al. 2024)")
     squash: str = param("sigmoid", help="token reward from the log-prob difference d: sigmoid (sigmoid(d) - 1/2, bounded) | none (d)", choices=("sigmoid", "none"))
@@ -217,6 +217,8 @@ class TREG(CreditMethod):
             "token_reward_abs_mean": float(tok.abs().sum() / n),
             "positive_token_fraction": float(((tok > 0) & (mask > 0)).sum() / n),
             "reg_weight": float(cfg.reg_weight),
+            # how far a response's summed advantage moved from GRPO's (0 with redistribute)
+            "row_sum_shift_max": float(((adv - base) * mask).sum(-1).abs().max()),
         }
         n_tokens = int(sum(len(t.prompt_ids) + len(t.response_ids) for t in batch.trajectories))
         overhead = Overhead(extra_forward_passes=passes)
