@@ -266,13 +266,17 @@ def test_treg_redistributes_the_outcome_along_each_response(tiny):
         tr.reward, tr.success = 1.0, True
     t = batch.to_tensors(pad_token_id=tok.pad_token_id)
     scorer = PolicyScorer(model, tok.pad_token_id)
-    res = method("t_reg", reg_weight=0.1)(t, batch, CreditContext(scorer=scorer, tokenizer=tok))
+    treg = method("t_reg", reg_weight=0.1)
+    res = treg(t, batch, CreditContext(scorer=scorer, tokenizer=tok))
     g = grpo(t, batch)
     m = t.response_mask != 0
-    r = res.credit
+    # the contrastive token rewards, scored separately (their values are pinned against direct
+    # forwards in tests/test_credit_implicit.py)
+    r, _ = treg.token_rewards(t, batch, CreditContext(scorer=PolicyScorer(model, tok.pad_token_id), tokenizer=tok))
     n = m.sum(-1, keepdim=True)
     diff = res.advantages - g
     assert torch.allclose(diff, 0.1 * (r - r.sum(-1, keepdim=True) / n) * m, atol=1e-6)
+    assert torch.allclose(res.credit, r, atol=1e-6)  # the native credit is the token reward
     # differ: within a response, tokens the good instruction prefers get more credit than GRPO's flat value
     varied = [b for b in range(len(batch)) if int(m[b].sum()) > 1 and float(r[b][m[b]].std()) > 1e-4]
     assert len(varied) >= 4
