@@ -219,9 +219,14 @@ def test_treg_token_rewards_match_direct_contrastive_computation(models, squash)
         assert (res.credit[i, n:] == 0).all()
     assert (res.credit != 0).any()
     grpo = _grpo(t, batch)
-    assert torch.allclose(res.advantages, grpo.advantages + 0.5 * res.credit, atol=1e-6)
+    m = t.response_mask
+    centred = (res.credit - res.credit.sum(-1, keepdim=True) / m.sum(-1, keepdim=True)) * m
+    assert torch.allclose(res.advantages, grpo.advantages + 0.5 * centred, atol=1e-6)
     assert res.overhead.extra_forward_passes == scorer.forward_passes == 1
     assert res.granularity == "token"
+    # redistribute=false: the token rewards are added uncentred
+    raw = cls(cls.Config(reg_weight=0.5, squash=squash, redistribute=False))(t, batch, CreditContext(scorer=scorer, tokenizer=tok))
+    assert torch.allclose(raw.advantages, grpo.advantages + 0.5 * res.credit, atol=1e-6)
 
 
 def test_treg_rejects_unknown_squash_and_needs_scorer(models):

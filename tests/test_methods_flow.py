@@ -19,6 +19,73 @@ CHEAP = {"vineppo": ["credit.k=2"], "spo": ["credit.k=2"], "scar": ["credit.num_
          "int": ["credit.judge_margin=50", "credit.k=1"], "red": ["credit.mc_k=2"]}
 
 
+def _check_capo(client, run, m):
+    """CAPO: one judge call per judged step (votes=1); the penalty is W_process / W_whole."""
+    assert m["credit.method.judged_steps"] > 0
+    assert m["overhead.credit.judge_calls"] == m["credit.method.judged_steps"]
+    assert m["credit.method.penalty"] == pytest.approx(0.5)  # defaults W_process=1, W_whole=2
+    assert 0 <= m["credit.method.wrong_step_fraction"] <= 1 and 0 <= m["credit.method.wrong_token_fraction"] <= 1
+    if m["credit.method.wrong_step_fraction"] > 0:
+        assert m["credit.method.responses_with_wrong_step"] > 0
+    if m["reward.success_rate"] in (0.0, 1.0):  # no outcome signal: the mean credit is the penalty alone
+        assert m["credit.mean"] == pytest.approx(-0.5 * m["credit.method.wrong_token_fraction"], abs=1e-6)
+
+
+def _check_pure(client, run, m):
+    """PURE on the family's binary step checks: a step is capped exactly when it is correct and a
+    later one is not, so mean(r) - mean(min-form return) is the capped fraction; min <= sum form."""
+    assert run.data.params["credit.process_reward"] == "step_check"
+    assert m["credit.method.valid_step_fraction"] == 1.0  # the math family checks every step
+    assert m["credit.method.process_reward_mean"] - m["credit.method.min_form_return_mean"] == pytest.approx(
+        m["credit.method.capped_step_fraction"], abs=1e-6)
+    assert m["credit.method.min_form_return_mean"] <= m["credit.method.sum_form_return_mean"]
+
+
+def _reference_is_the_start_policy(m, key):
+    """Iteration 0: the policy is the frozen reference, so the log-ratio the reference provider
+    yields is float noise only (the provider scores the same tokens under the same weights)."""
+    assert m["overhead.credit.extra_forward_passes"] >= 1  # the reference forward pass
+    assert abs(m[key]) < 1e-4
+
+
+def _check_spro(client, run, m):
+    """SPRO at iteration 0: implicit rewards ~0, so the masked step advantage is ~0."""
+    _reference_is_the_start_policy(m, "credit.method.sequence_implicit_reward_mean")
+    assert m["credit.method.msa_abs_mean"] < 1e-4
+
+
+def _check_prl(client, run, m):
+    """PRL at iteration 0: KL ~0, the entropy-regularized return is the reward; steps are turns."""
+    _reference_is_the_start_policy(m, "credit.method.kl_mean")
+    assert m["credit.method.regularized_return_mean"] == pytest.approx(m["reward.reward_mean"], abs=1e-4)
+    assert m["credit.method.steps_mean"] > 1  # math episodes have several reasoning steps
+
+
+def _check_dpo_implicit(client, run, m):
+    """Implicit DPO credit at iteration 0: the token log-ratios pi/pi_ref are ~0."""
+    _reference_is_the_start_policy(m, "credit.method.sequence_implicit_reward_mean")
+    assert m["credit.method.token_credit_abs_mean"] < 1e-4
+
+
+def _check_t_reg(client, run, m):
+    """T-REG: the contrastive prompts change the policy's log-probs (non-zero, sigmoid-bounded token
+    rewards), scored in batched forwards over both instructions' contexts."""
+    assert m["overhead.credit.extra_forward_passes"] >= 1
+    assert 0 < m["credit.method.token_reward_abs_mean"] < 0.5
+    assert abs(m["credit.method.token_reward_mean"]) <= m["credit.method.token_reward_abs_mean"]
+    assert 0 <= m["credit.method.positive_token_fraction"] <= 1
+    assert m["credit.method.scored_tokens"] > 2 * m["credit.policy_tokens"]  # prompts + responses, twice
+    assert m["credit.method.row_sum_shift_max"] < 1e-5  # redistribute (default): each response keeps GRPO's total
+
+
+def _check_acpo(client, run, m):
+    """ACPO attributed reasoning steps with the policy as scorer (forward passes, no judge calls)."""
+    assert m["credit.method.attributed_steps"] > 0 and m["credit.method.gain_abs_mean"] > 0
+    assert 0 <= m["credit.method.concentration_mean"] <= 1
+    assert m["credit.method.factor_max"] >= 1
+    assert m["overhead.credit.extra_forward_passes"] >= 1 and m.get("overhead.credit.judge_calls", 0) == 0
+
+
 def _check_int(client, run, m):
     """InT really intervened: interventions rolled out (continuations billed), their records logged."""
     assert m["credit.method.interventions"] > 0 and m["credit.method.judged_responses"] > 0
@@ -106,7 +173,9 @@ def _check_scar(client, run, m):
 
 
 #: method-specific checks of the flow-level run beyond "finished with metrics"
-EXTRA = {"int": _check_int, "red": _check_red, "hicra": _check_hicra,
+EXTRA = {"capo": _check_capo, "pure": _check_pure, "spro": _check_spro, "prl": _check_prl,
+         "dpo_implicit": _check_dpo_implicit, "t_reg": _check_t_reg, "acpo": _check_acpo,
+         "int": _check_int, "red": _check_red, "hicra": _check_hicra,
          "vineppo": _check_vineppo, "spo": _check_spo, "tempo": _check_tempo, "scar": _check_scar}
 
 REASONING = sorted(r.registry_name for r in load_inventory()

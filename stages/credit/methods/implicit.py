@@ -136,10 +136,11 @@ def _encode(tokenizer: Any, text: str) -> list[int]:
 @dataclass
 class TREGConfig(CreditConfig):
     method: str = param("t_reg", help="credit-assignment method (registry name; T-REG, Zhou et al. 2024)")
-    reg_weight: float = param(0.1, help="weight of the self-generated token rewards added to the GRPO advantage (0 = GRPO exactly)")
+    reg_weight: float = param(0.1, help="weight of the self-generated token rewards (centred per response when redistribute) added to the GRPO advantage (0 = GRPO exactly)")
     good_instruction: str = param("Solve this correctly, checking every step.\n", help="contrastive prompt that elicits good responses (Zhou et al. 2024, contrastive self-prompting)")
     bad_instruction: str = param("Solve this carelessly, with mistakes.\n", help="contrastive prompt that elicits bad responses (Zhou et al. 2024)")
     squash: str = param("sigmoid", help="token reward from the log-prob difference d: sigmoid (sigmoid(d) - 1/2, bounded) | none (d)", choices=("sigmoid", "none"))
+    redistribute: bool = param(True, help="centre the token rewards on each response's policy tokens, so they redistribute the sequence-level (GRPO) advantage along the response and its row sum stays GRPO's (T-REG guides how the sequence-level reward is distributed over tokens, Zhou et al. 2024); false: add them uncentred")
     norm_adv_by_std: bool = param(True, help="GRPO base advantage: divide by the group std; false: Dr. GRPO")
     epsilon: float = param(1e-6, help="added to the group std (GRPO)", ge=0)
 
@@ -154,11 +155,17 @@ class TREG(CreditMethod):
     rollouts: each response is re-scored after the prompt prefixed with a *good* instruction and
     with a *bad* one (contrastive prompting), and a token that the good instruction makes more
     likely than the bad one earns a positive reward (:func:`contrastive_token_rewards`). In T-REG
-    the token rewards regularize a sequence-level preference objective; here the sequence-level
-    objective is GRPO's and the token rewards regularize its advantage::
+    the token rewards are weak supervision for *how the sequence-level reward is distributed over
+    the tokens* (they regularize DPO's implicit token rewards); here the sequence-level signal is
+    GRPO's advantage and the token rewards redistribute it along the response::
 
-        A_{i,t} = A^GRPO_i + reg_weight * r_{i,t}
+        A_{i,t} = A^GRPO_i + reg_weight * (r_{i,t} - mean_{t' in y_i} r_{i,t'})     # redistribute=true
+        A_{i,t} = A^GRPO_i + reg_weight * r_{i,t}                                  # redistribute=false
 
+    With ``redistribute`` (the default) every response's advantages sum to GRPO's over its policy
+    tokens, ``sum_t A_{i,t} = |y_i| A^GRPO_i``: the outcome fixes each response's total credit
+    and the self-generated rewards only move it between tokens, so a prompt-wide bias of the
+    contrastive scores (every token slightly likelier under the good instruction) is not credit.
     ``reg_weight = 0`` is exactly GRPO. Cost: the scorer's forward passes over the ``2B``
     contrastive contexts (one batched call), recorded as overhead.
     """
@@ -199,13 +206,19 @@ class TREG(CreditMethod):
             return CreditResult(advantages=base, granularity="token", credit=torch.zeros_like(base),
                                 stats={"reg_weight": 0.0})
         tok, passes = self.token_rewards(tensors, batch, ctx)
-        adv = base + cfg.reg_weight * tok * mask
+        shift = tok
+        if cfg.redistribute:  # centre per response: the row's policy tokens keep GRPO's total
+            row_mean = tok.sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1)
+            shift = (tok - row_mean) * mask
+        adv = base + cfg.reg_weight * shift * mask
         n = mask.sum().clamp(min=1)
         stats = {
             "token_reward_mean": float(tok.sum() / n),
             "token_reward_abs_mean": float(tok.abs().sum() / n),
             "positive_token_fraction": float(((tok > 0) & (mask > 0)).sum() / n),
             "reg_weight": float(cfg.reg_weight),
+            # how far a response's summed advantage moved from GRPO's (0 with redistribute)
+            "row_sum_shift_max": float(((adv - base) * mask).sum(-1).abs().max()),
         }
         n_tokens = int(sum(len(t.prompt_ids) + len(t.response_ids) for t in batch.trajectories))
         overhead = Overhead(extra_forward_passes=passes)
