@@ -564,7 +564,7 @@ def test_scar_with_the_real_policy_scorer_is_efficient_and_symmetric(tiny):
     values sum to ``v(all) - v(empty)`` (checked against direct forward passes) and two adjacent
     identical steps are symmetric players; the advantages of the reasoning steps average to
     GRPO's and differ from it in proportion to the Shapley shares."""
-    from stages.reward.judge import HFScorer
+    from stages.rollout.scorer import HFScorer
 
     model, tok = tiny
     enc = lambda s: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731

@@ -20,7 +20,9 @@ import torch
 
 from stages.credit import functional as F
 from stages.credit.base import CreditContext, build_method, get_method_class
-from stages.reward.judge import HFJudge, HFScorer, step_prompt
+from stages.reward.judge_hf import HFJudge
+from stages.reward.judge_prompts import step_prompt
+from stages.rollout.scorer import HFScorer
 from stages.rollout.config import ModelConfig
 from stages.rollout.policy import build_tiny_policy
 from stages.schema import Batch
@@ -29,7 +31,6 @@ from tests.test_credit_acpo import make_batch as acpo_batch
 from tests.test_credit_capo_int import EPISODES as CAPO_EPISODES
 from tests.test_credit_capo_int import ScriptedJudge
 from tests.test_credit_capo_int import make_batch as capo_batch
-from tests.test_credit_hicra import make_batch as hicra_batch
 from tests.test_credit_implicit import make_batch as implicit_batch
 from tests.test_credit_process import FixedProcessRewards, make_traj, random_batch
 
@@ -258,21 +259,20 @@ def test_treg_redistributes_the_outcome_along_each_response(tiny):
     """Real contrastive scoring by the tiny policy. T-REG's advantages differ from GRPO's token by
     token (by reg_weight times the centred token reward), but every response keeps GRPO's total:
     row sums equal GRPO's, also in a group where every response succeeds (GRPO 0, T-REG not)."""
-    from flows.providers import PolicyScorer
 
     model, tok = tiny
     batch = implicit_batch(tok, groups=2, per_group=3, seed=6)
     for tr in batch.trajectories[3:]:
         tr.reward, tr.success = 1.0, True
     t = batch.to_tensors(pad_token_id=tok.pad_token_id)
-    scorer = PolicyScorer(model, tok.pad_token_id)
+    scorer = HFScorer(model, tok.pad_token_id, batch_size=None, max_tokens=None)
     treg = method("t_reg", reg_weight=0.1)
     res = treg(t, batch, CreditContext(scorer=scorer, tokenizer=tok))
     g = grpo(t, batch)
     m = t.response_mask != 0
     # the contrastive token rewards, scored separately (their values are pinned against direct
     # forwards in tests/test_credit_implicit.py)
-    r, _ = treg.token_rewards(t, batch, CreditContext(scorer=PolicyScorer(model, tok.pad_token_id), tokenizer=tok))
+    r, _ = treg.token_rewards(t, batch, CreditContext(scorer=HFScorer(model, tok.pad_token_id, batch_size=None, max_tokens=None), tokenizer=tok))
     n = m.sum(-1, keepdim=True)
     diff = res.advantages - g
     assert torch.allclose(diff, 0.1 * (r - r.sum(-1, keepdim=True) / n) * m, atol=1e-6)
@@ -340,41 +340,5 @@ def test_acpo_reweights_reasoning_steps_by_their_information_gain(tiny):
     assert reshaped >= 2  # differ: the attribution really reshapes multi-step responses
 
 
-# --------------------------------------------------------------------------------------------
-# HICRA: planning tokens amplified
-# --------------------------------------------------------------------------------------------
-
-
-def test_hicra_amplifies_planning_steps_and_leaves_procedural_ones_at_grpo():
-    """A hand-built batch with planning steps (strategic grams: "Let's try", "First", "Wait",
-    "alternatively") among procedural ones (computations, answers). Planning tokens get
-    (1 + alpha) GRPO where GRPO > 0 and (1 - alpha) GRPO where it is < 0; procedural tokens and
-    the all-failed group (GRPO 0) agree with GRPO exactly."""
-    episodes = [
-        (["Let's try the product first", "4*2=8", "3+8=11", "answer 11"], 1.0, 0),
-        (["3+4=7", "7*2=14", "answer 14"], 0.0, 0),
-        (["4*2=8", "Wait, we need to add 3", "3+8=11", "answer 11"], 1.0, 0),
-        (["First, alternatively add 3 and 4", "7*2=14", "answer 14"], 0.0, 0),
-        (["Let's try 5+1", "5+1=7", "answer 7"], 0.0, 1),
-        (["5+1=8", "answer 8"], 0.0, 1),
-    ]
-    planning = {(0, 0), (2, 1), (3, 0), (4, 0)}
-    batch = hicra_batch(episodes)
-    t = batch.to_tensors()
-    alpha = 0.5
-    res = method("hicra", alpha=alpha)(t, batch, CreditContext())
-    g = grpo(t, batch)
-    seen = set()
-    for b, (steps, _, _) in enumerate(episodes):
-        for k in range(len(steps)):
-            sel = step_tokens(t, b, k)
-            a, base = res.advantages[b][sel], g[b][sel]
-            if (b, k) in planning:
-                sign = float(torch.sign(base[0]))
-                assert torch.allclose(a, (1 + alpha * sign) * base, atol=1e-6), (b, k)  # differ: amplified
-                seen.add(sign)
-            else:
-                assert torch.equal(a, base), (b, k)  # agree: procedural step
-    assert seen == {1.0, -1.0, 0.0}  # a success, a failure and a zero-advantage planning step
-    assert (res.advantages[4:] == g[4:]).all()
-    assert res.stats["planning_token_fraction"] > 0
+# HICRA's differential test against GRPO lives with its planning split (the family's declared
+# planning text, token by token): tests/test_credit_hicra.py::test_amplification_on_planning_tokens_only
