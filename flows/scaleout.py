@@ -141,7 +141,7 @@ class ShardContext:
         r = self.obj.rollout
         if r.engine == "hf":
             return HFEngine(self.policy, pad_token_id=getattr(self.tokenizer, "pad_token_id", None))
-        from stages.rollout.engine import make_engine
+        from stages.rollout.engines import make_engine
 
         # vllm: per-request seeds already; with vllm_url the worker is one more client of the shared server
         return make_engine(r, self.policy, self.tokenizer, seed=self.obj.seed)

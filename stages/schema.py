@@ -27,6 +27,8 @@ from typing import Any, Optional
 
 import torch
 
+from environments.ground_truth import GroundTruthCredit
+
 #: Granularities of credit, the first axis of the survey's taxonomy (§2.4).
 GRANULARITIES = ("episode", "token", "segment", "step", "turn", "multi-agent")
 
@@ -49,20 +51,6 @@ class Turn:
     #: the environment's parse of the action (e.g. "A"); None if the action was invalid
     action: Optional[str] = None
     info: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class GroundTruthCredit:
-    """Exact credit of each turn on a benchmark task with a known MDP (survey §9.3).
-
-    ``advantage[t] = Q(s_t, a_t) - V(s_t)`` under ``reference_policy``; ``value[t] = V(s_t)``.
-    """
-
-    value: list[float]
-    q_value: list[float]
-    advantage: list[float]
-    decisive: list[bool]
-    reference_policy: str = "uniform"
 
 
 @dataclass

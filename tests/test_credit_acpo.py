@@ -11,7 +11,9 @@ import torch
 
 import stages.credit.methods.attribution  # noqa: F401  (registers acpo)
 from stages.credit import functional as F
-from stages.credit.base import CreditContext, build_method, get_method_class
+import stages.credit.methods  # noqa: F401  (registers the built-in methods)
+from stages.credit.base import CreditContext
+from stages.credit.registry import build_method, get_method_class
 from stages.reward.judge import HFScorer
 from stages.rollout.config import ModelConfig
 from stages.rollout.policy import build_tiny_policy

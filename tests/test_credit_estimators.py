@@ -10,7 +10,9 @@ import pytest
 import torch
 
 from stages.credit import functional as F
-from stages.credit.base import CreditContext, build_method, get_method_class, method_names
+import stages.credit.methods  # noqa: F401  (registers the built-in methods)
+from stages.credit.base import CreditContext
+from stages.credit.registry import build_method, get_method_class, method_names
 from stages.schema import Batch, BatchTensors
 
 try:  # the loop reference lives next to this file (tests/ is not a package)

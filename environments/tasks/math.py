@@ -79,10 +79,10 @@ from environments.base import (
     TaskInstance,
     derive_seed,
     hash_split,
-    register_family,
     require_spec,
 )
-from stages.schema import GroundTruthCredit
+from environments.registry import register_family
+from environments.ground_truth import GroundTruthCredit
 from stages.config_fields import param
 
 KINDS = ("arith", "linear", "word")

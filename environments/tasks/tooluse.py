@@ -66,9 +66,9 @@ from environments.base import (
     TaskInstance,
     derive_seed,
     hash_split,
-    register_family,
     require_spec,
 )
+from environments.registry import register_family
 from environments.tasks.math import ParseError, evaluate, format_number, parse_answer
 from stages.config_fields import param
 

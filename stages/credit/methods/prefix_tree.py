@@ -40,7 +40,8 @@ import numpy as np
 import torch
 
 from stages.credit import functional as F
-from stages.credit.base import CreditConfig, CreditContext, CreditMethod, register_method
+from stages.credit.base import CreditConfig, CreditContext, CreditMethod
+from stages.credit.registry import register_method
 from stages.schema import Batch, BatchTensors, CreditResult
 from stages.config_fields import param
 

@@ -29,7 +29,10 @@ from dataclasses import dataclass
 import torch
 
 from stages.credit import functional as F
-from stages.credit.base import CreditConfig, CreditContext, CreditMethod, register_method
+from stages.credit.base import CreditConfig, CreditContext, CreditMethod
+from stages.credit.ref_logratio import ref_logratio
+from stages.credit.registry import register_method
+from stages.credit.segments import policy_token_mask, steps_to_tokens
 from stages.reward.process import ProcessRewardConfig
 from stages.schema import Batch, BatchTensors, CreditResult, Overhead
 from stages.config_fields import param
@@ -37,20 +40,6 @@ from stages.config_fields import param
 # --------------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------------
-
-
-def _mask(tensors: BatchTensors) -> torch.Tensor:
-    return (tensors.response_mask != 0).float()
-
-
-def steps_to_tokens(step_values: torch.Tensor, turn_ids: torch.Tensor) -> torch.Tensor:
-    """(B, K) step values -> (B, R): each policy token gets its step's value; 0 off-policy and
-    where the step value is nan."""
-    K = step_values.shape[1]
-    valid = (turn_ids >= 0) & (turn_ids < K)
-    vals = torch.nan_to_num(step_values, nan=0.0)
-    out = vals.gather(1, turn_ids.clamp(min=0, max=max(K - 1, 0)))
-    return out * valid.to(out.dtype)
 
 
 def _step_valid(step_values: torch.Tensor, num_turns: torch.Tensor) -> torch.Tensor:
@@ -71,27 +60,9 @@ def _get_process_rewards(name: str, tensors: BatchTensors, batch: Batch, ctx: Cr
     return rewards[:, :K], overhead
 
 
-def _ref_logratio(name: str, tensors: BatchTensors, ctx: CreditContext) -> torch.Tensor:
-    """(B, R) ``log pi_old - log pi_ref`` on policy tokens, 0 elsewhere."""
-    ref = ctx.ref_logprobs
-    assert ref is not None  # CreditMethod.__call__ checked ``needs``
-    ref = torch.as_tensor(ref, dtype=torch.float32)
-    if tuple(ref.shape) != tuple(tensors.old_logprobs.shape):
-        raise ValueError(
-            f"credit method {name!r}: ref_logprobs must have shape (B, R) = {tuple(tensors.old_logprobs.shape)}, "
-            f"got {tuple(ref.shape)}"
-        )
-    mask = _mask(tensors)
-    bad = ~torch.isfinite(ref) & (mask > 0)
-    if bool(bad.any()):
-        b, j = (int(x) for x in bad.nonzero()[0])
-        raise ValueError(f"credit method {name!r}: ref_logprobs[{b}, {j}] must be finite on a policy token, got {float(ref[b, j])}")
-    return (tensors.old_logprobs.float() - ref) * mask
-
-
 def _outcome(tensors: BatchTensors) -> torch.Tensor:
     """(B,) total reward of each episode (terminal + turn rewards), as GRPO scores it."""
-    return (tensors.token_level_rewards.float() * _mask(tensors)).sum(-1)
+    return (tensors.token_level_rewards.float() * policy_token_mask(tensors)).sum(-1)
 
 
 def _loo_mean(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -189,7 +160,7 @@ class PURE(CreditMethod):
         step_adv = torch.where(valid, G - baseline.unsqueeze(1), torch.zeros_like(G))
         outcome = _outcome(tensors)
         a_out = outcome - _loo_mean(outcome, tensors.index)
-        mask = _mask(tensors)
+        mask = policy_token_mask(tensors)
         adv = (cfg.process_weight * steps_to_tokens(step_adv, tensors.turn_ids) + cfg.outcome_weight * a_out.unsqueeze(1)) * mask
         credit = cfg.process_weight * step_adv + cfg.outcome_weight * a_out.unsqueeze(1)
         present = torch.arange(G.shape[1]).unsqueeze(0) < tensors.num_turns.unsqueeze(1)
@@ -282,8 +253,8 @@ class SPRO(CreditMethod):
 
     def assign(self, tensors: BatchTensors, batch: Batch, ctx: CreditContext) -> CreditResult:
         cfg: SPROConfig = self.cfg  # type: ignore[assignment]
-        mask = _mask(tensors)
-        lr = _ref_logratio(self.name, tensors, ctx)
+        mask = policy_token_mask(tensors)
+        lr = ref_logratio(self.name, tensors, ctx)
         cum = cfg.beta * lr.cumsum(-1) * mask  # masked positions add 0, so this is the sum over policy tokens <= t
         msa = masked_step_advantage(cum, mask, tensors.index)
         rewards = tensors.token_level_rewards.float()
@@ -373,8 +344,8 @@ class PRL(CreditMethod):
 
     def assign(self, tensors: BatchTensors, batch: Batch, ctx: CreditContext) -> CreditResult:
         cfg: PRLConfig = self.cfg  # type: ignore[assignment]
-        mask = _mask(tensors)
-        lr = _ref_logratio(self.name, tensors, ctx)
+        mask = policy_token_mask(tensors)
+        lr = ref_logratio(self.name, tensors, ctx)
         if cfg.step_unit == "turn":
             step_ids = tensors.turn_ids
             K = max(tensors.max_turns, 1)

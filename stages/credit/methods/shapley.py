@@ -45,8 +45,9 @@ from dataclasses import dataclass
 import torch
 
 from stages.credit import functional as F
-from stages.credit.base import CreditConfig, CreditContext, CreditMethod, Scorer, register_method
-from stages.credit.methods.montecarlo import Segments, broadcast, step_segments
+from stages.credit.base import CreditConfig, CreditContext, CreditMethod, Scorer
+from stages.credit.registry import register_method
+from stages.credit.segments import Segments, broadcast, step_segments
 from stages.schema import Batch, BatchTensors, CreditResult, Overhead
 from stages.config_fields import param
 
