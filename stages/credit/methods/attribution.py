@@ -47,6 +47,7 @@ from dataclasses import dataclass
 import torch
 
 from stages.credit import functional as F
+from stages.credit.group_stats import group_ids
 from stages.credit.base import CreditConfig, CreditContext, CreditMethod
 from stages.credit.registry import register_method
 from stages.reward.judge import judge_overhead, usage
@@ -185,7 +186,7 @@ class ACPO(CreditMethod):
             succ = torch.tensor([float(t.success) for t in batch.trajectories])
         else:
             succ = (total > 0).float()
-        gid, G = F.group_ids(tensors.index, B, device=total.device)
+        gid, G = group_ids(tensors.index, B, device=total.device)
         cnt = torch.zeros(G).index_add_(0, gid, torch.ones(B))
         acc = torch.zeros(G).index_add_(0, gid, succ) / cnt.clamp(min=1)
         return 1 + cfg.difficulty_weight * (1 - acc[gid])

@@ -29,6 +29,8 @@ from dataclasses import dataclass
 import torch
 
 from stages.credit import functional as F
+from stages.credit.group_stats import group_ids, group_stats
+from stages.credit.reverse_scan import pack_left, pack_slots
 from stages.credit.base import CreditConfig, CreditContext, CreditMethod
 from stages.credit.ref_logratio import ref_logratio
 from stages.credit.registry import register_method
@@ -67,7 +69,7 @@ def _outcome(tensors: BatchTensors) -> torch.Tensor:
 
 def _loo_mean(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """(B,) mean of ``x`` over the *other* rows of each row's group (0 for singleton groups)."""
-    gid, G = F.group_ids(index, x.shape[0], device=x.device)
+    gid, G = group_ids(index, x.shape[0], device=x.device)
     n = torch.zeros(G, dtype=x.dtype).index_add_(0, gid, torch.ones_like(x))[gid]
     tot = torch.zeros(G, dtype=x.dtype).index_add_(0, gid, x)[gid]
     return torch.where(n > 1, (tot - x) / (n - 1).clamp(min=1), torch.zeros_like(x))
@@ -198,11 +200,11 @@ def masked_step_advantage(cum_rewards: torch.Tensor, response_mask: torch.Tensor
     (B, R), 0 off the policy tokens. Implementation: pack each row's policy tokens to the left,
     segment-mean per (group, step) with ``index_add_``, gather back."""
     B, R = cum_rewards.shape
-    m, excl, slot = F._pack_slots(response_mask)
-    x = F._pack_left(cum_rewards.float(), slot, R + 1)[:, :R]
+    m, excl, slot = pack_slots(response_mask)
+    x = pack_left(cum_rewards.float(), slot, R + 1)[:, :R]
     n_pol = m.sum(-1)
     active = (torch.arange(R).unsqueeze(0) < n_pol.unsqueeze(1)).float()
-    gid, G = F.group_ids(index, B)
+    gid, G = group_ids(index, B)
     sums = torch.zeros(G, R).index_add_(0, gid, x * active)
     counts = torch.zeros(G, R).index_add_(0, gid, active)
     base = (sums / counts.clamp(min=1))[gid]
@@ -357,7 +359,7 @@ class PRL(CreditMethod):
         outcome = _outcome(tensors)
         r, present = prl_process_rewards(outcome, lr, step_ids, cfg.beta, K)
         final = outcome - cfg.beta * lr.sum(-1)  # entropy-regularized return of each response
-        _, mean, std, _ = F._group_stats(final, tensors.index, with_std=cfg.norm_adv_by_std)
+        _, mean, std, _ = group_stats(final, tensors.index, with_std=cfg.norm_adv_by_std)
         step_adv = r - mean.unsqueeze(1)
         if cfg.norm_adv_by_std:
             step_adv = step_adv / (std.unsqueeze(1) + cfg.epsilon)

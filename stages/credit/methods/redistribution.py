@@ -40,7 +40,7 @@ from dataclasses import dataclass
 
 import torch
 
-from stages.credit import functional as F
+from stages.credit.group_stats import group_stats
 from stages.credit.base import CreditConfig, CreditContext, CreditMethod
 from stages.credit.registry import register_method
 from stages.credit.segments import Segments, broadcast, step_segments
@@ -59,7 +59,7 @@ def group_episode_advantages(
     singleton groups use mean 0 and std 1 (verl's rule). Absent steps: nan."""
     r = torch.where(present, step_rewards, torch.zeros_like(step_rewards))
     ret = r.sum(-1)
-    _, mean, std, _ = F._group_stats(ret, index, with_std=True)
+    _, mean, std, _ = group_stats(ret, index, with_std=True)
     n = present.sum(-1, keepdim=True).to(r.dtype)
     adv = n * r - mean.unsqueeze(-1)
     if norm_adv_by_std:
@@ -174,7 +174,7 @@ class RED(CreditMethod):
         mask = (tensors.response_mask != 0).to(rewards.dtype)
         holistic = (rewards * mask).sum(-1).double()
         if cfg.empty_score == "group_mean":
-            count, mean, _, _ = F._group_stats(holistic, tensors.index, with_std=False)
+            count, mean, _, _ = group_stats(holistic, tensors.index, with_std=False)
             empty = torch.where(count > 1, mean, holistic)  # a singleton's group mean is itself
         elif cfg.empty_score == "first_step":
             empty = torch.nan_to_num(scores[:, 0], nan=0.0)
