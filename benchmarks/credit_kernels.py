@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from stages.credit import functional as F  # noqa: E402
+from stages.credit.masked_stats import masked_whiten  # noqa: E402
 from tests import reference_estimators as ref  # noqa: E402
 
 # --------------------------------------------------------------------------------------------
@@ -51,7 +52,7 @@ def verl_style_gae(token_level_rewards, values, response_mask, gamma, lam):
         out.append(lastgaelam)
     advantages = torch.stack(out[::-1], dim=1)
     returns = advantages + values
-    return F.masked_whiten(advantages, response_mask), returns
+    return masked_whiten(advantages, response_mask), returns
 
 
 @torch.no_grad()
@@ -63,7 +64,7 @@ def verl_style_reinforce_pp(token_level_rewards, response_mask, gamma):
         new = token_level_rewards[:, t] + gamma * running
         returns[:, t] = new * m
         running = new * m + running * (1 - m)
-    return F.masked_whiten(returns, response_mask) * response_mask, returns
+    return masked_whiten(returns, response_mask) * response_mask, returns
 
 
 @torch.no_grad()

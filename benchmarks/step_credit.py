@@ -42,7 +42,8 @@ import torch  # noqa: E402
 from flows import train  # noqa: E402
 from flows.config import load_config  # noqa: E402
 from flows.runtime import RunState  # noqa: E402
-from stages.credit.base import build_method  # noqa: E402
+import stages.credit.methods  # noqa: E402,F401  (registers the built-in methods)
+from stages.credit.registry import build_method  # noqa: E402
 from stages.credit.inventory import load_inventory  # noqa: E402
 from stages.credit.stats import credit_statistics  # noqa: E402
 from stages.rollout.policy import pad_token_id  # noqa: E402
@@ -59,7 +60,7 @@ PROCESS_SOURCES = {"mc": ["credit.process_reward=mc", "credit.mc_k=4"], "step_ch
 
 def variants(name: str) -> list[tuple[str, list[str]]]:
     """(label, overrides) rows of the table for one registry method."""
-    from stages.credit.base import get_method_class
+    from stages.credit.registry import get_method_class
 
     cls = get_method_class(name)
     base = [f"credit={name}", *CHEAP.get(name, [])]

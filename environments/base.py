@@ -7,8 +7,8 @@ observation. Families that execute untrusted code get a :class:`~environments.sa
 from the environment-construction stage; pure-Python MDPs (bifurcation) declare
 ``needs_sandbox = False`` and run in the rollout process.
 
-Families register themselves with :func:`register_family`; each declares a config dataclass
-(``Config``) whose fields are the keys allowed under ``env.`` in the run config.
+Families register themselves with :func:`environments.registry.register_family`; each declares
+a config dataclass (``Config``) whose fields are the keys allowed under ``env.`` in the run config.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import hashlib
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Optional
 
-from stages.schema import GroundTruthCredit
+from environments.ground_truth import GroundTruthCredit
 from stages.config_fields import check_dataclass, param
 
 
@@ -204,27 +204,3 @@ class TaskFamily(abc.ABC):
         """Episodes for the supervised format warm-up: (prompt, [(action_text, observation), ...])
         with valid actions chosen uniformly at random (teaches format, not the answer)."""
         raise NotImplementedError(f"task family {self.name!r} has no warm-up corpus")
-
-
-_FAMILIES: dict[str, type[TaskFamily]] = {}
-
-
-def register_family(cls: type[TaskFamily]) -> type[TaskFamily]:
-    if cls.name in _FAMILIES:
-        raise ValueError(f"task family {cls.name!r} registered twice")
-    _FAMILIES[cls.name] = cls
-    return cls
-
-
-def family_names() -> list[str]:
-    import environments.tasks  # noqa: F401  (registers the built-in families)
-
-    return sorted(_FAMILIES)
-
-
-def get_family_class(name: str) -> type[TaskFamily]:
-    import environments.tasks  # noqa: F401
-
-    if name not in _FAMILIES:
-        raise KeyError(f"unknown env {name!r}; known task families: {', '.join(sorted(_FAMILIES))}")
-    return _FAMILIES[name]

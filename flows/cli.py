@@ -58,7 +58,7 @@ def _print_summary(out: dict, log_path: Optional[str] = None) -> None:
 #: (argparse's REMAINDER cannot forward arguments that start with ``--``, so these bypass the parser)
 TOOLS = {
     "sandbox": ("environments.sandbox.image", "build-image", "sandbox images (`sandbox build-image --help`)"),
-    "prm": ("stages.reward.prm", None, "process reward models (`prm train --help`)"),
+    "prm": ("flows.prm_cli", None, "process reward models (`prm train --help`)"),
     "serve": ("flows.serve", None, "deployments on a Prefect server for the UI (`serve --help`)"),
 }
 

@@ -23,9 +23,13 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
-from environments.base import EnvConfig, get_family_class
+import environments.tasks  # noqa: F401  (registers the built-in families)
+from environments.base import EnvConfig
+from environments.registry import get_family_class
 from environments.sandbox.base import SandboxConfig
-from stages.credit.base import CreditConfig, get_method_class
+import stages.credit.methods  # noqa: F401  (registers the built-in methods)
+from stages.credit.base import CreditConfig
+from stages.credit.registry import get_method_class
 from stages.rollout.config import ModelConfig, RolloutConfig
 from stages.update.config import UpdateConfig
 from flows.runner_config import RunnerConfig
@@ -143,8 +147,8 @@ def _group_node(group: str, option: str) -> DictConfig:
 
 
 def _check_registered(group: str, name: str) -> type:
-    from environments.base import family_names
-    from stages.credit.base import method_names
+    from environments.registry import family_names
+    from stages.credit.registry import method_names
 
     try:
         return get_method_class(name) if group == "credit" else get_family_class(name)

@@ -30,9 +30,13 @@ from typing import Any, Optional
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from environments.base import TaskFamily, get_family_class
+import environments.tasks  # noqa: F401  (registers the built-in families)
+from environments.base import TaskFamily
+from environments.registry import get_family_class
 from flows.config import ConfigError, config_hash, load_config, parse_crash_at, to_object
-from stages.credit.base import CreditMethod, build_method
+import stages.credit.methods  # noqa: F401  (registers the built-in methods)
+from stages.credit.base import CreditMethod
+from stages.credit.registry import build_method
 from stages.update.checkpoint import load_checkpoint, save_checkpoint
 
 

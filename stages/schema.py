@@ -27,6 +27,8 @@ from typing import Any, Optional
 
 import torch
 
+from environments.ground_truth import GroundTruthCredit
+
 #: Granularities of credit, the first axis of the survey's taxonomy (§2.4).
 GRANULARITIES = ("episode", "token", "segment", "step", "turn", "multi-agent")
 
@@ -52,51 +54,6 @@ class Turn:
 
 
 @dataclass
-class GroundTruthCredit:
-    """Exact credit of each turn on a benchmark task with a known MDP (survey §9.3).
-
-    ``advantage[t] = Q(s_t, a_t) - V(s_t)`` under ``reference_policy``; ``value[t] = V(s_t)``.
-    """
-
-    value: list[float]
-    q_value: list[float]
-    advantage: list[float]
-    decisive: list[bool]
-    reference_policy: str = "uniform"
-    #: the task's exact finite-horizon MDP, for credit under *other* policies (the oracle-credit
-    #: method evaluates it under the current policy); None where the task does not export it
-    mdp: Optional["TabularMDP"] = None
-
-
-@dataclass
-class TabularMDP:
-    """A finite-horizon tabular MDP of one episode's task, in a family-independent form.
-
-    Horizon H, S states, A actions (the last action may be the *invalid* action, label None).
-    ``reward[t][s][a]`` is the expected immediate reward of action a in state s at turn t (the
-    terminal reward is in ``terminal_value``), ``transition[t][s][a]`` the distribution over the
-    next states (S probabilities), ``terminal_value[s]`` the value of state s after turn H-1.
-    ``states[t]`` is the state the episode was actually in at each played turn (its realized
-    stochastic transitions), ``action_texts[a]`` the canonical text of valid action a (what a
-    policy emits to take it; used to score the policy's probability of each action).
-    """
-
-    reward: list[list[list[float]]]
-    transition: list[list[list[list[float]]]]
-    terminal_value: list[float]
-    states: list[int]
-    actions: list[Optional[str]]
-    action_texts: list[str]
-
-    @property
-    def horizon(self) -> int:
-        return len(self.reward)
-
-    @property
-    def num_states(self) -> int:
-        return len(self.terminal_value)
-
-
 @dataclass
 class Trajectory:
     """One episode (prompt + multi-turn response) with everything credit methods may need."""

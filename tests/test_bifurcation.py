@@ -14,7 +14,8 @@ from fractions import Fraction
 
 import pytest
 
-from environments.base import get_family_class
+import environments.tasks  # noqa: F401  (registers the built-in families)
+from environments.registry import get_family_class
 from environments.tasks.bifurcation import (
     LETTERS,
     STOP_TEXT,

@@ -16,10 +16,12 @@ from pathlib import Path
 
 import pytest
 
-from environments.base import family_names, get_family_class
+import environments.tasks  # noqa: F401  (registers the built-in families)
+from environments.registry import family_names, get_family_class
 from flows.config import ConfigError, TrainConfig, describe_config, load_config
 from stages.config_fields import HELP_KEY, check
-from stages.credit.base import get_method_class, method_names
+import stages.credit.methods  # noqa: F401  (registers the built-in methods)
+from stages.credit.registry import get_method_class, method_names
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -11,7 +11,9 @@ import torch
 
 import stages.credit.methods.attribution  # noqa: F401  (registers acpo)
 from stages.credit import functional as F
-from stages.credit.base import CreditContext, build_method, get_method_class
+import stages.credit.methods  # noqa: F401  (registers the built-in methods)
+from stages.credit.base import CreditContext
+from stages.credit.registry import build_method, get_method_class
 from stages.rollout.scorer import HFScorer
 from stages.rollout.config import ModelConfig
 from stages.rollout.policy import build_tiny_policy
@@ -171,7 +173,8 @@ def test_curriculum_schedule_concentrated_first_then_uniform():
 def test_env_batch_samples_by_the_weights():
     """The environment stage's weighted draw: deterministic in (seed, iteration, weights), distinct
     instances, and heavily weighted instances are drawn far more often than uniformly."""
-    from environments.base import get_family_class
+    import environments.tasks  # noqa: F401  (registers the built-in families)
+    from environments.registry import get_family_class
     from environments.construct import build_env_batch
 
     fam = get_family_class("math")(get_family_class("math").Config(train_size=40))

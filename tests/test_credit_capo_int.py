@@ -13,7 +13,9 @@ import torch
 
 import stages.credit.methods.critic_llm  # noqa: F401  (registers capo, int)
 from stages.credit import functional as F
-from stages.credit.base import CreditContext, build_method, get_method_class
+import stages.credit.methods  # noqa: F401  (registers the built-in methods)
+from stages.credit.base import CreditContext
+from stages.credit.registry import build_method, get_method_class
 from stages.reward.judge_hf import HFJudge
 from stages.reward.judge_prompts import correction_prompt, step_prompt
 from stages.rollout.config import ModelConfig

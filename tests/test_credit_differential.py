@@ -28,7 +28,9 @@ import torch
 
 import stages.credit.methods  # noqa: F401  (registers every built-in method)
 from environments.tasks.bifurcation import BifurcationConfig, BifurcationFamily, format_action
-from stages.credit.base import CreditContext, build_method, get_method_class
+import stages.credit.methods  # noqa: F401  (registers the built-in methods)
+from stages.credit.base import CreditContext
+from stages.credit.registry import build_method, get_method_class
 from stages.schema import Batch, BatchTensors, Overhead, Trajectory, Turn, turn_credit
 
 

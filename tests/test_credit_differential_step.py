@@ -19,7 +19,9 @@ import pytest
 import torch
 
 from stages.credit import functional as F
-from stages.credit.base import CreditContext, build_method, get_method_class
+import stages.credit.methods  # noqa: F401  (registers the built-in methods)
+from stages.credit.base import CreditContext
+from stages.credit.registry import build_method, get_method_class
 from stages.reward.judge_hf import HFJudge
 from stages.reward.judge_prompts import step_prompt
 from stages.rollout.scorer import HFScorer

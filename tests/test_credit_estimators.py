@@ -10,7 +10,11 @@ import pytest
 import torch
 
 from stages.credit import functional as F
-from stages.credit.base import CreditContext, build_method, get_method_class, method_names
+from stages.credit.masked_stats import masked_mean, masked_var, masked_whiten, whiten_binary
+from stages.credit.reverse_scan import reverse_discounted_scan
+import stages.credit.methods  # noqa: F401  (registers the built-in methods)
+from stages.credit.base import CreditContext
+from stages.credit.registry import build_method, get_method_class, method_names
 from stages.schema import Batch, BatchTensors
 
 try:  # the loop reference lives next to this file (tests/ is not a package)
@@ -168,7 +172,7 @@ def test_reverse_scan_matches_recurrence(coef, chunk):
     for t in range(x.shape[1] - 1, -1, -1):
         acc = x[:, t] + coef * acc
         expect[:, t] = acc
-    got = F._reverse_discounted_scan(x, coef, chunk=chunk)
+    got = reverse_discounted_scan(x, coef, chunk=chunk)
     _close(got, expect, 1e-12 * float(expect.abs().max()))
 
 
@@ -191,26 +195,26 @@ def test_masked_statistics_match_torch():
     x = torch.randn(7, 13, generator=g, dtype=torch.float64)
     m = (torch.rand(7, 13, generator=g) > 0.4).double()
     sel = x[m.bool()]
-    assert torch.allclose(F.masked_mean(x, m), sel.mean())
-    assert torch.allclose(F.masked_mean(x, m, axis=-1), (x * m).sum(-1) / (m.sum(-1) + 1e-8))
-    assert torch.allclose(F.masked_var(x, m), sel.var(unbiased=True))
-    assert torch.allclose(F.masked_var(x, m, unbiased=False), sel.var(unbiased=False))
-    w = F.masked_whiten(x, m)
+    assert torch.allclose(masked_mean(x, m), sel.mean())
+    assert torch.allclose(masked_mean(x, m, axis=-1), (x * m).sum(-1) / (m.sum(-1) + 1e-8))
+    assert torch.allclose(masked_var(x, m), sel.var(unbiased=True))
+    assert torch.allclose(masked_var(x, m, unbiased=False), sel.var(unbiased=False))
+    w = masked_whiten(x, m)
     assert torch.allclose(w, (x - sel.mean()) * torch.rsqrt(sel.var() + 1e-8))
-    assert torch.allclose(F.masked_whiten(x, m, shift_mean=False), w + sel.mean())
-    assert torch.equal(F._whiten_binary(x, m), w)  # the estimators' fast path gives the same numbers
+    assert torch.allclose(masked_whiten(x, m, shift_mean=False), w + sel.mean())
+    assert torch.equal(whiten_binary(x, m), w)  # the estimators' fast path gives the same numbers
     x_nan = x.masked_fill(~m.bool(), float("nan"))
-    assert torch.allclose(F.masked_mean(x_nan, m), sel.mean())  # NaNs outside the mask ignored
+    assert torch.allclose(masked_mean(x_nan, m), sel.mean())  # NaNs outside the mask ignored
 
 
 def test_masked_var_needs_two_entries():
     x = torch.randn(2, 3)
     with pytest.raises(ValueError, match="at least one"):
-        F.masked_var(x, torch.zeros(2, 3))
+        masked_var(x, torch.zeros(2, 3))
     one = torch.zeros(2, 3)
     one[0, 1] = 1
     with pytest.raises(ValueError, match="one"):
-        F.masked_whiten(x, one)
+        masked_whiten(x, one)
 
 
 # --------------------------------------------------------------------------------------------
@@ -299,7 +303,7 @@ def test_gae_lambda_one_is_whitened_return_minus_value(seed):
     adv, ret = F.gae(r, v, m, gamma=1.0, lam=1.0)
     G = _policy_return(r, m)
     pol = m.bool()
-    _close(adv[pol], F.masked_whiten(G - v, m)[pol], 1e-9)
+    _close(adv[pol], masked_whiten(G - v, m)[pol], 1e-9)
     _close(ret[pol], G[pol], 1e-9)  # value targets are the Monte-Carlo returns
 
 
@@ -316,7 +320,7 @@ def test_gae_lambda_zero_is_whitened_td_error(seed):
                 td[i, t] = r[i, t] + gamma * nxt - v[i, t]  # bootstraps from the next policy token
                 nxt = float(v[i, t])
     pol = m.bool()
-    _close(adv[pol], F.masked_whiten(td, m)[pol], 1e-9)
+    _close(adv[pol], masked_whiten(td, m)[pol], 1e-9)
 
 
 def _insert_observations(x: torch.Tensor, m: torch.Tensor, where: list[int], n: int, g: torch.Generator):

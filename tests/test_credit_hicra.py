@@ -11,10 +11,13 @@ import pytest
 import torch
 
 import stages.credit.methods.planning  # noqa: F401  (registers hicra)
-from environments.base import get_family_class
+import environments.tasks  # noqa: F401  (registers the built-in families)
+from environments.registry import get_family_class
 from environments.planning_text import STRATEGIC_GRAMS, grams_pattern
 from stages.credit import functional as F
-from stages.credit.base import CreditContext, build_method, get_method_class
+import stages.credit.methods  # noqa: F401  (registers the built-in methods)
+from stages.credit.base import CreditContext
+from stages.credit.registry import build_method, get_method_class
 from stages.credit.methods.planning import _step_token_plan
 from stages.rollout.policy import _episode_texts, build_tokenizer
 from stages.schema import Batch, Trajectory, Turn

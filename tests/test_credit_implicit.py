@@ -9,7 +9,9 @@ import pytest
 import torch
 
 import stages.credit.methods.implicit as I  # registers dpo_implicit, t_reg
-from stages.credit.base import CreditContext, get_method_class
+import stages.credit.methods  # noqa: F401  (registers the built-in methods)
+from stages.credit.base import CreditContext
+from stages.credit.registry import get_method_class
 from stages.rollout.config import ModelConfig
 from stages.rollout.policy import build_tiny_policy, sequence_logprobs
 from stages.schema import Batch, Trajectory, Turn

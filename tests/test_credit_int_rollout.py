@@ -15,7 +15,7 @@ import torch
 
 from flows.api import run_plain
 from stages.credit import functional as F
-from stages.credit.base import _METHODS, register_method
+from stages.credit.registry import _METHODS, register_method
 from stages.credit.methods.critic_llm import InT, InTConfig
 
 SEEN: dict = {}

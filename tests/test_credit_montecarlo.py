@@ -15,7 +15,10 @@ import pytest
 import torch
 
 import stages.credit.methods.montecarlo as mc  # noqa: F401  (registers vineppo, spo)
-from stages.credit.base import CreditContext, build_method, get_method_class
+import stages.credit.methods  # noqa: F401  (registers the built-in methods)
+from stages.credit.base import CreditContext
+from stages.credit.registry import build_method, get_method_class
+from stages.credit.segments import Segments
 from stages.schema import Batch, Overhead, Trajectory, Turn
 
 P = [0.3, 0.6, 0.5, 0.8]
@@ -242,7 +245,7 @@ def test_spo_tree_and_chain_agree_in_expectation():
 def test_tree_values_formula():
     G = torch.tensor([[[1.0, 0.0], [1.0, 1.0]]], dtype=torch.float64)  # 1 row, 2 segments, k=2
     rewards = torch.tensor([[0.0, 1.0]], dtype=torch.float64)
-    seg = mc.Segments(seg_id=torch.tensor([[0, 1]]), starts=torch.tensor([[0, 1]]),
+    seg = Segments(seg_id=torch.tensor([[0, 1]]), starts=torch.tensor([[0, 1]]),
                       present=torch.tensor([[True, True]]), count=torch.tensor([2]))
     V = mc.tree_values(G, rewards, seg)
     v1 = (1 + 1 + 1.0) / 3

@@ -16,7 +16,9 @@ import torch
 from environments.tasks.bifurcation import BifurcationConfig, BifurcationFamily, format_action
 from stages.benchmark import metrics as M
 from stages.benchmark.oracle import played_advantages, policy_values, stack_mdps
-from stages.credit.base import CreditContext, build_method, get_method_class
+import stages.credit.methods  # noqa: F401  (registers the built-in methods)
+from stages.credit.base import CreditContext
+from stages.credit.registry import build_method, get_method_class
 from stages.schema import Batch, Trajectory, Turn
 
 

@@ -10,7 +10,9 @@ import torch
 
 import stages.credit.methods.process as P  # registers pure, spro, prl
 from stages.credit import functional as F
-from stages.credit.base import CreditContext, get_method_class
+import stages.credit.methods  # noqa: F401  (registers the built-in methods)
+from stages.credit.base import CreditContext
+from stages.credit.registry import get_method_class
 from stages.schema import Batch, Overhead, Trajectory, Turn
 
 # --------------------------------------------------------------------------------------------

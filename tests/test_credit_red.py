@@ -8,7 +8,10 @@ import torch
 
 import stages.credit.methods.redistribution as red  # noqa: F401  (registers red)
 from stages.credit import functional as F
-from stages.credit.base import CreditContext, build_method, get_method_class
+import stages.credit.methods  # noqa: F401  (registers the built-in methods)
+from stages.credit.base import CreditContext
+from stages.credit.registry import build_method, get_method_class
+from stages.credit.segments import step_segments
 from stages.schema import Batch, Overhead, Trajectory, Turn
 
 
@@ -139,7 +142,7 @@ def test_a_correct_step_after_the_error_no_longer_gets_the_largest_credit():
     tensors = batch.to_tensors()
     # what the old default did: the per-step bits as prefix scores -> the post-error step 2 is the top
     bits = make_process_rewards("step_check")(batch)[0]
-    seg = red.step_segments(tensors, batch)
+    seg = step_segments(tensors, batch)
     old = red.redistribute(bits.double(), seg.present, torch.tensor([1.0, 0.0], dtype=torch.float64),
                            torch.tensor([0.5, 0.5], dtype=torch.float64), "shift")
     assert int(old[1].argmax()) == 2

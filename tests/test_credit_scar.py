@@ -13,7 +13,10 @@ import torch
 
 import stages.credit.methods.shapley as sh  # noqa: F401  (registers scar)
 from stages.credit import functional as F
-from stages.credit.base import CreditContext, build_method, get_method_class
+from stages.credit.group_stats import group_stats
+import stages.credit.methods  # noqa: F401  (registers the built-in methods)
+from stages.credit.base import CreditContext
+from stages.credit.registry import build_method, get_method_class
 from stages.schema import Batch, Trajectory, Turn
 
 ANSWER = [90, 91]
@@ -112,7 +115,7 @@ def test_shaped_rewards_are_proportional_and_advantages_average_to_grpo():
     t = batch.to_tensors()
     res = _run(batch, scorer)
     grpo = F.grpo(t.token_level_rewards, t.response_mask, t.index)[0]
-    _, mean, std, _ = F._group_stats(torch.tensor([1.0, 0.0, 1.0], dtype=torch.float64), t.index, True)
+    _, mean, std, _ = group_stats(torch.tensor([1.0, 0.0, 1.0], dtype=torch.float64), t.index, True)
     step = torch.stack([res.advantages[:, 3 * k] for k in range(4)], 1).double()  # first token of each step
     # reasoning steps: (3 * R * share - mean) / std, shares 3/4, 1/4, 0 for row a
     expect_a = (3 * torch.tensor([0.75, 0.25, 0.0], dtype=torch.float64) - mean[0]) / (std[0] + 1e-6)

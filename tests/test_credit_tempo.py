@@ -7,7 +7,9 @@ import torch
 
 import stages.credit.methods.prefix_tree  # noqa: F401  (registers tempo)
 from stages.credit import functional as F
-from stages.credit.base import CreditContext, build_method, get_method_class
+import stages.credit.methods  # noqa: F401  (registers the built-in methods)
+from stages.credit.base import CreditContext
+from stages.credit.registry import build_method, get_method_class
 from stages.schema import BatchTensors
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from environments.base import get_family_class
+import environments.tasks  # noqa: F401  (registers the built-in families)
+from environments.registry import get_family_class
 from environments.sandbox import ProcessBackend, SandboxConfig
 from environments.tasks import code_harness
 from environments.tasks.code import CodeConfig, CodeFamily, all_problems, feedback_line, problem_split

@@ -7,7 +7,8 @@ from fractions import Fraction
 
 import pytest
 
-from environments.base import get_family_class
+import environments.tasks  # noqa: F401  (registers the built-in families)
+from environments.registry import get_family_class
 from environments.tasks.math import MathConfig, MathFamily
 from environments.tasks.math_checker import check_step, evaluate, format_number, parse_answer
 from environments.tasks.math_problems import problem_split

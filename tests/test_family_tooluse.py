@@ -7,7 +7,8 @@ import json
 
 import pytest
 
-from environments.base import get_family_class
+import environments.tasks  # noqa: F401  (registers the built-in families)
+from environments.registry import get_family_class
 from environments.sandbox import ProcessBackend, SandboxConfig
 from environments.tasks.tooluse import (
     BM25,

@@ -383,7 +383,8 @@ def test_disk_full_fails_clearly_and_resume_loses_nothing(prefect_harness, share
 
 # ------------------------------------------------------------------ 5. NaN rewards from an environment
 def _register_nan_family() -> str:
-    from environments.base import StepResult, _FAMILIES, register_family
+    from environments.base import StepResult
+    from environments.registry import _FAMILIES, register_family
     from environments.tasks.bifurcation import BifurcationEnv, BifurcationFamily
 
     name = "bifurcation_nanfault"

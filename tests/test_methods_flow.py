@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 
 from flows import api
-from stages.credit.base import get_method_class, method_names
+import stages.credit.methods  # noqa: F401  (registers the built-in methods)
+from stages.credit.registry import get_method_class, method_names
 from stages.credit.inventory import load_inventory
 
 SMALL = ["experiment=math", "iterations=1", "rollout.tasks_per_iteration=2", "rollout.group_size=2",

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from environments.base import EnvConfig, Environment, StepResult, TaskFamily, TaskInstance
-from stages.rollout.agent_loop import rollout_stats, run_episodes
+from stages.rollout.agent_loop import rollout_stats, run_episodes, stop_token_ids
 from stages.rollout.config import ModelConfig, RolloutConfig
 from stages.rollout.engine import GenerationOutput, GenerationRequest, RolloutEngine
 from stages.rollout.hf_engine import HFEngine
@@ -21,7 +21,6 @@ from stages.rollout.policy import (
     get_policy,
     load_policy,
     sequence_logprobs,
-    stop_token_ids,
     warmup,
 )
 from stages.schema import Batch, BatchTensors
@@ -119,7 +118,8 @@ class ScriptedEngine(RolloutEngine):
 
 def _bifurcation_family(**overrides) -> Optional[TaskFamily]:
     try:
-        from environments.base import get_family_class
+        import environments.tasks  # noqa: F401  (registers the built-in families)
+        from environments.registry import get_family_class
 
         cls = get_family_class("bifurcation")
     except (KeyError, ImportError):
@@ -504,7 +504,8 @@ def test_rollout_stats(tiny):
 
 def test_bifurcation_return_is_not_double_counted(tiny):
     """sum(turn rewards) + terminal reward == sum of the environment's step rewards."""
-    from environments.base import get_family_class
+    import environments.tasks  # noqa: F401  (registers the built-in families)
+    from environments.registry import get_family_class
     from stages.rollout.agent_loop import run_episodes
     from stages.rollout.config import RolloutConfig
     from stages.rollout.hf_engine import HFEngine

@@ -1,4 +1,4 @@
-"""The PRM trained here (stages/reward/prm.py): learning, save/load, encoding, CLI errors."""
+"""The PRM trained here (stages/reward/prm.py): learning, save/load, encoding; its CLI (flows/prm_cli.py)."""
 
 from __future__ import annotations
 
@@ -9,13 +9,13 @@ import random
 import pytest
 import torch
 
+from flows.prm_cli import collect_examples, main
 from stages.reward.prm import (
     PRMConfig,
     build_prm,
     evaluate_prm,
     examples_from_trajectories,
     load_prm,
-    main,
     save_prm,
     train_prm,
 )
@@ -125,7 +125,8 @@ def test_cli_unknown_family_is_a_clear_error(tmp_path, capsys):
 
 
 def test_reference_examples_are_labelled_by_the_familys_step_checks():
-    from environments.base import family_names, get_family_class
+    import environments.tasks  # noqa: F401  (registers the built-in families)
+    from environments.registry import family_names, get_family_class
     from stages.reward.prm import reference_examples
 
     if "math" not in family_names():
@@ -144,7 +145,6 @@ def test_collected_episodes_use_the_familys_experiment_rollout_settings(shared_h
     """``creditflow prm train --env math`` plays episodes with configs/experiment/math.yaml's rollout
     settings (16 tokens per turn: a step line does not fit the default 4), as a training run would."""
     import stages.rollout.policy as policy
-    from stages.reward.prm import collect_examples
 
     seen = []
     real = policy.play_instances

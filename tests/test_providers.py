@@ -8,7 +8,8 @@ from dataclasses import dataclass
 import torch
 
 from flows.api import run_plain
-from stages.credit.base import _METHODS, CreditConfig, CreditMethod, register_method
+from stages.credit.base import CreditConfig, CreditMethod
+from stages.credit.registry import _METHODS, register_method
 from stages.credit.methods.episode import GRPO, GRPOConfig
 
 SEEN: dict = {}

@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from flows.api import run_plain
-from stages.credit.base import CreditContext, build_method, get_method_class
+import stages.credit.methods  # noqa: F401  (registers the built-in methods)
+from stages.credit.base import CreditContext
+from stages.credit.registry import build_method, get_method_class
 from stages.schema import Overhead, BatchTensors
 
 

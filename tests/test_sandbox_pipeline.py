@@ -16,7 +16,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from environments.base import _FAMILIES, EnvConfig, Environment, StepResult, TaskFamily, TaskInstance, register_family
+from environments.base import EnvConfig, Environment, StepResult, TaskFamily, TaskInstance
+from environments.registry import _FAMILIES, register_family
 from flows import api
 
 SECRET_DIR = f"/tmp/cf-host-secret-{uuid.uuid4().hex[:8]}"

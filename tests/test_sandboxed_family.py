@@ -7,7 +7,8 @@ import os
 import random
 from dataclasses import dataclass
 
-from environments.base import EnvConfig, Environment, StepResult, TaskFamily, TaskInstance, register_family, _FAMILIES
+from environments.base import EnvConfig, Environment, StepResult, TaskFamily, TaskInstance
+from environments.registry import _FAMILIES, register_family
 from flows.api import run_plain
 
 

@@ -6,7 +6,8 @@ import pickle
 import pytest
 import torch
 
-from stages.schema import Batch, CreditResult, GroundTruthCredit, Trajectory, Turn, turn_credit
+from environments.ground_truth import GroundTruthCredit
+from stages.schema import Batch, CreditResult, Trajectory, Turn, turn_credit
 
 
 def _traj(uid, group, prompt, actions, reward, gt=None):

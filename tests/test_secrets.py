@@ -126,7 +126,8 @@ def test_masked_std_streams(monkeypatch, capsys):
 # ------------------------------------------------------------------------------ a real run
 def _judge_method_with_key_env():
     """A registered credit method whose config names its API key variable (``judge_api_key_env``)."""
-    from stages.credit.base import get_method_class
+    import stages.credit.methods  # noqa: F401  (registers the built-in methods)
+    from stages.credit.registry import get_method_class
 
     for name in ("capo", "int"):
         try:

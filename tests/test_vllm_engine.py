@@ -20,7 +20,8 @@ import pytest
 import torch
 
 from stages.rollout.config import ModelConfig, RolloutConfig
-from stages.rollout.engine import GenerationRequest, make_engine
+from stages.rollout.engine import GenerationRequest
+from stages.rollout.engines import make_engine
 from stages.rollout.policy import build_tiny_policy, sequence_logprobs
 from stages.rollout.vllm_engine import (
     INSTALL_HINT,

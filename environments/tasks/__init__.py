@@ -1,4 +1,4 @@
-"""Built-in task families; importing this package registers them (see environments.base)."""
+"""Built-in task families; importing this package registers them (see environments.registry)."""
 
 from environments.tasks import bifurcation  # noqa: F401  (registers "bifurcation")
 from environments.tasks import code  # noqa: F401  (registers "code")

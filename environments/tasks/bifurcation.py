@@ -108,9 +108,9 @@ from environments.base import (
     TaskFamily,
     TaskInstance,
     derive_seed,
-    register_family,
 )
-from stages.schema import GroundTruthCredit, TabularMDP
+from environments.registry import register_family
+from environments.ground_truth import GroundTruthCredit, TabularMDP
 from stages.config_fields import param
 
 LETTERS = "ABCDEF"

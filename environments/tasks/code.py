@@ -59,9 +59,9 @@ from environments.base import (
     as_action_text,
     derive_seed,
     hash_split,
-    register_family,
     require_spec,
 )
+from environments.registry import register_family
 from environments.tasks import code_harness
 from stages.config_fields import param
 

@@ -77,13 +77,13 @@ from environments.base import (
     TaskInstance,
     as_action_text,
     derive_seed,
-    register_family,
     require_spec,
 )
+from environments.registry import register_family
+from environments.ground_truth import GroundTruthCredit
 from environments.tasks.math_checker import check_step, format_number, is_answer_line, parse_answer
 from environments.tasks.math_problems import EVAL_SHARE, KINDS, generate_problem, step_line
 from environments.planning_text import STRATEGIC_GRAMS, grams_pattern
-from stages.schema import GroundTruthCredit
 from stages.config_fields import param
 
 STOP_TEXT = "\n"

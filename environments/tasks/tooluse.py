@@ -67,9 +67,9 @@ from environments.base import (
     as_action_text,
     derive_seed,
     hash_split,
-    register_family,
     require_spec,
 )
+from environments.registry import register_family
 from environments.tasks.math_checker import ParseError, evaluate, format_number, parse_answer
 from stages.config_fields import param
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from stages.schema import TabularMDP
+from environments.ground_truth import TabularMDP
 
 
 @dataclass

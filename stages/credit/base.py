@@ -1,6 +1,7 @@
-"""The credit-assignment registry (stage 4 of survey §8).
+"""What every credit-assignment method is built on (stage 4 of survey §8).
 
-Every method is a :class:`CreditMethod` subclass registered with :func:`register_method`. A
+Every method is a :class:`CreditMethod` subclass registered with
+:func:`stages.credit.registry.register_method`. A
 method *declares* what it needs from the other stages (``needs``: e.g. ``{"critic"}``) and the
 stages provide it through :class:`CreditContext`; the pipeline never branches on a method's name.
 Each method also declares its own config dataclass (``Config``, subclass of
@@ -169,40 +170,3 @@ class CreditMethod(abc.ABC):
         result = self.assign(tensors, batch, ctx)
         result.overhead.wall_seconds += time.perf_counter() - t0
         return result
-
-
-_METHODS: dict[str, type[CreditMethod]] = {}
-
-
-def register_method(cls: type[CreditMethod]) -> type[CreditMethod]:
-    """Class decorator adding ``cls`` to the registry under ``cls.name``."""
-    unknown = set(cls.needs) - set(NEEDS)
-    if unknown:
-        raise ValueError(f"credit method {cls.name!r} declares unknown needs {sorted(unknown)}; known: {sorted(NEEDS)}")
-    if "process_rewards" in cls.needs and not hasattr(cls.Config, "process_reward"):
-        raise ValueError(f"credit method {cls.name!r} needs process_rewards: its Config must have the source fields "
-                         "(inherit stages.reward.process.ProcessRewardConfig)")
-    if cls.name in _METHODS:
-        raise ValueError(f"credit method {cls.name!r} registered twice")
-    _METHODS[cls.name] = cls
-    return cls
-
-
-def _load_builtin() -> None:
-    import stages.credit.methods  # noqa: F401  (registers the built-in methods)
-
-
-def method_names() -> list[str]:
-    _load_builtin()
-    return sorted(_METHODS)
-
-
-def get_method_class(name: str) -> type[CreditMethod]:
-    _load_builtin()
-    if name not in _METHODS:
-        raise KeyError(f"unknown credit method {name!r}; known methods: {', '.join(sorted(_METHODS))}")
-    return _METHODS[name]
-
-
-def build_method(cfg: CreditConfig) -> CreditMethod:
-    return get_method_class(cfg.method)(cfg)

@@ -8,7 +8,7 @@ and completed with full names and section references from Appendix A (Table 9, "
 Quick-Reference Index"), or from the survey body / reference list for rows Table 9 lacks.
 
 Each row also records how it relates to this repository's credit registry
-(:mod:`stages.credit.base`): ``status`` is ``"implemented"`` (with the ``registry_name``),
+(:mod:`stages.credit.registry`): ``status`` is ``"implemented"`` (with the ``registry_name``),
 ``"planned"`` or ``"not-applicable"``, and ``status_reason`` says why; an implemented row that
 departs from its paper on purpose says what in ``simplified``, rendered as
 ``implemented (simplified: <what>)`` (:func:`status_text`). Registry methods that are

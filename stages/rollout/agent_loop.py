@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -80,10 +81,32 @@ def _truncate(out: GenerationOutput, budget: int) -> GenerationOutput:
     return GenerationOutput(out.token_ids[:budget], out.logprobs[:budget], out.entropies[:budget], "length")
 
 
-def _stop_ids(tokenizer: Any) -> set[int]:
-    from stages.rollout.policy import stop_token_ids
+_STOP_CACHE: "weakref.WeakKeyDictionary[Any, frozenset[int]]" = weakref.WeakKeyDictionary()
 
-    return stop_token_ids(tokenizer)
+
+def stop_token_ids(tokenizer: Any) -> set[int]:
+    """Token ids that end a policy turn: every token whose text contains ``"\\n"`` (the turn's
+    stop text, bifurcation's text protocol) and eos. For the tiny tokenizer that is the single
+    ``"\\n"`` token plus eos; for a general tokenizer also tokens such as ``".\\n"`` or
+    ``"\\n\\n"``. The vocabulary scan is cached per tokenizer object."""
+    try:
+        cached = _STOP_CACHE.get(tokenizer)
+    except TypeError:
+        cached = None
+    if cached is not None:
+        return set(cached)
+    ids: set[int] = set()
+    texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))], skip_special_tokens=False)
+    ids.update(i for i, t in enumerate(texts) if "\n" in t)
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    if not ids:
+        raise ValueError("tokenizer has neither a token containing a newline nor an eos token: no stop token")
+    try:
+        _STOP_CACHE[tokenizer] = frozenset(ids)
+    except TypeError:
+        pass
+    return ids
 
 
 def run_episodes(
@@ -126,7 +149,7 @@ def run_episodes(
     if starts is not None and len(starts) != n:
         raise ValueError(f"run_episodes: starts has {len(starts)} entries for {n} environments")
     t0 = time.perf_counter()
-    stop_ids = _stop_ids(tokenizer)
+    stop_ids = stop_token_ids(tokenizer)
     if starts is None:
         if prompts is None:
             prompts = [env.reset() for env in envs]

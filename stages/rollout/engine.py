@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Optional
 
 
 @dataclass
@@ -73,27 +73,3 @@ def check_generation_args(requests: list[GenerationRequest], max_new_tokens: int
     def sync_weights(self, model: Optional[object] = None) -> float:
         """Make the engine sample from the latest policy weights; return seconds spent."""
         return 0.0
-
-
-#: engines ``rollout.engine`` may name
-ENGINES = ("hf", "vllm")
-
-
-def make_engine(rollout_cfg: Any, model: Any, tokenizer: Any = None, seed: int = 0) -> RolloutEngine:
-    """The rollout engine ``rollout_cfg.engine`` names, sampling from ``model``.
-
-    ``hf``: :class:`stages.rollout.hf_engine.HFEngine` on the live model object (no sync needed).
-    ``vllm``: :class:`stages.rollout.vllm_engine.VLLMEngine` in this process, or
-    :class:`stages.rollout.vllm_engine.VLLMServerEngine` when ``rollout_cfg.vllm_url`` is set
-    (optional extra; ``ImportError`` saying how to install it when missing)."""
-    name = getattr(rollout_cfg, "engine", "hf")
-    if name == "hf":
-        from stages.rollout.hf_engine import HFEngine
-
-        pad = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None
-        return HFEngine(model, pad_token_id=pad)
-    if name == "vllm":
-        from stages.rollout.vllm_engine import make_vllm_engine
-
-        return make_vllm_engine(model, rollout_cfg, seed=seed)
-    raise ValueError(f"config key 'rollout.engine': unknown engine {name!r}; implemented engines: {', '.join(ENGINES)}")

@@ -25,7 +25,6 @@ import os
 import shutil
 import time
 import uuid
-import weakref
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -82,34 +81,6 @@ def pad_token_id(tokenizer: Any = None, model: Any = None) -> int:
 def count_parameters(model: torch.nn.Module) -> int:
     """Number of distinct parameters (tied embeddings counted once)."""
     return sum(p.numel() for p in model.parameters())
-
-
-_STOP_CACHE: "weakref.WeakKeyDictionary[Any, frozenset[int]]" = weakref.WeakKeyDictionary()
-
-
-def stop_token_ids(tokenizer: Any) -> set[int]:
-    """Token ids that end a policy turn: every token whose text contains ``"\\n"`` (the turn's
-    stop text, bifurcation's text protocol) and eos. For the tiny tokenizer that is the single
-    ``"\\n"`` token plus eos; for a general tokenizer also tokens such as ``".\\n"`` or
-    ``"\\n\\n"``. The vocabulary scan is cached per tokenizer object."""
-    try:
-        cached = _STOP_CACHE.get(tokenizer)
-    except TypeError:
-        cached = None
-    if cached is not None:
-        return set(cached)
-    ids: set[int] = set()
-    texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))], skip_special_tokens=False)
-    ids.update(i for i, t in enumerate(texts) if "\n" in t)
-    if tokenizer.eos_token_id is not None:
-        ids.add(int(tokenizer.eos_token_id))
-    if not ids:
-        raise ValueError("tokenizer has neither a token containing a newline nor an eos token: no stop token")
-    try:
-        _STOP_CACHE[tokenizer] = frozenset(ids)
-    except TypeError:
-        pass
-    return ids
 
 
 def _episode_texts(corpus: list[tuple[str, list[tuple[str, str]]]]) -> list[str]:
@@ -581,8 +552,8 @@ def build_live_policy(model_cfg: ModelConfig, rollout_cfg: RolloutConfig, family
     """The policy of a run, as the flow process and every rollout shard's worker build it (one
     builder, so shards sample from exactly the run's policy): :func:`get_policy` under
     ``torch.manual_seed(seed)``, cast to ``model.dtype`` on ``device``, and the engine
-    ``rollout.engine`` names (:func:`stages.rollout.engine.make_engine`)."""
-    from stages.rollout.engine import make_engine
+    ``rollout.engine`` names (:func:`stages.rollout.engines.make_engine`)."""
+    from stages.rollout.engines import make_engine
 
     torch.manual_seed(seed)
     model, tokenizer, info = get_policy(model_cfg, family, home, seed, rollout_cfg)

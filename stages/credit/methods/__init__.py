@@ -1,4 +1,6 @@
-"""Built-in credit-assignment methods; importing a module registers its methods.
+"""Built-in credit-assignment methods; importing this package registers them all.
+
+One module per method family (survey Appendix B "Methodology" column):
 
 * :mod:`.episode` — episode-level baselines: GRPO, RLOO, REINFORCE++ (+ group baseline) and
   PPO's GAE with a learned critic (survey §2.3, §2.5).
@@ -13,6 +15,41 @@
 * :mod:`.implicit` — implicit token credit from DPO (From r to Q*, §3.1.3) and T-REG (§3.1.2).
 * :mod:`.oracle` — exact advantages from the task's MDP under the current policy (§9.3; the
   benchmark's upper bound, not a reviewed paper).
+
+How to add a method
+-------------------
+
+1. **Module.** Put it in the module of its family here, or in a new module
+   ``stages/credit/methods/<family>.py`` imported below. Its docstring reads the method top to
+   bottom: the paper and survey section, the formula, then the edge cases. Shared math comes from
+   plain functions: :mod:`stages.credit.functional` (verl's episode estimators),
+   :mod:`stages.credit.group_stats`, :mod:`stages.credit.masked_stats`,
+   :mod:`stages.credit.segments` (steps, segments, unit values -> tokens) and
+   :mod:`stages.credit.ref_logratio`; never from another method's module. Vectorized torch, no
+   Python loop over tokens or batch rows.
+2. **Config.** A dataclass subclassing :class:`~stages.credit.base.CreditConfig` whose fields are
+   all ``param(default, help=..., ge=/gt=/choices=/finite=...)`` (:mod:`stages.config_fields`):
+   ``method`` defaults to the registry name, every help cites the paper, every rule sits at its
+   field (cross-field rules in ``config_rules()``). These fields are exactly the keys allowed
+   under ``credit.`` when ``credit.method`` names the method (``credit=<name>`` works from the
+   registry alone; a ``configs/credit/<name>.yaml`` is only for non-default settings).
+3. **Registration.** A :class:`~stages.credit.base.CreditMethod` subclass decorated with
+   :func:`stages.credit.registry.register_method`, setting ``name``, ``Config``, ``granularity``,
+   ``methodology``, ``reference`` and, where they apply, ``needs`` (a subset of
+   :data:`~stages.credit.base.NEEDS`: what the stages must provide on the
+   :class:`~stages.credit.base.CreditContext`; the pipeline never branches on the name),
+   ``needs_group``, ``episode_level_baseline``. ``assign(tensors, batch, ctx)`` returns a
+   :class:`~stages.schema.CreditResult` with per-token advantages, the native credit and the
+   method's :class:`~stages.schema.Overhead`.
+4. **Inventory row.** Set ``status: "implemented"`` and ``registry_name`` on the method's row of
+   ``stages/credit/data/inventory.json`` (Appendix B), with ``simplified`` where it departs from
+   the paper on purpose; a registry method that is not a reviewed paper goes under
+   ``registry_extras``. ``tests/test_inventory.py`` checks the registry against the inventory.
+5. **Tests.** ``tests/test_credit_<name>.py`` with a test of the method's *defining property*,
+   taken from the paper's description (e.g. PURE's credit is the min over future process
+   rewards, SCAR's step credits are Shapley values), and a differential test against an
+   independent reference computation on the same inputs (``tests/reference_estimators.py`` for
+   the episode-level baselines), plus the config rules' one-line errors.
 """
 
 from stages.credit.methods import episode  # noqa: F401

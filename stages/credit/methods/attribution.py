@@ -56,7 +56,9 @@ from dataclasses import dataclass
 import torch
 
 from stages.credit import functional as F
-from stages.credit.base import CreditConfig, CreditContext, CreditMethod, register_method
+from stages.credit.group_stats import group_ids
+from stages.credit.base import CreditConfig, CreditContext, CreditMethod
+from stages.credit.registry import register_method
 from stages.reward.judge import judge_overhead, usage
 from stages.schema import Batch, BatchTensors, CreditResult, turn_credit
 from stages.config_fields import param
@@ -194,7 +196,7 @@ class ACPO(CreditMethod):
             succ = torch.tensor([float(t.success) for t in batch.trajectories])
         else:
             succ = (total > 0).float()
-        gid, G = F.group_ids(tensors.index, B, device=total.device)
+        gid, G = group_ids(tensors.index, B, device=total.device)
         cnt = torch.zeros(G).index_add_(0, gid, torch.ones(B))
         acc = torch.zeros(G).index_add_(0, gid, succ) / cnt.clamp(min=1)
         return 1 + cfg.difficulty_weight * (1 - acc[gid])

@@ -57,7 +57,9 @@ from typing import Any
 import torch
 
 from stages.credit import functional as F
-from stages.credit.base import CreditConfig, CreditContext, CreditMethod, register_method
+from stages.credit.base import CreditConfig, CreditContext, CreditMethod
+from stages.credit.registry import register_method
+from stages.credit.segments import steps_to_tokens
 from stages.reward.judge import check_judge_config, judge_overhead, usage
 from stages.reward.judge_openai import DEFAULT_API_KEY_ENV
 from stages.reward.judge_prompts import correction_prompt
@@ -98,13 +100,6 @@ def _outcome_advantage(tensors: BatchTensors, epsilon: float, norm_adv_by_std: b
         rewards = rewards.float()
     mask = (tensors.response_mask != 0).to(rewards.dtype)
     return F._grpo_scalars(rewards, mask, tensors.index, epsilon, norm_adv_by_std), mask
-
-
-def _step_of_tokens(flags: torch.Tensor, turn_ids: torch.Tensor) -> torch.Tensor:
-    """Broadcast a (B, K) per-step boolean to the (B, R) policy tokens of each step (False elsewhere)."""
-    valid = turn_ids >= 0
-    idx = turn_ids.clamp(min=0).clamp(max=max(flags.shape[1] - 1, 0))
-    return flags.gather(1, idx) & valid & (turn_ids < flags.shape[1])
 
 
 def _check_verdicts(name: str, v: Any, B: int, K: int) -> torch.Tensor:
@@ -185,7 +180,7 @@ class CAPO(CreditMethod):
         before = usage(ctx.judge)
         wrong, judged = self.wrong_steps(batch, ctx.judge, B, K)
         penalty = cfg.process_weight / cfg.outcome_weight
-        wrong_tok = _step_of_tokens(wrong.to(tensors.turn_ids.device), tensors.turn_ids).to(mask.dtype)
+        wrong_tok = steps_to_tokens(wrong.to(device=tensors.turn_ids.device, dtype=mask.dtype), tensors.turn_ids)
         adv = (adv_out.unsqueeze(-1) - penalty * wrong_tok) * mask
         credit = turn_credit(adv, tensors.turn_ids, K)
         n_judged = int(judged.sum())

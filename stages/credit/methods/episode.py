@@ -17,7 +17,9 @@ from dataclasses import dataclass
 import torch
 
 from stages.credit import functional as F
-from stages.credit.base import CreditConfig, CreditContext, CreditMethod, register_method
+from stages.credit.group_stats import group_ids
+from stages.credit.base import CreditConfig, CreditContext, CreditMethod
+from stages.credit.registry import register_method
 from stages.schema import Batch, BatchTensors, CreditResult, Overhead
 from stages.config_fields import param
 
@@ -47,7 +49,7 @@ def _need_tokens(name: str, mask: torch.Tensor) -> None:
 def _group_diagnostics(scores: torch.Tensor, index: torch.Tensor) -> dict[str, float]:
     """Group diagnostics: number of groups, fraction of singleton groups, and fraction of
     multi-rollout groups whose scores are all equal (zero learning signal for group baselines)."""
-    gid, G = F.group_ids(index, scores.shape[0], device=scores.device)
+    gid, G = group_ids(index, scores.shape[0], device=scores.device)
     if G == 0:
         return {"groups": 0.0}
     kw = {"dtype": scores.dtype, "device": scores.device}

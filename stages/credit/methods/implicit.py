@@ -18,8 +18,10 @@ from typing import Any
 import torch
 
 from stages.credit import functional as F
-from stages.credit.base import CreditConfig, CreditContext, CreditMethod, register_method
-from stages.credit.methods.process import _mask, _ref_logratio
+from stages.credit.base import CreditConfig, CreditContext, CreditMethod
+from stages.credit.ref_logratio import ref_logratio
+from stages.credit.registry import register_method
+from stages.credit.segments import policy_token_mask
 from stages.schema import Batch, BatchTensors, CreditResult, Overhead
 from stages.config_fields import param
 
@@ -79,8 +81,8 @@ class DPOImplicit(CreditMethod):
 
     def assign(self, tensors: BatchTensors, batch: Batch, ctx: CreditContext) -> CreditResult:
         cfg: DPOImplicitConfig = self.cfg  # type: ignore[assignment]
-        mask = _mask(tensors)
-        lr = _ref_logratio(self.name, tensors, ctx)  # validated (B, R) log-ratio, 0 off-policy
+        mask = policy_token_mask(tensors)
+        lr = ref_logratio(self.name, tensors, ctx)  # validated (B, R) log-ratio, 0 off-policy
         credit = cfg.beta * lr
         rewards = tensors.token_level_rewards.float()
         a_out = F._grpo_scalars(rewards, mask, tensors.index, cfg.epsilon, cfg.norm_adv_by_std)
@@ -198,7 +200,7 @@ class TREG(CreditMethod):
 
     def assign(self, tensors: BatchTensors, batch: Batch, ctx: CreditContext) -> CreditResult:
         cfg: TREGConfig = self.cfg  # type: ignore[assignment]
-        mask = _mask(tensors)
+        mask = policy_token_mask(tensors)
         rewards = tensors.token_level_rewards.float()
         a_out = F._grpo_scalars(rewards, mask, tensors.index, cfg.epsilon, cfg.norm_adv_by_std)
         base = a_out.unsqueeze(1) * mask

@@ -36,8 +36,8 @@ Overhead: the provider's :class:`~stages.schema.Overhead` (generated tokens, for
 environment resets/steps); ``stats["mc_continuations"]`` is the number of continuations asked
 for, ``k`` per estimation point.
 
-The step/segment helpers at the top (:func:`step_segments`, :func:`segment_rewards`,
-:func:`broadcast`, :func:`group_episode_advantages`) are shared with the RED and SCAR modules.
+Steps and segments (:class:`~stages.credit.segments.Segments`) come from
+:mod:`stages.credit.segments`, which the RED, SCAR and process-reward methods share.
 """
 
 from __future__ import annotations
@@ -48,138 +48,14 @@ from typing import Optional
 
 import torch
 
-from stages.credit import functional as F
-from stages.credit.base import CreditConfig, CreditContext, CreditMethod, MCRollouts, register_method
+from stages.credit.base import CreditConfig, CreditContext, CreditMethod, MCRollouts
+from stages.credit.registry import register_method
+from stages.credit.segments import Segments, broadcast, compact_ids, segment_rewards, segments_from_ids, step_segments
 from stages.schema import Batch, BatchTensors, CreditResult, Overhead
 from stages.config_fields import param
 
 # --------------------------------------------------------------------------------------------
-# shared: steps / segments of a response
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Segments:
-    """A partition of each response's policy tokens into consecutive units (steps / segments).
-
-    ``seg_id`` (B, R) long: unit index of each policy token (0..count-1, increasing along the
-    response), -1 on observation/padding tokens and policy tokens outside every unit;
-    ``starts`` (B, K) long: response position of each unit's first token (-1 where absent);
-    ``present`` (B, K) bool; ``count`` (B,) long: number of units of each row (units of a row are
-    ``0..count-1``, no gaps).
-    """
-
-    seg_id: torch.Tensor
-    starts: torch.Tensor
-    present: torch.Tensor
-    count: torch.Tensor
-
-    @property
-    def K(self) -> int:
-        return int(self.present.shape[1])
-
-
-def segments_from_ids(seg_id: torch.Tensor) -> Segments:
-    """Starts / presence / counts of a compact ``seg_id`` (B, R) (ids 0..n-1 without gaps)."""
-    B, R = seg_id.shape
-    K = max(int(seg_id.max().item()) + 1 if seg_id.numel() else 0, 1)
-    valid = seg_id >= 0
-    idx = seg_id.clamp(min=0)
-    pos = torch.arange(R, device=seg_id.device).expand(B, R)
-    big = torch.full_like(pos, R)
-    starts = torch.full((B, K), R, dtype=torch.long, device=seg_id.device)
-    starts = starts.scatter_reduce(1, idx, torch.where(valid, pos, big), "amin")
-    present = starts < R
-    starts = torch.where(present, starts, torch.full_like(starts, -1))
-    return Segments(seg_id=seg_id, starts=starts, present=present, count=present.sum(-1))
-
-
-def _compact(raw: torch.Tensor) -> torch.Tensor:
-    """Renumber per-row unit ids (-1 = none) to 0..n-1 in order, dropping empty ids (vectorized)."""
-    B, R = raw.shape
-    K = max(int(raw.max().item()) + 1 if raw.numel() else 0, 1)
-    valid = raw >= 0
-    hit = torch.zeros((B, K), dtype=torch.long, device=raw.device)
-    hit.scatter_add_(1, raw.clamp(min=0), valid.long())
-    new = (hit > 0).long().cumsum(-1) - 1
-    out = new.gather(1, raw.clamp(min=0))
-    return torch.where(valid, out, torch.full_like(out, -1))
-
-
-def step_segments(tensors: BatchTensors, batch: Optional[Batch]) -> Segments:
-    """The reasoning steps of each response: ``Trajectory.step_spans`` where a trajectory has
-    them, else its turns' action spans (``tensors.turn_ids``; the math family's step = turn).
-
-    Only policy tokens belong to a step. Spans must be sorted and non-overlapping.
-    """
-    mask = tensors.response_mask != 0
-    B, R = mask.shape
-    trajs = batch.trajectories if batch is not None else []
-    if not any(t.step_spans for t in trajs):
-        raw = torch.where(mask, tensors.turn_ids, torch.full_like(tensors.turn_ids, -1))
-        return segments_from_ids(_compact(raw))
-    if len(trajs) != B:
-        raise ValueError(f"batch has {len(trajs)} trajectories but the tensors have {B} rows")
-    spans: list[list[tuple[int, int]]] = []
-    for t in trajs:  # reading the span lists (O(B*K) Python, like BatchTensors.from_batch)
-        s = [tuple(x) for x in (t.step_spans or [turn.action_span for turn in t.turns])]
-        s = [(a, b) for a, b in s if b > a]
-        for j in range(1, len(s)):
-            if s[j][0] < s[j - 1][1]:
-                raise ValueError(f"trajectory {t.uid}: step_spans[{j}]={s[j]} overlaps or precedes step_spans[{j-1}]={s[j-1]}")
-        spans.append(s)
-    K = max(max((len(s) for s in spans), default=0), 1)
-    starts = torch.full((B, K), R + 1, dtype=torch.long)
-    ends = torch.zeros((B, K), dtype=torch.long)
-    for i, s in enumerate(spans):
-        if s:
-            starts[i, : len(s)] = torch.tensor([a for a, _ in s])
-            ends[i, : len(s)] = torch.tensor([b for _, b in s])
-    pos = torch.arange(R).expand(B, R).contiguous()
-    idx = torch.searchsorted(starts, pos, right=True) - 1  # last span starting at or before pos
-    inside = (idx >= 0) & (pos < ends.gather(1, idx.clamp(min=0))) & mask
-    raw = torch.where(inside, idx, torch.full_like(idx, -1)).to(tensors.turn_ids.device)
-    return segments_from_ids(_compact(raw))
-
-
-def segment_rewards(tensors: BatchTensors, seg: Segments) -> torch.Tensor:
-    """(B, K) reward collected in each unit: every token reward goes to the last unit starting at
-    or before it (rewards before the first unit go to unit 0), so a row's units sum to its
-    return. Absent units are 0."""
-    rewards = tensors.token_level_rewards
-    rewards = rewards if rewards.is_floating_point() else rewards.float()
-    ff = seg.seg_id.cummax(dim=1).values.clamp(min=0)  # seg ids increase along the row
-    out = torch.zeros((rewards.shape[0], seg.K), dtype=rewards.dtype, device=rewards.device)
-    return out.scatter_add_(1, ff, rewards)
-
-
-def broadcast(unit_values: torch.Tensor, seg: Segments, mask: torch.Tensor) -> torch.Tensor:
-    """(B, K) per-unit values -> (B, R) on the unit's tokens, 0 elsewhere (and where nan)."""
-    vals = torch.nan_to_num(unit_values, nan=0.0)
-    out = vals.gather(1, seg.seg_id.clamp(min=0))
-    return out * (seg.seg_id >= 0).to(out.dtype) * (mask != 0).to(out.dtype)
-
-
-def group_episode_advantages(
-    step_rewards: torch.Tensor, present: torch.Tensor, index: torch.Tensor, norm_adv_by_std: bool, epsilon: float
-) -> torch.Tensor:
-    """Per-step advantages from per-step (redistributed) rewards that sum to the episode return:
-    ``A_ik = (n_i * r_ik - mean_g R) / (std_g R + eps)`` with ``R_i = sum_k r_ik`` and ``n_i``
-    the number of steps. ``n_i * r_ik`` is step k's reward in episode units, so the mean over a
-    trajectory's steps is exactly GRPO's advantage and an equal redistribution reduces to GRPO;
-    singleton groups use mean 0 and std 1 (verl's rule). Absent steps: nan."""
-    r = torch.where(present, step_rewards, torch.zeros_like(step_rewards))
-    ret = r.sum(-1)
-    _, mean, std, _ = F._group_stats(ret, index, with_std=True)
-    n = present.sum(-1, keepdim=True).to(r.dtype)
-    adv = n * r - mean.unsqueeze(-1)
-    if norm_adv_by_std:
-        adv = adv / (std.unsqueeze(-1) + epsilon)
-    return torch.where(present, adv, torch.full_like(adv, float("nan")))
-
-
-# --------------------------------------------------------------------------------------------
-# shared: MC values at estimation points and one-step TD advantages
+# MC values at estimation points and one-step TD advantages
 # --------------------------------------------------------------------------------------------
 
 
@@ -357,11 +233,11 @@ class SPO(CreditMethod):
         if cfg.partition == "cutpoint":
             c = cut.long().cumsum(-1)  # cut points up to and including each token
             raw = (c - 1).clamp(min=0) // cfg.cutpoints_per_segment  # a segment starts at every m-th cut point
-            seg = segments_from_ids(_compact(torch.where(mask, raw, torch.full_like(raw, -1))))
+            seg = segments_from_ids(compact_ids(torch.where(mask, raw, torch.full_like(raw, -1))))
         elif cfg.partition == "fixed":
             q = mask.long().cumsum(-1) - 1
             raw = torch.where(mask, q // cfg.segment_tokens, torch.full_like(q, -1))
-            seg = segments_from_ids(_compact(raw))
+            seg = segments_from_ids(compact_ids(raw))
         elif cfg.partition == "step":
             seg = step_segments(tensors, batch)
         else:

@@ -33,7 +33,8 @@ import torch
 
 from stages.benchmark.oracle import played_advantages, policy_values, stack_mdps
 from stages.config_fields import param
-from stages.credit.base import CreditConfig, CreditContext, CreditMethod, register_method
+from stages.credit.base import CreditConfig, CreditContext, CreditMethod
+from stages.credit.registry import register_method
 from stages.schema import Batch, BatchTensors, CreditResult, Overhead
 
 ORACLE_POLICIES = ("current", "reference")

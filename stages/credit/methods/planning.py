@@ -37,7 +37,8 @@ from dataclasses import dataclass
 import torch
 
 from stages.credit import functional as F
-from stages.credit.base import CreditConfig, CreditContext, CreditMethod, register_method
+from stages.credit.base import CreditConfig, CreditContext, CreditMethod
+from stages.credit.registry import register_method
 from stages.schema import Batch, BatchTensors, CreditResult, turn_credit
 from stages.config_fields import param
 

@@ -40,7 +40,9 @@ import numpy as np
 import torch
 
 from stages.credit import functional as F
-from stages.credit.base import CreditConfig, CreditContext, CreditMethod, register_method
+from stages.credit.group_stats import group_ids
+from stages.credit.base import CreditConfig, CreditContext, CreditMethod
+from stages.credit.registry import register_method
 from stages.schema import Batch, BatchTensors, CreditResult
 from stages.config_fields import param
 
@@ -135,7 +137,7 @@ class TEMPO(CreditMethod):
         mask = (tensors.response_mask != 0).to(rewards.dtype)
         scores = (rewards * mask).sum(-1)
         z = F._grpo_scalars(rewards, mask, tensors.index, cfg.epsilon, cfg.norm_adv_by_std)
-        gid, G = F.group_ids(tensors.index, scores.shape[0], device=scores.device)
+        gid, G = group_ids(tensors.index, scores.shape[0], device=scores.device)
         R = tensors.response_ids.shape[1]
         lengths = tensors.attention_mask[:, tensors.prompt_len :].sum(-1).long().clamp(max=R)
         tree = build_prefix_tree(tensors.response_ids, lengths, gid, z if cfg.normalize_values else scores)

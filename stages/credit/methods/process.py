@@ -29,7 +29,12 @@ from dataclasses import dataclass
 import torch
 
 from stages.credit import functional as F
-from stages.credit.base import CreditConfig, CreditContext, CreditMethod, register_method
+from stages.credit.group_stats import group_ids, group_stats
+from stages.credit.reverse_scan import pack_left, pack_slots
+from stages.credit.base import CreditConfig, CreditContext, CreditMethod
+from stages.credit.ref_logratio import ref_logratio
+from stages.credit.registry import register_method
+from stages.credit.segments import policy_token_mask, steps_to_tokens
 from stages.reward.process import ProcessRewardConfig
 from stages.schema import Batch, BatchTensors, CreditResult, Overhead
 from stages.config_fields import param
@@ -37,20 +42,6 @@ from stages.config_fields import param
 # --------------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------------
-
-
-def _mask(tensors: BatchTensors) -> torch.Tensor:
-    return (tensors.response_mask != 0).float()
-
-
-def steps_to_tokens(step_values: torch.Tensor, turn_ids: torch.Tensor) -> torch.Tensor:
-    """(B, K) step values -> (B, R): each policy token gets its step's value; 0 off-policy and
-    where the step value is nan."""
-    K = step_values.shape[1]
-    valid = (turn_ids >= 0) & (turn_ids < K)
-    vals = torch.nan_to_num(step_values, nan=0.0)
-    out = vals.gather(1, turn_ids.clamp(min=0, max=max(K - 1, 0)))
-    return out * valid.to(out.dtype)
 
 
 def _step_valid(step_values: torch.Tensor, num_turns: torch.Tensor) -> torch.Tensor:
@@ -71,32 +62,14 @@ def _get_process_rewards(name: str, tensors: BatchTensors, batch: Batch, ctx: Cr
     return rewards[:, :K], overhead
 
 
-def _ref_logratio(name: str, tensors: BatchTensors, ctx: CreditContext) -> torch.Tensor:
-    """(B, R) ``log pi_old - log pi_ref`` on policy tokens, 0 elsewhere."""
-    ref = ctx.ref_logprobs
-    assert ref is not None  # CreditMethod.__call__ checked ``needs``
-    ref = torch.as_tensor(ref, dtype=torch.float32)
-    if tuple(ref.shape) != tuple(tensors.old_logprobs.shape):
-        raise ValueError(
-            f"credit method {name!r}: ref_logprobs must have shape (B, R) = {tuple(tensors.old_logprobs.shape)}, "
-            f"got {tuple(ref.shape)}"
-        )
-    mask = _mask(tensors)
-    bad = ~torch.isfinite(ref) & (mask > 0)
-    if bool(bad.any()):
-        b, j = (int(x) for x in bad.nonzero()[0])
-        raise ValueError(f"credit method {name!r}: ref_logprobs[{b}, {j}] must be finite on a policy token, got {float(ref[b, j])}")
-    return (tensors.old_logprobs.float() - ref) * mask
-
-
 def _outcome(tensors: BatchTensors) -> torch.Tensor:
     """(B,) total reward of each episode (terminal + turn rewards), as GRPO scores it."""
-    return (tensors.token_level_rewards.float() * _mask(tensors)).sum(-1)
+    return (tensors.token_level_rewards.float() * policy_token_mask(tensors)).sum(-1)
 
 
 def _loo_mean(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """(B,) mean of ``x`` over the *other* rows of each row's group (0 for singleton groups)."""
-    gid, G = F.group_ids(index, x.shape[0], device=x.device)
+    gid, G = group_ids(index, x.shape[0], device=x.device)
     n = torch.zeros(G, dtype=x.dtype).index_add_(0, gid, torch.ones_like(x))[gid]
     tot = torch.zeros(G, dtype=x.dtype).index_add_(0, gid, x)[gid]
     return torch.where(n > 1, (tot - x) / (n - 1).clamp(min=1), torch.zeros_like(x))
@@ -189,7 +162,7 @@ class PURE(CreditMethod):
         step_adv = torch.where(valid, G - baseline.unsqueeze(1), torch.zeros_like(G))
         outcome = _outcome(tensors)
         a_out = outcome - _loo_mean(outcome, tensors.index)
-        mask = _mask(tensors)
+        mask = policy_token_mask(tensors)
         adv = (cfg.process_weight * steps_to_tokens(step_adv, tensors.turn_ids) + cfg.outcome_weight * a_out.unsqueeze(1)) * mask
         credit = cfg.process_weight * step_adv + cfg.outcome_weight * a_out.unsqueeze(1)
         present = torch.arange(G.shape[1]).unsqueeze(0) < tensors.num_turns.unsqueeze(1)
@@ -227,11 +200,11 @@ def masked_step_advantage(cum_rewards: torch.Tensor, response_mask: torch.Tensor
     (B, R), 0 off the policy tokens. Implementation: pack each row's policy tokens to the left,
     segment-mean per (group, step) with ``index_add_``, gather back."""
     B, R = cum_rewards.shape
-    m, excl, slot = F._pack_slots(response_mask)
-    x = F._pack_left(cum_rewards.float(), slot, R + 1)[:, :R]
+    m, excl, slot = pack_slots(response_mask)
+    x = pack_left(cum_rewards.float(), slot, R + 1)[:, :R]
     n_pol = m.sum(-1)
     active = (torch.arange(R).unsqueeze(0) < n_pol.unsqueeze(1)).float()
-    gid, G = F.group_ids(index, B)
+    gid, G = group_ids(index, B)
     sums = torch.zeros(G, R).index_add_(0, gid, x * active)
     counts = torch.zeros(G, R).index_add_(0, gid, active)
     base = (sums / counts.clamp(min=1))[gid]
@@ -282,8 +255,8 @@ class SPRO(CreditMethod):
 
     def assign(self, tensors: BatchTensors, batch: Batch, ctx: CreditContext) -> CreditResult:
         cfg: SPROConfig = self.cfg  # type: ignore[assignment]
-        mask = _mask(tensors)
-        lr = _ref_logratio(self.name, tensors, ctx)
+        mask = policy_token_mask(tensors)
+        lr = ref_logratio(self.name, tensors, ctx)
         cum = cfg.beta * lr.cumsum(-1) * mask  # masked positions add 0, so this is the sum over policy tokens <= t
         msa = masked_step_advantage(cum, mask, tensors.index)
         rewards = tensors.token_level_rewards.float()
@@ -373,8 +346,8 @@ class PRL(CreditMethod):
 
     def assign(self, tensors: BatchTensors, batch: Batch, ctx: CreditContext) -> CreditResult:
         cfg: PRLConfig = self.cfg  # type: ignore[assignment]
-        mask = _mask(tensors)
-        lr = _ref_logratio(self.name, tensors, ctx)
+        mask = policy_token_mask(tensors)
+        lr = ref_logratio(self.name, tensors, ctx)
         if cfg.step_unit == "turn":
             step_ids = tensors.turn_ids
             K = max(tensors.max_turns, 1)
@@ -386,7 +359,7 @@ class PRL(CreditMethod):
         outcome = _outcome(tensors)
         r, present = prl_process_rewards(outcome, lr, step_ids, cfg.beta, K)
         final = outcome - cfg.beta * lr.sum(-1)  # entropy-regularized return of each response
-        _, mean, std, _ = F._group_stats(final, tensors.index, with_std=cfg.norm_adv_by_std)
+        _, mean, std, _ = group_stats(final, tensors.index, with_std=cfg.norm_adv_by_std)
         step_adv = r - mean.unsqueeze(1)
         if cfg.norm_adv_by_std:
             step_adv = step_adv / (std.unsqueeze(1) + cfg.epsilon)

@@ -28,7 +28,7 @@ reward model of the paper.
 * Advantages (critic-free): step ``k`` gets ``(n * r_k - mean_g R) / (std_g R + eps)`` — its
   redistributed reward in episode units minus the group baseline; the mean over a trajectory's
   steps is GRPO's advantage and a uniform redistribution is exactly GRPO
-  (:func:`~stages.credit.methods.montecarlo.group_episode_advantages`).
+  (:func:`group_episode_advantages`).
 
 Native credit: the (B, K) redistributed step rewards (nan for absent steps). Overhead: the
 provider's (e.g. MC continuations or PRM forward passes).
@@ -40,22 +40,31 @@ from dataclasses import dataclass
 
 import torch
 
-from stages.credit import functional as F
-from stages.credit.base import (
-    CreditConfig,
-    CreditContext,
-    CreditMethod,
-    register_method,
-)
-from stages.credit.methods.montecarlo import (
-    Segments,
-    broadcast,
-    group_episode_advantages,
-    step_segments,
-)
+from stages.credit.group_stats import group_stats
+from stages.credit.base import CreditConfig, CreditContext, CreditMethod
+from stages.credit.registry import register_method
+from stages.credit.segments import Segments, broadcast, step_segments
 from stages.reward.process import SOURCES, ProcessRewardConfig, prefix_scores, require_prefix_scores
 from stages.schema import Batch, BatchTensors, CreditResult, Overhead
 from stages.config_fields import param
+
+
+def group_episode_advantages(
+    step_rewards: torch.Tensor, present: torch.Tensor, index: torch.Tensor, norm_adv_by_std: bool, epsilon: float
+) -> torch.Tensor:
+    """Per-step advantages from per-step (redistributed) rewards that sum to the episode return:
+    ``A_ik = (n_i * r_ik - mean_g R) / (std_g R + eps)`` with ``R_i = sum_k r_ik`` and ``n_i``
+    the number of steps. ``n_i * r_ik`` is step k's reward in episode units, so the mean over a
+    trajectory's steps is exactly GRPO's advantage and an equal redistribution reduces to GRPO;
+    singleton groups use mean 0 and std 1 (verl's rule). Absent steps: nan."""
+    r = torch.where(present, step_rewards, torch.zeros_like(step_rewards))
+    ret = r.sum(-1)
+    _, mean, std, _ = group_stats(ret, index, with_std=True)
+    n = present.sum(-1, keepdim=True).to(r.dtype)
+    adv = n * r - mean.unsqueeze(-1)
+    if norm_adv_by_std:
+        adv = adv / (std.unsqueeze(-1) + epsilon)
+    return torch.where(present, adv, torch.full_like(adv, float("nan")))
 
 
 def align_step_scores(scores: torch.Tensor, seg: Segments, name: str) -> torch.Tensor:
@@ -165,7 +174,7 @@ class RED(CreditMethod):
         mask = (tensors.response_mask != 0).to(rewards.dtype)
         holistic = (rewards * mask).sum(-1).double()
         if cfg.empty_score == "group_mean":
-            count, mean, _, _ = F._group_stats(holistic, tensors.index, with_std=False)
+            count, mean, _, _ = group_stats(holistic, tensors.index, with_std=False)
             empty = torch.where(count > 1, mean, holistic)  # a singleton's group mean is itself
         elif cfg.empty_score == "first_step":
             empty = torch.nan_to_num(scores[:, 0], nan=0.0)

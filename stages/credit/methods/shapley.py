@@ -50,9 +50,10 @@ from dataclasses import dataclass
 
 import torch
 
-from stages.credit import functional as F
-from stages.credit.base import CreditConfig, CreditContext, CreditMethod, Scorer, register_method
-from stages.credit.methods.montecarlo import Segments, broadcast, step_segments
+from stages.credit.group_stats import group_stats
+from stages.credit.base import CreditConfig, CreditContext, CreditMethod, Scorer
+from stages.credit.registry import register_method
+from stages.credit.segments import Segments, broadcast, step_segments
 from stages.schema import Batch, BatchTensors, CreditResult, Overhead
 from stages.config_fields import param
 
@@ -195,7 +196,7 @@ class SCAR(CreditMethod):
         uniform = player.double() / n.clamp(min=1).double()
         share = torch.where(total > 1e-12, p / total.clamp(min=1e-12), uniform)
         rho = R.unsqueeze(1) * share  # shaped rewards of the reasoning steps, summing to R
-        _, mean, std, _ = F._group_stats(R, tensors.index, with_std=True)
+        _, mean, std, _ = group_stats(R, tensors.index, with_std=True)
         denom = (std + cfg.epsilon) if cfg.norm_adv_by_std else torch.ones_like(std)
         step_adv = (n.double() * rho - mean.unsqueeze(1)) / denom.unsqueeze(1)
         outcome_adv = ((R - mean) / denom).unsqueeze(1).expand(B, K)

@@ -1,0 +1,58 @@
+"""The ground-truth credit a benchmark environment computes for an episode (survey §9.3).
+
+Environments with a known MDP (the bifurcation tasks, math with exhaustive Monte Carlo) return
+it from :meth:`environments.base.Environment.ground_truth`; :class:`stages.schema.Trajectory`
+carries it to the credit stage and the benchmark metrics. It lives here, below the stages, so
+that environments need nothing from ``stages`` but the config fields.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+
+@dataclass
+class GroundTruthCredit:
+    """Exact credit of each turn on a benchmark task with a known MDP (survey §9.3).
+
+    ``advantage[t] = Q(s_t, a_t) - V(s_t)`` under ``reference_policy``; ``value[t] = V(s_t)``.
+    """
+
+    value: list[float]
+    q_value: list[float]
+    advantage: list[float]
+    decisive: list[bool]
+    reference_policy: str = "uniform"
+    #: the task's exact finite-horizon MDP, for credit under *other* policies (the oracle-credit
+    #: method evaluates it under the current policy); None where the task does not export it
+    mdp: Optional["TabularMDP"] = None
+
+
+@dataclass
+class TabularMDP:
+    """A finite-horizon tabular MDP of one episode's task, in a family-independent form.
+
+    Horizon H, S states, A actions (the last action may be the *invalid* action, label None).
+    ``reward[t][s][a]`` is the expected immediate reward of action a in state s at turn t (the
+    terminal reward is in ``terminal_value``), ``transition[t][s][a]`` the distribution over the
+    next states (S probabilities), ``terminal_value[s]`` the value of state s after turn H-1.
+    ``states[t]`` is the state the episode was actually in at each played turn (its realized
+    stochastic transitions), ``action_texts[a]`` the canonical text of valid action a (what a
+    policy emits to take it; used to score the policy's probability of each action).
+    """
+
+    reward: list[list[list[float]]]
+    transition: list[list[list[list[float]]]]
+    terminal_value: list[float]
+    states: list[int]
+    actions: list[Optional[str]]
+    action_texts: list[str]
+
+    @property
+    def horizon(self) -> int:
+        return len(self.reward)
+
+    @property
+    def num_states(self) -> int:
+        return len(self.terminal_value)

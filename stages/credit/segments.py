@@ -1,0 +1,148 @@
+"""Steps and segments of a response, and moving credit between them and tokens (survey §2.4).
+
+The credit of step-, segment- and turn-level methods lives on *units*: consecutive runs of a
+response's policy tokens (the "Granularity" axis of the survey's taxonomy, §2.4). This module
+is the one place that partitions responses into units and maps per-unit values back to tokens;
+the methods share it rather than borrowing from each other's modules:
+
+* :class:`Segments` — a partition of each row's policy tokens into units, with
+  :func:`segments_from_ids` (from per-token unit ids), :func:`compact_ids` (renumber ids
+  without gaps) and :func:`step_segments` (the reasoning steps: ``Trajectory.step_spans``, else
+  the turns) — VinePPO's steps (§3.1.1), SPO's segments (§3.2), RED's and SCAR's steps (§3.1.2,
+  §3.2);
+* :func:`segment_rewards` — the reward collected in each unit (the units of a row sum to its
+  return);
+* :func:`broadcast` — (B, K) unit values to the (B, R) tokens of each unit;
+* :func:`steps_to_tokens` — (B, K) step values to tokens by ``BatchTensors.turn_ids`` (one step
+  per turn: PURE, PRL, CAPO);
+* :func:`policy_token_mask` — the (B, R) float mask of policy tokens.
+
+Everything is vectorized over rows and tokens; shapes follow :class:`stages.schema.BatchTensors`
+(B rows, R response positions, K units per row at most).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from stages.schema import Batch, BatchTensors
+
+
+def policy_token_mask(tensors: BatchTensors) -> torch.Tensor:
+    """(B, R) float32: 1.0 on the policy's tokens, 0.0 on observation and padding tokens."""
+    return (tensors.response_mask != 0).float()
+
+
+@dataclass
+class Segments:
+    """A partition of each response's policy tokens into consecutive units (steps / segments).
+
+    ``seg_id`` (B, R) long: unit index of each policy token (0..count-1, increasing along the
+    response), -1 on observation/padding tokens and policy tokens outside every unit;
+    ``starts`` (B, K) long: response position of each unit's first token (-1 where absent);
+    ``present`` (B, K) bool; ``count`` (B,) long: number of units of each row (units of a row are
+    ``0..count-1``, no gaps).
+    """
+
+    seg_id: torch.Tensor
+    starts: torch.Tensor
+    present: torch.Tensor
+    count: torch.Tensor
+
+    @property
+    def K(self) -> int:
+        return int(self.present.shape[1])
+
+
+def segments_from_ids(seg_id: torch.Tensor) -> Segments:
+    """Starts / presence / counts of a compact ``seg_id`` (B, R) (ids 0..n-1 without gaps)."""
+    B, R = seg_id.shape
+    K = max(int(seg_id.max().item()) + 1 if seg_id.numel() else 0, 1)
+    valid = seg_id >= 0
+    idx = seg_id.clamp(min=0)
+    pos = torch.arange(R, device=seg_id.device).expand(B, R)
+    big = torch.full_like(pos, R)
+    starts = torch.full((B, K), R, dtype=torch.long, device=seg_id.device)
+    starts = starts.scatter_reduce(1, idx, torch.where(valid, pos, big), "amin")
+    present = starts < R
+    starts = torch.where(present, starts, torch.full_like(starts, -1))
+    return Segments(seg_id=seg_id, starts=starts, present=present, count=present.sum(-1))
+
+
+def compact_ids(raw: torch.Tensor) -> torch.Tensor:
+    """Renumber per-row unit ids (-1 = none) to 0..n-1 in order, dropping empty ids (vectorized)."""
+    B, R = raw.shape
+    K = max(int(raw.max().item()) + 1 if raw.numel() else 0, 1)
+    valid = raw >= 0
+    hit = torch.zeros((B, K), dtype=torch.long, device=raw.device)
+    hit.scatter_add_(1, raw.clamp(min=0), valid.long())
+    new = (hit > 0).long().cumsum(-1) - 1
+    out = new.gather(1, raw.clamp(min=0))
+    return torch.where(valid, out, torch.full_like(out, -1))
+
+
+def step_segments(tensors: BatchTensors, batch: Optional[Batch]) -> Segments:
+    """The reasoning steps of each response: ``Trajectory.step_spans`` where a trajectory has
+    them, else its turns' action spans (``tensors.turn_ids``; the math family's step = turn).
+
+    Only policy tokens belong to a step. Spans must be sorted and non-overlapping.
+    """
+    mask = tensors.response_mask != 0
+    B, R = mask.shape
+    trajs = batch.trajectories if batch is not None else []
+    if not any(t.step_spans for t in trajs):
+        raw = torch.where(mask, tensors.turn_ids, torch.full_like(tensors.turn_ids, -1))
+        return segments_from_ids(compact_ids(raw))
+    if len(trajs) != B:
+        raise ValueError(f"batch has {len(trajs)} trajectories but the tensors have {B} rows")
+    spans: list[list[tuple[int, int]]] = []
+    for t in trajs:  # reading the span lists (O(B*K) Python, like BatchTensors.from_batch)
+        s = [tuple(x) for x in (t.step_spans or [turn.action_span for turn in t.turns])]
+        s = [(a, b) for a, b in s if b > a]
+        for j in range(1, len(s)):
+            if s[j][0] < s[j - 1][1]:
+                raise ValueError(f"trajectory {t.uid}: step_spans[{j}]={s[j]} overlaps or precedes step_spans[{j-1}]={s[j-1]}")
+        spans.append(s)
+    K = max(max((len(s) for s in spans), default=0), 1)
+    starts = torch.full((B, K), R + 1, dtype=torch.long)
+    ends = torch.zeros((B, K), dtype=torch.long)
+    for i, s in enumerate(spans):
+        if s:
+            starts[i, : len(s)] = torch.tensor([a for a, _ in s])
+            ends[i, : len(s)] = torch.tensor([b for _, b in s])
+    pos = torch.arange(R).expand(B, R).contiguous()
+    idx = torch.searchsorted(starts, pos, right=True) - 1  # last span starting at or before pos
+    inside = (idx >= 0) & (pos < ends.gather(1, idx.clamp(min=0))) & mask
+    raw = torch.where(inside, idx, torch.full_like(idx, -1)).to(tensors.turn_ids.device)
+    return segments_from_ids(compact_ids(raw))
+
+
+def segment_rewards(tensors: BatchTensors, seg: Segments) -> torch.Tensor:
+    """(B, K) reward collected in each unit: every token reward goes to the last unit starting at
+    or before it (rewards before the first unit go to unit 0), so a row's units sum to its
+    return. Absent units are 0."""
+    rewards = tensors.token_level_rewards
+    rewards = rewards if rewards.is_floating_point() else rewards.float()
+    ff = seg.seg_id.cummax(dim=1).values.clamp(min=0)  # seg ids increase along the row
+    out = torch.zeros((rewards.shape[0], seg.K), dtype=rewards.dtype, device=rewards.device)
+    return out.scatter_add_(1, ff, rewards)
+
+
+def broadcast(unit_values: torch.Tensor, seg: Segments, mask: torch.Tensor) -> torch.Tensor:
+    """(B, K) per-unit values -> (B, R) on the unit's tokens, 0 elsewhere (and where nan)."""
+    vals = torch.nan_to_num(unit_values, nan=0.0)
+    out = vals.gather(1, seg.seg_id.clamp(min=0))
+    return out * (seg.seg_id >= 0).to(out.dtype) * (mask != 0).to(out.dtype)
+
+
+def steps_to_tokens(step_values: torch.Tensor, turn_ids: torch.Tensor) -> torch.Tensor:
+    """(B, K) step values -> (B, R): each policy token gets the value of its step (its turn,
+    ``turn_ids``); 0 off-policy, beyond column K-1 and where the step value is nan."""
+    K = step_values.shape[1]
+    valid = (turn_ids >= 0) & (turn_ids < K)
+    vals = torch.nan_to_num(step_values, nan=0.0)
+    out = vals.gather(1, turn_ids.clamp(min=0, max=max(K - 1, 0)))
+    return out * valid.to(out.dtype)
