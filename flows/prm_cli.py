@@ -17,20 +17,36 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import environments.tasks  # noqa: F401  (registers the built-in families)
 from environments.registry import get_family_class
 from flows.config import configs_dir, load_config, to_object
+from stages.reward.process import StepCheckRewards
 from stages.reward.prm import (
     Example,
     PRMConfig,
     evaluate_prm,
-    examples_from_trajectories,
     reference_examples,
     save_prm,
     train_prm,
 )
+
+
+
+def examples_from_trajectories(trajectories: Sequence[Any]) -> list[Example]:
+    """``(prompt_text, [action texts], [step labels])`` per trajectory, labels from the family's
+    procedural step checks (:class:`stages.reward.process.StepCheckRewards`)."""
+    from stages.schema import Batch
+
+    trajs = [t for t in trajectories if t.turns]
+    if not trajs:
+        return []
+    labels, _ = StepCheckRewards()(Batch(list(trajs)))
+    return [
+        (t.prompt_text, [turn.action_text for turn in t.turns], labels[i, : len(t.turns)].tolist())
+        for i, t in enumerate(trajs)
+    ]
 
 
 def collect_examples(env: str, episodes: int, seed: int, home: Optional[Path] = None,

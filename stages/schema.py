@@ -54,7 +54,6 @@ class Turn:
 
 
 @dataclass
-@dataclass
 class Trajectory:
     """One episode (prompt + multi-turn response) with everything credit methods may need."""
 

@@ -13,12 +13,13 @@ Layers, lowest first; a module may import modules of its own layer or a lower on
 
 ====  =====================  ===============================================================
  0    foundation             ``stages.config_fields`` (config fields and their rules)
- 1    environment library    ``environments`` and all of it except ``environments.construct``:
+ 1    environment library    ``environments`` and all of it except the stage-1 modules:
                              the environment protocol, ground-truth credit type, family
                              registry, task families, sandbox backends
  2    stage data             ``stages.schema`` (Trajectory / Batch / CreditResult / Overhead)
- 3    stages                 every other ``stages`` module, and ``environments.construct``
-                             (stage 1, environment construction, which returns stage data)
+ 3    stages                 every other ``stages`` module, and the stage-1 modules
+                             ``environments.construct`` (slots) and ``environments.start``
+                             (start, retry, replay, play slots), which use stage data
  4    orchestration          ``flows``
  5    entry points           ``benchmarks``, ``tests``
 ====  =====================  ===============================================================
@@ -42,7 +43,7 @@ PACKAGES = ("stages", "environments", "flows", "benchmarks", "tests")
 LAYERS: list[tuple[int, str, tuple[str, ...]]] = [
     (0, "foundation", ("stages.config_fields",)),
     (2, "stage data", ("stages.schema",)),
-    (3, "stages", ("environments.construct",)),
+    (3, "stages", ("environments.construct", "environments.start")),
     (1, "environment library", ("environments",)),
     (3, "stages", ("stages",)),
     (4, "orchestration", ("flows",)),

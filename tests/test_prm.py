@@ -9,12 +9,11 @@ import random
 import pytest
 import torch
 
-from flows.prm_cli import collect_examples, main
+from flows.prm_cli import collect_examples, examples_from_trajectories, main
 from stages.reward.prm import (
     PRMConfig,
     build_prm,
     evaluate_prm,
-    examples_from_trajectories,
     load_prm,
     save_prm,
     train_prm,

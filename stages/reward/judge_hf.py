@@ -125,7 +125,7 @@ class HFJudge:
     def propose(self, prompts: list[str], max_new_tokens: int) -> list[str]:
         from stages.rollout.engine import GenerationRequest
         from stages.rollout.hf_engine import HFEngine
-        from stages.rollout.policy import stop_token_ids
+        from stages.rollout.agent_loop import stop_token_ids
 
         if not prompts:
             return []

@@ -346,22 +346,6 @@ def load_prm(path: str | os.PathLike, device: Optional[str] = None) -> ProcessRe
 # --------------------------------------------------------------------------------------------
 
 
-def examples_from_trajectories(trajectories: Sequence[Any]) -> list[Example]:
-    """``(prompt_text, [action texts], [step labels])`` per trajectory, labels from the family's
-    procedural step checks (:class:`stages.reward.process.StepCheckRewards`)."""
-    from stages.reward.process import StepCheckRewards
-    from stages.schema import Batch
-
-    trajs = [t for t in trajectories if t.turns]
-    if not trajs:
-        return []
-    labels, _ = StepCheckRewards()(Batch(list(trajs)))
-    return [
-        (t.prompt_text, [turn.action_text for turn in t.turns], labels[i, : len(t.turns)].tolist())
-        for i, t in enumerate(trajs)
-    ]
-
-
 def reference_examples(family: Any, instances: Sequence[Any], seed: int) -> list[Example]:
     """Labelled solutions built from each instance's privileged reference solution
     (``env.privileged()["reference_steps"]`` and ``["answer"]``, where the family provides them):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from stages.config_fields import param
+import stages.update.losses  # noqa: F401  (registers the built-in losses)
 from stages.update.loss_registry import loss_names
 
 

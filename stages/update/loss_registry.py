@@ -32,12 +32,9 @@ test of its defining property against a direct computation (``tests/test_loss_re
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import Any, Callable
 
 import torch
-
-if TYPE_CHECKING:  # pragma: no cover
-    from stages.update.config import UpdateConfig
 
 #: ``fn(logprobs, old_logprobs, advantages, mask, cfg, **needs) -> (loss, stats)``
 PolicyLoss = Callable[..., "tuple[torch.Tensor, dict[str, float]]"]
@@ -63,7 +60,7 @@ class LossSpec:
     reference: str
 
     def __call__(self, logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
-                 mask: torch.Tensor, cfg: "UpdateConfig", **provided: torch.Tensor
+                 mask: torch.Tensor, cfg: Any, **provided: torch.Tensor
                  ) -> tuple[torch.Tensor, dict[str, float]]:
         missing = sorted(self.needs - set(provided))
         if missing:
@@ -97,18 +94,12 @@ def unregister_loss(name: str) -> None:
     _LOSSES.pop(name, None)
 
 
-def _load_builtin() -> None:
-    import stages.update.losses  # noqa: F401  (registers the built-in losses)
-
-
 def loss_names() -> list[str]:
     """The accepted ``update.loss`` values."""
-    _load_builtin()
     return sorted(_LOSSES)
 
 
 def get_loss(name: str) -> LossSpec:
-    _load_builtin()
     if name not in _LOSSES:
         raise KeyError(f"unknown loss {name!r}; known losses: {', '.join(sorted(_LOSSES))}")
     return _LOSSES[name]

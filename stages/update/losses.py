@@ -7,14 +7,11 @@ names are registered here with :func:`stages.update.loss_registry.register_loss`
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 
 from stages.update.loss_registry import register_loss
-
-if TYPE_CHECKING:  # pragma: no cover
-    from stages.update.config import UpdateConfig
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
@@ -59,7 +56,7 @@ def clipped_policy_loss(
 
 @register_loss("ppo", aggregation="token-mean", reference="Schulman et al. 2017, PPO eq. 7 (clipped surrogate)")
 def ppo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-             cfg: "UpdateConfig") -> tuple[torch.Tensor, dict[str, float]]:
+             cfg: Any) -> tuple[torch.Tensor, dict[str, float]]:
     """PPO-clip: the clipped surrogate averaged over all policy tokens of the mini-batch, so a
     long response weighs more than a short one."""
     return clipped_policy_loss(logprobs, old_logprobs, advantages, mask, cfg.clip_ratio, "token-mean")
@@ -68,7 +65,7 @@ def ppo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: tor
 @register_loss("grpo", aggregation="seq-mean-token-mean",
                reference="Shao et al. 2024, DeepSeekMath eq. 3 (GRPO objective)")
 def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-              cfg: "UpdateConfig") -> tuple[torch.Tensor, dict[str, float]]:
+              cfg: Any) -> tuple[torch.Tensor, dict[str, float]]:
     """GRPO: the same clipped surrogate, averaged over each response's tokens (``1/|o_i|``) and
     then over responses (``1/G``), so every response weighs the same whatever its length."""
     return clipped_policy_loss(logprobs, old_logprobs, advantages, mask, cfg.clip_ratio, "seq-mean-token-mean")
