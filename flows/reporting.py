@@ -187,14 +187,9 @@ def iteration_metrics(results: dict[str, Any]) -> dict[str, float]:
             if k != "wall_seconds" and v:
                 m[f"overhead.{stage}.{k}"] = float(v)
     m["overhead.credit.wall_seconds"] = results["credit"].overhead.wall_seconds
-    for k, v in results["rollout"].stats.items():
-        m[f"rollout.{k}"] = v
-    for k, v in results["reward"].stats.items():
-        m[f"reward.{k}"] = v
-    for k, v in results["credit"].stats.items():
-        m[f"credit.{k}"] = v
-    for k, v in results["update"].stats.items():
-        m[f"update.{k}"] = v
+    for stage in ("env", "rollout", "reward", "credit", "update"):
+        for k, v in results[stage].stats.items():
+            m[f"{stage}.{k}"] = v
     return {k: float(v) for k, v in m.items() if isinstance(v, (int, float)) and math.isfinite(float(v))}
 
 

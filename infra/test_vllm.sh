@@ -54,16 +54,20 @@ PY
 echo "== installed in $(( $(date +%s) - start )) s: $("$VENV/bin/python" -c 'import vllm, torch; print("vllm", vllm.__version__, "torch", torch.__version__)' 2>/dev/null)"
 
 rc=0
-"$VENV/bin/python" -m pytest -q -m vllm tests/test_vllm_engine.py -p no:cacheprovider || rc=$?
+"$VENV/bin/python" -m pytest -q -m vllm tests/test_vllm_engine.py -p no:cacheprovider -W 'ignore:.torch.distributed.reduce_op. is deprecated:FutureWarning' || rc=$?
 
 echo "== one training iteration with rollout.engine=vllm (flows.api.run_plain)"
 home=$(mktemp -d)
-CREDITFLOW_HOME=$home "$VENV/bin/python" - <<'PY' || rc=$?
+# vLLM's own INFO/WARNING lines and progress bars go to a log file; the result line is printed
+runlog=$(mktemp --suffix=.log)
+CREDITFLOW_HOME=$home VLLM_LOGGING_LEVEL=WARNING "$VENV/bin/python" - >"$runlog" 2>&1 <<'PY' || rc=$?
 from flows.api import run_plain
 res = run_plain(["experiment=quickstart", "iterations=1", "rollout.engine=vllm", "model.num_heads=2",
                  "model.num_kv_heads=1", "eval_episodes=8"])
-print({k: v for k, v in res.items() if k != "per_stage"})
+print("RESULT", {k: v for k, v in res.items() if k != "per_stage"})
 PY
+if [ "$rc" = 0 ]; then grep '^RESULT ' "$runlog" | sed 's/^RESULT /  /'; echo "  (vLLM's log: $runlog)"
+else echo "  FAILED (exit $rc); last lines of $runlog:"; tail -n 20 "$runlog" | sed 's/^/    /'; fi
 rm -rf "$home"
 echo "== total $(( $(date +%s) - start )) s"
 exit $rc
