@@ -54,7 +54,7 @@ PY
 echo "== installed in $(( $(date +%s) - start )) s: $("$VENV/bin/python" -c 'import vllm, torch; print("vllm", vllm.__version__, "torch", torch.__version__)' 2>/dev/null)"
 
 rc=0
-"$VENV/bin/python" -m pytest -q -m vllm tests/test_vllm_engine.py -p no:cacheprovider -W 'ignore:.torch.distributed.reduce_op. is deprecated:FutureWarning' || rc=$?
+"$VENV/bin/python" -m pytest -q -m vllm tests/test_vllm_engine.py -p no:cacheprovider || rc=$?
 
 echo "== one training iteration with rollout.engine=vllm (flows.api.run_plain)"
 home=$(mktemp -d)
