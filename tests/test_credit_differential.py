@@ -28,7 +28,7 @@ import torch
 
 import stages.credit.methods  # noqa: F401  (registers every built-in method)
 from environments.tasks.bifurcation import BifurcationConfig, BifurcationFamily, format_action
-import stages.credit.methods  # noqa: F401  (registers the built-in methods)
+from tests.test_credit_tempo import _tensors as tempo_tensors
 from stages.credit.base import CreditContext
 from stages.credit.registry import build_method, get_method_class
 from stages.schema import Batch, BatchTensors, Overhead, Trajectory, Turn, turn_credit
@@ -416,24 +416,6 @@ def test_spo_puts_segment_credit_on_the_low_probability_cut_points(bif, variant)
 # ============================================================================ TEMPO
 
 
-def _tree_tensors(responses, scores, groups):
-    B, R = len(responses), max(len(r) for r in responses)
-    ids = torch.zeros(B, R, dtype=torch.long)
-    mask = torch.zeros(B, R)
-    rew = torch.zeros(B, R, dtype=torch.float64)
-    for i, r in enumerate(responses):
-        ids[i, : len(r)] = torch.tensor(r)
-        mask[i, : len(r)] = 1
-        rew[i, len(r) - 1] = scores[i]
-    attn = torch.cat([torch.ones(B, 1, dtype=torch.long), mask.long()], 1)
-    return BatchTensors(
-        input_ids=torch.cat([torch.ones(B, 1, dtype=torch.long), ids], 1), attention_mask=attn,
-        position_ids=attn.cumsum(-1) - 1, prompt_len=1, response_ids=ids, response_mask=mask,
-        old_logprobs=torch.zeros(B, R), entropies=torch.zeros(B, R), token_level_rewards=rew,
-        episode_rewards=rew.sum(-1), index=torch.tensor(groups), turn_ids=torch.where(mask > 0, 0, -1),
-        num_turns=torch.ones(B, dtype=torch.long))
-
-
 def test_tempo_corrects_grpo_only_at_branch_tokens():
     """TEMPO (Tran et al. 2025, §3.2): GRPO plus ``V(child) - V(node)`` at branching nodes of the
     group's prefix tree. A decisive branch (token 7 -> success, 8 -> failure) after a shared
@@ -441,7 +423,7 @@ def test_tempo_corrects_grpo_only_at_branch_tokens():
     children have the same outcome (9 / 10) and every non-branch token keep GRPO's advantage."""
     responses = [[5, 6, 7, 9, 4], [5, 6, 7, 10, 4], [5, 6, 8, 9, 4], [5, 6, 8, 9, 4, 4]]
     scores = [1.0, 1.0, 0.0, 0.0]
-    t = _tree_tensors(responses, scores, [0, 0, 0, 0])
+    t = tempo_tensors(responses, scores, [0, 0, 0, 0])
     res, grpo = _run("tempo", t), _grpo(t)
     a = res.advantages.double()
     g = grpo.double()

@@ -87,6 +87,14 @@ class Judge(Protocol):
         """Free-text generation (e.g. InT's self-proposed correction of a wrong step)."""
 
 
+def encode_text(tokenizer: Any, text: str) -> list[int]:
+    """Token ids of ``text`` with no special tokens (``[]`` for empty text): how methods that build
+    prompts or score texts (T-REG's instructions, the oracle's action texts) tokenize them."""
+    if not text:
+        return []
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
 #: every value a method may put in ``needs``, and what the stages then set on the context
 NEEDS: dict[str, str] = {
     "critic": "a learned value model V(s) (ctx.critic)",

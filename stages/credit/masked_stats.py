@@ -29,6 +29,17 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor, axis: Optional[int] = 
     return masked_sum(values, mask, axis) / (denom + 1e-8)
 
 
+def _check_unbiased_count(n: torch.Tensor) -> None:
+    """verl's errors for an unbiased variance over ``n`` masked entries (0 or 1 cannot have one)."""
+    if n == 0:
+        raise ValueError("masked_var: at least one element in the mask has to be 1 (mask.sum() == 0)")
+    if n == 1:
+        raise ValueError(
+            "masked_var: the sum of the mask is one, the unbiased variance would divide by zero; "
+            "use a larger batch"
+        )
+
+
 def masked_var(values: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
     """Variance of ``values`` over the whole mask (verl ``masked_var``).
 
@@ -39,13 +50,7 @@ def masked_var(values: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) 
     variance = masked_mean((values - mean) ** 2, mask)
     if unbiased:
         n = mask.sum()
-        if n == 0:
-            raise ValueError("masked_var: at least one element in the mask has to be 1 (mask.sum() == 0)")
-        if n == 1:
-            raise ValueError(
-                "masked_var: the sum of the mask is one, the unbiased variance would divide by zero; "
-                "use a larger batch"
-            )
+        _check_unbiased_count(n)
         variance = variance * (n / (n - 1))
     return variance
 
@@ -72,13 +77,7 @@ def whiten_stats_binary(values: torch.Tensor, mask: torch.Tensor) -> tuple[torch
     several times slower on CPU; used inside the estimators, whose whitened tensors are finite.
     """
     n = mask.sum()
-    if n == 0:
-        raise ValueError("masked_var: at least one element in the mask has to be 1 (mask.sum() == 0)")
-    if n == 1:
-        raise ValueError(
-            "masked_var: the sum of the mask is one, the unbiased variance would divide by zero; "
-            "use a larger batch"
-        )
+    _check_unbiased_count(n)
     mean = (values * mask).sum() / (n + 1e-8)
     var = (((values - mean) ** 2) * mask).sum() / (n + 1e-8) * (n / (n - 1))
     return mean, torch.rsqrt(var + 1e-8)

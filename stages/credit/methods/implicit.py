@@ -13,12 +13,11 @@ Shared math: :func:`implicit_token_credit`, :func:`contrastive_token_rewards`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
 from stages.credit import functional as F
-from stages.credit.base import CreditConfig, CreditContext, CreditMethod
+from stages.credit.base import CreditConfig, CreditContext, CreditMethod, encode_text
 from stages.credit.ref_logratio import ref_logratio
 from stages.credit.registry import register_method
 from stages.credit.segments import policy_token_mask
@@ -129,12 +128,6 @@ def _pad_rows(rows: list[torch.Tensor], R: int) -> torch.Tensor:
     return out[:, :R]
 
 
-def _encode(tokenizer: Any, text: str) -> list[int]:
-    if not text:
-        return []
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
 @dataclass
 class TREGConfig(CreditConfig):
     method: str = param("t_reg", help="credit-assignment method (registry name; T-REG, Zhou et al. 2024)")
@@ -183,8 +176,8 @@ class TREG(CreditMethod):
         """(B, R) token rewards and the scorer forward passes they cost."""
         cfg: TREGConfig = self.cfg  # type: ignore[assignment]
         assert ctx.scorer is not None and ctx.tokenizer is not None
-        good = _encode(ctx.tokenizer, cfg.good_instruction)
-        bad = _encode(ctx.tokenizer, cfg.bad_instruction)
+        good = encode_text(ctx.tokenizer, cfg.good_instruction)
+        bad = encode_text(ctx.tokenizer, cfg.bad_instruction)
         trajs = batch.trajectories
         contexts = [good + list(t.prompt_ids) for t in trajs] + [bad + list(t.prompt_ids) for t in trajs]
         targets = [list(t.response_ids) for t in trajs] * 2

@@ -27,13 +27,12 @@ policy token of the turn (observation tokens get 0).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
 from stages.benchmark.oracle import played_advantages, policy_values, stack_mdps
 from stages.config_fields import param
-from stages.credit.base import CreditConfig, CreditContext, CreditMethod
+from stages.credit.base import CreditConfig, CreditContext, CreditMethod, encode_text
 from stages.credit.registry import register_method
 from stages.schema import Batch, BatchTensors, CreditResult, Overhead
 
@@ -45,10 +44,6 @@ class OracleConfig(CreditConfig):
     method: str = param("oracle", help="credit-assignment method (registry name; exact advantages from the task's MDP)")
     policy: str = param("current", help="policy of the exact advantages: current (the trained policy, scored) | "
                         "reference (the task's reference policy)", choices=ORACLE_POLICIES)
-
-
-def _encode(tokenizer: Any, text: str) -> list[int]:
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 def _uniform(A: int, n_valid: int) -> torch.Tensor:
@@ -122,7 +117,7 @@ class Oracle(CreditMethod):
         actions if no trajectory played it): the counterfactual Q of earlier turns needs it."""
         assert ctx.scorer is not None and ctx.tokenizer is not None
         mdp0 = mdps[0]
-        texts = [_encode(ctx.tokenizer, t) for t in mdp0.action_texts]
+        texts = [encode_text(ctx.tokenizer, t) for t in mdp0.action_texts]
         n_valid = len(texts)
         A = len(mdp0.actions)
         B, H = len(batch.trajectories), mdp0.horizon
@@ -152,6 +147,6 @@ class Oracle(CreditMethod):
             # Q of its earlier turns: there, the batch's mean policy at that turn index
             count = played.sum(0)
             mean = (probs * played[..., None]).sum(0) / count.clamp(min=1)[:, None]
-            fill = torch.where((count > 0)[:, None], mean, probs[0] * 0 + _uniform(A, n_valid))
+            fill = torch.where((count > 0)[:, None], mean, _uniform(A, n_valid).expand(H, A))
             probs = torch.where(played[..., None], probs, fill[None].expand(B, H, A))
         return probs
