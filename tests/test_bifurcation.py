@@ -16,17 +16,17 @@ import pytest
 
 import environments.tasks  # noqa: F401  (registers the built-in families)
 from environments.registry import get_family_class
-from environments.tasks.bifurcation import (
+from environments.tasks.bifurcation import BifurcationFamily
+from environments.tasks.bifurcation_config import (
     LETTERS,
     STOP_TEXT,
     BifurcationConfig,
-    BifurcationEnv,
-    BifurcationFamily,
-    exact_values,
     format_action,
     make_rule,
     parse_action,
 )
+from environments.tasks.bifurcation_dp import exact_values
+from environments.tasks.bifurcation_env import BifurcationEnv
 
 # ----------------------------------------------------------------------------- brute force
 # An independent reference, written from the task semantics (not from the module's DP):
