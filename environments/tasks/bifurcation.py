@@ -38,6 +38,41 @@ Semantics
   episode seed replay exactly, whatever the actions. :meth:`BifurcationEnv.restore` replays
   the same future slips unless given ``reseed`` (MC rollouts from a snapshot want fresh ones).
 
+Variants (``env.variant``; issue 15, "task structures with known credit")
+-----------------------------------------------------------------------
+One transition function (:meth:`environments.tasks.bifurcation_dp.Dynamics.step`) defines every
+variant; the episode, the exact DP and the exported :class:`TabularMDP` all derive from it.
+
+* ``decisive`` (default): the task above. States ``OFF``, ``ON`` (and ``END`` after an early end).
+* ``recovery``: **an early mistake that a later action can repair.** A wrong valid letter at a
+  decisive turn t taken *on track* (t < H-1) does not put the episode off track for good: it
+  moves to state ``REPAIR``, and turn t+1 is a *repair turn*: the rule's action for turn t+1's
+  cue (``spec["repair"][t+1]``; hence ``distractors=true``) restores ``ON`` (if t+1 is itself
+  decisive, its slip then applies as usual); any other letter or an invalid action puts the
+  episode ``OFF`` for good (and ends it with ``terminate_on_error``). A wrong decisive letter at
+  the last turn, off track, or on a repair turn is not repairable. The observation does not
+  show the state (as in ``decisive``); the optimal policy (the rule's action on every turn)
+  never needs a repair. The DP gives the mistake its true advantage, negative even on an
+  episode whose repair succeeded, where an outcome-grouped estimator (GRPO) credits every turn
+  positively: ``GroundTruthCredit.mistake`` marks these turns and the credit stage logs
+  ``credit.gt_repaired_mistake_credit`` (mean credit on mistakes of successful episodes).
+  The ground truth's ``decisive`` flags include the repair turns actually played.
+* ``varh``: **variable horizon, a stop/continue decision at every turn.** Action ``S`` (stop) is
+  valid on every turn besides the letters and ends the episode; the instance has a *stop turn*
+  g (``spec["stop_turn"]``, drawn in [num_decisive, H-1]; every decisive turn comes before it),
+  whose observation shows cue ``*``. Stopping succeeds (terminal reward 1) iff the episode is on
+  track and t = g; stopping earlier fails at once, and continuing (a letter) at or after g puts
+  the episode off track for good, so one that never stops fails at H. Every turn continued
+  costs ``continue_cost`` (turn reward ``-continue_cost``). Episodes of one group have different
+  lengths, and V(turn, state) depends on the turn (per-timestep baselines matter); the uniform
+  reference policy is uniform over the letters and ``S``. The ground truth's ``decisive`` flags
+  include the stop turn.
+* **Stochastic transitions** are ``slip_prob`` in every variant: the rule's action at a decisive
+  turn fails with probability ``slip_prob`` (the episode goes off track), drawn from the
+  episode's slip table. It is the only random transition; the DP takes its expectation exactly
+  (tested against exhaustive Monte Carlo of the environment itself in every variant).
+* The sandboxed mode implements ``decisive`` only (a config rule refuses the other variants).
+
 Text protocol
 -------------
 The rollout and warm-up code rely on this; the transcript of an episode is exactly the
@@ -46,6 +81,7 @@ with nothing inserted.
 
 * Prompt: ``"Follow the rule. Answer with one letter: A B.\\n"`` (the valid letters, space
   separated) followed by the first turn's observation.
+  With ``variant=varh`` it reads ``"... one letter: A B, or S to stop.\\n"``.
 * Turn observation: ``"t{k} cue {c}"`` with k = 1..H (1-based) and c the cue (``-`` on
   routine turns without distractors); with ``mark_decisive`` decisive turns read
   ``"t{k} ! cue {c}"``. Every observation where the policy must act **ends with the cue**
@@ -87,7 +123,7 @@ warm-up corpus is generated in-process (same texts).
 State keys (GiGPO anchors): ``"{task_id}|t={t}|cue={c}|on={0|1}"`` for the state in which turn
 ``t`` (0-based) is taken, ``"{task_id}|end|t={t}|on={0|1}"`` for terminal states. They expose
 the hidden on-track bit (the *true* MDP state): two episodes of an instance share a key iff
-they are in the same true state.
+they are in the same true state (``on=r``: the ``REPAIR`` state of ``variant=recovery``).
 """
 
 from __future__ import annotations
@@ -97,8 +133,15 @@ from typing import Any, Optional
 
 from environments.base import SPLITS, TaskFamily, TaskInstance, derive_seed
 from environments.registry import register_family
-from environments.tasks.bifurcation_config import CUES, NO_CUE, BifurcationConfig, format_action, make_rule
-from environments.tasks.bifurcation_dp import _exact_tables, exact_values
+from environments.tasks.bifurcation_config import (
+    CUES,
+    NO_CUE,
+    STOP_CUE,
+    BifurcationConfig,
+    format_action,
+    make_rule,
+)
+from environments.tasks.bifurcation_dp import exact_tables, exact_values
 from environments.tasks.bifurcation_env import BifurcationEnv
 from environments.tasks.bifurcation_sandboxed import SandboxedBifurcationEnv
 
@@ -132,7 +175,8 @@ class BifurcationFamily(TaskFamily):
         iseed = derive_seed("bifurcation-instance", split, seed, index)
         rng = random.Random(iseed)
         H = int(cfg.horizon)
-        decisive = sorted(rng.sample(range(H), int(cfg.num_decisive)))
+        stop_turn = rng.randrange(int(cfg.num_decisive), H) if cfg.variant == "varh" else None
+        decisive = sorted(rng.sample(range(H if stop_turn is None else stop_turn), int(cfg.num_decisive)))
         cues: list[str] = []
         for t in range(H):
             c = CUES[rng.randrange(cfg.num_actions)]  # drawn on every turn: same stream either way
@@ -146,6 +190,11 @@ class BifurcationFamily(TaskFamily):
             "answers": answers,
             "rule_seed": int(cfg.rule_seed),
         }
+        if cfg.variant == "recovery":  # the action that repairs a mistake of the previous turn
+            spec["repair"] = [self.rule[c] for c in cues]
+        if stop_turn is not None:
+            cues[stop_turn] = STOP_CUE
+            spec["stop_turn"] = stop_turn
         return TaskInstance(task_id=f"bif-{split}-s{seed}-{index}", split=split, seed=iseed, spec=spec)
 
     def _tables(self, instance: TaskInstance) -> Any:
@@ -154,7 +203,7 @@ class BifurcationFamily(TaskFamily):
         if tables is None:
             if len(self._tables_cache) > 4096:
                 self._tables_cache.clear()
-            tables = self._tables_cache[key] = _exact_tables(instance.spec, self.cfg)
+            tables = self._tables_cache[key] = exact_tables(instance.spec, self.cfg)
         return tables
 
     def make(self, instance: TaskInstance, sandbox: Any = None, episode_seed: int = 0) -> BifurcationEnv:
@@ -177,15 +226,22 @@ class BifurcationFamily(TaskFamily):
         structure = (
             f"H={c.horizon}, {c.num_decisive} decisive turns, {c.num_actions} actions, slip_prob={c.slip_prob}, "
             f"distractors={c.distractors}, mark_decisive={c.mark_decisive}, "
-            f"terminate_on_error={c.terminate_on_error}, decisive_reward={c.decisive_reward}"
+            f"terminate_on_error={c.terminate_on_error}, decisive_reward={c.decisive_reward}, variant={c.variant}"
+            + (f", continue_cost={c.continue_cost}" if c.variant == "varh" else "")
         )
         metric = (
             "success rate = fraction of episodes ending on track (every decisive turn answered with the "
             "rule's action and not slipped, no invalid action on any turn); terminal reward 1.0 on success "
             "else 0.0"
         )
+        if c.variant == "recovery":
+            metric += "; a wrong decisive action on track is repaired by the rule's action on the next turn"
+        if c.variant == "varh":
+            metric += "; the episode must stop (S) at the turn cued '*', stopping elsewhere or never fails"
         if c.decisive_reward:
             metric += f"; plus a turn reward of {c.decisive_reward} per correct decisive action"
+        if c.continue_cost:
+            metric += f"; minus {c.continue_cost} per turn continued"
         return {
             "source": f"procedurally generated bifurcation MDPs, rule_seed={c.rule_seed} ({structure})",
             "size": f"train: {c.train_size} instances; eval: {c.eval_size} instances",

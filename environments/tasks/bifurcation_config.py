@@ -19,6 +19,12 @@ ACTION_FORMAT = " {}\n"
 #: the text that ends a policy turn
 STOP_TEXT = "\n"
 NO_CUE = "-"
+#: task structures with known credit (issue 15, "Oracle and ground truth"); see
+#: :mod:`environments.tasks.bifurcation`, "Variants"
+VARIANTS = ("decisive", "recovery", "varh")
+#: the stop action of ``variant=varh`` (ends the episode) and the cue of the turn to stop at
+STOP_ACTION = "S"
+STOP_CUE = "*"
 
 
 @dataclass
@@ -39,11 +45,24 @@ class BifurcationConfig(EnvConfig):
     rule_seed: int = param(0, help="seed of the hidden cue->action rule shared by all instances")
     reference_policy: str = param("uniform", help="policy of the ground-truth V/Q/A: uniform (over valid actions) | optimal", choices=REFERENCE_POLICIES)
     sandboxed: bool = param(False, help="compute every transition inside a sandbox (stdlib step script; same trajectories)")
+    variant: str = param("decisive", help="task structure: decisive (decisive turns among routine ones) | recovery "
+                         "(a wrong decisive action can be repaired on the next turn) | varh (variable horizon: "
+                         "stop at the turn cued '*'); survey §9.3", choices=VARIANTS)
+    continue_cost: float = param(0.0, help="variant=varh: turn reward -continue_cost for every turn the policy "
+                                 "continues (answers a letter instead of S)", ge=0)
 
     def config_rules(self):
         """Rules between fields (checked by stages.config_fields.check)."""
         if self.num_decisive > self.horizon:
             yield "num_decisive", f"must be <= env.horizon={self.horizon}"
+        if self.variant == "varh" and self.num_decisive >= self.horizon:
+            yield "num_decisive", f"must be < env.horizon={self.horizon} with env.variant=varh (the stop turn comes after the decisive turns)"
+        if self.variant == "recovery" and not self.distractors:
+            yield "distractors", "must be true with env.variant=recovery (a repair turn is answered by its cue)"
+        if self.continue_cost and self.variant != "varh":
+            yield "continue_cost", "needs env.variant=varh (only the variable-horizon variant has a continue decision)"
+        if self.sandboxed and self.variant != "decisive":
+            yield "sandboxed", f"not supported with env.variant={self.variant} (the sandbox step script implements variant=decisive)"
 
 
 
@@ -59,10 +78,16 @@ def make_rule(rule_seed: int, num_actions: int) -> dict[str, str]:
             return {CUES[i]: actions[i] for i in range(num_actions)}
 
 
-def parse_action(action_text: str, num_actions: int) -> Optional[str]:
+def valid_actions(num_actions: int, variant: str = "decisive") -> str:
+    """The valid action letters: ``A, B, ...`` (``num_actions`` of them), then ``S`` (stop) with
+    ``variant=varh``."""
+    return LETTERS[:num_actions] + (STOP_ACTION if variant == "varh" else "")
+
+
+def parse_action(action_text: str, num_actions: int, variant: str = "decisive") -> Optional[str]:
     """The valid letter ``action_text`` denotes, or None (invalid)."""
     a = action_text.strip() if isinstance(action_text, str) else None
-    return a if a is not None and len(a) == 1 and a in LETTERS[:num_actions] else None
+    return a if a is not None and len(a) == 1 and a in valid_actions(num_actions, variant) else None
 
 
 def format_action(letter: str) -> str:

@@ -1,5 +1,5 @@
 """One in-process episode of a bifurcation instance (see :mod:`environments.tasks.bifurcation`
-for the semantics and the text protocol)."""
+for the semantics, the variants and the text protocol)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ from typing import Any, Optional, Sequence
 
 from environments.base import Environment, StepResult, TaskInstance, derive_seed
 from environments.ground_truth import GroundTruthCredit, TabularMDP
-from environments.tasks.bifurcation_config import LETTERS, format_action, parse_action
-from environments.tasks.bifurcation_dp import _exact_tables
+from environments.tasks.bifurcation_config import parse_action
+from environments.tasks.bifurcation_dp import ON, STATE_LABELS, Dynamics, exact_tables, tabular_mdp
+
 
 class BifurcationEnv(Environment):
     """One episode of a bifurcation instance (see the module docstring for the protocol)."""
@@ -28,7 +29,10 @@ class BifurcationEnv(Environment):
         self.episode_seed = int(episode_seed)
         self.horizon = int(spec["horizon"])
         self.num_actions = int(spec["num_actions"])
-        self.letters = LETTERS[: self.num_actions]
+        self.variant = str(getattr(cfg, "variant", "decisive"))
+        self.dynamics = Dynamics(spec, cfg)
+        #: the valid action letters (``S`` = stop last with ``variant=varh``)
+        self.letters = "".join(self.dynamics.letters)
         self.decisive = [t in set(spec["decisive"]) for t in range(self.horizon)]
         self.cues: list[str] = list(spec["cues"])
         self.answers: list[Optional[str]] = list(spec["answers"])
@@ -37,7 +41,7 @@ class BifurcationEnv(Environment):
         self.slips = self._draw_slips(random.Random(derive_seed("episode", instance.seed, self.episode_seed)))
         self._started = False
         self._t = 0
-        self._on = True
+        self._s = ON  # state code (bifurcation_dp: OFF, ON, REPAIR)
         self._done = False
         self._success = False
         self.actions: list[Optional[str]] = []
@@ -50,7 +54,8 @@ class BifurcationEnv(Environment):
 
     @property
     def prompt_header(self) -> str:
-        return f"Follow the rule. Answer with one letter: {' '.join(self.letters)}.\n"
+        stop = ", or S to stop" if self.variant == "varh" else ""
+        return f"Follow the rule. Answer with one letter: {' '.join(self.letters[: self.num_actions])}{stop}.\n"
 
     def observation(self, t: int) -> str:
         mark = " !" if self.cfg.mark_decisive and self.decisive[t] else ""
@@ -60,42 +65,38 @@ class BifurcationEnv(Environment):
 
     def reset(self) -> str:
         self._started = True
-        self._t, self._on, self._done, self._success = 0, True, False, False
+        self._t, self._s, self._done, self._success = 0, ON, False, False
         self.actions = []
         return self.prompt_header + self.observation(0)
 
-    def _key(self, t: int, on: bool, terminal: bool) -> str:
+    def _key(self, t: int, s: int, terminal: bool) -> str:
         tid = self.instance.task_id
         if terminal:
-            return f"{tid}|end|t={t}|on={int(on)}"
-        return f"{tid}|t={t}|cue={self.cues[t]}|on={int(on)}"
+            return f"{tid}|end|t={t}|on={int(s == ON)}"
+        return f"{tid}|t={t}|cue={self.cues[t]}|on={STATE_LABELS[s]}"
 
     def state_key(self) -> str:
-        return self._key(self._t, self._on, self._done)
+        return self._key(self._t, self._s, self._done)
 
-    def _transition(self, t: int, on: bool, a: Optional[str], slips: Sequence[bool]) -> tuple[bool, float, bool]:
-        """(next on-track bit, turn reward, terminated early) of action ``a`` at turn ``t``."""
-        correct = self.decisive[t] and a is not None and a == self.answers[t]
-        error = a is None or (self.decisive[t] and not correct)
-        reward = float(self.cfg.decisive_reward) if correct else 0.0
-        if error:
-            return False, reward, bool(self.cfg.terminate_on_error)
-        if correct and slips[t]:
-            return False, reward, False
-        return on, reward, False
+    def _transition(self, t: int, s: int, a: Optional[str], slips: Sequence[bool]) -> tuple[int, float, bool]:
+        """(next state code, turn reward, terminated early) of action ``a`` at turn ``t`` in state
+        ``s`` (:meth:`environments.tasks.bifurcation_dp.Dynamics.step` with this episode's slip)."""
+        s2, r, ended = self.dynamics.step(t, int(s), a, bool(slips[t]))
+        return s2, float(r), ended
 
-    def _apply(self, t: int, action_text: str) -> tuple[Optional[str], bool, float, bool]:
-        """(parsed action, next on-track bit, turn reward, terminated early) of turn ``t``."""
-        a = parse_action(action_text, self.num_actions)
-        on, reward, terminated = self._transition(t, self._on, a, self.slips)
-        return a, on, reward, terminated
+    def _apply(self, t: int, action_text: str) -> tuple[Optional[str], int, float, bool]:
+        """(parsed action, next state code, turn reward, terminated early) of turn ``t``."""
+        a = parse_action(action_text, self.num_actions, self.variant)
+        s, reward, terminated = self._transition(t, self._s, a, self.slips)
+        return a, s, reward, terminated
 
     def step(self, action_text: str) -> StepResult:
         self.check_can_step()
         t = self._t
-        a, on, reward, terminated = self._apply(t, action_text)
+        a, s, reward, terminated = self._apply(t, action_text)
         self.actions.append(a)
-        self._on = on
+        self._s = s
+        on = s == ON
         self._t = t + 1
         done = terminated or self._t >= self.horizon
         prefix = "" if isinstance(action_text, str) and action_text.endswith("\n") else "\n"
@@ -127,22 +128,26 @@ class BifurcationEnv(Environment):
 
     def _get_tables(self) -> tuple[list[list[Fraction]], list[list[dict[Optional[str], Fraction]]]]:
         if self._tables is None:
-            self._tables = _exact_tables(self.instance.spec, self.cfg)
+            self._tables = exact_tables(self.instance.spec, self.cfg)
         return self._tables
 
     def ground_truth(self, actions: list[Optional[str]]) -> GroundTruthCredit:
         """Exact credit of the taken actions (letters, or None for invalid) under the reference policy.
 
-        ``value[t] = V(s_t)``, ``q_value[t] = Q(s_t, a_t)``, ``advantage[t] = Q - V``, where
-        ``s_t``'s on-track bit follows this episode's realized slips (its slip table), so the
-        result describes the episode that was actually played with these actions.
-        A string that is not a bare letter is parsed like action text."""
+        ``value[t] = V(s_t)``, ``q_value[t] = Q(s_t, a_t)``, ``advantage[t] = Q - V``, where the
+        state ``s_t`` follows this episode's realized slips (its slip table), so the result
+        describes the episode that was actually played with these actions. ``decisive[t]``: a
+        decisive turn, the stop turn (varh) or a repair turn (recovery); ``mistake[t]``: a wrong
+        letter at a decisive turn taken on track. A string that is not a bare letter is parsed
+        like action text."""
         V, Q = self._get_tables()
         values: list[float] = []
         qs: list[float] = []
         advs: list[float] = []
         states: list[int] = []
-        on = True
+        decisive: list[bool] = []
+        mistake: list[bool] = []
+        s = ON
         ended = False
         for t, a in enumerate(actions):
             if ended or t >= self.horizon:
@@ -151,66 +156,35 @@ class BifurcationEnv(Environment):
                     f"ends after {t} turns"
                 )
             if a is not None:
-                a = parse_action(a, self.num_actions)
-            states.append(int(on))
-            v, q = V[t][int(on)], Q[t][int(on)][a]
+                a = parse_action(a, self.num_actions, self.variant)
+            states.append(s)
+            decisive.append(self.dynamics.is_bifurcation(t, s))
+            mistake.append(self.dynamics.is_mistake(t, s, a))
+            v, q = V[t][s], Q[t][s][a]
             values.append(float(v))
             qs.append(float(q))
             advs.append(float(q - v))
-            on, _, ended = self._transition(t, on, a, self.slips)
+            s, _, ended = self._transition(t, s, a, self.slips)
         return GroundTruthCredit(
             value=values,
             q_value=qs,
             advantage=advs,
-            decisive=list(self.decisive[: len(actions)]),
+            decisive=decisive,
             reference_policy=str(self.cfg.reference_policy),
             mdp=self.tabular_mdp(states),
+            mistake=mistake if self.variant == "recovery" else None,
         )
 
     def tabular_mdp(self, states: list[int]) -> TabularMDP:
-        """This instance's MDP in the family-independent form of :class:`TabularMDP` (states
-        0 = off track, 1 = on track, 2 = ended by ``terminate_on_error``; actions the valid
-        letters, then None = invalid), the same dynamics as :func:`_exact_tables`; ``states`` are
-        the realized states of the played turns."""
-        spec = self.instance.spec
-        H, letters = int(spec["horizon"]), list(LETTERS[: int(spec["num_actions"])])
-        decisive, answers = set(spec["decisive"]), spec["answers"]
-        slip, r_dec, terminate = float(self.cfg.slip_prob), float(self.cfg.decisive_reward), bool(self.cfg.terminate_on_error)
-        OFF, ON, END = 0, 1, 2
-        reward: list[list[list[float]]] = []
-        trans: list[list[list[list[float]]]] = []
-        for t in range(H):
-            r_t, p_t = [], []
-            for s in (OFF, ON, END):
-                r_s, p_s = [], []
-                for a in letters + [None]:
-                    nxt = [0.0, 0.0, 0.0]
-                    if s == END:
-                        r_s.append(0.0)
-                        nxt[END] = 1.0
-                        p_s.append(nxt)
-                        continue
-                    correct = t in decisive and a is not None and a == answers[t]
-                    error = a is None or (t in decisive and not correct)
-                    r_s.append(r_dec if correct else 0.0)
-                    if error:
-                        nxt[END if terminate else OFF] = 1.0
-                    elif correct and s == ON:
-                        nxt[ON], nxt[OFF] = 1.0 - slip, slip
-                    else:
-                        nxt[s] = 1.0
-                    p_s.append(nxt)
-                r_t.append(r_s)
-                p_t.append(p_s)
-            reward.append(r_t)
-            trans.append(p_t)
-        return TabularMDP(reward=reward, transition=trans, terminal_value=[0.0, 1.0, 0.0], states=list(states),
-                          actions=[*letters, None], action_texts=[format_action(a) for a in letters])
+        """This instance's MDP in the family-independent form of :class:`TabularMDP`
+        (:func:`environments.tasks.bifurcation_dp.tabular_mdp`); ``states`` are the realized
+        states of the played turns."""
+        return tabular_mdp(self.instance.spec, self.cfg, states)
 
     def snapshot(self) -> dict[str, Any]:
         return {
             "t": self._t,
-            "on": self._on,
+            "on": self._s,  # state code
             "done": self._done,
             "success": self._success,
             "started": self._started,
@@ -221,7 +195,7 @@ class BifurcationEnv(Environment):
     def restore(self, handle: dict[str, Any], reseed: Optional[int] = None) -> None:
         """Resume from ``handle``. With ``reseed`` the slips of the turns not yet taken are
         redrawn from (instance seed, episode seed, reseed): independent futures for MC rollouts."""
-        self._t, self._on, self._done = handle["t"], handle["on"], handle["done"]
+        self._t, self._s, self._done = handle["t"], int(handle["on"]), handle["done"]
         self._success, self._started = handle["success"], handle["started"]
         self.actions = list(handle["actions"])
         self.slips = list(handle["slips"])

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from environments.base import StepResult, TaskInstance
+from environments.tasks.bifurcation_dp import OFF, ON
 from environments.tasks.bifurcation_env import BifurcationEnv
 
 class SandboxFault(Exception):
@@ -61,7 +62,7 @@ class SandboxedBifurcationEnv(BifurcationEnv):
             "decisive_reward": float(self.cfg.decisive_reward),
             "terminate_on_error": bool(self.cfg.terminate_on_error),
         }
-        state = {"t": self._t, "on": self._on, "done": self._done}
+        state = {"t": self._t, "on": self._s == ON, "done": self._done}
         try:
             self._timed(self.box.write_file, STEP_SCRIPT, _step_script_bytes())
             self._timed(self.box.write_file, SPEC_FILE, json.dumps(spec).encode())
@@ -79,7 +80,7 @@ class SandboxedBifurcationEnv(BifurcationEnv):
             self._fault = exc.reason  # reported by the first step
         return prompt
 
-    def _apply(self, t: int, action_text: str) -> tuple[Optional[str], bool, float, bool]:
+    def _apply(self, t: int, action_text: str) -> tuple[Optional[str], int, float, bool]:
         if getattr(self, "_fault", None):
             raise SandboxFault(self._fault or "error")
         payload = json.dumps({"action": action_text if isinstance(action_text, str) else None}).encode()
@@ -98,7 +99,7 @@ class SandboxedBifurcationEnv(BifurcationEnv):
             a = out["a"]
             if int(out["t"]) != t + 1 or (a is not None and a not in self.letters):
                 raise ValueError(f"unexpected step output {out!r}")
-            return a, bool(out["on"]), float(out["reward"]), bool(out["terminated"])
+            return a, ON if out["on"] else OFF, float(out["reward"]), bool(out["terminated"])
         except (ValueError, KeyError, IndexError, TypeError, UnicodeDecodeError) as exc:
             raise SandboxFault("error", str(exc)) from exc
 
@@ -108,7 +109,7 @@ class SandboxedBifurcationEnv(BifurcationEnv):
         except SandboxFault as exc:
             t = self._t
             self.actions.append(None)
-            self._t, self._on, self._done, self._success = t + 1, False, True, False
+            self._t, self._s, self._done, self._success = t + 1, OFF, True, False
             prefix = "" if isinstance(action_text, str) and action_text.endswith("\n") else "\n"
             info = {"turn": t, "valid": False, "turn_reward": 0.0, "terminal_reward": 0.0, "sandbox_fault": str(exc)}
             return StepResult(observation=prefix + "done: failure", reward=0.0, done=True, action=None,
