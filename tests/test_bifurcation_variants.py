@@ -176,6 +176,11 @@ def test_grpo_credits_repaired_mistakes_positively_the_oracle_negatively():
     assert g["gt_repaired_mistake_credit"] > 0 and g["gt_repaired_mistake_positive_share"] > 0.5
     assert o["gt_repaired_mistake_credit"] == pytest.approx(o["gt_repaired_mistake_advantage"], abs=1e-6)
     assert o["gt_repaired_mistake_positive_share"] == 0.0
+    # the layout: a routine repair turn after every decisive turn
+    fam = BifurcationFamily(cfg)
+    for inst in fam.instances("train", 50, seed=0):
+        d = inst.spec["decisive"]
+        assert len(d) == 2 and d[-1] < cfg.horizon - 1 and all(b - a >= 2 for a, b in zip(d, d[1:]))
     # the plain decisive variant marks no mistakes (none can be repaired): no such metric
     _, plain, _ = _batch(BifurcationConfig(horizon=6, num_decisive=2), n_inst=1, per=4, p_invalid=0.0)
     assert plain.to_tensors(pad_token_id=0).gt_repaired_mistake is None
@@ -195,6 +200,7 @@ def test_repaired_mistake_credit_hand_case():
     (["env=bifurcation_recovery", "env.distractors=false"], "env.distractors"),
     (["env=bifurcation", "env.continue_cost=0.1"], "env.continue_cost"),
     (["env=bifurcation_varh", "env.num_decisive=6"], "env.num_decisive"),
+    (["env=bifurcation_recovery", "env.num_decisive=4"], "env.num_decisive"),
     (["env=bifurcation_recovery", "env.sandboxed=true"], "env.sandboxed"),
     (["env.variant=nosuch"], "env.variant"),
 ])

@@ -44,19 +44,24 @@ One transition function (:meth:`environments.tasks.bifurcation_dp.Dynamics.step`
 variant; the episode, the exact DP and the exported :class:`TabularMDP` all derive from it.
 
 * ``decisive`` (default): the task above. States ``OFF``, ``ON`` (and ``END`` after an early end).
-* ``recovery``: **an early mistake that a later action can repair.** A wrong valid letter at a
-  decisive turn t taken *on track* (t < H-1) does not put the episode off track for good: it
-  moves to state ``REPAIR``, and turn t+1 is a *repair turn*: the rule's action for turn t+1's
-  cue (``spec["repair"][t+1]``; hence ``distractors=true``) restores ``ON`` (if t+1 is itself
-  decisive, its slip then applies as usual); any other letter or an invalid action puts the
-  episode ``OFF`` for good (and ends it with ``terminate_on_error``). A wrong decisive letter at
-  the last turn, off track, or on a repair turn is not repairable. The observation does not
-  show the state (as in ``decisive``); the optimal policy (the rule's action on every turn)
-  never needs a repair. The DP gives the mistake its true advantage, negative even on an
-  episode whose repair succeeded, where an outcome-grouped estimator (GRPO) credits every turn
-  positively: ``GroundTruthCredit.mistake`` marks these turns and the credit stage logs
-  ``credit.gt_repaired_mistake_credit`` (mean credit on mistakes of successful episodes).
-  The ground truth's ``decisive`` flags include the repair turns actually played.
+* ``recovery``: **an early mistake that a later action can repair.** Instances place a routine
+  turn after every decisive one (decisive turns are never adjacent nor last; hence
+  ``num_decisive <= horizon // 2``). A wrong valid letter at a decisive turn t taken *on track*
+  does not put the episode off track for good: it moves to state ``REPAIR``, and turn t+1 is a
+  *repair turn*: the rule's action for turn t+1's cue (``spec["repair"][t+1]``; hence
+  ``distractors=true``) restores ``ON``; any other letter or an invalid action puts the episode
+  ``OFF`` for good (and ends it with ``terminate_on_error``). A wrong decisive letter off track
+  is not repairable. The observation does not show the state (as in ``decisive``); the optimal
+  policy (the rule's action on every turn) never needs a repair. Under the uniform reference
+  with n letters and ``decisive_reward = 0``, the mistake's exact advantage is
+  ``(1/n - (1 - slip_prob)) V(t+1, ON) / n``, negative (for ``slip_prob < 1 - 1/n``) even on an
+  episode whose repair succeeded, where an
+  outcome-grouped estimator (GRPO) credits every turn of it positively:
+  ``GroundTruthCredit.mistake`` marks these turns and the credit stage logs
+  ``credit.gt_repaired_mistake_credit`` (mean credit on mistakes of successful episodes). The
+  ground truth's ``decisive`` flags include the repair turns actually played. (Were a decisive
+  turn its own predecessor's repair turn, the "mistake" would skip a slip for free and have a
+  positive advantage: the layout rule excludes that.)
 * ``varh``: **variable horizon, a stop/continue decision at every turn.** Action ``S`` (stop) is
   valid on every turn besides the letters and ends the episode; the instance has a *stop turn*
   g (``spec["stop_turn"]``, drawn in [num_decisive, H-1]; every decisive turn comes before it),
@@ -176,7 +181,11 @@ class BifurcationFamily(TaskFamily):
         rng = random.Random(iseed)
         H = int(cfg.horizon)
         stop_turn = rng.randrange(int(cfg.num_decisive), H) if cfg.variant == "varh" else None
-        decisive = sorted(rng.sample(range(H if stop_turn is None else stop_turn), int(cfg.num_decisive)))
+        if cfg.variant == "recovery":  # a routine turn after every decisive one (its repair turn)
+            nd = int(cfg.num_decisive)
+            decisive = [x + i for i, x in enumerate(sorted(rng.sample(range(H - nd), nd)))]
+        else:
+            decisive = sorted(rng.sample(range(H if stop_turn is None else stop_turn), int(cfg.num_decisive)))
         cues: list[str] = []
         for t in range(H):
             c = CUES[rng.randrange(cfg.num_actions)]  # drawn on every turn: same stream either way

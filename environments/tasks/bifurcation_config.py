@@ -57,6 +57,9 @@ class BifurcationConfig(EnvConfig):
             yield "num_decisive", f"must be <= env.horizon={self.horizon}"
         if self.variant == "varh" and self.num_decisive >= self.horizon:
             yield "num_decisive", f"must be < env.horizon={self.horizon} with env.variant=varh (the stop turn comes after the decisive turns)"
+        if self.variant == "recovery" and 2 * self.num_decisive > self.horizon:
+            yield "num_decisive", (f"must be <= env.horizon // 2 = {self.horizon // 2} with env.variant=recovery "
+                                   "(a routine repair turn follows every decisive turn)")
         if self.variant == "recovery" and not self.distractors:
             yield "distractors", "must be true with env.variant=recovery (a repair turn is answered by its cue)"
         if self.continue_cost and self.variant != "varh":
