@@ -31,6 +31,9 @@ class GroundTruthCredit:
     #: ``variant=recovery``: a wrong decisive letter taken on track); None where the task has none.
     #: Scored by ``credit.gt_repaired_mistake_credit`` on successful (repaired) episodes.
     mistake: Optional[list[bool]] = None
+    #: standard error of each ``value`` (and of the value after the last turn, so ``len = turns + 1``)
+    #: where the values are Monte Carlo estimates (math with ``env.ground_truth_mc``); None where exact
+    value_se: Optional[list[float]] = None
 
 
 @dataclass
