@@ -40,6 +40,25 @@ def credit_statistics(tensors: BatchTensors, result: CreditResult) -> dict[str, 
         stats["gt_sign_agreement"] = ident["sign_accuracy"]  # on turns whose true advantage is non-zero
         stats["gt_rmse"] = ident["rmse"]
         stats["gt_zero_advantage_mass"] = ident["zero_advantage_mass"]
+        if tensors.gt_repaired_mistake is not None:
+            stats.update(repaired_mistake_credit(tc, gt, tensors.gt_repaired_mistake & valid))
     for k, v in result.stats.items():
         stats[f"method.{k}"] = float(v)
     return stats
+
+
+def repaired_mistake_credit(turn_credit: torch.Tensor, advantage: torch.Tensor, repaired: torch.Tensor) -> dict[str, float]:
+    """Credit on repaired mistakes (issue 15, recovery variant): turns flagged ``repaired`` (a
+    wrong decisive action taken on track in an episode that still succeeded). Their true
+    advantage is negative, but an outcome-grouped estimator (GRPO: every turn of a successful
+    trajectory gets the same positive credit) credits them positively. Returns the count, the mean
+    turn credit (``gt_repaired_mistake_credit``), the mean true advantage and the share credited
+    positively; the means only where there is at least one such turn."""
+    n = int(repaired.sum())
+    out = {"gt_repaired_mistakes": float(n)}
+    if n:
+        c = turn_credit[repaired].double()
+        out["gt_repaired_mistake_credit"] = float(c.mean())
+        out["gt_repaired_mistake_advantage"] = float(advantage[repaired].double().mean())
+        out["gt_repaired_mistake_positive_share"] = float((c > 0).double().mean())
+    return out
