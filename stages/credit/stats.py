@@ -11,11 +11,17 @@ import math
 
 import torch
 
-from stages.benchmark.metrics import identification
-from stages.schema import BatchTensors, CreditResult, turn_credit
+from typing import Optional
+
+from stages.benchmark.metrics import gradient_validity, identification, turn_table
+from stages.schema import Batch, BatchTensors, CreditResult, turn_credit
 
 
-def credit_statistics(tensors: BatchTensors, result: CreditResult) -> dict[str, float]:
+def credit_statistics(tensors: BatchTensors, result: CreditResult, batch: Optional[Batch] = None) -> dict[str, float]:
+    """Per-iteration credit statistics; on tasks with ground truth also the identification metrics
+    and, given the ``batch`` (its turns' state keys and actions), the gradient-validity ones
+    (:mod:`stages.benchmark.metrics`: shift-invariant error, cosine to the oracle's policy gradient,
+    variance of the per-episode gradients)."""
     mask = tensors.response_mask
     adv = result.advantages.float()
     n_tok = mask.sum().clamp(min=1)
@@ -40,6 +46,13 @@ def credit_statistics(tensors: BatchTensors, result: CreditResult) -> dict[str, 
         stats["gt_sign_agreement"] = ident["sign_accuracy"]  # on turns whose true advantage is non-zero
         stats["gt_rmse"] = ident["rmse"]
         stats["gt_zero_advantage_mass"] = ident["zero_advantage_mass"]
+        if batch is not None and bool(valid.any()):
+            table = turn_table(batch, tensors, adv)
+            grad = gradient_validity(table.credit, table.advantage, table.state, table.action, table.row)
+            stats["gt_shift_invariant_rmse"] = grad["shift_invariant_rmse"]
+            stats["gt_pg_cosine"] = grad["gradient_cosine"]
+            if "gradient_variance" in grad:
+                stats["gt_gradient_variance"] = grad["gradient_variance"]
     for k, v in result.stats.items():
         stats[f"method.{k}"] = float(v)
     return stats
