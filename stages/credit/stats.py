@@ -21,7 +21,7 @@ def credit_statistics(tensors: BatchTensors, result: CreditResult, batch: Option
     """Per-iteration credit statistics; on tasks with ground truth also the identification metrics
     and, given the ``batch`` (its turns' state keys and actions), the gradient-validity ones
     (:mod:`stages.benchmark.metrics`: shift-invariant error, cosine to the oracle's policy gradient,
-    variance of the per-episode gradients)."""
+    variance of the gradients of the rollout groups)."""
     mask = tensors.response_mask
     adv = result.advantages.float()
     n_tok = mask.sum().clamp(min=1)
@@ -48,7 +48,9 @@ def credit_statistics(tensors: BatchTensors, result: CreditResult, batch: Option
         stats["gt_zero_advantage_mass"] = ident["zero_advantage_mass"]
         if batch is not None and bool(valid.any()):
             table = turn_table(batch, tensors, adv)
-            grad = gradient_validity(table.credit, table.advantage, table.state, table.action, table.row)
+            # "batches" for the variance: the rollout groups (an episode alone visits a state once, so
+            # under its own empirical policy its gradient vanishes)
+            grad = gradient_validity(table.credit, table.advantage, table.state, table.action, tensors.index[table.row])
             stats["gt_shift_invariant_rmse"] = grad["shift_invariant_rmse"]
             stats["gt_pg_cosine"] = grad["gradient_cosine"]
             if "gradient_variance" in grad:
