@@ -147,11 +147,20 @@ def report_finish(state: "RunState", tracker: Tracker, acc: checklist_mod.Accumu
 def write_metadata(state: "RunState", tracker: Tracker, acc: checklist_mod.Accumulator, items: list,
                    before: dict[str, Any], after: dict[str, Any]) -> str:
     """The run's benchmark metadata (survey §9.5; :mod:`flows.metadata`), validated against the
-    shipped schema, written to ``<run dir>/metadata.json`` and logged to MLflow as ``metadata.json``."""
+    shipped schema, written to ``<run dir>/metadata.json`` and logged to MLflow as ``metadata.json``.
+    A document that does not validate is a bug of its builder: it is not written, the MLflow run gets
+    the reason as the tag ``creditflow.metadata_error`` and a warning is printed; the run's results
+    stay (returns ``""``)."""
     from flows import metadata
+    from stages.benchmark.metadata import MetadataError
 
     doc = metadata.build(state, acc, items, before, after, tracker.run_id, recommendation_tags(state), git_commit())
-    path = metadata.write(state, doc)
+    try:
+        path = metadata.write(state, doc)
+    except MetadataError as exc:
+        tracker.set_tags({"creditflow.metadata_error": str(exc)[:5000]})
+        print(f"warning: run {state.run_id}: no metadata.json written: {exc}", file=sys.stderr)
+        return ""
     tracker.log_json(doc, "metadata.json")
     return path
 

@@ -91,3 +91,22 @@ def test_non_finite_numbers_become_null_before_validation():
     assert math.isnan(doc["ground_truth"]["pg_cosine"])  # a copy: the input is untouched
     M.validate(clean)
     json.dumps(clean, allow_nan=False)
+
+
+@pytest.mark.parametrize("env", ["bifurcation", "bifurcation_long", "math", "code", "tooluse"])
+def test_every_shipped_task_family_profile_and_description_fit_the_schema(env):
+    """What the metadata builder takes from a task family as is (its decision-tree profile and
+    Appendix C description) validates against the schema's task section."""
+    import jsonschema
+
+    from environments.registry import get_family_class
+    from flows.config import load_config, to_object
+    import environments.tasks  # noqa: F401  (registers the families)
+
+    cfg = to_object(load_config([f"env={env}"]))
+    family = get_family_class(cfg.env.name)(cfg.env)
+    schema = M.load_schema()
+    task = {"env": cfg.env.name, "description": {k: str(v) for k, v in family.describe().items()},
+            "profile": family.profile(), "has_ground_truth": False,
+            "recommendation": {"methods": [], "method_in_recommended": None}}
+    jsonschema.Draft202012Validator({**schema["properties"]["task"], "$defs": schema["$defs"]}).validate(task)
