@@ -89,4 +89,5 @@ def overhead(rows: list[tuple[str, float, float, dict[str, float]]]) -> Optional
     ax.legend(fontsize=8, loc="lower right")
     ax.grid(alpha=0.3, axis="x")
     return _export(fig, "overhead", "Where the wall time went: the credit-assignment stage against the rest"
-                   + (" (per stage)" if stages else "") + ".")
+                   + (" (per stage of the training iterations, summed; the table's wall seconds also count model "
+                      "preparation and evaluation)" if stages else "") + ".")
