@@ -110,7 +110,8 @@ def build(state: "RunState", acc: checklist_mod.Accumulator, items: list, before
                 "finished": datetime.now(timezone.utc).isoformat(), "status": "finished",
                 "prefect_flow_runs": [x for x in run_info.get("prefect_flow_runs", []) if x],
                 "notes": cfg.report.notes},
-        "task": {"env": cfg.env.name, "variant": getattr(cfg.env, "variant", None),
+        "task": {"env": cfg.env.name,
+                 "variant": None if getattr(cfg.env, "variant", None) is None else str(cfg.env.variant),
                  "description": {k: str(v) for k, v in family.describe().items()},
                  "profile": profile, "has_ground_truth": has_gt,
                  "recommendation": {"methods": recs, "method_in_recommended":
