@@ -379,16 +379,18 @@ def test_describe_profile_warmup():
 # ----------------------------------------------------------------------------- the flow
 
 
-def test_one_train_flow_iteration(prefect_harness, cf_home):
-    from flows import api
+def test_one_pipeline_iteration(tmp_path):
+    """One GRPO iteration through the train flow's stage bodies (flows.api.run_plain, as the other
+    families' tests): the ground truth reaches the credit metrics."""
+    from flows.api import run_plain
 
-    out = api.start_run(["experiment=sokoban", "iterations=1", "rollout.tasks_per_iteration=2", "rollout.group_size=2",
-                         "eval_episodes=2", "model.warmup_steps=3", "env.train_size=4", "env.eval_size=2"],
-                        home=cf_home, progress=False)
+    seen = {}
+    out = run_plain(["experiment=sokoban", "iterations=1", "rollout.tasks_per_iteration=2", "rollout.group_size=2",
+                     "eval_episodes=2", "model.warmup_steps=3", "env.train_size=4", "env.eval_size=2"], home=tmp_path,
+                    on_iteration=lambda it, reward, credit, update: seen.update(reward=reward, credit=credit))
     assert 0.0 <= out["success_after"] <= 1.0
-    tracker = api.tracker_for(cf_home)
-    run = tracker.client.get_run(out["mlflow_run_id"])
-    assert run.info.status == "FINISHED" and run.data.params["env.name"] == "sokoban"
-    assert run.data.params["credit.method"] == "grpo"
-    metrics = run.data.metrics
-    assert "credit.gt_rmse" in metrics and "rollout.env_steps" in metrics  # ground truth reached the metrics
+    batch = seen["reward"].value
+    assert all(t.env_name == "sokoban" and t.ground_truth is not None and t.ground_truth.mdp is not None
+               for t in batch.trajectories)
+    assert all("deadlock" in t.meta and t.privileged["optimal_length"] >= 1 for t in batch.trajectories)
+    assert "gt_rmse" in seen["credit"].stats
