@@ -426,7 +426,7 @@ class SandboxedSokobanEnv(SokobanEnv):
             self._timed(self.box.write_file, STEP_SCRIPT, _rules_bytes())
             self._timed(self.box.write_file, LEVEL_FILE, json.dumps({"rows": self.rows}).encode())
             self._timed(self.box.write_file, STATE_FILE, json.dumps(state).encode())
-        except Exception as exc:  # noqa: BLE001 - a broken sandbox is a fault, reported by the next step
+        except Exception:  # noqa: BLE001 - a broken sandbox is a fault, reported by the next step
             self._fault = "error"
 
     def reset(self) -> str:
