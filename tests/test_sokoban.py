@@ -151,6 +151,7 @@ def test_config_rules():
 
     with pytest.raises(ConfigError, match=r"^env.num_boxes=9: must be an integer >= 1 and <= 4$"):
         load_config(["env=sokoban", "env.num_boxes=9"])
+    assert load_config(["env=sokoban", "credit=oracle"]).env.name == "sokoban"  # exact MDP: the oracle is allowed
 
 
 # ----------------------------------------------------------------------------- solver, ground truth
