@@ -47,6 +47,11 @@ class TabularMDP:
     ``states[t]`` is the state the episode was actually in at each played turn (its realized
     stochastic transitions), ``action_texts[a]`` the canonical text of valid action a (what a
     policy emits to take it; used to score the policy's probability of each action).
+
+    A *deterministic* MDP may give ``next_state[t][s][a]`` (the index of the next state) instead
+    and leave ``transition`` empty: the dense table is H x S x A x S, too large for a game's
+    thousands of states (Sokoban), while ``next_state`` is H x S x A. Rows repeated over turns
+    may be the same list object (``[row] * H``): pickling then stores them once.
     """
 
     reward: list[list[list[float]]]
@@ -55,6 +60,7 @@ class TabularMDP:
     states: list[int]
     actions: list[Optional[str]]
     action_texts: list[str]
+    next_state: Optional[list[list[list[int]]]] = None
 
     @property
     def horizon(self) -> int:

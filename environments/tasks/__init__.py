@@ -3,4 +3,5 @@
 from environments.tasks import bifurcation  # noqa: F401  (registers "bifurcation")
 from environments.tasks import code  # noqa: F401  (registers "code")
 from environments.tasks import math  # noqa: F401  (registers "math")
+from environments.tasks import sokoban  # noqa: F401  (registers "sokoban")
 from environments.tasks import tooluse  # noqa: F401  (registers "tooluse")

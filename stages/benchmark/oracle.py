@@ -10,11 +10,15 @@ backward induction under a policy given as per-turn action probabilities ``pi_t(
     V_t(s)    = sum_a pi_t(a) Q_t(s, a)
 
 Vectorized over the batch (one loop over the horizon, none over trajectories or tokens).
+Deterministic MDPs given as next-state tables (``TabularMDP.next_state``: Sokoban) use
+``sum_s' P V = V_{t+1}(next_t(s, a))``, a gather, and may differ in their number of states: the
+batch is padded to the largest, padding states unreachable (self-loops, reward 0, terminal 0).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -24,17 +28,51 @@ from environments.ground_truth import TabularMDP
 @dataclass
 class MDPTensors:
     """A batch of same-shaped tabular MDPs: reward (B, H, S, A), transition (B, H, S, A, S),
-    terminal (B, S)."""
+    terminal (B, S); deterministic ones carry ``next_state`` (B, H, S, A) long instead of
+    ``transition`` (None)."""
 
     reward: torch.Tensor
-    transition: torch.Tensor
+    transition: Optional[torch.Tensor]
     terminal: torch.Tensor
+    next_state: Optional[torch.Tensor] = None
+
+
+def _rows_tensor(rows: list, dtype: torch.dtype, memo: dict[int, torch.Tensor]) -> torch.Tensor:
+    """``torch.tensor(rows)`` of a per-turn table, converting each distinct row object once
+    (tables repeated over turns are one list object: ``[row] * H``)."""
+    out = []
+    for r in rows:
+        if id(r) not in memo:
+            memo[id(r)] = torch.tensor(r, dtype=dtype)
+        out.append(memo[id(r)])
+    return torch.stack(out)
+
+
+def _stack_deterministic(mdps: list[TabularMDP]) -> MDPTensors:
+    S = max(m.num_states for m in mdps)
+    B, H, A = len(mdps), mdps[0].horizon, len(mdps[0].actions)
+    reward = torch.zeros(B, H, S, A, dtype=torch.float64)
+    nxt = torch.arange(S).view(1, 1, S, 1).repeat(B, H, 1, A)  # padding states loop on themselves
+    terminal = torch.zeros(B, S, dtype=torch.float64)
+    memo: dict[int, torch.Tensor] = {}
+    for b, m in enumerate(mdps):  # one copy per trajectory (data preparation, not credit math)
+        n = m.num_states
+        reward[b, :, :n] = _rows_tensor(m.reward, torch.float64, memo)
+        nxt[b, :, :n] = _rows_tensor(m.next_state, torch.long, memo)
+        terminal[b, :n] = torch.tensor(m.terminal_value, dtype=torch.float64)
+    return MDPTensors(reward=reward, transition=None, terminal=terminal, next_state=nxt)
 
 
 def stack_mdps(mdps: list[TabularMDP]) -> MDPTensors:
-    """Stack the MDPs of a batch's trajectories; they must share horizon, states and actions."""
+    """Stack the MDPs of a batch's trajectories; they must share horizon, states and actions
+    (deterministic ones, all given by ``next_state``, only horizon and actions)."""
     if not mdps:
         raise ValueError("stack_mdps: no MDPs")
+    if all(m.next_state is not None for m in mdps):
+        shapes = {(m.horizon, len(m.actions)) for m in mdps}
+        if len(shapes) != 1:
+            raise ValueError(f"stack_mdps: the trajectories' MDPs differ in (horizon, actions): {sorted(shapes)}")
+        return _stack_deterministic(mdps)
     shapes = {(m.horizon, m.num_states, len(m.actions)) for m in mdps}
     if len(shapes) != 1:
         raise ValueError(f"stack_mdps: the trajectories' MDPs differ in (horizon, states, actions): {sorted(shapes)}")
@@ -57,7 +95,11 @@ def policy_values(mdp: MDPTensors, probs: torch.Tensor) -> tuple[torch.Tensor, t
     Q = torch.zeros(B, H, S, A, dtype=torch.float64)
     V[:, H] = mdp.terminal
     for t in reversed(range(H)):
-        Q[:, t] = mdp.reward[:, t] + torch.einsum("bsan,bn->bsa", mdp.transition[:, t], V[:, t + 1])
+        if mdp.next_state is not None:  # deterministic: V_{t+1} at the next state
+            nxt = mdp.next_state[:, t]
+            Q[:, t] = mdp.reward[:, t] + torch.gather(V[:, t + 1], 1, nxt.reshape(B, -1)).view(B, S, A)
+        else:
+            Q[:, t] = mdp.reward[:, t] + torch.einsum("bsan,bn->bsa", mdp.transition[:, t], V[:, t + 1])
         V[:, t] = torch.einsum("bsa,ba->bs", Q[:, t], probs[:, t])
     return V, Q
 
