@@ -191,7 +191,7 @@ class RunState:
         cfg = load_config(["debug.crash_at=null"] + list(overrides or []), base=saved)
         if config_hash(cfg) != config_hash(saved):
             raise ConfigError(
-                "these overrides change what the run computes (its config hash); only iterations, eval, "
+                "these overrides change what the run computes (its config hash); only iterations, budget, eval, "
                 "tracking, report and debug keys may change on resume"
             )
         check_tracking(cfg, home)

@@ -224,3 +224,17 @@ def turn_table(batch: Batch, tensors: BatchTensors, advantages: torch.Tensor) ->
     rows = torch.arange(len(batch.trajectories))[:, None].expand(-1, K)
     return TurnTable(credit=tc[valid], advantage=gt.double()[valid], decisive=tensors.decisive[valid],
                      state=sid[valid], action=aid[valid], row=rows[valid])
+
+
+def gradient_statistics(batch: Batch, tensors: BatchTensors, advantages: torch.Tensor) -> dict[str, float]:
+    """The gradient-validity metrics of one batch with ground truth, as credit-stage statistics:
+    ``gt_shift_invariant_rmse``, ``gt_gradient_cosine`` (:func:`gradient_validity` over all its
+    turns) and ``gt_gradient_variance``, the spread of the gradient across the batch's groups (each
+    group of rollouts of one task instance taken as one batch; nan with fewer than 2 groups)."""
+    table = turn_table(batch, tensors, advantages)
+    if table.credit.numel() == 0:
+        return {}
+    groups = torch.tensor([int(t.group_id) for t in batch.trajectories], dtype=torch.long)[table.row]
+    gv = gradient_validity(table.credit, table.advantage, table.state, table.action, batch=groups)
+    return {"gt_shift_invariant_rmse": gv["shift_invariant_rmse"], "gt_gradient_cosine": gv["gradient_cosine"],
+            "gt_gradient_variance": gv.get("gradient_variance", float("nan"))}
