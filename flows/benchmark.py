@@ -27,6 +27,7 @@ import fcntl
 import json
 import math
 import os
+import re
 import secrets as _secrets
 import threading
 from datetime import datetime, timezone
@@ -285,7 +286,8 @@ def _open_parent(bench: Benchmark) -> Any:
             "mlflow.source.git.commit": git_commit()})
         bench.summary["mlflow_run_id"] = tracker.run_id
         bench.write_summary()
-        tracker.log_params({k: v for k, v in flatten(bench.cfg).items()})
+        # MLflow param names: alphanumerics and _ - . space : / only (cell_overrides keys are globs)
+        tracker.log_params({re.sub(r"[^\w\-. :/]", "_", k): v for k, v in flatten(bench.cfg).items()})
         tracker.log_text(OmegaConf.to_yaml(bench.cfg), "benchmark/config.yaml")
     return tracker
 
