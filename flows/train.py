@@ -19,7 +19,6 @@ import json
 import os
 import resource
 import shutil
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,9 +58,6 @@ _RUNS: dict[str, RunState] = {}
 #: fault-injection hooks for in-process tests: ``hook(state, iteration)`` is called at the end of
 #: every iteration, after its metrics went to MLflow (e.g. stop the tracking server, fill the disk)
 ITERATION_HOOKS: list[Callable[[RunState, int], None]] = []
-
-#: runs built in threads of one process (benchmark cells) build their policies one at a time
-_PREPARE_LOCK = threading.Lock()
 
 
 @dataclass
@@ -125,10 +121,8 @@ def _stage(name: str) -> Callable:
 # ---------------------------------------------------------------------------- the five stages
 @_stage("prepare")
 def prepare_stage(state: RunState, iteration: int) -> StageResult:
-    """Build (or load from cache) the base policy, warm it up, write the init checkpoint (one run
-    at a time per process: the build seeds torch's global generator, which threads share)."""
-    with _PREPARE_LOCK:
-        info = state.build_policy()
+    """Build (or load from cache) the base policy, warm it up, write the init checkpoint."""
+    info = state.build_policy()
     path = state.save_init_checkpoint()
     return StageResult(value={"checkpoint": path, "model": info})
 
