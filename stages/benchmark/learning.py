@@ -118,5 +118,5 @@ def learning_table(cells: list[dict[str, Any]], sweep: dict[str, dict[str, Any]]
     for r in rows:
         base, orc = by_task.get((r["task"], BASELINE)), by_task.get((r["task"], ORACLE))
         gc = gap_closed(r["final_success_mean"], base, orc) if None not in (r["final_success_mean"], base, orc) else float("nan")
-        r["gap_closed"] = _none(gc)
+        r["gap_closed"] = _none(gc + 0.0)  # (-0.0 -> 0.0)
     return rows
