@@ -2,6 +2,8 @@
 
     creditflow train [overrides...]        run the five-stage loop (Prefect flow, MLflow tracking)
     creditflow resume RUN_ID [overrides]   continue a crashed/killed run; nothing finished is recomputed
+    creditflow benchmark CONFIG [overrides]   CA benchmark: methods x tasks x seeds x lrs at a budget
+    creditflow benchmark --resume BENCH_ID    continue it: finished cells are not re-run
     creditflow config show [overrides...]  print the resolved config
     creditflow config describe [GROUP] [env=NAME] [credit=NAME]   each key's type, default, rule and help
     creditflow checklist RUN_ID [--json]   the Appendix C reporting checklist of a run
@@ -90,6 +92,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("run_id")
     p.add_argument("overrides", nargs="*")
     p.add_argument("--quiet", action="store_true")
+    p = sub.add_parser("benchmark", help="credit-assignment benchmark (configs/benchmark/<name>.yaml or a YAML path)")
+    p.add_argument("args", nargs="*", metavar="CONFIG_OR_NAME [overrides]",
+                   help="benchmark config name or path, then key=value overrides (e.g. seeds=2 budget.env_steps=500)")
+    p.add_argument("--resume", metavar="BENCH_ID", help="continue benchmark BENCH_ID (only parallel=, runner.* overrides)")
+    p.add_argument("--bench-id", default=None, help="id of the new benchmark (default: generated)")
     p = sub.add_parser("config", help="config utilities")
     p.add_argument("action", choices=["show", "describe"])
     p.add_argument("overrides", nargs="*", help="show: overrides; describe: [GROUP] [env=NAME] [credit=NAME]")
@@ -177,6 +184,65 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _benchmark(args: argparse.Namespace) -> int:
+    """``benchmark``: one line per finished cell, the learning table at the end; library logs in
+    ``<home>/benchmarks/<id>/creditflow.log``. Exit 1 (with the resume command) if a cell failed."""
+    import atexit
+    import shlex
+
+    from flows.benchmark import resume_benchmark, start_benchmark
+    from flows.config import ConfigError
+    from flows.runlog import RunLog, format_crash
+
+    names = [a for a in args.args if "=" not in a]
+    overrides = [a for a in args.args if "=" in a]
+    if args.resume and names:
+        raise ConfigError(f"benchmark --resume {args.resume} takes no config ({names[0]}): it has its own")
+    if not args.resume and len(names) != 1:
+        raise ConfigError("benchmark needs one config name or YAML path (e.g. creditflow benchmark bifurcation_small)"
+                          + (f", got {' '.join(names)}" if names else ""))
+    log = RunLog()
+    atexit.register(log.stop)
+
+    def say(text: str) -> None:
+        print(text, flush=True)
+
+    command = "creditflow " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if sys.argv[1:] else ["benchmark", *args.args]))
+    try:
+        if args.resume:
+            out = resume_benchmark(args.resume, say=say, log=log, overrides=overrides)
+        else:
+            out = start_benchmark(names[0], overrides, bench_id=args.bench_id, command=command, say=say, log=log)
+    except ConfigError:
+        raise
+    except (Exception, KeyboardInterrupt) as exc:
+        if log.path is None:
+            raise
+        bench_id = log.path.parent.name
+        interrupted = isinstance(exc, KeyboardInterrupt)
+        log.log_exception("interrupted" if interrupted else f"benchmark {bench_id} failed", exc)
+        print(f"creditflow: {'interrupted' if interrupted else 'error: ' + format_crash(exc)}\n"
+              f"  traceback and library logs: {log.path}\n  continue with: creditflow benchmark --resume {bench_id}",
+              file=sys.stderr)
+        return 130 if interrupted else 1
+    print(f"\nbenchmark {out['benchmark_id']}: {out['status']}  (MLflow run {out['mlflow_run_id']})")
+    print(f"summary:         {log.path.parent / 'summary.json'}")
+    print(f"{'task':<18} {'method':<10} {'best lr':>8} {'final success (95% CI)':>26} {'gap closed':>10} {'CA share':>8}")
+    for r in out["table"]:
+        lo, hi = r["final_success_ci95"]
+        ci = f"[{lo:.3f}, {hi:.3f}]" if lo is not None else "[-]"
+        gc = "-" if r["gap_closed"] is None else f"{r['gap_closed']:.2f}"
+        share = "-" if r["ca_overhead_share_forward_tokens"] is None else f"{r['ca_overhead_share_forward_tokens']:.3f}"
+        mean = "-" if r["final_success_mean"] is None else f"{r['final_success_mean']:.3f}"
+        print(f"{r['task']:<18} {r['method']:<10} {r['lr']:>8g} {mean + ' ' + ci:>26} {gc:>10} {share:>8}")
+    if out["status"] != "finished":
+        bad = [c["cell_id"] for c in out["cells"] if c["status"] not in ("finished", "budget_spent")]
+        print(f"creditflow: {len(bad)} cells did not finish ({', '.join(bad[:5])}); "
+              f"continue with: creditflow benchmark --resume {out['benchmark_id']}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _dispatch(args: argparse.Namespace) -> int:
     from flows.config import ConfigError
 
@@ -199,6 +265,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
     if args.cmd in ("train", "resume"):
         return _run(args)
+    if args.cmd == "benchmark":
+        return _benchmark(args)
     if args.cmd == "checklist":
         from flows import checklist
         from flows.api import find_mlflow_run, tracker_for

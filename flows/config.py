@@ -33,6 +33,7 @@ from stages.credit.registry import get_method_class
 from stages.rollout.config import ModelConfig, RolloutConfig
 from stages.update.config import UpdateConfig
 from flows.runner_config import RunnerConfig
+from stages.benchmark.budget import BudgetConfig
 from stages.config_fields import Problem, check, format_value, param
 
 #: config groups under configs/
@@ -69,6 +70,7 @@ class TrackingConfig:
     experiment: str = param("creditflow", help="MLflow experiment name")
     heatmap_every: int = param(5, help="log a credit heatmap PNG every N iterations (and at the last one); 0 = never", ge=0)
     retry_seconds: float = param(300.0, help="how long an unreachable tracking store is retried (metrics buffered in runs/<id>/tracking_buffer.jsonl) before the run fails", ge=0)
+    parent_run_id: Optional[str] = param(None, help="MLflow run this run is nested under (set by `creditflow benchmark` for its cells)")
 
 
 @dataclass
@@ -92,7 +94,7 @@ class TrainConfig:
     """The whole run. Every field has a default; ``creditflow config show`` prints the resolved tree."""
 
     seed: int = param(0, help="master seed; every stage derives its own generator from (seed, iteration, stage)")
-    iterations: int = param(10, help="training iterations (each runs the five stages)", ge=1)
+    iterations: int = param(10, help="training iterations (each runs the five stages); with a budget, the cap", ge=1)
     eval_episodes: int = param(64, help="eval-split episodes for the success rate before/after training", ge=1)
     eval_every: int = param(0, help="also evaluate every N iterations (0 = only before and after)", ge=0)
     eval_temperature: float = param(1.0, help="sampling temperature at evaluation", ge=0)
@@ -107,6 +109,7 @@ class TrainConfig:
     report: ReportConfig = field(default_factory=ReportConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
     runner: RunnerConfig = field(default_factory=RunnerConfig)  # where rollout shards run (flows/scaleout.py)
+    budget: BudgetConfig = field(default_factory=BudgetConfig)  # compute budgets: stop when one is spent (stages/benchmark/budget.py)
 
 
 def configs_dir() -> Path:

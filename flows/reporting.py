@@ -66,11 +66,11 @@ def open_tracker(state: "RunState", logger: Any) -> Tracker:
     if state.info.get("mlflow_run_id"):
         tracker.attach(state.info["mlflow_run_id"])
     else:
-        tracker.start(cfg.run_name or state.run_id, tags={
-            "creditflow.run_id": state.run_id,
-            "creditflow.config_hash": state.chash,
-            "mlflow.source.git.commit": git_commit(),
-        })
+        tags = {"creditflow.run_id": state.run_id, "creditflow.config_hash": state.chash,
+                "mlflow.source.git.commit": git_commit()}
+        if cfg.tracking.parent_run_id:  # a benchmark cell: nested under the benchmark's MLflow run
+            tags["mlflow.parentRunId"] = cfg.tracking.parent_run_id
+        tracker.start(cfg.run_name or state.run_id, tags=tags)
         state.info["mlflow_run_id"] = tracker.run_id
     state.info.setdefault("prefect_flow_runs", []).append(flow_run_id)
     state.save_info()
@@ -110,9 +110,11 @@ def report_failure(state: "RunState", tracker: Tracker, exc: BaseException) -> N
 
 
 def log_iteration(state: "RunState", tracker: Tracker, it: int, metrics: dict[str, float], batch: Batch,
-                  credit: CreditResult, acc: checklist_mod.Accumulator, before: dict[str, Any]) -> None:
+                  credit: CreditResult, acc: checklist_mod.Accumulator, before: dict[str, Any],
+                  final: Optional[bool] = None) -> None:
     """Iteration ``it``'s metrics (once per step; a resumed step already logged is skipped), then its
-    credit records (e.g. InT's interventions), heatmap (every ``tracking.heatmap_every``) and checklist."""
+    credit records (e.g. InT's interventions), heatmap (every ``tracking.heatmap_every`` and at the
+    ``final`` iteration: the last one, or the one a budget stopped at) and checklist."""
     cfg = state.obj
     acc.iterations.append(dict(metrics))  # also on resume (a step logged before): the run's metadata sums them
     if not tracker.log_step(it, metrics):
@@ -120,16 +122,18 @@ def log_iteration(state: "RunState", tracker: Tracker, it: int, metrics: dict[st
     for key, record in (getattr(credit, "records", None) or {}).items():
         tracker.log_json(record, f"credit/{key}/iter_{it:04d}.json")
     heat_every = cfg.tracking.heatmap_every
-    if heat_every and ((it + 1) % heat_every == 0 or it + 1 == cfg.iterations):
+    final = it + 1 == cfg.iterations if final is None else final
+    if heat_every and ((it + 1) % heat_every == 0 or final):
         log_heatmap(tracker, batch, credit, it)
     tracker.set_tags(checklist_tags(state, checklist_mod.fill(state, acc, tracker, before, None)))
 
 
 def report_finish(state: "RunState", tracker: Tracker, acc: checklist_mod.Accumulator, before: dict[str, Any],
-                  after: dict[str, Any]) -> list:
-    """The final step's eval metrics, the filled checklist (tags + JSON), ``FINISHED``; returns its items."""
+                  after: dict[str, Any], step: Optional[int] = None) -> list:
+    """The final step's eval metrics (at ``step``: the iterations run, ``iterations`` by default),
+    the filled checklist (tags + JSON), ``FINISHED``; returns its items."""
     cfg = state.obj
-    tracker.log_step(cfg.iterations, {"eval.success_rate_before": before["success_rate"],
+    tracker.log_step(cfg.iterations if step is None else step, {"eval.success_rate_before": before["success_rate"],
                                       "eval.success_rate": after["success_rate"],
                                       "eval.ci95_low": after["ci95"][0], "eval.ci95_high": after["ci95"][1]})
     items = checklist_mod.fill(state, acc, tracker, before, after)

@@ -21,6 +21,7 @@ import fcntl
 import json
 import os
 import secrets
+import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -38,6 +39,10 @@ import stages.credit.methods  # noqa: F401  (registers the built-in methods)
 from stages.credit.base import CreditMethod
 from stages.credit.registry import build_method
 from stages.update.checkpoint import load_checkpoint, save_checkpoint
+
+
+#: one policy build at a time per process (see RunState.build_policy)
+_BUILD_LOCK = threading.Lock()
 
 
 def creditflow_home() -> Path:
@@ -191,7 +196,7 @@ class RunState:
         cfg = load_config(["debug.crash_at=null"] + list(overrides or []), base=saved)
         if config_hash(cfg) != config_hash(saved):
             raise ConfigError(
-                "these overrides change what the run computes (its config hash); only iterations, eval, "
+                "these overrides change what the run computes (its config hash); only iterations, budget, eval, "
                 "tracking, report and debug keys may change on resume"
             )
         check_tracking(cfg, home)
@@ -259,9 +264,15 @@ class RunState:
 
     def build_policy(self) -> dict[str, Any]:
         """Build (or load from the home cache) the base policy, tokenizer, engine and trainer
-        (:func:`stages.rollout.policy.build_live_policy`: the builder rollout shards use too)."""
+        (:func:`stages.rollout.policy.build_live_policy`: the builder rollout shards use too).
+        Runs in threads of one process (benchmark cells) build one at a time: the build seeds
+        torch's global generator, which threads share."""
         if self.policy is not None:
             return self.model_info
+        with _BUILD_LOCK:
+            return self._build_policy()
+
+    def _build_policy(self) -> dict[str, Any]:
         from stages.rollout.policy import build_live_policy
         from stages.update.trainer import PolicyTrainer
 

@@ -6,7 +6,7 @@ and resumed from the Prefect UI.
                      [--benchmark-cron CRON | --benchmark-interval SECONDS]
                      [--benchmark-script pipeline] [--benchmark-args "--iterations 5"]
 
-Three deployments, each a thin flow around :mod:`flows.api` (their flow runs create run
+Four deployments, each a thin flow around :mod:`flows.api` (their flow runs create run
 directories under ``$CREDITFLOW_HOME`` of the serving process and log to ``MLFLOW_TRACKING_URI``
 when it is set):
 
@@ -18,7 +18,11 @@ when it is set):
 ``resume-training/creditflow-resume``  parameters ``run_id``, ``overrides``. Calls
     :func:`flows.api.resume_run` (e.g. for a run started from the command line).
 ``run-benchmark/creditflow-benchmark``  parameters ``script`` (a script of ``benchmarks/``)
-    and ``args``; its output goes to the flow run's logs and a markdown artifact.
+    and ``args``; its output goes to the flow run's logs and a markdown artifact (performance scripts).
+``run-ca-benchmark/creditflow-ca-benchmark``  the credit-assignment benchmark (``creditflow
+    benchmark``, :mod:`flows.benchmark`): parameters ``config`` (configs/benchmark/<name>.yaml),
+    ``overrides``, ``resume`` (a benchmark id to continue); the ``credit-benchmark`` flow and its
+    cells' training flows appear as subflows.
 
 Parameters are typed (the UI renders a form, the API rejects wrong types) and validated before
 any compute: a config error ends the flow run in state Failed with the message
@@ -50,10 +54,12 @@ DEPLOYMENTS = {
     "creditflow-train": "start-training",
     "creditflow-resume": "resume-training",
     "creditflow-benchmark": "run-benchmark",
+    "creditflow-ca-benchmark": "run-ca-benchmark",
 }
 TRAIN = "start-training/creditflow-train"
 RESUME = "resume-training/creditflow-resume"
 BENCHMARK = "run-benchmark/creditflow-benchmark"
+CA_BENCHMARK = "run-ca-benchmark/creditflow-ca-benchmark"
 
 
 def benchmarks_dir() -> Path:
@@ -221,13 +227,38 @@ def run_benchmark(script: BenchmarkScript = "pipeline", args: list[str] = []) ->
     return {"script": script, "args": list(args or []), "exit_code": rc}
 
 
+@flow(name=DEPLOYMENTS["creditflow-ca-benchmark"], persist_result=False, log_prints=True)
+def run_ca_benchmark(config: str = "bifurcation_small", overrides: list[str] = [],  # noqa: B006
+                     resume: Optional[str] = None) -> Any:
+    """Run (or, with ``resume``, continue) a credit-assignment benchmark: methods x tasks x seeds x
+    lrs at a fixed compute budget (survey §9); summary under $CREDITFLOW_HOME/benchmarks/<id>/."""
+    from flows.benchmark import resume_benchmark, start_benchmark
+    from flows.runtime import RunLockedError
+    from flows.secrets import mask_text
+
+    logger = get_run_logger()
+    try:
+        if resume:
+            out = resume_benchmark(resume, overrides=list(overrides or []), say=logger.info)
+        else:
+            out = start_benchmark(config, list(overrides or []), say=logger.info,
+                                  command=f"creditflow benchmark {shlex.join([config, *overrides])}")
+    except (ConfigError, RunLockedError) as exc:
+        kind = "config error" if isinstance(exc, ConfigError) else "benchmark busy"
+        return _failed(logger, f"{kind}: {mask_text(str(exc))}")
+    if out["status"] != "finished":
+        return _failed(logger, f"benchmark {out['benchmark_id']}: some cells did not finish; "
+                               f"resume it with resume={out['benchmark_id']}")
+    return {"benchmark_id": out["benchmark_id"], "mlflow_run_id": out["mlflow_run_id"], "table": out["table"]}
+
+
 # ---------------------------------------------------------------------------------- deployments
 def _split(text: Optional[str]) -> list[str]:
     return shlex.split(text) if text else []
 
 
 def build_deployments(args: argparse.Namespace) -> list[Any]:
-    """The three runner deployments, with the schedules and default parameters of ``args``.
+    """The four runner deployments, with the schedules and default parameters of ``args``.
     Default train/resume parameters are validated here (ConfigError), before anything is served."""
     from prefect.deployments.runner import EntrypointType
 
@@ -276,6 +307,7 @@ def build_deployments(args: argparse.Namespace) -> list[Any]:
         run_benchmark.to_deployment(
             "creditflow-benchmark", parameters=bench_params or None, description=run_benchmark.__doc__,
             **schedule(args.benchmark_cron, args.benchmark_interval), **common),
+        run_ca_benchmark.to_deployment("creditflow-ca-benchmark", description=run_ca_benchmark.__doc__, **common),
     ]
 
 

@@ -38,6 +38,7 @@ from flows.recovery import rebuild_checkpoint  # noqa: E402
 from flows.runtime import RunState  # noqa: E402
 from flows.scaleout import rollout_sharded, with_runner  # noqa: E402
 from flows.tracking import Tracker  # noqa: E402
+from stages.benchmark.budget import Spend, exhausted, iteration_spend  # noqa: E402
 from stages.credit.stats import credit_statistics  # noqa: E402
 from stages.reward.verifier import compute_rewards  # noqa: E402
 from stages.rollout.policy import pad_token_id  # noqa: E402
@@ -346,6 +347,8 @@ def _iterate(state: RunState, say: RunProgress, run: Callable, tracker: Tracker)
 
     prev: Optional[tuple[StageResult, StageResult, str]] = None  # last iteration's reward, credit, input checkpoint
     last: Optional[dict[str, StageResult]] = None  # last iteration's results (its curriculum)
+    # the stopping rule (stages/benchmark/budget.py): rebuilt from the (persisted) stage results on resume
+    spent, curve, stop_reason, done = Spend(), [], None, 0
     for it in range(cfg.iterations):
         say.iteration_started(it)
         try:
@@ -366,18 +369,28 @@ def _iterate(state: RunState, say: RunProgress, run: Callable, tracker: Tracker)
             acc.add_stage(r)
         acc.add_batch(rew.value, cred.overhead)
         metrics = reporting.iteration_metrics(results)
-        if cfg.eval_every and (it + 1) % cfg.eval_every == 0 and it + 1 < cfg.iterations:
+        spent = spent + iteration_spend(metrics, *_batch_tokens(rew.value), cfg.update.epochs)
+        metrics.update({f"budget.{k}": float(v) for k, v in spent.as_dict().items()})
+        stop_reason = exhausted(spent, cfg.budget)
+        final = stop_reason is not None or it + 1 == cfg.iterations
+        if cfg.eval_every and (it + 1) % cfg.eval_every == 0 and not final:
             mid, _ = timed(eval_stage, f"eval-it{it}", it, checkpoint)
             acc.add_stage(mid)
             metrics.update({f"eval.{k}": v for k, v in mid.stats.items()})
-        reporting.log_iteration(state, tracker, it, metrics, rew.value, cred.value, acc, before)
+        reporting.log_iteration(state, tracker, it, metrics, rew.value, cred.value, acc, before, final=final)
+        done = it + 1
+        curve.append(_curve_row(it, spent, metrics))
+        _save_budget(state, spent, curve, stop_reason, done)
         for hook in ITERATION_HOOKS:
             hook(state, it)
-    ev, cached = timed(eval_stage, f"eval-after-{cfg.iterations}", cfg.iterations, checkpoint)
+        if stop_reason is not None:
+            break
+    ev, cached = timed(eval_stage, f"eval-after-{done}", done, checkpoint)
     acc.add_stage(ev)
     after = ev.value
     say.evaluated("after", after)
-    items = reporting.report_finish(state, tracker, acc, before, after)
+    state.info["success_before"], state.info["success_after"] = before["success_rate"], after["success_rate"]
+    items = reporting.report_finish(state, tracker, acc, before, after, step=done)
     return {
         "run_id": state.run_id,
         "mlflow_run_id": tracker.run_id,
@@ -386,4 +399,36 @@ def _iterate(state: RunState, say: RunProgress, run: Callable, tracker: Tracker)
         "success_before": before["success_rate"],
         "success_after": after["success_rate"],
         "checklist": items,
+        "iterations_done": done,
+        "stop_reason": stop_reason or f"iterations={cfg.iterations} done",
+        "spent": spent.as_dict(),
     }
+
+
+def _batch_tokens(batch: Batch) -> tuple[int, int]:
+    """Tokens (prompt + response) of a batch's trajectories, and their number."""
+    trajs = batch.trajectories
+    return sum(len(t.prompt_ids) + len(t.response_ids) for t in trajs), len(trajs)
+
+
+#: per-iteration credit metrics against ground truth kept in a run's curve (``credit.<key>``)
+CURVE_GT_KEYS = ("gt_rmse", "gt_rank_corr", "gt_sign_agreement", "gt_zero_advantage_mass", "decisive_share",
+                 "gt_shift_invariant_rmse", "gt_pg_cosine", "gt_gradient_variance")
+
+
+def _curve_row(it: int, spent: Spend, metrics: dict[str, float]) -> dict[str, Any]:
+    """One point of the run's success-vs-compute curve: cumulative compute after iteration ``it``."""
+    row: dict[str, Any] = {"iteration": it, **spent.as_dict(),
+                           "success": metrics.get("reward.success_rate", float("nan")),
+                           "eval_success": metrics.get("eval.success_rate")}
+    row.update({k: metrics[f"credit.{k}"] for k in CURVE_GT_KEYS if f"credit.{k}" in metrics})
+    return row
+
+
+def _save_budget(state: RunState, spent: Spend, curve: list[dict[str, Any]], stop_reason: Optional[str],
+                 done: int) -> None:
+    """The run's spend, stop reason and curve in ``run.json`` (read by ``creditflow benchmark``)."""
+    state.info["budget"] = {"limits": dict(state.obj.budget.limits()), "max_iterations": state.obj.iterations,
+                            "spent": spent.as_dict(), "stop_reason": stop_reason, "iterations_done": done,
+                            "curve": curve}
+    state.save_info()

@@ -32,13 +32,16 @@ def _args(*argv: str) -> argparse.Namespace:
 
 
 def test_deployments_parameters_and_schedules():
-    from flows.serve import BENCHMARK, RESUME, TRAIN, build_deployments
+    from flows.serve import BENCHMARK, CA_BENCHMARK, RESUME, TRAIN, build_deployments
 
     deps = {f"{d.flow_name}/{d.name}": d for d in build_deployments(
         _args("--train-cron", "0 3 * * *", "--train-overrides", "credit=gae iterations=20",
               "--benchmark-interval", "3600", "--benchmark-script", "credit_kernels",
               "--benchmark-args", "--threads 1"))}
-    assert set(deps) == {TRAIN, RESUME, BENCHMARK}
+    assert set(deps) == {TRAIN, RESUME, BENCHMARK, CA_BENCHMARK}
+    ca = deps[CA_BENCHMARK]
+    assert ca.entrypoint == "flows.serve.run_ca_benchmark" and not ca.schedules
+    assert {"config", "overrides", "resume"} <= set(ca._parameter_openapi_schema.properties)
     train, resume, bench = deps[TRAIN], deps[RESUME], deps[BENCHMARK]
     # the flows are loaded by module path in the runner's subprocesses
     assert train.entrypoint == "flows.serve.start_training"

@@ -1,0 +1,107 @@
+"""Compute budgets of a training run and the stopping rule that enforces them (survey §9.2, §9.5).
+
+The survey's benchmark protocol compares credit methods *at the same compute*, so a benchmark cell
+stops when its budget is spent, not after a fixed number of iterations. What an iteration spends
+is read from what the stages already record (their statistics and :class:`stages.schema.Overhead`,
+flattened by the flow into one metrics dict per iteration):
+
+* ``generated_tokens`` — every token sampled in the iteration: the rollout's
+  (``rollout.generated_tokens``) plus those the credit method generated itself
+  (``overhead.credit.extra_tokens``: MC continuations, greedy episodes, judge completions);
+* ``forward_tokens`` — tokens through the policy's forward passes: the rollout batch
+  (prompt + response of every trajectory), the update (the batch once per update epoch) and the
+  credit method's own passes, ``ca_forward_tokens`` = its generated tokens plus one mean-length
+  sequence per extra forward pass it counted (the stages count a batched call as one pass, so this
+  is a lower bound for methods that score the whole batch in one call);
+* ``env_steps`` / ``env_resets`` — of the rollout and of the credit method's continuations;
+* ``judge_calls``, ``wall_seconds`` / ``cpu_seconds`` (the five stages; prepare and the
+  evaluations are the same for every method and are not charged), ``ca_seconds`` (credit stage).
+
+The rule (:func:`exhausted`): after each iteration the cumulative spend is compared with every
+budget that is set; the run stops at the end of the first iteration in which one is reached, so it
+never overspends by more than one iteration. ``iterations`` stays the safety cap.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Mapping, Optional
+
+from stages.config_fields import param
+
+#: the budgets a run can be given (each a field of :class:`BudgetConfig` and of :class:`Spend`)
+BUDGET_KEYS = ("generated_tokens", "forward_tokens", "env_steps", "wall_seconds")
+
+
+@dataclass
+class BudgetConfig:
+    """Keys allowed under ``budget.``: compute budgets (any subset; null = unlimited). Not part of
+    the config hash: like ``iterations`` a budget says how long to train, not what is computed."""
+
+    generated_tokens: Optional[int] = param(None, help="stop once this many tokens were sampled (rollout + the credit method's own generations)", ge=1)
+    forward_tokens: Optional[int] = param(None, help="stop once this many tokens went through forward passes (rollout, update epochs, the credit method's passes and judge calls)", ge=1)
+    env_steps: Optional[int] = param(None, help="stop once the environments took this many steps (rollout + the credit method's continuations)", ge=1)
+    wall_seconds: Optional[float] = param(None, help="stop once the five stages took this many wall seconds (prepare and evaluations not charged)", gt=0)
+
+    def limits(self) -> dict[str, float]:
+        """The budgets that are set."""
+        return {k: getattr(self, k) for k in BUDGET_KEYS if getattr(self, k) is not None}
+
+
+@dataclass
+class Spend:
+    """Compute spent (by one iteration, or cumulated over a run)."""
+
+    generated_tokens: int = 0
+    forward_tokens: int = 0
+    ca_forward_tokens: int = 0
+    env_steps: int = 0
+    env_resets: int = 0
+    judge_calls: int = 0
+    wall_seconds: float = 0.0
+    cpu_seconds: float = 0.0
+    ca_seconds: float = 0.0
+    iterations: int = 0
+
+    def __add__(self, other: "Spend") -> "Spend":
+        return Spend(**{f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)})
+
+    def as_dict(self) -> dict[str, float]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+STAGES = ("env", "rollout", "reward", "credit", "update")
+
+
+def iteration_spend(metrics: Mapping[str, float], batch_tokens: int, rows: int, update_epochs: int) -> Spend:
+    """What one iteration spent, from its flattened metrics (:func:`flows.reporting.iteration_metrics`:
+    ``rollout.generated_tokens``, ``overhead.<stage>.<counter>``, ``time.<stage>_seconds``), the
+    number of tokens (prompt + response) of its ``rows`` trajectories and the update's epochs."""
+    def m(key: str) -> float:
+        return float(metrics.get(key, 0.0) or 0.0)
+
+    ca_generated = int(m("overhead.credit.extra_tokens"))
+    mean_len = batch_tokens / rows if rows else 0.0
+    ca_forward = ca_generated + int(round(m("overhead.credit.extra_forward_passes") * mean_len))
+    return Spend(
+        generated_tokens=int(m("rollout.generated_tokens")) + ca_generated,
+        forward_tokens=int(batch_tokens) * (1 + int(update_epochs)) + ca_forward,
+        ca_forward_tokens=ca_forward,
+        env_steps=int(sum(m(f"overhead.{s}.env_steps") for s in STAGES)),
+        env_resets=int(sum(m(f"overhead.{s}.env_resets") for s in STAGES)),
+        judge_calls=int(sum(m(f"overhead.{s}.judge_calls") for s in STAGES)),
+        wall_seconds=sum(m(f"time.{s}_seconds") for s in STAGES),
+        cpu_seconds=sum(m(f"time.{s}_cpu_seconds") for s in STAGES),
+        ca_seconds=m("time.credit_seconds"),
+        iterations=1,
+    )
+
+
+def exhausted(spent: Spend, budget: BudgetConfig) -> Optional[str]:
+    """Why the run stops now (the first budget reached, e.g. ``"env_steps 130 >= 120"``), or None."""
+    for key, limit in budget.limits().items():
+        value = getattr(spent, key)
+        if value >= limit:
+            shown = f"{value:.1f}" if isinstance(value, float) else str(value)
+            return f"budget.{key} spent: {shown} >= {limit:g}"
+    return None

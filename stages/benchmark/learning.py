@@ -1,0 +1,122 @@
+"""Learning results of a benchmark over seeds (survey §9.2, §9.5): the learning-rate sweep, final
+success with a 95% t-interval, compute to reach a target success, CA overhead share, and the share
+of the GRPO -> oracle gap a method closes.
+
+Pure functions on plain records (one dict per cell, as ``summary.json`` holds them: ``method``,
+``task``, ``seed``, ``lr``, ``final_success``, ``final_eval_success``, ``spent``, ``curve``), so the
+report reads the same numbers the benchmark wrote.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from typing import Any, Iterable, Optional
+
+from stages.benchmark.metrics import gap_closed
+
+#: the episode-level baseline and the upper bound of the gap-closed column
+BASELINE, ORACLE = "grpo", "oracle"
+
+
+def _finite(xs: Iterable[Optional[float]]) -> list[float]:
+    return [float(x) for x in xs if x is not None and math.isfinite(float(x))]
+
+
+def mean(xs: Iterable[Optional[float]]) -> float:
+    v = _finite(xs)
+    return sum(v) / len(v) if v else float("nan")
+
+
+def t_interval(xs: Iterable[Optional[float]], level: float = 0.95) -> tuple[float, float, float]:
+    """Mean and two-sided Student-t confidence interval over seeds: ``(mean, low, high)``;
+    one value gives ``(x, nan, nan)`` (no spread to estimate), none gives nans."""
+    from scipy.stats import t
+
+    v = _finite(xs)
+    n = len(v)
+    if n == 0:
+        return float("nan"), float("nan"), float("nan")
+    m = sum(v) / n
+    if n < 2:
+        return m, float("nan"), float("nan")
+    sd = math.sqrt(sum((x - m) ** 2 for x in v) / (n - 1))
+    half = float(t.ppf(0.5 + level / 2, n - 1)) * sd / math.sqrt(n)
+    return m, m - half, m + half
+
+
+def score(cell: dict[str, Any], by: str) -> Optional[float]:
+    """The cell's final success by ``by`` (``eval_success``: the eval split after training, falling
+    back to the last training batch's success when the cell has no eval; ``success``: the latter)."""
+    if by == "eval_success" and cell.get("final_eval_success") is not None:
+        return cell["final_eval_success"]
+    return cell.get("final_success")
+
+
+def lr_sweep(cells: list[dict[str, Any]], by: str = "eval_success") -> dict[str, dict[str, Any]]:
+    """Per method: mean final success over seeds (and tasks) of every lr, and the best lr.
+
+    ``{method: {"best_lr": lr, "sweep": {str(lr): mean}}}``; cells without a score (failed,
+    unfinished) do not count; ties go to the smaller lr; a method none of whose lrs has a score
+    gets ``best_lr`` None."""
+    by_method: dict[str, dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for c in cells:
+        s = score(c, by) if c.get("status") in ("finished", "budget_spent") else None
+        by_method[c["method"]][float(c["lr"])]  # every lr of the sweep appears
+        if s is not None and math.isfinite(float(s)):
+            by_method[c["method"]][float(c["lr"])].append(float(s))
+    out: dict[str, dict[str, Any]] = {}
+    for method, per_lr in by_method.items():
+        sweep = {lr: mean(v) for lr, v in sorted(per_lr.items())}
+        scored = [(m, -lr, lr) for lr, m in sweep.items() if math.isfinite(m)]
+        best = max(scored)[2] if scored else None
+        out[method] = {"best_lr": best, "sweep": {repr(lr): (m if math.isfinite(m) else None) for lr, m in sweep.items()}}
+    return out
+
+
+def compute_to_target(curve: list[dict[str, Any]], target: float, measure: str, key: str = "success") -> Optional[float]:
+    """The cumulative compute ``measure`` (e.g. ``forward_tokens``) at the first iteration whose
+    ``key`` success reaches ``target``; None if it never does."""
+    for row in curve:
+        v = row.get(key)
+        if v is not None and math.isfinite(float(v)) and float(v) >= target:
+            return float(row[measure])
+    return None
+
+
+def _none(x: float) -> Optional[float]:
+    return x if x is not None and math.isfinite(x) else None
+
+
+def learning_table(cells: list[dict[str, Any]], sweep: dict[str, dict[str, Any]], target: float,
+                   measure: str, by: str = "eval_success") -> list[dict[str, Any]]:
+    """One row per (task, method) at the method's best lr: mean final success with its 95%
+    t-interval over seeds, compute to reach ``target`` (mean over the seeds that reached it, and
+    how many did), the CA overhead share of the compute (``ca_forward_tokens / forward_tokens`` and
+    ``ca_seconds / wall_seconds``), and the share of the GRPO -> oracle gap closed on that task."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    for c in cells:
+        best = sweep.get(c["method"], {}).get("best_lr")
+        if best is not None and float(c["lr"]) == float(best) and c.get("status") in ("finished", "budget_spent"):
+            groups[(c["task"], c["method"])].append(c)
+    rows = []
+    for (task, method), cs in sorted(groups.items()):
+        m, lo, hi = t_interval(score(c, by) for c in cs)
+        reached = [compute_to_target(c.get("curve", []), target, measure) for c in cs]
+        hit = [r for r in reached if r is not None]
+        fwd = sum(c["spent"].get("forward_tokens", 0) for c in cs)
+        wall = sum(c["spent"].get("wall_seconds", 0.0) for c in cs)
+        rows.append({
+            "task": task, "method": method, "lr": float(cs[0]["lr"]), "seeds": len(cs),
+            "final_success_mean": _none(m), "final_success_ci95": [_none(lo), _none(hi)],
+            "compute_measure": measure, "target_success": target,
+            "compute_to_target_mean": (sum(hit) / len(hit)) if hit else None, "seeds_reaching_target": len(hit),
+            "ca_overhead_share_forward_tokens": (sum(c["spent"].get("ca_forward_tokens", 0) for c in cs) / fwd) if fwd else None,
+            "ca_overhead_share_seconds": (sum(c["spent"].get("ca_seconds", 0.0) for c in cs) / wall) if wall else None,
+        })
+    by_task = {(r["task"], r["method"]): r["final_success_mean"] for r in rows}
+    for r in rows:
+        base, orc = by_task.get((r["task"], BASELINE)), by_task.get((r["task"], ORACLE))
+        gc = gap_closed(r["final_success_mean"], base, orc) if None not in (r["final_success_mean"], base, orc) else float("nan")
+        r["gap_closed"] = _none(gc + 0.0)  # (-0.0 -> 0.0)
+    return rows
