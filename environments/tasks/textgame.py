@@ -58,6 +58,14 @@ plus the actions taken, and a restore **replays** them on a fresh game (the engi
 copy); :meth:`TextGameEnv.restore` does exactly that, so it costs one reset plus one step per
 recorded action.
 
+Execution
+---------
+In-process only (``needs_sandbox = False``). The process sandbox cannot host the engine: under
+bwrap the trainer's virtualenv (py4j, ``textworld_express`` and its jar) is not visible, a JVM
+does not start under the sandbox's address-space limit (``sandbox.memory_mb=512``: checked, it
+cannot reserve its heap even with ``-Xmx128m``), and the jar has no stdin/stdout driver, only the
+py4j gateway, so a sandboxed step would start a JVM (~0.5 s) and replay the episode each time.
+
 Ground truth (``env.ground_truth``)
 -----------------------------------
 There is no known MDP to solve by dynamic programming. ``mc`` estimates, for every visited state
