@@ -27,6 +27,13 @@ class GroundTruthCredit:
     #: the task's exact finite-horizon MDP, for credit under *other* policies (the oracle-credit
     #: method evaluates it under the current policy); None where the task does not export it
     mdp: Optional["TabularMDP"] = None
+    #: per turn: a *mistake* the task can let a later action repair (bifurcation
+    #: ``variant=recovery``: a wrong decisive letter taken on track); None where the task has none.
+    #: Scored by ``credit.gt_repaired_mistake_credit`` on successful (repaired) episodes.
+    mistake: Optional[list[bool]] = None
+    #: standard error of each ``value`` (and of the value after the last turn, so ``len = turns + 1``)
+    #: where the values are Monte Carlo estimates (math with ``env.ground_truth_mc``); None where exact
+    value_se: Optional[list[float]] = None
 
 
 @dataclass

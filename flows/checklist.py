@@ -62,6 +62,10 @@ class Accumulator:
     traj_tokens: list[int] = field(default_factory=list)
     traj_turns: list[int] = field(default_factory=list)
     episodes: int = 0
+    #: prompt + response tokens of the trained trajectories (one update pass over them; x epochs = update forwards)
+    update_tokens: int = 0
+    #: each iteration's MLflow metrics (:func:`flows.reporting.log_iteration`; the run's metadata sums them)
+    iterations: list[dict[str, float]] = field(default_factory=list)
 
     def add_stage(self, result: Any) -> None:
         self.cpu_seconds += result.cpu_seconds
@@ -69,6 +73,7 @@ class Accumulator:
 
     def add_batch(self, batch: Batch, credit_overhead: Overhead) -> None:
         self.ca_overhead = self.ca_overhead + credit_overhead
+        self.update_tokens += sum(len(t.prompt_ids) + len(t.response_ids) for t in batch.trajectories)
         self.traj_tokens.extend(len(t.response_ids) for t in batch.trajectories)
         self.traj_turns.extend(len(t.turns) for t in batch.trajectories)
         self.episodes += len(batch)

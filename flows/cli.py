@@ -6,6 +6,7 @@
     creditflow config describe [GROUP] [env=NAME] [credit=NAME]   each key's type, default, rule and help
     creditflow checklist RUN_ID [--json]   the Appendix C reporting checklist of a run
     creditflow audit                       the checklist of every run in the tracking store (cf. Table 12)
+    creditflow report ID [--out DIR] [--format html|md|both]   HTML/Markdown report of a run or benchmark
     creditflow runs                        runs under $CREDITFLOW_HOME
     creditflow methods [--setting A] [--format csv|json]   the survey's inventory (Appendix B) + status
     creditflow recommend [key=value ... | --profile F]     decision tree (survey §7.5, Table 8)
@@ -60,6 +61,7 @@ TOOLS = {
     "sandbox": ("environments.sandbox.image", "build-image", "sandbox images (`sandbox build-image --help`)"),
     "prm": ("flows.prm_cli", None, "process reward models (`prm train --help`)"),
     "serve": ("flows.serve", None, "deployments on a Prefect server for the UI (`serve --help`)"),
+    "report": ("flows.report", None, "HTML/Markdown report of a run or benchmark (`report --help`)"),
 }
 
 

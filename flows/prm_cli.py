@@ -56,7 +56,8 @@ def collect_examples(env: str, episodes: int, seed: int, home: Optional[Path] = 
     policy, built and warmed up if needed, or ``model_path``) and label every step by the
     family's procedural check; with ``with_reference`` add :func:`reference_examples` of the
     same instances. Returns ``(examples, tokenizer of the policy)``."""
-    from stages.rollout.policy import get_policy, play_instances
+    from stages.rollout.policy import get_policy
+    from stages.rollout.warmup import play_instances
 
     fam_cls = get_family_class(env)
     # the family's experiment config (configs/experiment/<env>.yaml) where there is one: its rollout

@@ -114,6 +114,7 @@ def log_iteration(state: "RunState", tracker: Tracker, it: int, metrics: dict[st
     """Iteration ``it``'s metrics (once per step; a resumed step already logged is skipped), then its
     credit records (e.g. InT's interventions), heatmap (every ``tracking.heatmap_every``) and checklist."""
     cfg = state.obj
+    acc.iterations.append(dict(metrics))  # also on resume (a step logged before): the run's metadata sums them
     if not tracker.log_step(it, metrics):
         return
     for key, record in (getattr(credit, "records", None) or {}).items():
@@ -136,10 +137,32 @@ def report_finish(state: "RunState", tracker: Tracker, acc: checklist_mod.Accumu
     tracker.set_tags({"creditflow.success_before": f"{before['success_rate']:.4f}",
                       "creditflow.success_after": f"{after['success_rate']:.4f}"})
     tracker.log_json(checklist_mod.as_json(items), "checklist.json")
+    write_metadata(state, tracker, acc, items, before, after)
     tracker.finish("FINISHED")
     state.info["status"] = "finished"
     state.save_info()
     return items
+
+
+def write_metadata(state: "RunState", tracker: Tracker, acc: checklist_mod.Accumulator, items: list,
+                   before: dict[str, Any], after: dict[str, Any]) -> str:
+    """The run's benchmark metadata (survey §9.5; :mod:`flows.metadata`), validated against the
+    shipped schema, written to ``<run dir>/metadata.json`` and logged to MLflow as ``metadata.json``.
+    A document that does not validate is a bug of its builder: it is not written, the MLflow run gets
+    the reason as the tag ``creditflow.metadata_error`` and a warning is printed; the run's results
+    stay (returns ``""``)."""
+    from flows import metadata
+    from stages.benchmark.metadata import MetadataError
+
+    doc = metadata.build(state, acc, items, before, after, tracker.run_id, recommendation_tags(state), git_commit())
+    try:
+        path = metadata.write(state, doc)
+    except MetadataError as exc:
+        tracker.set_tags({"creditflow.metadata_error": str(exc)[:5000]})
+        print(f"warning: run {state.run_id}: no metadata.json written: {exc}", file=sys.stderr)
+        return ""
+    tracker.log_json(doc, "metadata.json")
+    return path
 
 
 def recommendation_tags(state: "RunState") -> dict[str, str]:

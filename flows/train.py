@@ -222,7 +222,7 @@ def credit_stage(state: RunState, iteration: int, batch: Batch, checkpoint: str,
     tensors = batch.to_tensors(pad_token_id=pad)
     result: CreditResult = state.method(tensors, batch, ctx)
     result.overhead = result.overhead + ctx_overhead
-    stats = credit_statistics(tensors, result)
+    stats = credit_statistics(tensors, result, batch)
     return StageResult(value=result, stats=stats, overhead=result.overhead)
 
 

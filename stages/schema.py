@@ -179,6 +179,9 @@ class BatchTensors:
     num_turns: torch.Tensor  # (B,) long
     gt_turn_advantage: Optional[torch.Tensor] = None  # (B, K) float, nan where absent
     decisive: Optional[torch.Tensor] = None  # (B, K) bool
+    #: (B, K) bool: a repairable mistake (``GroundTruthCredit.mistake``) in a successful episode,
+    #: i.e. a repaired one; None unless the task marks mistakes
+    gt_repaired_mistake: Optional[torch.Tensor] = None
 
     @property
     def max_turns(self) -> int:
@@ -202,7 +205,8 @@ class BatchTensors:
         turn_ids = torch.full((B, R), -1, dtype=torch.long)
         gt = torch.full((B, K), float("nan"))
         decisive = torch.zeros((B, K), dtype=torch.bool)
-        has_gt = False
+        repaired = torch.zeros((B, K), dtype=torch.bool)
+        has_gt = has_mistakes = False
         for i, t in enumerate(trajs):
             lp, lr = len(t.prompt_ids), len(t.response_ids)
             input_ids[i, P - lp : P] = torch.as_tensor(t.prompt_ids, dtype=torch.long)
@@ -221,6 +225,9 @@ class BatchTensors:
                 n = len(t.ground_truth.advantage)
                 gt[i, :n] = torch.as_tensor(t.ground_truth.advantage, dtype=torch.float32)
                 decisive[i, :n] = torch.as_tensor(t.ground_truth.decisive, dtype=torch.bool)
+                if t.ground_truth.mistake is not None:
+                    has_mistakes = True
+                    repaired[i, :n] = torch.as_tensor(t.ground_truth.mistake, dtype=torch.bool) & bool(t.success)
         turn_ids = torch.where(response_mask.bool(), turn_ids, torch.full_like(turn_ids, -1))
         episode_rewards = torch.tensor([float(t.reward) for t in trajs])
         # terminal reward sits on the last policy token of each row (vectorized)
@@ -244,6 +251,7 @@ class BatchTensors:
             num_turns=torch.tensor([len(t.turns) for t in trajs], dtype=torch.long),
             gt_turn_advantage=gt if has_gt else None,
             decisive=decisive if has_gt else None,
+            gt_repaired_mistake=repaired if has_mistakes else None,
         )
 
 

@@ -177,3 +177,29 @@ def _play_uniform(env, inst, i, rng):
                       response_ids=resp, policy_mask=mask, logprobs=[0.0] * len(resp), entropies=[0.0] * len(resp),
                       turns=turns, reward=float(res.success), success=res.success,
                       ground_truth=env.ground_truth(env.actions))
+
+
+def test_credit_statistics_add_gradient_validity_given_the_batch():
+    """The per-iteration credit statistics (stages/credit/stats.py) score gradient validity too when
+    the flow passes the batch: exact advantages have cosine 1 and no shift-invariant error; the
+    variance is over the rollout groups (finite, non-negative)."""
+    from environments.tasks.bifurcation import BifurcationConfig, BifurcationFamily
+    from stages.credit.stats import credit_statistics
+    from stages.schema import CreditResult
+
+    fam = BifurcationFamily(BifurcationConfig(horizon=4, num_decisive=2, num_actions=3))
+    rng = random.Random(1)
+    trajs = []
+    for i, inst in enumerate(fam.instances("train", 3, seed=0) * 4):
+        trajs.append(_play_uniform(fam.make(inst, episode_seed=i), inst, i, rng))
+    batch = Batch(trajs)
+    tensors = batch.to_tensors(pad_token_id=0)
+    on_policy = tensors.turn_ids >= 0
+    gt = torch.nan_to_num(tensors.gt_turn_advantage.float())
+    oracle = torch.where(on_policy, torch.gather(gt, 1, tensors.turn_ids.clamp(min=0)), torch.zeros(()))
+    result = CreditResult(advantages=oracle, granularity="token", credit=oracle)
+    assert "gt_pg_cosine" not in credit_statistics(tensors, result)  # without the batch: identification only
+    stats = credit_statistics(tensors, result, batch)
+    assert stats["gt_pg_cosine"] == pytest.approx(1.0)
+    assert stats["gt_shift_invariant_rmse"] == pytest.approx(0.0, abs=1e-6)
+    assert math.isfinite(stats["gt_gradient_variance"]) and stats["gt_gradient_variance"] >= 0

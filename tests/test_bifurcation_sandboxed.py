@@ -9,7 +9,9 @@ from dataclasses import replace
 import pytest
 
 from environments.sandbox import ProcessBackend, SandboxConfig
-from environments.tasks.bifurcation import BifurcationConfig, BifurcationFamily, SandboxedBifurcationEnv
+from environments.tasks.bifurcation import BifurcationFamily
+from environments.tasks.bifurcation_config import BifurcationConfig
+from environments.tasks.bifurcation_sandboxed import SandboxedBifurcationEnv
 
 CFG = BifurcationConfig(horizon=5, num_decisive=2, num_actions=3, slip_prob=0.3, decisive_reward=0.5)
 

@@ -7,7 +7,7 @@ Methods here: the episode-level baselines (RLOO, REINFORCE++, REINFORCE++-baseli
 ReMax), the MC methods (VinePPO, SPO), TEMPO and SCAR.
 
 * VinePPO and SPO run on the real bifurcation environment (survey §9.3): the MC provider below
-  forks the real :class:`~environments.tasks.bifurcation.BifurcationEnv` (replay of the recorded
+  forks the real :class:`~environments.tasks.bifurcation_env.BifurcationEnv` (replay of the recorded
   turns, then continuations) with a uniform policy over the valid letters, which is the
   environment's ``reference_policy="uniform"``, so its exact ground-truth advantages
   (``env.ground_truth``) are the advantages these estimators converge to.

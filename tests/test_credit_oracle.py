@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from environments.tasks.bifurcation import BifurcationConfig, BifurcationFamily, format_action
+from environments.tasks.bifurcation_config import valid_actions
 from stages.benchmark import metrics as M
 from stages.benchmark.oracle import played_advantages, policy_values, stack_mdps
 import stages.credit.methods  # noqa: F401  (registers the built-in methods)
@@ -80,7 +81,7 @@ def _episode(fam, inst, seed, rng, letters, p_invalid=0.2):
 def _batch(cfg, n_inst=3, per=4, seed=0, p_invalid=0.2):
     fam = BifurcationFamily(cfg)
     rng = random.Random(seed)
-    letters = [chr(ord("A") + i) for i in range(cfg.num_actions)]
+    letters = list(valid_actions(cfg.num_actions, cfg.variant))
     trajs, envs = [], []
     for g, inst in enumerate(fam.instances("train", n_inst, seed=seed)):
         for k in range(per):
@@ -95,20 +96,26 @@ CONFIGS = [
     dict(horizon=5, num_decisive=2, num_actions=2),
     dict(horizon=6, num_decisive=2, num_actions=3, slip_prob=0.2, decisive_reward=0.5),
     dict(horizon=5, num_decisive=3, num_actions=2, terminate_on_error=True, slip_prob=0.1),
+    # the variants of issue 15 (stochastic: slips)
+    dict(variant="recovery", horizon=6, num_decisive=3, num_actions=2, slip_prob=0.2),
+    dict(variant="recovery", horizon=5, num_decisive=2, num_actions=3, terminate_on_error=True, decisive_reward=0.5),
+    dict(variant="varh", horizon=6, num_decisive=2, num_actions=2, slip_prob=0.2, continue_cost=0.05),
 ]
 
 
 @pytest.mark.parametrize("kw", CONFIGS)
 def test_generic_dp_equals_the_family_exact_dp_under_the_reference_policy(kw):
     """Uniform over valid letters (and, for ``optimal``, the answer at decisive turns) reproduces
-    the family's rational-arithmetic ground truth on every played turn."""
-    for ref in ("uniform", "optimal"):
+    the family's rational-arithmetic ground truth on every played turn. (The optimal policy of the
+    recovery and varh variants depends on the state, not only the turn: uniform only there.)"""
+    for ref in ("uniform", "optimal") if kw.get("variant", "decisive") == "decisive" else ("uniform",):
         cfg = BifurcationConfig(reference_policy=ref, **kw)
         _, batch, _ = _batch(cfg)
         mdps = [t.ground_truth.mdp for t in batch.trajectories]
-        B, H, A = len(mdps), cfg.horizon, cfg.num_actions + 1
+        n_valid = len(valid_actions(cfg.num_actions, cfg.variant))
+        B, H, A = len(mdps), cfg.horizon, n_valid + 1
         probs = torch.zeros(B, H, A, dtype=torch.float64)
-        probs[..., : cfg.num_actions] = 1.0 / cfg.num_actions
+        probs[..., :n_valid] = 1.0 / n_valid
         if ref == "optimal":
             for b, tr in enumerate(batch.trajectories):
                 spec = BifurcationFamily(cfg).instances("train", 3, seed=0)[b // 4].spec
@@ -138,12 +145,9 @@ def _brute_force_q(env, t, on, a, table, letters):
         if p == 0.0:
             continue
         slips = [slipped] * H
-        on2, r, ended = env._transition(t, on, a, slips)
-        if ended:
-            total += p * r
-            continue
-        if t + 1 == H:
-            total += p * (r + (1.0 if on2 else 0.0))
+        on2, r, ended = env._transition(t, on, a, slips)  # on2: the state code (1 = on track)
+        if ended or t + 1 == H:  # an episode that ends succeeds iff it is on track
+            total += p * (r + (1.0 if on2 == 1 else 0.0))
             continue
         v = sum(table[t + 1][x] * _brute_force_q(env, t + 1, on2, x if x in letters else None, table, letters)
                 for x in table[t + 1])
@@ -154,7 +158,7 @@ def _brute_force_q(env, t, on, a, table, letters):
 @pytest.mark.parametrize("kw", CONFIGS)
 def test_current_policy_oracle_equals_brute_force_expectation(kw):
     cfg = BifurcationConfig(**kw)
-    letters = [chr(ord("A") + i) for i in range(cfg.num_actions)]
+    letters = list(valid_actions(cfg.num_actions, cfg.variant))
     rng = random.Random(7)
     table = []
     for _ in range(cfg.horizon):  # a peaked, turn-dependent policy with some invalid mass
@@ -169,12 +173,12 @@ def test_current_policy_oracle_equals_brute_force_expectation(kw):
     tensors = batch.to_tensors(pad_token_id=0)
     res = method(tensors, batch, CreditContext(scorer=scorer, tokenizer=CharTokenizer()))
     assert scorer.forward_passes == 1 and res.overhead.extra_forward_passes == 1
-    assert scorer.pairs == sum(len(t.turns) for t in batch.trajectories) * cfg.num_actions
+    assert scorer.pairs == sum(len(t.turns) for t in batch.trajectories) * len(letters)
     # the brute force sees the invalid action as the remaining mass
     full = [{**{x.strip(): p for x, p in row.items()}, None: 1.0 - sum(row.values())} for row in table]
     for b, (tr, env) in enumerate(zip(batch.trajectories, envs)):
         for t, turn in enumerate(tr.turns):
-            on = bool(tr.ground_truth.mdp.states[t])  # the realized on-track bit (the family's ground truth)
+            on = tr.ground_truth.mdp.states[t]  # the realized state (the family's ground truth)
             q = {x: _brute_force_q(env, t, on, x, full, letters) for x in full[t]}
             v = sum(full[t][x] * q[x] for x in q)
             assert float(res.credit[b, t]) == pytest.approx(q[turn.action] - v, abs=1e-9), (b, t)

@@ -10,11 +10,10 @@ import pytest
 import environments.tasks  # noqa: F401  (registers the built-in families)
 from environments.registry import get_family_class
 from environments.sandbox import ProcessBackend, SandboxConfig
-from environments.tasks.tooluse import (
+from environments.tasks.tooluse import ToolUseConfig, ToolUseFamily
+from environments.tasks.tooluse_world import (
     BM25,
     WORLD_FILE,
-    ToolUseConfig,
-    ToolUseFamily,
     all_questions,
     check_answer,
     generate_world,

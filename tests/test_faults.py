@@ -385,7 +385,8 @@ def test_disk_full_fails_clearly_and_resume_loses_nothing(prefect_harness, share
 def _register_nan_family() -> str:
     from environments.base import StepResult
     from environments.registry import _FAMILIES, register_family
-    from environments.tasks.bifurcation import BifurcationEnv, BifurcationFamily
+    from environments.tasks.bifurcation import BifurcationFamily
+    from environments.tasks.bifurcation_env import BifurcationEnv
 
     name = "bifurcation_nanfault"
     if name in _FAMILIES:

@@ -21,8 +21,8 @@ from stages.rollout.policy import (
     get_policy,
     load_policy,
     sequence_logprobs,
-    warmup,
 )
+from stages.rollout.warmup import warmup
 from stages.schema import Batch, BatchTensors
 
 LETTERS = "ABC"

@@ -143,16 +143,16 @@ def test_reference_examples_are_labelled_by_the_familys_step_checks():
 def test_collected_episodes_use_the_familys_experiment_rollout_settings(shared_home, monkeypatch):
     """``creditflow prm train --env math`` plays episodes with configs/experiment/math.yaml's rollout
     settings (16 tokens per turn: a step line does not fit the default 4), as a training run would."""
-    import stages.rollout.policy as policy
+    import stages.rollout.warmup as warmup_mod
 
     seen = []
-    real = policy.play_instances
+    real = warmup_mod.play_instances
 
     def spy(*args, **kwargs):
         seen.append(kwargs.get("cfg"))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(policy, "play_instances", spy)
+    monkeypatch.setattr(warmup_mod, "play_instances", spy)
     examples, tok = collect_examples("math", 4, 0, home=shared_home, with_reference=False)
     assert seen and all(c is not None and c.max_new_tokens_per_turn == 16 and c.max_context_tokens == 256 for c in seen)
     assert examples and all(len(steps) == len(labels) for _, steps, labels in examples)

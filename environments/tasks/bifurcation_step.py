@@ -5,7 +5,7 @@ mode (``env.sandboxed=true``) and run as ``python3 -I -S bif_step.py`` once per 
 ``bif_spec.json`` (written at reset: ``letters``, ``decisive`` flags, ``answers``, ``slips``,
 ``decisive_reward``, ``terminate_on_error``) and ``bif_state.json`` (``t``, ``on``, ``done``),
 reads the action as JSON on stdin (``{"action": "<text>"}`` or ``{"action": null}`` for a
-non-string action), applies exactly the rules of ``BifurcationEnv._transition`` and
+non-string action), applies exactly the rules of ``bifurcation_dp.Dynamics.step`` (``variant=decisive``) and
 ``parse_action``, writes the new ``bif_state.json`` and prints one JSON line
 ``{"a": letter|null, "on": bool, "reward": float, "terminated": bool, "t": next_t}``.
 """

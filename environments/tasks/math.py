@@ -52,6 +52,13 @@ Rewards, verdicts, ground truth
   when every step is correct but the answer is wrong, on the answer turn; when every step is
   correct and the episode ran out of turns (``max_turns``), on the last turn (where it failed to
   answer); otherwise (a correct solution) no turn is decisive.
+* With ``env.ground_truth_mc=N`` (default 0: off) the ground truth is instead step credit from
+  exhaustive Monte Carlo (:mod:`environments.tasks.math_mc`): ``value[t]`` = the success
+  probability of a noisy scripted reference policy continuing after the first t lines (N
+  continuations, cached on disk under ``env.ground_truth_mc_dir`` with their cost),
+  ``q_value[t]`` = the next prefix's value (the terminal reward after the last turn),
+  ``advantage = q_value - value``, ``value_se`` their standard errors; ``stats()`` adds the
+  ``gt_mc_*`` cost counters (continuations, env steps, seconds, cache hits).
 * ``privileged() = {"answer": "15/4", "reference_steps": ["20-5=15", ...], "kind": ...}``.
 * State keys (GiGPO anchors): ``"{task_id}|t={t}|h={hash of the normalised step lines so far}"``:
   two episodes share a key iff they wrote the same steps (ignoring spaces and case).
@@ -82,6 +89,7 @@ from environments.base import (
 from environments.registry import register_family
 from environments.ground_truth import GroundTruthCredit
 from environments.tasks.math_checker import check_step, format_number, is_answer_line, parse_answer
+from environments.tasks import math_mc
 from environments.tasks.math_problems import EVAL_SHARE, KINDS, generate_problem, step_line
 from environments.planning_text import STRATEGIC_GRAMS, grams_pattern
 from stages.config_fields import param
@@ -100,6 +108,12 @@ class MathConfig(EnvConfig):
     step_reward: float = param(0.0, help="turn reward for each verified-correct step line (0 = outcome reward only)")
     train_size: int = param(512, help="train-split instance pool size", ge=0)
     eval_size: int = param(128, help="eval-split instance pool size", ge=0)
+    ground_truth_mc: int = param(0, help="ground truth = step credit from N MC continuations of the noisy scripted "
+                                 "reference policy per prefix (environments/tasks/math_mc.py; survey §9.3); 0 = step-check",
+                                 ge=0)
+    ground_truth_mc_noise: float = param(0.2, help="probability that the MC reference policy writes a wrong line",
+                                         ge=0, lt=1)
+    ground_truth_mc_dir: str = param("~/.cache/creditflow/math_mc", help="on-disk cache of the MC prefix values")
 
 
 # ----------------------------------------------------------------------------- environment
@@ -124,6 +138,9 @@ class MathEnv(Environment):
         self.max_steps = int(cfg.max_steps)
         self._started = False
         self._resets = 0
+        #: cost of the MC ground truth (env.ground_truth_mc > 0): computed continuations and cache hits
+        self._mc_cost = {"gt_mc_continuations": 0.0, "gt_mc_env_steps": 0.0, "gt_mc_seconds": 0.0,
+                         "gt_mc_cache_hits": 0.0}
         self._reset_state()
 
     def _reset_state(self) -> None:
@@ -202,8 +219,48 @@ class MathEnv(Environment):
                 decisive[verdicts.index(False)] = True
             elif self._done and n == len(self.verdicts) and not self._success:
                 decisive[n - 1] = True  # wrong answer after correct steps, or ran out of turns
+        if int(getattr(self.cfg, "ground_truth_mc", 0)) > 0:
+            return self._mc_ground_truth(n, decisive)
         return GroundTruthCredit(value=[0.0] * n, q_value=list(adv), advantage=adv, decisive=decisive,
                                  reference_policy="step-check")
+
+    def _mc_ground_truth(self, n: int, decisive: list[bool]) -> GroundTruthCredit:
+        """``env.ground_truth_mc=N``: ``value[t] = V(prefix_t)`` by N MC continuations of the noisy
+        scripted reference policy (cached on disk), ``q_value[t] = V(prefix_{t+1})`` (the terminal
+        reward after the episode's last turn), ``advantage = q - value``
+        (:mod:`environments.tasks.math_mc`); ``value_se`` the standard errors."""
+        cfg = self.cfg
+        N, noise = int(cfg.ground_truth_mc), float(cfg.ground_truth_mc_noise)
+        policy = math_mc.policy_hash(noise)
+        cache = math_mc.MCCache(str(cfg.ground_truth_mc_dir))
+        values: list[float] = []
+        ses: list[float] = []
+        for t in range(n + 1):
+            if t == n and self._done and n == len(self.verdicts):
+                values.append(1.0 if self._success else 0.0)  # the last turn's next value: its terminal reward
+                ses.append(0.0)
+                break
+            lines = self.lines[:t]
+            key = math_mc.prefix_key(self.instance.task_id, self.instance.seed, self.problem, lines, policy, N,
+                                     self.max_steps)
+            entry = cache.get(key)
+            if entry is None:
+                handle = {"t": t, "done": False, "success": False, "started": True, "lines": list(lines),
+                          "verdicts": list(self.verdicts[:t]), "answered": None}
+                entry = math_mc.estimate_value(lambda: MathEnv(self.cfg, self.instance), handle, self.reference_steps,
+                                               self.answer, noise, N, seed=int(key[:8], 16))
+                cache.put(key, entry)
+                self._mc_cost["gt_mc_continuations"] += entry["cost"]["continuations"]
+                self._mc_cost["gt_mc_env_steps"] += entry["cost"]["env_steps"]
+                self._mc_cost["gt_mc_seconds"] += entry["cost"]["seconds"]
+            else:
+                self._mc_cost["gt_mc_cache_hits"] += 1
+            values.append(float(entry["value"]))
+            ses.append(float(entry["se"]))
+        q = values[1 : n + 1]
+        return GroundTruthCredit(value=values[:n], q_value=q, advantage=[b - a for a, b in zip(values[:n], q)],
+                                 decisive=decisive, reference_policy=f"mc:{math_mc.POLICY}(noise={noise}),n={N}",
+                                 value_se=ses[: n + 1])
 
     def snapshot(self) -> dict[str, Any]:
         return {"t": self._t, "done": self._done, "success": self._success, "started": self._started,
@@ -217,7 +274,10 @@ class MathEnv(Environment):
         self._resets += 1
 
     def stats(self) -> dict[str, float]:
-        return {"env_resets": float(max(self._resets, 1)), "sandbox_seconds": 0.0, "sandbox_execs": 0.0}
+        out = {"env_resets": float(max(self._resets, 1)), "sandbox_seconds": 0.0, "sandbox_execs": 0.0}
+        if int(getattr(self.cfg, "ground_truth_mc", 0)) > 0:
+            out.update(self._mc_cost)
+        return out
 
     def privileged(self) -> dict[str, Any]:
         return {"answer": format_number(self.answer), "reference_steps": list(self.reference_steps),
@@ -272,7 +332,10 @@ class MathFamily(TaskFamily):
                           "and eval never share a problem; texts may repeat within a split"),
             "metric": metric,
             "benchmark": f"math ({c.kinds}, difficulty {c.difficulty})",
-            "ground_truth": ("step-check: every step line verified exactly (+1 correct / -1 incorrect), decisive = "
+            "ground_truth": (f"step credit V(prefix_t+1) - V(prefix_t) from {c.ground_truth_mc} MC continuations of "
+                             f"the noisy scripted reference policy (noise {c.ground_truth_mc_noise}), cached"
+                             if c.ground_truth_mc else
+                             "step-check: every step line verified exactly (+1 correct / -1 incorrect), decisive = "
                              "first incorrect step (or the answer turn after all-correct steps)"),
             "text_protocol": "one step line per turn ('3+4=7\\n'); 'answer <number>\\n' ends; observations are empty",
         }

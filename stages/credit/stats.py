@@ -8,14 +8,19 @@ compared on the same footing against the exact ground-truth turn advantages of b
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 
-from stages.benchmark.metrics import identification
-from stages.schema import BatchTensors, CreditResult, turn_credit
+from stages.benchmark.metrics import gradient_validity, identification, turn_table
+from stages.schema import Batch, BatchTensors, CreditResult, turn_credit
 
 
-def credit_statistics(tensors: BatchTensors, result: CreditResult) -> dict[str, float]:
+def credit_statistics(tensors: BatchTensors, result: CreditResult, batch: Optional[Batch] = None) -> dict[str, float]:
+    """Per-iteration credit statistics; on tasks with ground truth also the identification metrics
+    and, given the ``batch`` (its turns' state keys and actions), the gradient-validity ones
+    (:mod:`stages.benchmark.metrics`: shift-invariant error, cosine to the oracle's policy gradient,
+    variance of the gradients of the rollout groups)."""
     mask = tensors.response_mask
     adv = result.advantages.float()
     n_tok = mask.sum().clamp(min=1)
@@ -40,6 +45,34 @@ def credit_statistics(tensors: BatchTensors, result: CreditResult) -> dict[str, 
         stats["gt_sign_agreement"] = ident["sign_accuracy"]  # on turns whose true advantage is non-zero
         stats["gt_rmse"] = ident["rmse"]
         stats["gt_zero_advantage_mass"] = ident["zero_advantage_mass"]
+        if tensors.gt_repaired_mistake is not None:
+            stats.update(repaired_mistake_credit(tc, gt, tensors.gt_repaired_mistake & valid))
+        if batch is not None and bool(valid.any()):
+            table = turn_table(batch, tensors, adv)
+            # "batches" for the variance: the rollout groups (an episode alone visits a state once, so
+            # under its own empirical policy its gradient vanishes)
+            grad = gradient_validity(table.credit, table.advantage, table.state, table.action, tensors.index[table.row])
+            stats["gt_shift_invariant_rmse"] = grad["shift_invariant_rmse"]
+            stats["gt_pg_cosine"] = grad["gradient_cosine"]
+            if "gradient_variance" in grad:
+                stats["gt_gradient_variance"] = grad["gradient_variance"]
     for k, v in result.stats.items():
         stats[f"method.{k}"] = float(v)
     return stats
+
+
+def repaired_mistake_credit(turn_credit: torch.Tensor, advantage: torch.Tensor, repaired: torch.Tensor) -> dict[str, float]:
+    """Credit on repaired mistakes (issue 15, recovery variant): turns flagged ``repaired`` (a
+    wrong decisive action taken on track in an episode that still succeeded). Their true
+    advantage is negative, but an outcome-grouped estimator (GRPO: every turn of a successful
+    trajectory gets the same positive credit) credits them positively. Returns the count, the mean
+    turn credit (``gt_repaired_mistake_credit``), the mean true advantage and the share credited
+    positively; the means only where there is at least one such turn."""
+    n = int(repaired.sum())
+    out = {"gt_repaired_mistakes": float(n)}
+    if n:
+        c = turn_credit[repaired].double()
+        out["gt_repaired_mistake_credit"] = float(c.mean())
+        out["gt_repaired_mistake_advantage"] = float(advantage[repaired].double().mean())
+        out["gt_repaired_mistake_positive_share"] = float((c > 0).double().mean())
+    return out
