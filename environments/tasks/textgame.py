@@ -73,8 +73,9 @@ There is no known MDP to solve by dynamic programming. ``mc`` estimates, for eve
 reference policy; it plays the remaining ``max_steps - t`` turns) from ``env.gt_rollouts``
 rollouts from the restored state, and, because the games are deterministic,
 ``Q(s_t, a_t) = r_t + V(s_{t+1})`` (``V`` of an ended episode = 0) and ``A_t = Q - V``, with
-standard errors (:class:`MCGroundTruth`) and its cost (``stats()``: ``gt_rollouts``,
-``gt_env_steps``, ``gt_seconds``). A turn is ``decisive`` when its advantage is more than two
+standard errors (``value_se``, as the math family's; :class:`MCGroundTruth` adds the advantages')
+and its cost (``stats()``: ``gt_mc_continuations``, ``gt_mc_env_steps``, ``gt_mc_seconds``, named
+as the math family's). A turn is ``decisive`` when its advantage is more than two
 standard errors from 0. ``exhaustive`` computes the same values exactly by enumerating every
 action sequence (small games only: ``env.gt_max_nodes`` bounds the tree). ``none`` (default): no
 ground truth (the MC estimate costs thousands of engine steps per episode). Progress along the
@@ -176,10 +177,9 @@ def _clean(text: str) -> str:
 
 @dataclass
 class MCGroundTruth(GroundTruthCredit):
-    """Ground truth estimated from rollouts (``value``/``q_value``/``advantage`` as in
-    :class:`GroundTruthCredit`), with each estimate's standard error and its cost."""
+    """Ground truth estimated from rollouts (``value``/``q_value``/``advantage``/``value_se`` as in
+    :class:`GroundTruthCredit`), with the advantages' standard errors and the estimate's cost."""
 
-    value_stderr: list[float] = field(default_factory=list)
     advantage_stderr: list[float] = field(default_factory=list)
     rollouts: int = 0
     env_steps: int = 0
@@ -192,6 +192,7 @@ class _Replayer:
         self.spec, self.cfg = spec, cfg
         self.game = twx.acquire(spec["game"], spec["params"])
         self.steps = 0
+        self.rollouts = 0
 
     def at(self, actions: list[str]) -> dict[str, Any]:
         _, info = self.game.reset(seed=int(self.spec["game_seed"]), gameFold=self.spec["fold"])
@@ -231,6 +232,7 @@ def mc_value(rep: _Replayer, prefix: list[str], turns_left: int, n: int, rng: ra
         if _ended(info):
             return 0.0, 0.0
         ret = 0.0
+        rep.rollouts += 1
         for _ in range(turns_left):
             r, info = rep.step(rng.choice(sorted(info["validActions"])))
             ret += _reward_of(rep.cfg, r, info)
@@ -277,7 +279,7 @@ class TextGameEnv(Environment):
         self.game: Any = twx.acquire(self.spec["game"], self.spec["params"])
         self._resets = 0
         self._engine_steps = 0
-        self._gt_cost = {"gt_rollouts": 0.0, "gt_env_steps": 0.0, "gt_seconds": 0.0}
+        self._gt_cost = {"gt_mc_continuations": 0.0, "gt_mc_env_steps": 0.0, "gt_mc_seconds": 0.0}
         self._started = False
         self._done = False
         self._has_tree: Optional[bool] = None
@@ -434,19 +436,19 @@ class TextGameEnv(Environment):
                 else:
                     rewards.append(0.0)
         finally:
-            steps = rep.steps
+            steps, rollouts = rep.steps, rep.rollouts
             rep.close()
         n = len(actions)
         q = [rewards[t] + values[t + 1] for t in range(n)]
         adv = [q[t] - values[t] for t in range(n)]
         adv_se = [math.sqrt(ses[t] ** 2 + ses[t + 1] ** 2) for t in range(n)]
-        self._gt_cost["gt_rollouts"] += float(K * (n + 1) if mode == "mc" else 0)
-        self._gt_cost["gt_env_steps"] += float(steps)
-        self._gt_cost["gt_seconds"] += time.perf_counter() - t0
+        self._gt_cost["gt_mc_continuations"] += float(rollouts)
+        self._gt_cost["gt_mc_env_steps"] += float(steps)
+        self._gt_cost["gt_mc_seconds"] += time.perf_counter() - t0
         decisive = [abs(adv[t]) > 2 * adv_se[t] if mode == "mc" else abs(adv[t]) > 1e-12 for t in range(n)]
         return MCGroundTruth(value=values[:n], q_value=q, advantage=adv, decisive=decisive,
                              reference_policy=f"uniform over validActions ({mode}" + (f", {K} rollouts)" if mode == "mc" else ")"),
-                             value_stderr=ses[:n], advantage_stderr=adv_se, rollouts=int(K * (n + 1)) if mode == "mc" else 0,
+                             value_se=ses[: n + 1], advantage_stderr=adv_se, rollouts=int(rollouts),
                              env_steps=int(steps))
 
     def stats(self) -> dict[str, float]:
