@@ -3,7 +3,8 @@
 #   * a Docker engine (infra/ensure_docker.sh): docker sandbox backend, its fault matrix, the pipeline in Docker;
 #   * bubblewrap (`bwrap`): namespace isolation of the process sandbox backend (sandbox.isolation=auto|bwrap);
 #   * Debian chromium + chromium-driver: the headless-browser test of the Prefect and MLflow UIs
-#     (tests/test_browser.py; ~121 MB download).
+#     (tests/test_browser.py; ~121 MB download);
+#   * a Java runtime (>= 11): TextWorld Express runs its games in a JVM (env=textgame, tests/test_textgame.py).
 # Needs root and apt-get to install; otherwise (or when a mirror is unreachable) it says what is missing
 # and exits 0: the tests that need the tool then skip and name it.
 here=$(dirname "$0")
@@ -13,8 +14,9 @@ missing=""
 command -v bwrap >/dev/null 2>&1 || missing="$missing bubblewrap"
 { command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1; } || missing="$missing chromium"
 command -v chromedriver >/dev/null 2>&1 || missing="$missing chromium-driver"
+command -v java >/dev/null 2>&1 || missing="$missing default-jre-headless"
 if [ -z "$missing" ]; then
-    echo "ensure_system: bwrap, chromium and chromedriver present"
+    echo "ensure_system: bwrap, chromium, chromedriver and java present"
     exit 0
 fi
 if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then

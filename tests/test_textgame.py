@@ -6,6 +6,7 @@ config errors, no JVM chatter, and one iteration through the Prefect train flow.
 from __future__ import annotations
 
 import random
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -25,6 +26,8 @@ from environments.tasks.textgame import (
     _Replayer,
 )
 from stages.credit.decision_tree import TaskProfile
+
+pytestmark = pytest.mark.skipif(shutil.which("java") is None, reason="no Java runtime on PATH: TextWorld Express runs its games in a JVM (infra/ensure_system.sh installs default-jre-headless)")
 
 ROOT = Path(__file__).resolve().parent.parent
 

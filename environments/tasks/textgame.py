@@ -89,6 +89,7 @@ import json
 import math
 import random
 import re
+import shutil
 import time
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -148,7 +149,12 @@ class TextGameConfig(EnvConfig):
             yield "params", f"{bad[0]} is not a parameter of {self.game}; known: {', '.join(twx.GAME_PARAMS[self.game])}"
 
     def world_rules(self):
-        """TextWorld Express loads the game with these parameters (its own range checks)."""
+        """TextWorld Express loads the game with these parameters (its own range checks); it needs a
+        Java runtime to run at all."""
+        if shutil.which("java") is None:
+            yield "game", ("TextWorld Express runs its games in a JVM and no Java runtime (>= 11) is on PATH "
+                           "(Debian: apt-get install default-jre-headless; infra/ensure_system.sh installs it)")
+            return
         err = twx.check_params(self.game, self.params)
         if err:
             yield "params", f"TextWorld Express refuses it: {err}"
