@@ -217,9 +217,12 @@ def _jsonable(x: Any) -> Any:
 
 
 # ---------------------------------------------------------------------------- one cell
-def run_cell(home: str, run_id: str, overrides: list[str], parent_run_id: Optional[str], resumed: bool) -> Optional[str]:
+def run_cell(home: str, run_id: str, overrides: list[str], parent_run_id: Optional[str], resumed: bool,
+             bench_id: str = "", cell_id: str = "") -> Optional[str]:
     """Train one cell (create its run, or resume it if its directory exists); returns the error
-    text of a failure (the benchmark goes on with the other cells), None on success."""
+    text of a failure (the benchmark goes on with the other cells), None on success. The run's
+    ``run.json`` names ``benchmark_id`` and ``cell_id`` (its metadata is then of kind
+    ``benchmark_cell``)."""
     from flows import train
 
     home_p = Path(home)
@@ -234,6 +237,9 @@ def run_cell(home: str, run_id: str, overrides: list[str], parent_run_id: Option
                 overrides = [o for o in overrides if not o.split("=", 1)[0].startswith("debug.")]
             extra = [f"tracking.parent_run_id={parent_run_id}"] if parent_run_id else []
             state = RunState.create(load_config(list(overrides) + extra), home_p, run_id=run_id)
+            if bench_id:
+                state.info.update(benchmark_id=bench_id, cell_id=cell_id)
+                state.save_info()
         train._RUNS[run_id] = state
         train.train_flow(run_id, str(home_p), False)
     except Exception as exc:
@@ -243,7 +249,7 @@ def run_cell(home: str, run_id: str, overrides: list[str], parent_run_id: Option
 
 @task(name="benchmark-cell", task_run_name="{cell_id}", cache_policy=NO_CACHE, persist_result=False, retries=0)
 def cell_task(cell_id: str, home: str, run_id: str, overrides: list[str], parent_run_id: Optional[str],
-              resumed: bool) -> Optional[str]:
+              resumed: bool, bench_id: str = "") -> Optional[str]:
     """One benchmark cell: a creditflow training run (its flow appears as this task's subflow).
 
     The training flow's stage tasks would join this task's (lazy) transaction and have their
@@ -252,7 +258,7 @@ def cell_task(cell_id: str, home: str, run_id: str, overrides: list[str], parent
     from prefect.transactions import CommitMode, transaction
 
     with transaction(commit_mode=CommitMode.EAGER):
-        return run_cell(home, run_id, overrides, parent_run_id, resumed)
+        return run_cell(home, run_id, overrides, parent_run_id, resumed, bench_id, cell_id)
 
 
 # ---------------------------------------------------------------------------- the flow
@@ -302,7 +308,7 @@ def _drive(bench: Benchmark, say: Callable[[str], None]) -> dict[str, Any]:
     todo = [c for c in grid if next(r for r in bench.summary["cells"] if r["cell_id"] == c.cell_id)["status"] not in DONE]
     say(f"benchmark {bench.bench_id}: {len(grid)} cells, {len(grid) - len(todo)} already finished, {len(todo)} to run")
     futures = {cell_task.submit(c.cell_id, str(bench.home), bench.run_id(c), list(c.overrides), tracker.run_id,
-                                bench.resumed): c for c in todo}
+                                bench.resumed, bench.bench_id): c for c in todo}
     for fut in as_completed(list(futures)):
         cell = futures[fut]
         try:

@@ -146,6 +146,9 @@ def test_benchmark_budget_summary_and_nested_mlflow(prefect_harness, shared_home
         assert CONTRACT_GT == set(cell["gt"]) and cell["gt"]["rmse"] is not None
         # the training run: `creditflow report <run_id>` reads runs/<run_id>/; its MLflow run is nested
         assert (shared_home / "runs" / cell["run_id"] / "run.json").is_file()
+        meta = json.loads((shared_home / "runs" / cell["run_id"] / "metadata.json").read_text())
+        assert meta["kind"] == "benchmark_cell" and meta["benchmark"] == {"benchmark_id": summary["benchmark_id"],
+                                                                          "cell_id": cell["cell_id"]}
         run = tracker.client.get_run(cell["mlflow_run_id"])
         assert run.info.status == "FINISHED"
         assert run.data.tags["mlflow.parentRunId"] == summary["mlflow_run_id"]
