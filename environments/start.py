@@ -7,10 +7,14 @@ iteration; this module turns slots into live environments and episodes:
   their sandboxes) group by group. Environment faults (survey §8.2): a group whose sandbox
   creation, ``make`` or ``reset`` raises is retried, then dropped *whole*, never kept with
   missing members (that would bias group baselines, §2.3); the drops are counted.
-* :func:`replay_environments` — restore environments to a state inside a recorded episode by
-  replaying its actions on a fresh environment of the same instance and episode seed (each
-  replayed observation checked against the recorded one). This is how Monte Carlo continuations
-  (VinePPO §3.1.1) and interventions (InT) re-enter an episode without persisting anything live.
+* :func:`fork_snapshots` / :func:`replay_environments` — bring environments to a state inside a
+  recorded episode, as Monte Carlo continuations (VinePPO §3.1.1) and interventions (InT) need,
+  without persisting anything live. Where the family implements ``snapshot()``/``restore()``,
+  one fresh environment per episode is replayed *once* through its recorded turns and snapshotted
+  at every fork point on the way; each continuation's environment is then ``restore`` d from its
+  fork's snapshot (k continuations of T forks: T replayed steps at most instead of k * T * T / 2).
+  Otherwise (the fallback) every continuation's environment replays the actions itself. Either
+  way each replayed observation is checked against the recorded one.
 * :class:`SlotPlayer` — what playing slots needs (family, engine, tokenizer, rollout config, a
   sandbox factory), and :meth:`SlotPlayer.play`: start (or replay), run the multi-turn agent loop
   of stage 2 (:func:`stages.rollout.agent_loop.run_episodes`), close everything.
@@ -122,15 +126,67 @@ def replay_environments(envs: list[Any], slots: list[EnvSlot], replay: list[list
     steps = 0
     for env, turns, slot in zip(envs, replay, slots):
         for turn in turns:
-            res = env.step(turn.action_text)
+            _replay_turn(env, turn, slot, family)
             steps += 1
-            if res.observation != turn.observation:
-                raise RuntimeError(
-                    f"replaying episode {slot.uid} of env {family!r} diverged at turn {turn.index}: "
-                    f"recorded observation {turn.observation!r}, replay gave {res.observation!r}; "
-                    "the family's transitions must be deterministic given the episode seed"
-                )
     return steps
+
+
+def _replay_turn(env: Any, turn: Any, slot: EnvSlot, family: str) -> None:
+    """Step ``env`` through one recorded turn; a divergent observation raises."""
+    res = env.step(turn.action_text)
+    if res.observation != turn.observation:
+        raise RuntimeError(
+            f"replaying episode {slot.uid} of env {family!r} diverged at turn {turn.index}: "
+            f"recorded observation {turn.observation!r}, replay gave {res.observation!r}; "
+            "the family's transitions must be deterministic given the episode seed"
+        )
+
+
+def fork_snapshots(family: TaskFamily, slots: list[EnvSlot], turns: list[list[Any]], points: list[set[int]],
+                   new_sandbox: SandboxFactory = None) -> tuple[list[Optional[dict[int, Any]]], int, int]:
+    """Snapshots of episode ``i``'s environment before each turn index in ``points[i]``: one fresh
+    environment of ``slots[i]`` is reset and replayed once through the recorded ``turns[i]``
+    (observations checked), with ``env.snapshot()`` taken on the way. Returns ``(handles,
+    environments made, steps replayed)``; ``handles[i]`` is ``None`` where the family has no
+    snapshots (``NotImplementedError``: the caller replays instead). Fork points at turn 0 need no
+    snapshot (a reset environment is there) and points past the recorded turns are ignored."""
+    handles: list[Optional[dict[int, Any]]] = []
+    made = steps = 0
+    for slot, recorded, want in zip(slots, turns, points):
+        want = {t for t in want if 0 < t <= len(recorded)}
+        if not want:
+            handles.append({})
+            continue
+        envs, boxes, _ = start_group(family, [slot], new_sandbox)
+        made += 1
+        env, got = envs[0], {}
+        try:
+            try:
+                env.snapshot()  # probe before replaying anything
+            except NotImplementedError:
+                handles.append(None)
+                continue
+            for t in range(max(want) + 1):
+                if t in want:
+                    got[t] = env.snapshot()
+                if t < max(want):
+                    _replay_turn(env, recorded[t], slot, family.name)
+                    steps += 1
+        finally:
+            close_all([*envs, *boxes])
+        handles.append(got)
+    return handles, made, steps
+
+
+def restore_environments(envs: list[Any], handles: list[Any]) -> int:
+    """``env.restore(handle)`` for every environment with a handle (``None``: left as reset);
+    returns the number restored."""
+    n = 0
+    for env, handle in zip(envs, handles):
+        if handle is not None:
+            env.restore(handle)
+            n += 1
+    return n
 
 
 @dataclass
@@ -150,20 +206,25 @@ class SlotPlayer:
     new_sandbox: SandboxFactory = None
 
     def play(self, slots: list[EnvSlot], seed: int, temperature: float, starts: Optional[list[Any]] = None,
-             replay: Optional[list[list[Any]]] = None, uids: Optional[list[str]] = None) -> tuple[Batch, Overhead, int]:
+             replay: Optional[list[list[Any]]] = None, uids: Optional[list[str]] = None,
+             restore: Optional[list[Any]] = None) -> tuple[Batch, Overhead, int]:
         """Make live environments (and sandboxes) for ``slots``, play them, close everything.
 
         Plain episodes start through :func:`start_environments` (retry, then drop whole groups; the
-        batch's ``meta`` says how many). With ``starts``/``replay`` (continuations) the environments
-        are reset and replayed through the given recorded turns (:func:`replay_environments`), then
-        continued from the start points. Returns ``(batch, overhead, generated tokens)``."""
+        batch's ``meta`` says how many). With ``starts`` (continuations) the environments are reset
+        and brought to the start points: ``restore[i]``, where given and not ``None``, is a
+        snapshot handle that environment ``i`` is restored from (:func:`restore_environments`);
+        the others replay the recorded turns ``replay[i]`` (:func:`replay_environments`). Then the
+        episodes continue from the start points. Returns ``(batch, overhead, generated tokens)``;
+        the overhead counts restores and replayed steps (``env_restores``, ``env_replay_steps``,
+        the latter included in ``env_steps``)."""
         from stages.rollout.agent_loop import run_episodes
 
         name = self.family.name
         cfg = replace(self.rollout, temperature=temperature)
         boxes: list[Any] = []
         envs: list[Any] = []
-        replay_steps = 0
+        replay_steps = restored = 0
         info: dict[str, Any] = {}
         prompts: Optional[list[str]] = None
         try:
@@ -172,7 +233,11 @@ class SlotPlayer:
                     self.family, slots, int(self.rollout.env_start_retries), self.new_sandbox)
             else:
                 envs, boxes, _ = start_group(self.family, slots, self.new_sandbox)
-                replay_steps = replay_environments(envs, slots, replay or [[]] * len(envs), name)
+                handles = restore if restore is not None else [None] * len(envs)
+                restored = restore_environments(envs, handles)
+                turns = replay or [[]] * len(envs)
+                replay_steps = replay_environments(envs, slots, [[] if h is not None else t for h, t in zip(handles, turns)],
+                                                   name)
             trajs = run_episodes(
                 self.engine, self.tokenizer, envs,
                 group_ids=[s.group_id for s in slots],
@@ -185,4 +250,5 @@ class SlotPlayer:
         steps = sum(len(t.turns) for t in trajs) + replay_steps
         # imposed actions (interventions) are not generated
         gen_tokens = sum(int(t.meta.get("generated_tokens", t.num_policy_tokens)) for t in trajs)
-        return Batch(trajectories=trajs, meta=info), Overhead(env_resets=len(envs), env_steps=steps), gen_tokens
+        overhead = Overhead(env_resets=len(envs), env_steps=steps, env_restores=restored, env_replay_steps=replay_steps)
+        return Batch(trajectories=trajs, meta=info), overhead, gen_tokens

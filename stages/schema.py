@@ -264,6 +264,10 @@ class Overhead:
     extra_tokens: int = 0
     env_resets: int = 0
     env_steps: int = 0
+    #: environments brought to a forked state by ``restore`` from a snapshot (MC continuations)
+    env_restores: int = 0
+    #: the part of ``env_steps`` spent replaying recorded turns to reach a forked state
+    env_replay_steps: int = 0
     judge_calls: int = 0
     wall_seconds: float = 0.0
 

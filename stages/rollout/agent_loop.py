@@ -191,8 +191,11 @@ def run_episodes(
         if not idx:
             break
         gen = [i for i in idx if forced[i] is None]
+        # the prompt (and a continuation's forked prefix) is shared by a group's episodes (by the k
+        # continuations of one fork): the engine may prefill it once for all of them
         requests = [
-            GenerationRequest(context_ids=prompt_ids[i] + prefix[i] + resp[i], seed=_turn_seed(seed, uids[i], turn_idx))
+            GenerationRequest(context_ids=prompt_ids[i] + prefix[i] + resp[i], seed=_turn_seed(seed, uids[i], turn_idx),
+                              shared_prefix=len(prompt_ids[i]) + len(prefix[i]))
             for i in gen
         ]
         # a continued turn may already hold part of its action: it gets only the rest of the budget

@@ -2,13 +2,20 @@
 
 * :class:`MCContinuations` — the ``mc_rollouts`` need (:class:`~stages.credit.base.MCRollouts`):
   Monte Carlo continuations with the current policy from inside the batch's episodes (VinePPO
-  §3.1.1, SPO, Math-Shepherd process rewards). The environment of the prefix is restored by
-  *replay* (:func:`environments.start.replay_environments`): a fresh environment of the same
-  instance and episode seed is reset and given the recorded actions of the earlier turns (each
-  replayed observation is checked against the recorded one). Replay works for every family,
-  survives resume (nothing live is persisted) and costs only environment steps, which are counted.
-  Continuations of one prefix share the environment's random stream (same episode seed), so on
-  stochastic environments they differ only by the policy's samples. With ``replacements`` a
+  §3.1.1, SPO, Math-Shepherd process rewards). The environment of the prefix is restored from a
+  *snapshot* where the family has them (``Environment.snapshot``/``restore``): the trajectory's
+  recorded snapshot of that turn if the rollout kept them, else one fresh environment of the same
+  instance and episode seed per trajectory is replayed once through the recorded turns and
+  snapshotted at every fork point (:func:`environments.start.fork_snapshots`), and each
+  continuation's environment is restored from its fork's snapshot. The fallback, for families
+  without snapshots, is *replay* (:func:`environments.start.replay_environments`): every
+  continuation's fresh environment is given the recorded actions of the earlier turns. Both check
+  each replayed observation against the recorded one, survive resume (nothing live is persisted)
+  and are counted (``Overhead.env_restores``, ``env_replay_steps``). Continuations of one prefix
+  share the environment's random stream (same episode seed; a snapshot carries the same future as
+  a replay), so on stochastic environments they differ only by the policy's samples. The ``k``
+  continuations of one fork share its context, which the engine prefills once
+  (``GenerationRequest.shared_prefix``). With ``replacements`` a
   start's turn is *intervened on* (InT, Yang et al. 2026): the environment is restored to the
   state before that turn, the given text is taken as the turn's action (tokenized, not
   generated) and the policy generates the rest of the episode, scored by the family's verifier.
@@ -29,7 +36,7 @@ from typing import Callable, Optional
 import torch
 
 from environments.construct import EnvBatch, EnvSlot
-from environments.start import SlotPlayer
+from environments.start import SlotPlayer, fork_snapshots
 from stages.reward.verifier import compute_rewards
 from stages.schema import Batch, Overhead
 
@@ -67,8 +74,10 @@ class MCContinuations:
     (the :class:`~stages.credit.base.MCRollouts` protocol). All ``N*k`` continuations of a call
     are generated together, turn by turn, in batched engine calls."""
 
-    def __init__(self, player: SlotPlayer, envb: EnvBatch, batch: Batch, seed_for: SeedFor):
+    def __init__(self, player: SlotPlayer, envb: EnvBatch, batch: Batch, seed_for: SeedFor, snapshots: bool = True):
         self.player, self.envb, self.batch, self.seed_for = player, envb, batch, seed_for
+        #: restore forked environments from snapshots where the family has them (False: replay only)
+        self.snapshots = snapshots
         self.slots = {s.uid: s for s in envb.slots}
         self.calls = 0
         #: per start of the last call: each continuation's action texts (for logging interventions)
@@ -90,6 +99,33 @@ class MCContinuations:
             f"action (turn action spans: {[t.action_span for t in traj.turns]})"
         )
 
+    def _fork_handles(self, rows: list[int], replays: list[list]) -> tuple[list, Overhead]:
+        """Per continuation, the snapshot handle of its fork (``None``: reset state at turn 0, or
+        replay where the family has no snapshots), and what making them cost (environments made,
+        steps replayed: see :func:`environments.start.fork_snapshots`)."""
+        if not self.snapshots:
+            return [None] * len(rows), Overhead()
+        points: dict[int, set[int]] = {}
+        for row, turns in zip(rows, replays):
+            points.setdefault(row, set()).add(len(turns))
+        order = [r for r in points if not self.batch.trajectories[r].snapshots]
+        trajs = self.batch.trajectories
+        got, resets, steps = fork_snapshots(self.player.family, [self.slots[trajs[r].uid] for r in order],
+                                            [trajs[r].turns for r in order], [points[r] for r in order],
+                                            self.player.new_sandbox)
+        handles_of = dict(zip(order, got))
+        out = []
+        for row, turns in zip(rows, replays):
+            t, recorded = len(turns), trajs[row].snapshots
+            if t == 0:
+                out.append(None)
+            elif recorded:  # the rollout kept the snapshot of the state each action was taken in
+                out.append(recorded[t])
+            else:
+                h = handles_of.get(row)
+                out.append(None if h is None else h[t])
+        return out, Overhead(env_resets=resets, env_steps=steps, env_replay_steps=steps)
+
     def __call__(self, starts: list[tuple[int, int]], k: int,
                  replacements: Optional[list[Optional[str]]] = None) -> tuple[torch.Tensor, Overhead]:
         from stages.rollout.agent_loop import EpisodeStart
@@ -100,7 +136,7 @@ class MCContinuations:
             raise ValueError(f"mc_rollouts: {len(replacements)} replacements for {len(starts)} starts")
         player = self.player
         returns = torch.zeros((len(starts), k), dtype=torch.float32)
-        slots, eps, replays, where, uids = [], [], [], [], []
+        slots, eps, replays, where, uids, rows = [], [], [], [], [], []
         self.last_continuations = [[] for _ in starts]
         for n, (row, pos) in enumerate(starts):
             if not 0 <= row < len(self.batch):
@@ -130,13 +166,16 @@ class MCContinuations:
                                         forced_action=forced))
                 replays.append(traj.turns[:t])
                 where.append((n, j))
+                rows.append(row)
         self.calls += 1
         if not slots:
             return returns, Overhead()
+        handles, fork_overhead = self._fork_handles(rows, replays)
         forwards = player.engine.stats["forward_passes"]
         seed = self.seed_for(f"mc{self.calls}")
         cont, overhead, tokens = player.play(slots, seed, player.rollout.temperature,
-                                             starts=eps, replay=replays, uids=uids)
+                                             starts=eps, replay=replays, uids=uids, restore=handles)
+        overhead = overhead + fork_overhead
         cont, _, _ = compute_rewards(cont, player.family)
         rtg = torch.tensor(_returns(cont), dtype=torch.float32)
         idx = torch.tensor(where, dtype=torch.long)

@@ -18,6 +18,11 @@ class GenerationRequest:
     context_ids: list[int]
     #: per-request seed (reproducibility independent of batch composition)
     seed: int
+    #: leading tokens of ``context_ids`` that other requests of the same call may share (a group's
+    #: prompt, a forked prefix of Monte Carlo continuations): a hint, never a promise. Engines may
+    #: prefill each distinct shared prefix once (HFEngine) or find it in their prefix cache (vLLM);
+    #: the samples do not depend on it
+    shared_prefix: int = 0
 
 
 @dataclass

@@ -142,15 +142,6 @@ class HFEngine(RolloutEngine):
         model.eval()
         dev = self.device
         B = len(requests)
-        lens = [len(r.context_ids) for r in requests]
-        L = max(lens)
-        ids = torch.full((B, L), self.pad_token_id, dtype=torch.long)
-        attn = torch.zeros((B, L), dtype=torch.long)
-        for i, r in enumerate(requests):  # host-side batch assembly
-            ids[i, L - lens[i] :] = torch.as_tensor(r.context_ids, dtype=torch.long)
-            attn[i, L - lens[i] :] = 1
-        ids, attn = ids.to(dev), attn.to(dev)
-        pos = (attn.cumsum(-1) - 1).clamp(min=0)
         # every row samples from its own seed: an episode's tokens do not depend on its batch
         seeds = torch.tensor([int(r.seed) & ((1 << 63) - 1) for r in requests], dtype=torch.long, device=dev)
         stops = torch.tensor(sorted(int(s) for s in stop_token_ids), dtype=torch.long, device=dev)
@@ -163,11 +154,7 @@ class HFEngine(RolloutEngine):
         forwards = 0
         try:
             with torch.inference_mode():
-                out = self._forward(ids, attn, pos, None, logits_to_keep=1)
-                forwards += 1
-                logits = out.logits[:, -1]
-                past = _cache_of(out)
-                next_pos = pos[:, -1]
+                logits, past, attn, next_pos, forwards = self._prefill(requests)
                 for t in range(max_new_tokens):
                     tok, lp, ent = sample_per_request(logits, temperature, top_p, seeds, t)
                     alive = ~finished
@@ -204,6 +191,45 @@ class HFEngine(RolloutEngine):
         self.stats["seconds"] += time.perf_counter() - t0
         return outputs
 
+    def _prefill(self, requests: list[GenerationRequest]) -> tuple[torch.Tensor, Any, torch.Tensor, torch.Tensor, int]:
+        """Run the contexts through the model: ``(last-position logits (B, V), KV cache, attention
+        mask (B, L), position of each row's last token (B,), forward passes)``.
+
+        Requests that declare a ``shared_prefix`` are grouped by the tokens of that prefix (capped
+        one token short of the context, so every row has a token of its own to take logits at):
+        each distinct prefix is prefilled **once**, its KV cache rows are expanded to the rows of
+        its group (``DynamicCache.reorder_cache``: an ``index_select`` on every layer's keys and
+        values), and only the rows' own suffixes are prefilled on top of it. A row's layout is then
+        ``[pad | prefix | pad | suffix]``: the attention mask hides both pads and the position ids
+        continue the prefix, so every row sees exactly its own context (VinePPO's ``k`` continuations
+        of one fork, a GRPO group's prompt). Without sharing, one left-padded prefill."""
+        dev = self.device
+        B = len(requests)
+        shared = [min(max(int(r.shared_prefix), 0), len(r.context_ids) - 1) for r in requests]
+        groups: dict[tuple[int, ...], int] = {}
+        row_group = [groups.setdefault(tuple(r.context_ids[:n]), len(groups)) for r, n in zip(requests, shared)]
+        if len(groups) == B or not any(shared):  # nothing shared: one prefill of whole contexts
+            ids, attn = _left_pad([r.context_ids for r in requests], self.pad_token_id)
+            ids, attn = ids.to(dev), attn.to(dev)
+            pos = (attn.cumsum(-1) - 1).clamp(min=0)
+            out = self._forward(ids, attn, pos, None, logits_to_keep=1)
+            return out.logits[:, -1], _cache_of(out), attn, pos[:, -1], 1
+        prefixes = list(groups)
+        ids, attn_p = _left_pad([list(p) for p in prefixes], self.pad_token_id)
+        ids, attn_p = ids.to(dev), attn_p.to(dev)
+        out = self._forward(ids, attn_p, (attn_p.cumsum(-1) - 1).clamp(min=0), None, logits_to_keep=1)
+        past = _cache_of(out)
+        index = torch.tensor(row_group, dtype=torch.long, device=dev)
+        past.reorder_cache(index)  # (groups, ...) -> (B, ...): each row gets its prefix's keys/values
+        attn_p = attn_p.index_select(0, index)
+        suffix, attn_s = _left_pad([r.context_ids[n:] for r, n in zip(requests, shared)], self.pad_token_id)
+        suffix, attn_s = suffix.to(dev), attn_s.to(dev)
+        start = torch.tensor(shared, dtype=torch.long, device=dev)
+        pos = start[:, None] + (attn_s.cumsum(-1) - 1).clamp(min=0)
+        attn = torch.cat([attn_p, attn_s], dim=1)
+        out = self._forward(suffix, attn, pos, past, logits_to_keep=1)
+        return out.logits[:, -1], _cache_of(out), attn, pos[:, -1], 2
+
     def _forward(self, ids, attn, pos, past, logits_to_keep: Optional[int] = None) -> Any:
         kwargs: dict[str, Any] = dict(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True)
         if past is not None:
@@ -214,6 +240,18 @@ class HFEngine(RolloutEngine):
             except TypeError:
                 pass
         return self.model(**kwargs)
+
+
+def _left_pad(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ids, attention mask)``, both (len(seqs), longest) int64, each sequence right-aligned."""
+    L = max(len(q) for q in seqs)
+    ids = torch.full((len(seqs), L), pad, dtype=torch.long)
+    attn = torch.zeros((len(seqs), L), dtype=torch.long)
+    for i, q in enumerate(seqs):  # host-side batch assembly
+        if q:
+            ids[i, L - len(q):] = torch.as_tensor(q, dtype=torch.long)
+            attn[i, L - len(q):] = 1
+    return ids, attn
 
 
 @functools.lru_cache(maxsize=None)

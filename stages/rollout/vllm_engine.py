@@ -241,6 +241,9 @@ class VLLMEngine(RolloutEngine):
             worker_extension_cls=WORKER_EXTENSION,
             enforce_eager=bool(getattr(cfg, "vllm_enforce_eager", True)),
             max_num_seqs=int(getattr(cfg, "vllm_max_num_seqs", 256)),
+            # vLLM's default, stated: the k Monte Carlo continuations of a fork (and a group's
+            # samples) are submitted in one call and share their prefix's KV blocks
+            enable_prefix_caching=True,
         )
         if kwargs["enforce_eager"]:
             kwargs["compilation_config"] = {"mode": 0}  # no torch.compile: start in seconds
