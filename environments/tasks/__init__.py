@@ -4,3 +4,5 @@ from environments.tasks import bifurcation  # noqa: F401  (registers "bifurcatio
 from environments.tasks import code  # noqa: F401  (registers "code")
 from environments.tasks import math  # noqa: F401  (registers "math")
 from environments.tasks import tooluse  # noqa: F401  (registers "tooluse")
+from environments.tasks import gym_adapter  # noqa: F401  (registers "gym")
+from environments.tasks import frozenlake  # noqa: F401  (registers "frozenlake")
