@@ -122,18 +122,34 @@ def _gym_id_problem(value: str) -> Optional[str]:
 
 
 def parse_kwargs(text: str) -> dict[str, Any]:
-    """``env.gym_kwargs``: a JSON object (``'{"is_slippery": false}'``)."""
-    value = json.loads(text) if str(text).strip() else {}
-    if not isinstance(value, dict):
-        raise ValueError("not a JSON object")
-    return value
+    """``env.gym_kwargs``: a JSON object (``'{"is_slippery": false}'``) or ``key=value`` pairs
+    separated by commas (``is_slippery=false,map_name=8x8``; each value read as JSON when it
+    parses, else as a string), the form that survives the command line's dotlist parser."""
+    text = str(text).strip()
+    if not text:
+        return {}
+    if text.startswith("{"):
+        value = json.loads(text)
+        if not isinstance(value, dict):
+            raise ValueError("not a JSON object")
+        return value
+    out: dict[str, Any] = {}
+    for part in text.split(","):
+        key, sep, raw = part.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"{part!r} is not key=value")
+        try:
+            out[key.strip()] = json.loads(raw)
+        except ValueError:
+            out[key.strip()] = raw.strip()
+    return out
 
 
 def _kwargs_problem(value: str) -> Optional[str]:
     try:
         parse_kwargs(value)
     except ValueError as exc:
-        return f"must be a JSON object of gymnasium.make keyword arguments ({exc})"
+        return f"must be a JSON object or key=value,... of gymnasium.make keyword arguments ({exc})"
     return None
 
 
@@ -172,7 +188,8 @@ def tabular_table(unwrapped: Any) -> dict[str, list[list[list[float]]]]:
 
 
 def is_tabular(unwrapped: Any) -> bool:
-    return hasattr(unwrapped, "P") and hasattr(unwrapped, "s") and isinstance(getattr(unwrapped, "P"), dict)
+    """Whether the environment has a toy-text transition table ``P`` (its state is ``unwrapped.s``)."""
+    return isinstance(getattr(unwrapped, "P", None), dict)
 
 
 class GymTextEnv(Environment):
@@ -408,8 +425,8 @@ class GymConfig(EnvConfig):
     name: str = param("gym", help="task family (registry name)")
     gym_id: str = param("FrozenLake-v1", help="Gymnasium environment id (\"module:Id\" imports module first; MiniGrid-* import minigrid)",
                         check=_gym_id_problem, rule="must be a registered Gymnasium id")
-    gym_kwargs: str = param("{}", help="JSON object of keyword arguments for gymnasium.make, e.g. '{\"is_slippery\": false}'",
-                            check=_kwargs_problem, rule="must be a JSON object")
+    gym_kwargs: str = param("{}", help="keyword arguments for gymnasium.make: key=value,... (is_slippery=false) or a JSON object",
+                            check=_kwargs_problem, rule="must be key=value,... or a JSON object")
     max_turns: int = param(20, help="turns per episode at most (gym's TimeLimit is set to it; then reason max_turns)", ge=1)
     invalid_action: str = param("noop", help="effect of an unparsable action: noop (the turn passes) | end (the episode fails)",
                                 choices=INVALID_ACTIONS)
