@@ -34,21 +34,24 @@ def finite_horizon_values(transition: np.ndarray, reward: np.ndarray, horizon: i
                           reference_policy: str = "uniform", terminal: np.ndarray | None = None) -> FiniteHorizonValues:
     """Backward induction over ``horizon`` turns.
 
-    ``transition`` (S, A, S) and ``reward`` (S, A) (expected immediate reward) are stationary;
+    ``transition`` (S, A, S) is stationary; ``reward`` (expected immediate reward) is (S, A), or
+    (H, S, A) when it depends on the turn (MiniGrid's success reward shrinks with the step count);
     actions ``0..n_valid-1`` are the valid ones the reference policy mixes over (uniformly, or the
     max for ``"optimal"``); actions past ``n_valid`` (the invalid action) get a Q but no weight.
     ``terminal`` (S,) is the value after the last turn (default 0)."""
     if reference_policy not in REFERENCE_POLICIES:
         raise ValueError(f"reference_policy must be one of {REFERENCE_POLICIES}, got {reference_policy!r}")
     S, A, S2 = transition.shape
-    if S2 != S or reward.shape != (S, A) or not 1 <= n_valid <= A:
+    if reward.shape == (S, A):
+        reward = np.broadcast_to(reward, (horizon, S, A))
+    if S2 != S or reward.shape != (horizon, S, A) or not 1 <= n_valid <= A:
         raise ValueError(f"finite_horizon_values: shapes T{transition.shape} R{reward.shape}, n_valid={n_valid}")
     V = np.zeros((horizon + 1, S))
     Q = np.zeros((horizon, S, A))
     if terminal is not None:
         V[horizon] = terminal
     for t in reversed(range(horizon)):
-        Q[t] = reward + transition @ V[t + 1]
+        Q[t] = reward[t] + transition @ V[t + 1]
         valid = Q[t, :, :n_valid]
         V[t] = valid.max(axis=1) if reference_policy == "optimal" else valid.mean(axis=1)
     return FiniteHorizonValues(V=V, Q=Q)

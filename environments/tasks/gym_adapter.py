@@ -200,6 +200,9 @@ class GymTextEnv(Environment):
 
     #: the name of each action index (``None``: the indices ``"0"``, ``"1"``, ...)
     action_names: Optional[tuple[str, ...]] = None
+    #: with ``invalid_action=noop``: the gym action an invalid action steps (the environment's own
+    #: no-op, so its step counter keeps counting turns), or None (the environment is not stepped)
+    invalid_gym_action: Optional[int] = None
 
     def __init__(self, cfg: Any, instance: TaskInstance, make_env: Callable[[], Any], episode_seed: int = 0,
                  sandbox: Any = None):
@@ -279,6 +282,10 @@ class GymTextEnv(Environment):
             return int(text), ""
         return None, "unknown"
 
+    def record_state(self) -> None:
+        """Called before every step: the state the turn is taken in (``self.states``)."""
+        self.states.append(self.true_state())
+
     def state_key(self) -> str:
         end = "|end" if self._done else ""
         return f"{self.instance.task_id}{end}|t={self._t}|s={self.true_state()}"
@@ -292,7 +299,7 @@ class GymTextEnv(Environment):
     def step(self, action_text: str) -> StepResult:
         self.check_can_step()
         t = self._t
-        self.states.append(self.true_state())
+        self.record_state()
         a, why = self.parse(action_text)
         self.actions.append(a)
         prefix = "" if isinstance(action_text, str) and action_text.endswith("\n") else "\n"
@@ -302,9 +309,10 @@ class GymTextEnv(Environment):
             info["invalid_reason"] = why
             if self.cfg.invalid_action == "end":
                 terminated, reason = True, "invalid_action"
-        else:
+        gym_a = a if a is not None else (self.invalid_gym_action if not reason else None)
+        if gym_a is not None:
             try:
-                self.last_obs, r, terminated, truncated, gym_info = self._gym_step(a)
+                self.last_obs, r, terminated, truncated, gym_info = self._gym_step(gym_a)
             except SandboxFault as exc:
                 info["sandbox_fault"] = str(exc)
                 terminated, reason = True, f"sandbox_{exc.reason}"
