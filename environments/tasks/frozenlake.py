@@ -246,11 +246,13 @@ class FrozenLakeFamily(GymFamily):
             return gymnasium.make("FrozenLake-v1", desc=desc, is_slippery=slippery,
                                   max_episode_steps=int(self.cfg.max_turns))
 
-        probe = make()
-        try:
-            tables = self.tables(desc, probe.unwrapped.P)
-        finally:
-            probe.close()
+        tables = self._tables.get("/".join(desc))
+        if tables is None:
+            probe = make()
+            try:
+                tables = self.tables(desc, probe.unwrapped.P)
+            finally:
+                probe.close()
         return FrozenLakeEnv(self.cfg, instance, make, tables, episode_seed=episode_seed, sandbox=sandbox)
 
     def start_value(self, instance: TaskInstance) -> float:
