@@ -458,15 +458,15 @@ def make_gym(gym_id: str, kwargs: dict[str, Any], max_turns: int) -> Any:
     import gymnasium
 
     name = resolve_gym_id(gym_id)
-    modes = gymnasium.spec(name).kwargs.get("render_modes") or []
     kwargs = dict(kwargs)
-    try:
-        env_cls_modes = gymnasium.spec(name).entry_point
-        if "render_mode" not in kwargs and isinstance(env_cls_modes, str):
-            mod, _, cls = env_cls_modes.partition(":")
-            modes = getattr(getattr(importlib.import_module(mod), cls), "metadata", {}).get("render_modes", modes)
-    except (ImportError, AttributeError):
-        pass
+    modes: list[str] = []
+    entry = gymnasium.spec(name).entry_point  # "module:Class": the class's metadata lists its render modes
+    if "render_mode" not in kwargs and isinstance(entry, str):
+        mod, _, cls = entry.partition(":")
+        try:
+            modes = list(getattr(getattr(importlib.import_module(mod), cls), "metadata", {}).get("render_modes", []))
+        except (ImportError, AttributeError):
+            modes = []
     if "render_mode" not in kwargs and "ansi" in modes:
         kwargs["render_mode"] = "ansi"
     return gymnasium.make(name, max_episode_steps=int(max_turns), **kwargs)
