@@ -4,20 +4,13 @@ in the episode's sandbox (see :mod:`environments.tasks.bifurcation`, "Sandboxed 
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Any, Optional
 
 from environments.base import StepResult, TaskInstance
+from environments.sandbox.step_script import SandboxFault, StepScriptEnv
 from environments.tasks.bifurcation_dp import OFF, ON
 from environments.tasks.bifurcation_env import BifurcationEnv
-
-class SandboxFault(Exception):
-    """A sandbox exec of the sandboxed mode failed (``reason``: the ExecResult reason or ``error``)."""
-
-    def __init__(self, reason: str, detail: str = ""):
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
 
 
 STEP_SCRIPT = "bif_step.py"
@@ -25,7 +18,7 @@ SPEC_FILE = "bif_spec.json"
 STATE_FILE = "bif_state.json"
 
 
-class SandboxedBifurcationEnv(BifurcationEnv):
+class SandboxedBifurcationEnv(StepScriptEnv, BifurcationEnv):
     """``env.sandboxed=true``: every transition is computed by a stdlib-only script
     (:mod:`environments.tasks.bifurcation_step`) run inside the episode's sandbox, with the
     state kept in the sandbox work directory (``bif_state.json``). The host mirrors the state the
@@ -39,19 +32,10 @@ class SandboxedBifurcationEnv(BifurcationEnv):
         if sandbox is None:
             raise ValueError("env.sandboxed=true: make(instance, sandbox=...) needs a sandbox")
         super().__init__(cfg, instance, episode_seed=episode_seed, tables=tables)
-        self.box = sandbox
+        self._init_step_script(sandbox)
         #: None: the sandbox's own limit (``sandbox.exec_timeout_s``)
         self.exec_timeout_s = exec_timeout_s
-        self._sandbox_seconds = 0.0
-        self._execs = 0
         self._resets = 0
-
-    def _timed(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
-        t0 = time.perf_counter()
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            self._sandbox_seconds += time.perf_counter() - t0
 
     def _write_state(self) -> None:
         spec = {
@@ -63,12 +47,9 @@ class SandboxedBifurcationEnv(BifurcationEnv):
             "terminate_on_error": bool(self.cfg.terminate_on_error),
         }
         state = {"t": self._t, "on": self._s == ON, "done": self._done}
-        try:
-            self._timed(self.box.write_file, STEP_SCRIPT, _step_script_bytes())
-            self._timed(self.box.write_file, SPEC_FILE, json.dumps(spec).encode())
-            self._timed(self.box.write_file, STATE_FILE, json.dumps(state).encode())
-        except Exception as exc:  # noqa: BLE001
-            raise SandboxFault("error", f"{type(exc).__name__}: {exc}") from exc
+        self._timed(self.box.write_file, STEP_SCRIPT, _step_script_bytes())
+        self._timed(self.box.write_file, SPEC_FILE, json.dumps(spec).encode())
+        self._timed(self.box.write_file, STATE_FILE, json.dumps(state).encode())
 
     def reset(self) -> str:
         prompt = super().reset()
@@ -83,24 +64,14 @@ class SandboxedBifurcationEnv(BifurcationEnv):
     def _apply(self, t: int, action_text: str) -> tuple[Optional[str], int, float, bool]:
         if getattr(self, "_fault", None):
             raise SandboxFault(self._fault or "error")
-        payload = json.dumps({"action": action_text if isinstance(action_text, str) else None}).encode()
+        out = self._run_step_script(STEP_SCRIPT, {"action": action_text if isinstance(action_text, str) else None},
+                                    timeout_s=self.exec_timeout_s)
         try:
-            res = self._timed(self.box.exec, ["python3", "-I", "-S", STEP_SCRIPT], timeout_s=self.exec_timeout_s,
-                              stdin=payload)
-        except Exception as exc:  # noqa: BLE001 - a broken sandbox is a fault, never a crash
-            raise SandboxFault("error", f"{type(exc).__name__}: {exc}") from exc
-        self._execs += 1
-        if res.reason:
-            raise SandboxFault(res.reason)
-        try:
-            if res.exit_code != 0:
-                raise ValueError(f"exit code {res.exit_code}: {res.stderr[-200:]!r}")
-            out = json.loads(res.stdout.decode().strip().splitlines()[-1])
             a = out["a"]
             if int(out["t"]) != t + 1 or (a is not None and a not in self.letters):
                 raise ValueError(f"unexpected step output {out!r}")
             return a, ON if out["on"] else OFF, float(out["reward"]), bool(out["terminated"])
-        except (ValueError, KeyError, IndexError, TypeError, UnicodeDecodeError) as exc:
+        except (ValueError, KeyError, TypeError) as exc:
             raise SandboxFault("error", str(exc)) from exc
 
     def step(self, action_text: str) -> StepResult:

@@ -58,7 +58,6 @@ import importlib
 import json
 import os
 import re
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -74,6 +73,7 @@ from environments.base import (
     derive_seed,
 )
 from environments.registry import register_family
+from environments.sandbox.step_script import SandboxFault, StepScriptEnv
 from stages.config_fields import param
 
 os.environ.setdefault("PYGAME_HIDE_SUPPORT_PROMPT", "1")  # minigrid imports pygame, which prints a banner
@@ -166,14 +166,6 @@ def _jsonable(info: dict[str, Any]) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- the environment
 
 
-class SandboxFault(Exception):
-    """A sandbox operation of the sandboxed mode failed."""
-
-    def __init__(self, reason: str, detail: str = ""):
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
-
-
 STEP_SCRIPT = "gym_step.py"
 TABLE_FILE = "gym_table.json"
 STATE_FILE = "gym_state.json"
@@ -192,7 +184,7 @@ def is_tabular(unwrapped: Any) -> bool:
     return isinstance(getattr(unwrapped, "P", None), dict)
 
 
-class GymTextEnv(Environment):
+class GymTextEnv(StepScriptEnv, Environment):
     """One episode of a Gymnasium environment under the text protocol of the module docstring.
 
     Subclasses override :meth:`render_text`, :meth:`true_state`, :meth:`intro` and set
@@ -210,11 +202,9 @@ class GymTextEnv(Environment):
         self.env = make_env()
         n = int(self.env.action_space.n)
         self.names = tuple(self.action_names or [str(i) for i in range(n)])[:n]
-        self.box = sandbox
+        self._init_step_script(sandbox)
         self.max_turns = int(cfg.max_turns)
         self._started = False
-        self._sandbox_seconds = 0.0
-        self._execs = 0
         self._resets = 0
         self._clear()
 
@@ -375,17 +365,6 @@ class GymTextEnv(Environment):
 
     # -- sandboxed mode (tabular environments) ------------------------------------------------
 
-    def _timed(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        t0 = time.perf_counter()
-        try:
-            return fn(*args, **kwargs)
-        except SandboxFault:
-            raise
-        except Exception as exc:  # noqa: BLE001 - a broken sandbox is a fault, never a crash
-            raise SandboxFault("error", f"{type(exc).__name__}: {exc}") from exc
-        finally:
-            self._sandbox_seconds += time.perf_counter() - t0
-
     def _sandbox_init(self) -> None:
         """Write the step script, the transition table and the uniforms the in-process
         environment would draw (one per gym step, from the same reseeded generator)."""
@@ -405,17 +384,10 @@ class GymTextEnv(Environment):
         self._timed(self.box.write_file, STATE_FILE, json.dumps(state).encode())
 
     def _sandbox_step(self, a: int) -> tuple[Any, float, bool, bool, dict[str, Any]]:
-        res = self._timed(self.box.exec, ["python3", "-I", "-S", STEP_SCRIPT],
-                          stdin=json.dumps({"a": int(a)}).encode())
-        self._execs += 1
-        if res.reason:
-            raise SandboxFault(res.reason)
+        out = self._run_step_script(STEP_SCRIPT, {"a": int(a)})
         try:
-            if res.exit_code != 0:
-                raise ValueError(f"exit code {res.exit_code}: {res.stderr[-200:]!r}")
-            out = json.loads(res.stdout.decode().strip().splitlines()[-1])
             s2, r, terminated, p = int(out["s"]), float(out["r"]), bool(out["terminated"]), float(out["p"])
-        except (ValueError, KeyError, IndexError, TypeError, UnicodeDecodeError) as exc:
+        except (ValueError, KeyError, TypeError) as exc:
             raise SandboxFault("error", str(exc)) from exc
         # the host mirrors the state the sandbox reports (rendering, state keys, ground truth)
         self.unwrapped.s, self.unwrapped.lastaction = s2, a

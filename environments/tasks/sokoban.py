@@ -83,7 +83,6 @@ import importlib.util
 import json
 import random
 import threading
-import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,6 +103,7 @@ from environments.base import (
 )
 from environments.ground_truth import GroundTruthCredit, TabularMDP
 from environments.registry import register_family
+from environments.sandbox.step_script import SandboxFault, StepScriptEnv
 from environments.tasks import sokoban_rules as rules
 from environments.tasks import sokoban_solver as solver
 from stages.config_fields import param
@@ -388,15 +388,7 @@ class SokobanEnv(Environment):
         return {"optimal_plan": plan, "optimal_length": len(plan), "num_states": self.tables.space.num_states}
 
 
-class SandboxFault(Exception):
-    """A sandbox exec of the sandboxed mode failed (``reason``: the ExecResult reason or ``error``)."""
-
-    def __init__(self, reason: str, detail: str = ""):
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
-
-
-class SandboxedSokobanEnv(SokobanEnv):
+class SandboxedSokobanEnv(StepScriptEnv, SokobanEnv):
     """``env.sandboxed=true``: each turn runs ``python3 -I -S sokoban_rules.py`` in the episode's
     sandbox (the rules module itself, :func:`sokoban_rules.main`), the state in its work
     directory; the host mirrors the state the script reports. A fault (``ExecResult.reason``, a
@@ -407,17 +399,8 @@ class SandboxedSokobanEnv(SokobanEnv):
         if sandbox is None:
             raise ValueError("env.sandboxed=true: make(instance, sandbox=...) needs a sandbox")
         super().__init__(cfg, instance, tables, episode_seed=episode_seed)
-        self.box = sandbox
-        self._sandbox_seconds = 0.0
-        self._execs = 0
+        self._init_step_script(sandbox)
         self._fault: Optional[str] = None
-
-    def _timed(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
-        t0 = time.perf_counter()
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            self._sandbox_seconds += time.perf_counter() - t0
 
     def _write_state(self) -> None:
         self._fault = None
@@ -441,23 +424,13 @@ class SandboxedSokobanEnv(SokobanEnv):
     def _apply(self, action_text: Any) -> tuple[Optional[str], str, tuple, bool]:
         if self._fault:
             raise SandboxFault(self._fault)
-        payload = json.dumps({"action": action_text if isinstance(action_text, str) else None}).encode()
+        out = self._run_step_script(STEP_SCRIPT, {"action": action_text if isinstance(action_text, str) else None})
         try:
-            res = self._timed(self.box.exec, ["python3", "-I", "-S", STEP_SCRIPT], stdin=payload)
-        except Exception as exc:  # noqa: BLE001 - a broken sandbox is a fault, never a crash
-            raise SandboxFault("error", f"{type(exc).__name__}: {exc}") from exc
-        self._execs += 1
-        if res.reason:
-            raise SandboxFault(res.reason)
-        try:
-            if res.exit_code != 0:
-                raise ValueError(f"exit code {res.exit_code}: {res.stderr[-200:]!r}")
-            out = json.loads(res.stdout.decode().strip().splitlines()[-1])
             a = out["a"]
             if int(out["t"]) != self._t + 1 or (a is not None and a not in rules.ACTIONS):
                 raise ValueError(f"unexpected step output {out!r}")
             return a, str(out["reason"]), (int(out["player"]), tuple(int(b) for b in out["boxes"])), bool(out["pushed"])
-        except (ValueError, KeyError, IndexError, TypeError, UnicodeDecodeError) as exc:
+        except (ValueError, KeyError, TypeError) as exc:
             raise SandboxFault("error", str(exc)) from exc
 
     def step(self, action_text: str) -> StepResult:
