@@ -25,7 +25,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import tempfile
@@ -35,18 +34,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks._threads import threads_from_argv  # noqa: E402
 
-def _threads_from_argv() -> None:
-    # OMP threads must be fixed before torch loads; more threads than free cores collapse throughput
-    for i, a in enumerate(sys.argv):
-        if a.startswith("--threads"):
-            val = a.split("=", 1)[1] if "=" in a else sys.argv[i + 1]
-            os.environ["OMP_NUM_THREADS"] = str(int(val))
-            return
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-
-
-_threads_from_argv()
+threads_from_argv()
 
 import torch  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402

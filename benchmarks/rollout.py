@@ -71,18 +71,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks._threads import threads_from_argv  # noqa: E402
 
-def _threads_from_argv() -> None:
-    # OMP_NUM_THREADS must be set before torch is imported to apply to both engines
-    for i, a in enumerate(sys.argv):
-        if a.startswith("--threads"):
-            val = a.split("=", 1)[1] if "=" in a else sys.argv[i + 1]
-            os.environ["OMP_NUM_THREADS"] = str(int(val))
-            return
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-
-
-_threads_from_argv()
+threads_from_argv()
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 import torch  # noqa: E402
