@@ -47,6 +47,7 @@ from flows.config import ConfigError, flatten, load_config  # noqa: E402
 from flows.runtime import RunPaths, RunState, _atomic_write, creditflow_home  # noqa: E402
 from flows.scaleout import make_task_runner  # noqa: E402
 from stages.benchmark.learning import learning_table, lr_sweep  # noqa: E402
+from stages.benchmark.metadata import finite_or_none  # noqa: E402
 
 #: cell record -> summary ``gt`` block: the credit stage's per-iteration ground-truth metrics
 #: (``credit.<key>``, :func:`stages.credit.stats.credit_statistics`)
@@ -144,7 +145,7 @@ class Benchmark:
 
     def write_summary(self) -> None:
         with self._lock:
-            _atomic_write(self.summary_path, json.dumps(_jsonable(self.summary), indent=1))
+            _atomic_write(self.summary_path, json.dumps(finite_or_none(self.summary), indent=1))
 
     # ------------------------------------------------------------------ cells
     def run_id(self, cell: Cell) -> str:
@@ -203,17 +204,6 @@ class Benchmark:
 def _mean(xs: Any) -> Optional[float]:
     v = [float(x) for x in xs if x is not None and math.isfinite(float(x))]
     return sum(v) / len(v) if v else None
-
-
-def _jsonable(x: Any) -> Any:
-    """nan/inf -> null (summary.json is strict JSON)."""
-    if isinstance(x, float):
-        return x if math.isfinite(x) else None
-    if isinstance(x, dict):
-        return {k: _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    return x
 
 
 # ---------------------------------------------------------------------------- one cell
@@ -358,8 +348,8 @@ def _log_parent(tracker: Any, bench: Benchmark) -> None:
             metrics[f"sweep/{method}/best_lr"] = float(s["best_lr"])
     if not tracker.has_step(done):
         tracker.log_step(done, metrics)
-    tracker.log_json(_jsonable(bench.summary["table"]), "benchmark/table.json")
-    tracker.log_json(_jsonable(bench.summary), "benchmark/summary.json")
+    tracker.log_json(finite_or_none(bench.summary["table"]), "benchmark/table.json")
+    tracker.log_json(finite_or_none(bench.summary), "benchmark/summary.json")
     tracker.set_tags({"creditflow.benchmark_status": bench.summary["status"]})
 
 
@@ -379,17 +369,22 @@ def flow_for(bench: Benchmark) -> Any:
 
 
 # ---------------------------------------------------------------------------- entry points
-def start_benchmark(name_or_path: str, overrides: Optional[list[str]] = None, home: Optional[Path] = None,
-                    bench_id: Optional[str] = None, command: str = "", say: Any = None, log: Any = None) -> dict[str, Any]:
-    """Validate the benchmark config (every cell), create its directory and drive the flow."""
-    cfg = load_benchmark_config(name_or_path, overrides)  # before anything exists
-    bench = Benchmark.create(cfg, home or creditflow_home(), bench_id=bench_id, command=command)
+def _drive_flow(bench: Benchmark, say: Any, log: Any) -> dict[str, Any]:
+    """Run the benchmark flow on ``bench`` (its log file started, its progress lines to ``say``)."""
     if log is not None:
         log.start(bench.log_path)
     if say is not None:
         bench.say = say
     _BENCHES[bench.bench_id] = bench
     return flow_for(bench)(bench.bench_id, str(bench.home))
+
+
+def start_benchmark(name_or_path: str, overrides: Optional[list[str]] = None, home: Optional[Path] = None,
+                    bench_id: Optional[str] = None, command: str = "", say: Any = None, log: Any = None) -> dict[str, Any]:
+    """Validate the benchmark config (every cell), create its directory and drive the flow."""
+    cfg = load_benchmark_config(name_or_path, overrides)  # before anything exists
+    bench = Benchmark.create(cfg, home or creditflow_home(), bench_id=bench_id, command=command)
+    return _drive_flow(bench, say, log)
 
 
 def resume_benchmark(bench_id: str, home: Optional[Path] = None, say: Any = None, log: Any = None,
@@ -405,9 +400,4 @@ def resume_benchmark(bench_id: str, home: Optional[Path] = None, say: Any = None
     if overrides:
         bench.cfg = load_benchmark_config(base=bench.cfg, overrides=overrides)
         bench.obj = to_object(bench.cfg)
-    if log is not None:
-        log.start(bench.log_path)
-    if say is not None:
-        bench.say = say
-    _BENCHES[bench.bench_id] = bench
-    return flow_for(bench)(bench.bench_id, str(bench.home))
+    return _drive_flow(bench, say, log)
