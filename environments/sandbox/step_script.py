@@ -14,6 +14,8 @@ import json
 import time
 from typing import Any, Callable, Optional
 
+from environments.base import StepResult
+
 
 class SandboxFault(Exception):
     """A sandbox operation of a sandboxed mode failed (``reason``: the ExecResult reason or ``error``)."""
@@ -67,3 +69,15 @@ class StepScriptEnv:
             return out
         except (ValueError, IndexError, TypeError, UnicodeDecodeError) as exc:
             raise SandboxFault("error", str(exc)) from exc
+
+    def _fault_step(self, exc: SandboxFault, action_text: Any) -> StepResult:
+        """The turn a sandbox fault ends: the episode is over with terminal reward 0, reason
+        ``sandbox_<reason>``, observation ``"done: failure"`` (the environment's ``_t``, ``_done``,
+        ``_success`` and ``actions`` updated as a played turn would)."""
+        t = self._t  # type: ignore[attr-defined]
+        self.actions.append(None)  # type: ignore[attr-defined]
+        self._t, self._done, self._success = t + 1, True, False  # type: ignore[attr-defined]
+        prefix = "" if isinstance(action_text, str) and action_text.endswith("\n") else "\n"
+        info = {"turn": t, "valid": False, "turn_reward": 0.0, "terminal_reward": 0.0, "sandbox_fault": str(exc)}
+        return StepResult(observation=prefix + "done: failure", reward=0.0, done=True, action=None,
+                          state_key=self.state_key(), success=False, reason=f"sandbox_{exc.reason}", info=info)  # type: ignore[attr-defined]

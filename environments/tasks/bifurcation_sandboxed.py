@@ -78,13 +78,8 @@ class SandboxedBifurcationEnv(StepScriptEnv, BifurcationEnv):
         try:
             return super().step(action_text)
         except SandboxFault as exc:
-            t = self._t
-            self.actions.append(None)
-            self._t, self._s, self._done, self._success = t + 1, OFF, True, False
-            prefix = "" if isinstance(action_text, str) and action_text.endswith("\n") else "\n"
-            info = {"turn": t, "valid": False, "turn_reward": 0.0, "terminal_reward": 0.0, "sandbox_fault": str(exc)}
-            return StepResult(observation=prefix + "done: failure", reward=0.0, done=True, action=None,
-                              state_key=self.state_key(), success=False, reason=f"sandbox_{exc.reason}", info=info)
+            self._s = OFF
+            return self._fault_step(exc, action_text)
 
     def restore(self, handle: dict[str, Any], reseed: Optional[int] = None) -> None:
         super().restore(handle, reseed=reseed)

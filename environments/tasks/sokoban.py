@@ -437,13 +437,7 @@ class SandboxedSokobanEnv(StepScriptEnv, SokobanEnv):
         try:
             return super().step(action_text)
         except SandboxFault as exc:
-            t = self._t
-            self.actions.append(None)
-            self._t, self._done, self._success = t + 1, True, False
-            prefix = "" if isinstance(action_text, str) and action_text.endswith("\n") else "\n"
-            info = {"turn": t, "valid": False, "turn_reward": 0.0, "terminal_reward": 0.0, "sandbox_fault": str(exc)}
-            return StepResult(observation=prefix + "done: failure", reward=0.0, done=True, action=None,
-                              state_key=self.state_key(), success=False, reason=f"sandbox_{exc.reason}", info=info)
+            return self._fault_step(exc, action_text)
 
     def stats(self) -> dict[str, float]:
         return {**super().stats(), "sandbox_seconds": self._sandbox_seconds, "sandbox_execs": float(self._execs)}
