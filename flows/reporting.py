@@ -24,6 +24,7 @@ from flows import checklist as checklist_mod
 from flows import secrets
 from flows.config import flatten, to_yaml
 from flows.tracking import Tracker, TrackingUnavailableError, default_tracking_uri
+from stages.benchmark.budget import Spend
 from stages.schema import Batch, CreditResult
 
 if TYPE_CHECKING:
@@ -234,3 +235,32 @@ def log_heatmap(tracker: Tracker, batch: Optional[Batch], credit: Optional[Credi
         raise
     except Exception as exc:  # plotting must never kill training; say why
         print(f"warning: credit heatmap for iteration {iteration} failed: {exc}", file=sys.stderr)
+
+
+def batch_tokens(batch: Batch) -> tuple[int, int]:
+    """Tokens (prompt + response) of a batch's trajectories, and their number."""
+    trajs = batch.trajectories
+    return sum(len(t.prompt_ids) + len(t.response_ids) for t in trajs), len(trajs)
+
+
+#: per-iteration credit metrics against ground truth kept in a run's curve (``credit.<key>``)
+CURVE_GT_KEYS = ("gt_rmse", "gt_rank_corr", "gt_sign_agreement", "gt_zero_advantage_mass", "decisive_share",
+                 "gt_shift_invariant_rmse", "gt_pg_cosine", "gt_gradient_variance")
+
+
+def curve_row(it: int, spent: Spend, metrics: dict[str, float]) -> dict[str, Any]:
+    """One point of the run's success-vs-compute curve: cumulative compute after iteration ``it``."""
+    row: dict[str, Any] = {"iteration": it, **spent.as_dict(),
+                           "success": metrics.get("reward.success_rate", float("nan")),
+                           "eval_success": metrics.get("eval.success_rate")}
+    row.update({k: metrics[f"credit.{k}"] for k in CURVE_GT_KEYS if f"credit.{k}" in metrics})
+    return row
+
+
+def save_budget(state: RunState, spent: Spend, curve: list[dict[str, Any]], stop_reason: Optional[str],
+                 done: int) -> None:
+    """The run's spend, stop reason and curve in ``run.json`` (read by ``creditflow benchmark``)."""
+    state.info["budget"] = {"limits": dict(state.obj.budget.limits()), "max_iterations": state.obj.iterations,
+                            "spent": spent.as_dict(), "stop_reason": stop_reason, "iterations_done": done,
+                            "curve": curve}
+    state.save_info()

@@ -369,7 +369,7 @@ def _iterate(state: RunState, say: RunProgress, run: Callable, tracker: Tracker)
             acc.add_stage(r)
         acc.add_batch(rew.value, cred.overhead)
         metrics = reporting.iteration_metrics(results)
-        spent = spent + iteration_spend(metrics, *_batch_tokens(rew.value), cfg.update.epochs)
+        spent = spent + iteration_spend(metrics, *reporting.batch_tokens(rew.value), cfg.update.epochs)
         metrics.update({f"budget.{k}": float(v) for k, v in spent.as_dict().items()})
         stop_reason = exhausted(spent, cfg.budget)
         final = stop_reason is not None or it + 1 == cfg.iterations
@@ -379,8 +379,8 @@ def _iterate(state: RunState, say: RunProgress, run: Callable, tracker: Tracker)
             metrics.update({f"eval.{k}": v for k, v in mid.stats.items()})
         reporting.log_iteration(state, tracker, it, metrics, rew.value, cred.value, acc, before, final=final)
         done = it + 1
-        curve.append(_curve_row(it, spent, metrics))
-        _save_budget(state, spent, curve, stop_reason, done)
+        curve.append(reporting.curve_row(it, spent, metrics))
+        reporting.save_budget(state, spent, curve, stop_reason, done)
         for hook in ITERATION_HOOKS:
             hook(state, it)
         if stop_reason is not None:
@@ -404,31 +404,3 @@ def _iterate(state: RunState, say: RunProgress, run: Callable, tracker: Tracker)
         "spent": spent.as_dict(),
     }
 
-
-def _batch_tokens(batch: Batch) -> tuple[int, int]:
-    """Tokens (prompt + response) of a batch's trajectories, and their number."""
-    trajs = batch.trajectories
-    return sum(len(t.prompt_ids) + len(t.response_ids) for t in trajs), len(trajs)
-
-
-#: per-iteration credit metrics against ground truth kept in a run's curve (``credit.<key>``)
-CURVE_GT_KEYS = ("gt_rmse", "gt_rank_corr", "gt_sign_agreement", "gt_zero_advantage_mass", "decisive_share",
-                 "gt_shift_invariant_rmse", "gt_pg_cosine", "gt_gradient_variance")
-
-
-def _curve_row(it: int, spent: Spend, metrics: dict[str, float]) -> dict[str, Any]:
-    """One point of the run's success-vs-compute curve: cumulative compute after iteration ``it``."""
-    row: dict[str, Any] = {"iteration": it, **spent.as_dict(),
-                           "success": metrics.get("reward.success_rate", float("nan")),
-                           "eval_success": metrics.get("eval.success_rate")}
-    row.update({k: metrics[f"credit.{k}"] for k in CURVE_GT_KEYS if f"credit.{k}" in metrics})
-    return row
-
-
-def _save_budget(state: RunState, spent: Spend, curve: list[dict[str, Any]], stop_reason: Optional[str],
-                 done: int) -> None:
-    """The run's spend, stop reason and curve in ``run.json`` (read by ``creditflow benchmark``)."""
-    state.info["budget"] = {"limits": dict(state.obj.budget.limits()), "max_iterations": state.obj.iterations,
-                            "spent": spent.as_dict(), "stop_reason": stop_reason, "iterations_done": done,
-                            "curve": curve}
-    state.save_info()
