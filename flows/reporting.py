@@ -159,7 +159,9 @@ def write_metadata(state: "RunState", tracker: Tracker, acc: checklist_mod.Accum
     from flows import metadata
     from stages.benchmark.metadata import MetadataError
 
-    doc = metadata.build(state, acc, items, before, after, tracker.run_id, recommendation_tags(state), git_commit())
+    # secrets masked like every other file of the run (the document carries config text, e.g. report.notes)
+    doc = secrets.mask_config(metadata.build(state, acc, items, before, after, tracker.run_id,
+                                             recommendation_tags(state), git_commit()), state.cfg)
     try:
         path = metadata.write(state, doc)
     except MetadataError as exc:
