@@ -10,6 +10,8 @@ the methods share it rather than borrowing from each other's modules:
   without gaps) and :func:`step_segments` (the reasoning steps: ``Trajectory.step_spans``, else
   the turns) — VinePPO's steps (§3.1.1), SPO's segments (§3.2), RED's and SCAR's steps (§3.1.2,
   §3.2);
+* :func:`turn_segments` — the turns as units (turn-level MDP methods, §5.1); :func:`unit_sums`
+  — token values summed per unit (ITPO's implicit turn rewards);
 * :func:`segment_rewards` — the reward collected in each unit (the units of a row sum to its
   return);
 * :func:`broadcast` — (B, K) unit values to the (B, R) tokens of each unit;
@@ -84,6 +86,21 @@ def compact_ids(raw: torch.Tensor) -> torch.Tensor:
     return torch.where(valid, out, torch.full_like(out, -1))
 
 
+def turn_segments(tensors: BatchTensors) -> Segments:
+    """The turns of each response as units (the actions of the turn-level MDP: Turn-PPO, ITPO,
+    SORL, survey §5.1): unit k is the k-th turn with policy tokens (``tensors.turn_ids``)."""
+    mask = tensors.response_mask != 0
+    raw = torch.where(mask, tensors.turn_ids, torch.full_like(tensors.turn_ids, -1))
+    return segments_from_ids(compact_ids(raw))
+
+
+def unit_sums(values: torch.Tensor, seg: Segments) -> torch.Tensor:
+    """(B, R) token values -> (B, K) sum over each unit's tokens (0 for absent units)."""
+    vals = values.float() * (seg.seg_id >= 0).float()
+    out = torch.zeros((values.shape[0], seg.K), dtype=vals.dtype, device=vals.device)
+    return out.scatter_add_(1, seg.seg_id.clamp(min=0), vals)
+
+
 def step_segments(tensors: BatchTensors, batch: Optional[Batch]) -> Segments:
     """The reasoning steps of each response: ``Trajectory.step_spans`` where a trajectory has
     them, else its turns' action spans (``tensors.turn_ids``; the math family's step = turn).
@@ -94,8 +111,7 @@ def step_segments(tensors: BatchTensors, batch: Optional[Batch]) -> Segments:
     B, R = mask.shape
     trajs = batch.trajectories if batch is not None else []
     if not any(t.step_spans for t in trajs):
-        raw = torch.where(mask, tensors.turn_ids, torch.full_like(tensors.turn_ids, -1))
-        return segments_from_ids(compact_ids(raw))
+        return turn_segments(tensors)
     if len(trajs) != B:
         raise ValueError(f"batch has {len(trajs)} trajectories but the tensors have {B} rows")
     spans: list[list[tuple[int, int]]] = []

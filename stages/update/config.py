@@ -13,7 +13,7 @@ class UpdateConfig:
     """Keys allowed under ``update.``."""
 
     loss: str = param("grpo", help="policy loss (registry name, stages/update/loss_registry.py): grpo = clipped "
-                      "surrogate, per-sequence token mean (Shao et al. 2024); ppo = token mean (Schulman et al. 2017)",
+                      "surrogate, per-sequence token mean (Shao et al. 2024); ppo = token mean (Schulman et al. 2017); turn_ppo / sorl = one ratio and clip per turn (Li et al. 2025b / 2025a)",
                       choices=loss_names)
     lr: float = param(1e-3, help="AdamW learning rate of the policy", gt=0)
     weight_decay: float = param(0.0, help="AdamW weight decay", ge=0)

@@ -24,6 +24,11 @@ policy and call ``fn(..., cfg, ref_logprobs=...)``. ``aggregation`` (a mode of
 :func:`stages.update.losses.aggregate`) is how the trainer averages the entropy bonus and the KL
 penalty over tokens, so they are weighted like the loss itself.
 
+``accepts`` (optional) names the credit granularities whose advantages the loss can read; the
+turn-level losses of :mod:`stages.update.turn_losses` take one advantage per turn and accept
+only ``episode`` and ``turn`` credit (constant on a turn), and the config loader refuses any other
+``credit.method`` with them before compute.
+
 Adding a loss (DPO-family, turn-level IS / clip for the agentic catalogue): a function in
 :mod:`stages.update.losses` (or a module it imports) decorated with :func:`register_loss`, and a
 test of its defining property against a direct computation (``tests/test_loss_registry.py``).
@@ -42,6 +47,7 @@ PolicyLoss = Callable[..., "tuple[torch.Tensor, dict[str, float]]"]
 #: every value a loss may put in ``needs``, and what the trainer then passes (keyword of that name)
 LOSS_NEEDS: dict[str, str] = {
     "ref_logprobs": "(B, R) response log-probs under the frozen reference policy (no grad)",
+    "turn_ids": "(B, R) long turn index of each policy token, -1 elsewhere (turn-level ratio / clip losses)",
 }
 
 #: aggregation modes of :func:`stages.update.losses.aggregate`
@@ -58,6 +64,10 @@ class LossSpec:
     needs: frozenset[str]
     #: short citation of the paper / section the loss implements
     reference: str
+    #: credit granularities (schema.GRANULARITIES) whose advantages the loss accepts; None = all.
+    #: Turn-level losses read one advantage per turn, so they accept only credit that is constant
+    #: on a turn's tokens; :func:`flows.config.check_learnable` refuses the rest before compute
+    accepts: "frozenset[str] | None" = None
 
     def __call__(self, logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
                  mask: torch.Tensor, cfg: Any, **provided: torch.Tensor
@@ -71,8 +81,8 @@ class LossSpec:
 _LOSSES: dict[str, LossSpec] = {}
 
 
-def register_loss(name: str, *, aggregation: str, needs: tuple[str, ...] = (), reference: str = ""
-                  ) -> Callable[[PolicyLoss], PolicyLoss]:
+def register_loss(name: str, *, aggregation: str, needs: tuple[str, ...] = (), reference: str = "",
+                  accepts: "tuple[str, ...] | None" = None) -> Callable[[PolicyLoss], PolicyLoss]:
     """Decorator adding a :data:`PolicyLoss` to the registry under ``name`` (see the module docstring)."""
     unknown = set(needs) - set(LOSS_NEEDS)
     if unknown:
@@ -83,7 +93,8 @@ def register_loss(name: str, *, aggregation: str, needs: tuple[str, ...] = (), r
     def add(fn: PolicyLoss) -> PolicyLoss:
         if name in _LOSSES:
             raise ValueError(f"loss {name!r} registered twice")
-        _LOSSES[name] = LossSpec(name, fn, aggregation, frozenset(needs), reference)
+        _LOSSES[name] = LossSpec(name, fn, aggregation, frozenset(needs), reference,
+                                 frozenset(accepts) if accepts is not None else None)
         return fn
 
     return add

@@ -91,3 +91,6 @@ def value_loss(
         v_clip = old_values + (values - old_values).clamp(-clip, clip)
         err = torch.maximum(err, (v_clip - returns) ** 2)
     return 0.5 * masked_mean(err, mask)
+
+
+from stages.update import turn_losses  # noqa: E402,F401  (registers turn_ppo and sorl)

@@ -87,6 +87,8 @@ class PolicyTrainer:
             "old_logprobs": tensors.old_logprobs[rows][:, :resp_len].to(dev),
             "advantages": credit.advantages[rows][:, :resp_len].to(dev).float(),
         }
+        if "turn_ids" in self.loss.needs:
+            out["turn_ids"] = tensors.turn_ids[rows][:, :resp_len].to(dev)
         if credit.returns is not None:
             out["returns"] = credit.returns[rows][:, :resp_len].to(dev).float()
         if credit.values is not None:
@@ -143,6 +145,8 @@ class PolicyTrainer:
                     mb["input_ids"].shape[1] - mask.shape[1], temperature=self.temperature,
                 )
         provided = {"ref_logprobs": ref_lp} if ref_lp is not None else {}
+        if "turn_ids" in self.loss.needs:
+            provided["turn_ids"] = mb["turn_ids"]
         pg_loss, stats = self.loss(logprobs, mb["old_logprobs"], mb["advantages"], mask, cfg, **provided)
         ent = aggregate(entropy, mask, agg)
         loss = pg_loss - cfg.entropy_coef * ent
