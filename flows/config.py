@@ -32,6 +32,7 @@ from stages.credit.base import CreditConfig
 from stages.credit.registry import get_method_class
 from stages.rollout.config import ModelConfig, RolloutConfig
 from stages.update.config import UpdateConfig
+from stages.update.loss_registry import get_loss
 from flows.runner_config import RunnerConfig
 from stages.benchmark.budget import BudgetConfig
 from stages.config_fields import Problem, check, format_value, param
@@ -313,6 +314,12 @@ def check_learnable(cfg: DictConfig) -> Optional[ConfigError]:
             "update.value_coef", upd.value_coef,
             f"must be > 0 for credit.method={method.name}: it needs a critic and update.value_coef=0 trains no value "
             "loss, so the critic never learns")
+    loss = get_loss(upd.loss)
+    if loss.accepts is not None and method.granularity not in loss.accepts:
+        return problem_error(
+            "update.loss", upd.loss,
+            f"takes one advantage per turn (credit of granularity {'/'.join(sorted(loss.accepts))}); "
+            f"credit.method={method.name} gives {method.granularity}-level credit, which it would average away")
     return None
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 import stages.update.losses  # noqa: F401  (registers the losses)
@@ -67,3 +68,14 @@ def test_sorl_on_fresh_samples_equals_per_trajectory_turn_ppo():
     r = [lp[0, :3].mean().exp(), lp[0, 3:].mean().exp(), lp[1, :2].mean().exp(), lp[1, 2:4].mean().exp(),
          lp[1, 4:].mean().exp()]
     assert torch.allclose(loss, -0.5 * ((r[0] + r[1]) / 2 + (r[2] + r[3] + r[4]) / 3), atol=1e-6)
+
+
+def test_turn_losses_refuse_token_level_credit_before_compute():
+    """turn_ppo / sorl read one advantage per turn: token-level credit (GAE) is refused with one line,
+    episode- and turn-level credit is accepted."""
+    from flows.config import ConfigError, load_config
+
+    for loss in ("turn_ppo", "sorl"):
+        with pytest.raises(ConfigError, match=r"^update.loss=.*credit.method=gae gives token-level credit"):
+            load_config(["env=bifurcation", f"update.loss={loss}", "credit=gae", "update=ppo", f"update.loss={loss}"])
+        load_config(["env=bifurcation", f"update.loss={loss}", "credit=grpo"])
