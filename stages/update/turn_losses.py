@@ -42,9 +42,9 @@ TURN_CREDIT = ("episode", "turn")
 
 
 def turn_pieces(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-                turn_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per turn (B, K): the log of the geometric-mean ratio (with grad), the turn's mean advantage,
-    the presence mask (float) and the (B, R) gather index of each token's turn (clamped)."""
+                turn_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per turn (B, K): the log of the geometric-mean ratio (with grad), the turn's mean advantage
+    and the presence mask (float)."""
     B, R = logprobs.shape
     tid = turn_ids[:, :R].to(logprobs.device).long()
     valid = ((tid >= 0) & (mask != 0)).to(logprobs.dtype)
@@ -54,7 +54,7 @@ def turn_pieces(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
     count = zeros.scatter_add(1, idx, valid)
     log_r = zeros.scatter_add(1, idx, (logprobs - old_logprobs) * valid) / count.clamp(min=1)
     adv = zeros.scatter_add(1, idx, advantages.to(logprobs.dtype) * valid).detach() / count.clamp(min=1)
-    return log_r, adv, (count > 0).to(logprobs.dtype), idx
+    return log_r, adv, (count > 0).to(logprobs.dtype)
 
 
 def _clipped(log_r: torch.Tensor, adv: torch.Tensor, clip_ratio: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -79,7 +79,7 @@ def _stats(log_r, ratio, took_clip, present) -> dict[str, float]:
 def turn_ppo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
                   cfg: Any, turn_ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
     """Turn-PPO's clipped surrogate: one ratio and one clip per turn, mean over the batch's turns."""
-    log_r, adv, present, _ = turn_pieces(logprobs, old_logprobs, advantages, mask, turn_ids)
+    log_r, adv, present = turn_pieces(logprobs, old_logprobs, advantages, mask, turn_ids)
     loss_k, ratio, took = _clipped(log_r, adv, cfg.clip_ratio)
     loss = (loss_k * present).sum() / present.sum().clamp(min=1)
     return loss, _stats(log_r, ratio, took, present)
@@ -91,7 +91,7 @@ def sorl_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: to
               cfg: Any, turn_ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
     """SORL: the turn-level clipped surrogate, per trajectory, rescaled by its share of turns whose
     ratio is inside ``[1-eps, 1+eps]`` where clipping is triggered (see the module docstring)."""
-    log_r, adv, present, _ = turn_pieces(logprobs, old_logprobs, advantages, mask, turn_ids)
+    log_r, adv, present = turn_pieces(logprobs, old_logprobs, advantages, mask, turn_ids)
     loss_k, ratio, took = _clipped(log_r, adv, cfg.clip_ratio)
     eps = cfg.clip_ratio
     with torch.no_grad():
