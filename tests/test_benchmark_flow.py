@@ -191,3 +191,59 @@ def test_benchmark_resume_skips_finished_cells(prefect_harness, shared_home, mon
                             (2, "update"), (3, "eval")}, resumed
     summary = json.loads((Path(shared_home) / "benchmarks" / bench_id / "summary.json").read_text())
     assert summary["status"] == "finished" and len(next(c for c in summary["cells"] if c["method"] == "oracle")["curve"]) == 3
+
+
+def test_benchmark_cli_sigkilled_mid_cell_then_resume(prefect_harness, shared_home):
+    """A real SIGKILL of the ``creditflow benchmark`` process (cells one at a time: the grpo cell
+    finished, the oracle cell killed inside its iteration-1 credit stage); ``--resume`` loads the
+    finished cell without re-running a stage of it, resumes the killed one at the killed stage, and
+    every MLflow metric step (cells and parent) is there exactly once."""
+    import os
+    import subprocess
+    import sys
+
+    from prefect.settings import PREFECT_API_URL
+
+    from flows import api
+    from flows.runtime import RunState
+
+    env = dict(os.environ, CREDITFLOW_HOME=str(shared_home), PREFECT_API_URL=str(PREFECT_API_URL.value()))
+    root = Path(__file__).resolve().parent.parent
+    bench_id = "bench-test-kill9"
+    ovs = _bench_overrides(max_iterations="3", parallel="1",
+                           cell_overrides="{'oracle-*': ['debug.crash_at=1:credit:kill']}")
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", "benchmark", "--bench-id", bench_id, "bifurcation_small", *ovs],
+                          env=env, cwd=root, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == -9, proc.stderr[-3000:]
+    summary_path = shared_home / "benchmarks" / bench_id / "summary.json"
+    killed = {c["method"]: c for c in json.loads(summary_path.read_text())["cells"]}
+    assert killed["grpo"]["status"] == "finished" and killed["oracle"]["status"] == "running"
+
+    def executions(method):
+        return collections.Counter((e["iteration"], e["stage"])
+                                   for e in RunState.open(killed[method]["run_id"], shared_home).executions())
+
+    grpo_before, oracle_before = executions("grpo"), executions("oracle")
+    assert oracle_before[(1, "credit")] == 1 and (1, "update") not in oracle_before  # killed mid-cell
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", "benchmark", "--resume", bench_id],
+                          env=env, cwd=root, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 cells, 1 already finished, 1 to run" in proc.stdout, proc.stdout
+    assert executions("grpo") == grpo_before  # loaded, not re-run
+    resumed = executions("oracle") - oracle_before
+    assert set(resumed) == {(1, "credit"), (1, "update"), (2, "env"), (2, "rollout"), (2, "reward"), (2, "credit"),
+                            (2, "update"), (3, "eval")} and max(resumed.values()) == 1, resumed
+    summary = json.loads(summary_path.read_text())
+    assert summary["status"] == "finished" and all(c["status"] == "finished" for c in summary["cells"])
+    grpo = next(c for c in summary["cells"] if c["method"] == "grpo")
+    assert grpo["curve"] == killed["grpo"]["curve"] and grpo["final_eval_success"] == killed["grpo"]["final_eval_success"]
+    client = api.tracker_for(shared_home).client
+    for cell in summary["cells"]:
+        run = client.get_run(cell["mlflow_run_id"])
+        assert run.info.status == "FINISHED" and run.data.tags["mlflow.parentRunId"] == summary["mlflow_run_id"]
+        for key in ("progress.iteration", "reward.success_rate", "update.loss", "budget.env_steps"):
+            steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
+            assert steps == sorted(set(steps)) and len(steps) == (4 if key == "progress.iteration" else 3), (cell["cell_id"], key, steps)
+    parent = client.get_run(summary["mlflow_run_id"])
+    assert parent.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(parent.info.run_id, "cells_finished")] == [2]
