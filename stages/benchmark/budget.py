@@ -8,11 +8,14 @@ flattened by the flow into one metrics dict per iteration):
 * ``generated_tokens`` — every token sampled in the iteration: the rollout's
   (``rollout.generated_tokens``) plus those the credit method generated itself
   (``overhead.credit.extra_tokens``: MC continuations, greedy episodes, judge completions);
-* ``forward_tokens`` — tokens through the policy's forward passes: the rollout batch
-  (prompt + response of every trajectory), the update (the batch once per update epoch) and the
-  credit method's own passes, ``ca_forward_tokens`` = its generated tokens plus one mean-length
-  sequence per extra forward pass it counted (the stages count a batched call as one pass, so this
-  is a lower bound for methods that score the whole batch in one call);
+* ``forward_tokens`` — tokens through forward passes: the rollout batch (prompt + response of
+  every trajectory), the update (the batch once per update epoch), the reward stage's model calls
+  and the credit method's own passes, ``ca_forward_tokens`` = ``overhead.credit.forward_tokens``:
+  counted per sequence where the passes run (:class:`stages.schema.Overhead`): each scored or
+  prefilled sequence's own tokens (scorer, critic, reference policy, PRM, judge prompts) plus each
+  generated token (continuations, greedy episodes, judge completions), so a batched call over rows
+  of different lengths costs the sum of the rows' lengths. A method outside this package that
+  counts extra passes but no tokens is charged one mean-length sequence per pass (a lower bound);
 * ``env_steps`` / ``env_resets`` — of the rollout and of the credit method's continuations;
 * ``judge_calls``, ``wall_seconds`` / ``cpu_seconds`` (the five stages; prepare and the
   evaluations are the same for every method and are not charged), ``ca_seconds`` (credit stage).
@@ -81,11 +84,13 @@ def iteration_spend(metrics: Mapping[str, float], batch_tokens: int, rows: int, 
         return float(metrics.get(key, 0.0) or 0.0)
 
     ca_generated = int(m("overhead.credit.extra_tokens"))
-    mean_len = batch_tokens / rows if rows else 0.0
-    ca_forward = ca_generated + int(round(m("overhead.credit.extra_forward_passes") * mean_len))
+    ca_forward = int(m("overhead.credit.forward_tokens"))
+    if not ca_forward and m("overhead.credit.extra_forward_passes"):  # passes counted, tokens not: lower bound
+        mean_len = batch_tokens / rows if rows else 0.0
+        ca_forward = ca_generated + int(round(m("overhead.credit.extra_forward_passes") * mean_len))
     return Spend(
         generated_tokens=int(m("rollout.generated_tokens")) + ca_generated,
-        forward_tokens=int(batch_tokens) * (1 + int(update_epochs)) + ca_forward,
+        forward_tokens=int(batch_tokens) * (1 + int(update_epochs)) + int(m("overhead.reward.forward_tokens")) + ca_forward,
         ca_forward_tokens=ca_forward,
         env_steps=int(sum(m(f"overhead.{s}.env_steps") for s in STAGES)),
         env_resets=int(sum(m(f"overhead.{s}.env_resets") for s in STAGES)),
