@@ -61,6 +61,24 @@ def test_t_interval_and_table_by_hand():
     assert rows["grpo"]["ca_overhead_share_seconds"] == pytest.approx(0.25)
 
 
+def test_ci95_is_clipped_to_unit_interval_for_display_and_raw_is_kept():
+    """Success rates 0, 0, 1 over three seeds: the t-interval (mean 1/3 +- 1.43) leaves [0, 1];
+    the table shows [0, 1] and flags it, the raw interval stays in final_success_ci95."""
+    from stages.benchmark.learning import clip_unit
+
+    cells = [_cell("grpo", 1e-3, s, ev) for s, ev in enumerate([0.0, 0.0, 1.0])]
+    cells += [_cell("rloo", 1e-3, s, ev) for s, ev in enumerate([0.4, 0.5, 0.6])]
+    rows = {r["method"]: r for r in learning_table(cells, lr_sweep(cells), 0.8, "forward_tokens")}
+    half = 4.302652729911275 * math.sqrt(1 / 3) / math.sqrt(3)
+    lo, hi = rows["grpo"]["final_success_ci95"]
+    assert lo == pytest.approx(1 / 3 - half) and hi == pytest.approx(1 / 3 + half) and lo < 0 and hi > 1
+    assert rows["grpo"]["final_success_ci95_shown"] == [0.0, 1.0] and rows["grpo"]["ci95_clipped"] is True
+    r = rows["rloo"]
+    assert r["final_success_ci95_shown"] == r["final_success_ci95"] and r["ci95_clipped"] is False
+    assert 0 < r["final_success_ci95"][0] < 0.5 < r["final_success_ci95"][1] < 1
+    assert clip_unit(None, None) == (None, None) and clip_unit(-0.2, 0.3) == (0.0, 0.3) and clip_unit(0.9, 1.7) == (0.9, 1.0)
+
+
 def test_iteration_spend_and_stopping_rule():
     metrics = {"rollout.generated_tokens": 40.0, "overhead.credit.extra_tokens": 6.0,
                "overhead.credit.extra_forward_passes": 2.0, "overhead.rollout.env_steps": 12.0,
