@@ -46,6 +46,7 @@ from flows.benchmark_config import Cell, cells, load_benchmark_config, to_object
 from flows.config import ConfigError, flatten, load_config  # noqa: E402
 from flows.runtime import RunPaths, RunState, _atomic_write, creditflow_home  # noqa: E402
 from flows.scaleout import make_task_runner  # noqa: E402
+from stages.benchmark.budget import CHARGED  # noqa: E402
 from stages.benchmark.learning import learning_table, lr_sweep  # noqa: E402
 from stages.benchmark.metadata import finite_or_none  # noqa: E402
 
@@ -105,7 +106,8 @@ class Benchmark:
             "benchmark_id": bench_id, "created": datetime.now(timezone.utc).isoformat(), "command": command,
             "status": "running", "config": OmegaConf.to_container(cfg, resolve=True), "mlflow_run_id": None,
             "budget": {**{k: getattr(limits, k) for k in ("generated_tokens", "forward_tokens", "env_steps")},
-                       "wall_seconds": limits.wall_seconds, "max_iterations": to_object(cfg).max_iterations},
+                       "wall_seconds": limits.wall_seconds, "max_iterations": to_object(cfg).max_iterations,
+                       "charged": CHARGED},
             "cells": [], "methods": {}, "table": [],
         }
         bench = cls(bench_id, home, cfg, summary)
@@ -174,6 +176,9 @@ class Benchmark:
             "cell_id": cell.cell_id, "method": cell.method, "task": cell.task, "seed": cell.seed, "lr": cell.lr,
             "run_id": run_id, "mlflow_run_id": info.get("mlflow_run_id"), "status": status, "reason": reason,
             "spent": spent,
+            # prepare (warm-up) and evaluation episodes: measured, reported apart, not charged (budget.charged)
+            "uncharged": {k: {f: v.get(f, 0) for f in SPENT_KEYS if f != "iterations"}
+                          for k, v in (b.get("uncharged") or {}).items()},
             "curve": [{"iteration": r["iteration"], "generated_tokens": r["generated_tokens"],
                        "forward_tokens": r["forward_tokens"], "env_steps": r["env_steps"],
                        "wall_seconds": r["wall_seconds"], "success": r["success"], "eval_success": r.get("eval_success"),
@@ -294,6 +299,7 @@ def _drive(bench: Benchmark, say: Callable[[str], None]) -> dict[str, Any]:
     for c in grid:
         bench.set_cell(bench.cell_record(c))
     bench.summary["status"] = "running"
+    bench.summary.setdefault("budget", {})["charged"] = CHARGED
     bench.write_summary()
     todo = [c for c in grid if next(r for r in bench.summary["cells"] if r["cell_id"] == c.cell_id)["status"] not in DONE]
     say(f"benchmark {bench.bench_id}: {len(grid)} cells, {len(grid) - len(todo)} already finished, {len(todo)} to run")

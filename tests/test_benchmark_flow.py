@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from stages.benchmark.budget import BudgetConfig, Spend, exhausted, iteration_spend
+from stages.benchmark.budget import CHARGED, BudgetConfig, Spend, exhausted, iteration_spend
 from stages.benchmark.learning import compute_to_target, learning_table, lr_sweep, t_interval
 
 # a tiny task: 2 tasks x 4 rollouts of 3 turns per iteration
@@ -147,7 +147,8 @@ def test_benchmark_budget_summary_and_nested_mlflow(prefect_harness, shared_home
     assert summary == json.loads(json.dumps(out, allow_nan=False))  # the file is what the flow returned, strict JSON
     assert CONTRACT_TOP <= set(summary) and summary["status"] == "finished"
     assert summary["budget"] == {"generated_tokens": None, "forward_tokens": None, "env_steps": budget,
-                                 "wall_seconds": None, "max_iterations": 4}
+                                 "wall_seconds": None, "max_iterations": 4, "charged": CHARGED}
+    assert CHARGED.startswith("training iterations") and "reported apart" in CHARGED
     assert {c["method"] for c in summary["cells"]} == {"grpo", "oracle"}
     tracker = api.tracker_for(shared_home)
     for cell in summary["cells"]:
@@ -161,6 +162,12 @@ def test_benchmark_budget_summary_and_nested_mlflow(prefect_harness, shared_home
         assert len(curve) < 4 and cell["spent"]["iterations"] == len(curve) and cell["spent"]["env_steps"] == steps[-1]
         assert steps == sorted(steps) and [r["forward_tokens"] for r in curve] == sorted(r["forward_tokens"] for r in curve)
         assert 0.0 <= cell["final_eval_success"] <= 1.0 and cell["final_success"] == curve[-1]["success"]
+        # prepare and the two evaluations (8 episodes x 3 turns each) are measured apart, not charged
+        un = cell["uncharged"]
+        assert set(un) == {"prepare", "eval"} and un["eval"]["env_steps"] == 2 * 8 * 3
+        assert un["eval"]["generated_tokens"] > 0 and un["eval"]["forward_tokens"] > un["eval"]["generated_tokens"]
+        assert un["prepare"]["wall_seconds"] > 0 and un["prepare"]["env_steps"] == 0
+        assert cell["spent"]["env_steps"] == steps[-1]  # the charged spend holds training only
         assert CONTRACT_GT == set(cell["gt"]) and cell["gt"]["rmse"] is not None
         # the training run: `creditflow report <run_id>` reads runs/<run_id>/; its MLflow run is nested
         assert (shared_home / "runs" / cell["run_id"] / "run.json").is_file()

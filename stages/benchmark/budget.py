@@ -17,8 +17,14 @@ flattened by the flow into one metrics dict per iteration):
   of different lengths costs the sum of the rows' lengths. A method outside this package that
   counts extra passes but no tokens is charged one mean-length sequence per pass (a lower bound);
 * ``env_steps`` / ``env_resets`` — of the rollout and of the credit method's continuations;
-* ``judge_calls``, ``wall_seconds`` / ``cpu_seconds`` (the five stages; prepare and the
-  evaluations are the same for every method and are not charged), ``ca_seconds`` (credit stage).
+* ``judge_calls``, ``wall_seconds`` / ``cpu_seconds`` (the five stages), ``ca_seconds`` (credit stage).
+
+What is charged: the training iterations only. ``prepare`` (building / warming up the base
+policy, shared through the model cache, so only the first run of a home pays it) and the
+evaluation episodes (the same eval split, before and after training, for every method) are
+**measured and reported apart** (:func:`stage_spend`: ``run.json`` ``budget.uncharged``, a
+benchmark cell's ``uncharged``), never charged: a budget buys training, and a cell stops when its
+training has spent it (:data:`CHARGED`, written into every summary).
 
 The rule (:func:`exhausted`): after each iteration the cumulative spend is compared with every
 budget that is set; the run stops at the end of the first iteration in which one is reached, so it
@@ -74,6 +80,20 @@ class Spend:
 
 
 STAGES = ("env", "rollout", "reward", "credit", "update")
+#: what a budget is charged with (run.json ``budget.charged``, a benchmark summary's ``budget.charged``)
+CHARGED = ("training iterations (env, rollout, reward, credit, update stages); prepare (policy warm-up) and "
+           "evaluation episodes are measured and reported apart (uncharged), never charged")
+
+
+def stage_spend(stats: Mapping[str, float], overhead: Mapping[str, float], wall_seconds: float,
+                cpu_seconds: float) -> Spend:
+    """What an uncharged stage (prepare, an evaluation) spent, from its statistics
+    (``generated_tokens``, ``forward_tokens`` where it has them), its overhead counters and its times."""
+    return Spend(generated_tokens=int(stats.get("generated_tokens", 0) or 0),
+                 forward_tokens=int(stats.get("forward_tokens", 0) or 0),
+                 env_steps=int(overhead.get("env_steps", 0) or 0), env_resets=int(overhead.get("env_resets", 0) or 0),
+                 judge_calls=int(overhead.get("judge_calls", 0) or 0),
+                 wall_seconds=float(wall_seconds), cpu_seconds=float(cpu_seconds))
 
 
 def iteration_spend(metrics: Mapping[str, float], batch_tokens: int, rows: int, update_epochs: int) -> Spend:
