@@ -43,6 +43,14 @@ rm -f "$VENV/.creditflow-verl-ready"
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV" >>"$log" 2>&1 || fail "could not create the virtual environment $VENV"
 "$VENV/bin/pip" install -q "${REQS[0]}" >>"$log" 2>&1 || fail "pip install ${REQS[0]} failed"
 "$VENV/bin/pip" install -q --no-deps "${REQS[1]}" >>"$log" 2>&1 || fail "pip install --no-deps ${REQS[1]} failed"
+# verl's wheel also ships its own test suite as a top-level package `tests`, which would shadow this
+# repository's tests/ (a namespace package) on import: remove it
+"$VENV/bin/python" - <<'PY' >>"$log" 2>&1 || fail "could not remove verl's top-level tests package"
+import pathlib, shutil, sysconfig
+p = pathlib.Path(sysconfig.get_paths()["purelib"]) / "tests"
+if (p / "test_protocol_on_cpu.py").exists():
+    shutil.rmtree(p)
+PY
 "$VENV/bin/pip" install -q "${DEPS[@]}" >>"$log" 2>&1 || fail "pip install ${DEPS[*]} failed"
 "$VENV/bin/python" -c "import verl.trainer.ppo.core_algos" >>"$log" 2>&1 || fail "verl.trainer.ppo.core_algos does not import in $VENV"
 touch "$VENV/.creditflow-verl-ready"
