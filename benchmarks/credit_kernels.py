@@ -10,8 +10,14 @@ Compares, in one run and on the same inputs (B=256 trajectories, T=2048 response
 * ``loop ref``    — the per-row, per-token float64 reference of ``tests/reference_estimators.py``,
   timed on a subset of rows and scaled linearly to B (printed).
 
+and, when the real verl is importable (run the script with ``.venv-verl/bin/python`` after
+``bash infra/verl_env.sh``), a second table against **verl 0.9.1's own functions** in
+``verl.trainer.ppo.core_algos`` for every estimator we share (GAE, GRPO, RLOO, REINFORCE++,
+REINFORCE++-baseline, ReMax), each timed against the faster of verl's loop and vectorized
+variants where it has both; the max difference of the outputs is printed beside each row.
+
 Run: ``python benchmarks/credit_kernels.py [--threads 1,2] [--dtype float32|float64]`` (about
-30-60 s on 2 cores). Times are the best of interleaved repeats; on a machine shared with other
+30-60 s on 2 cores; ``.venv-verl/bin/python benchmarks/credit_kernels.py`` adds the real-verl table). Times are the best of interleaved repeats; on a machine shared with other
 work, multi-threaded torch (``--threads 2``) suffers from oversubscription far more than the
 single-threaded step loop, so compare the 1-thread table there.
 """
@@ -175,7 +181,51 @@ def main() -> None:
         run_timings(args, r, v, m, idx, idx_np)
 
 
+def real_verl():
+    """verl's ``core_algos`` module when verl is importable in this interpreter, else None."""
+    try:
+        from verl.trainer.ppo import core_algos
+    except ImportError:
+        return None
+    return core_algos
+
+
+def real_verl_timings(C, args, r, v, m, idx, idx_np) -> None:
+    """Ours against verl 0.9.1's functions on the same inputs: per estimator, (ours, verl's fastest
+    variant, which one, max |ours - verl|)."""
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.create({"gamma": 0.99, "norm_adv_by_std_in_grpo": True})
+    b = torch.rand(r.shape[0], generator=torch.Generator().manual_seed(1), dtype=r.dtype)
+    cases = {
+        "gae": (lambda: F.gae(r, v, m, 1.0, 0.95),
+                {"loop": lambda: C.compute_gae_advantage_return(r, v, m, 1.0, 0.95)}),
+        "grpo": (lambda: F.grpo(r, m, idx),
+                 {"loop": lambda: C.compute_grpo_outcome_advantage(r, m, idx_np),
+                  "vectorized": lambda: C.compute_grpo_vectorized_outcome_advantage(r, m, idx_np)}),
+        "rloo": (lambda: F.rloo(r, m, idx),
+                 {"loop": lambda: C.compute_rloo_outcome_advantage(r, m, idx_np),
+                  "vectorized": lambda: C.compute_rloo_vectorized_outcome_advantage(r, m, idx_np)}),
+        "reinforce_pp": (lambda: F.reinforce_pp(r, m, 0.99),
+                         {"loop": lambda: C.compute_reinforce_plus_plus_outcome_advantage(r, m, config=cfg)}),
+        "rf++_baseline": (lambda: F.reinforce_pp_baseline(r, m, idx),
+                          {"loop": lambda: C.compute_reinforce_plus_plus_baseline_outcome_advantage(r, m, idx_np)}),
+        "remax": (lambda: F.remax(r, b, m), {"loop": lambda: C.compute_remax_outcome_advantage(r, b, m)}),
+    }
+    print(f"\nreal verl (core_algos of verl {__import__('verl').__version__}): best of {args.repeats} "
+          "interleaved runs, verl's faster variant")
+    print(f"{'estimator':14s} {'ours ms':>9s} {'verl ms':>9s} {'variant':>11s} {'x vs verl':>10s} {'max |diff|':>11s}")
+    for name, (ours, theirs) in cases.items():
+        t = bench({"ours": ours, **theirs}, args.repeats)
+        best = min(theirs, key=lambda k: t[k])
+        diff = float((ours()[0] - theirs[best]()[0]).abs().max())
+        print(f"{name:14s} {t['ours']:9.2f} {t[best]:9.2f} {best:>11s} {t[best] / t['ours']:10.2f} {diff:11.1e}")
+
+
 def run_timings(args, r, v, m, idx, idx_np) -> None:
+    C = real_verl()
+    if C is not None:
+        real_verl_timings(C, args, r, v, m, idx, idx_np)
     B = r.shape[0]
     n_ref = min(args.ref_rows, B)
     sub = slice(0, n_ref)
@@ -208,6 +258,9 @@ def run_timings(args, r, v, m, idx, idx_np) -> None:
           f"{'x vs verl':>10s} {'x vs ref':>10s}")
     for name, tv, tl, tr in rows:
         print(f"{name:14s} {tv:14.2f} {tl:14.2f} {tr:12.0f} {tl / tv:10.1f} {tr / tv:10.0f}")
+    if C is None:
+        print("real verl not importable here: `bash infra/verl_env.sh`, then run this script with "
+              ".venv-verl/bin/python for the table against verl's own functions")
 
 
 if __name__ == "__main__":
