@@ -22,6 +22,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks._threads import threads_from_argv  # noqa: E402
+
+threads_from_argv()  # OMP_NUM_THREADS before torch is imported (default 1)
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
@@ -46,6 +49,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--iterations", type=int, default=10)
     ap.add_argument("--repeats", type=int, default=2, help="alternating plain/flow pairs; the best of each is kept")
+    ap.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS (set before torch is imported)")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
     overrides = [f"iterations={args.iterations}", *args.overrides]

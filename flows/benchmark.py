@@ -29,6 +29,7 @@ import math
 import os
 import re
 import secrets as _secrets
+import sys
 import threading
 from datetime import datetime, timezone
 from pathlib import Path
@@ -46,6 +47,7 @@ from flows.benchmark_config import Cell, cells, load_benchmark_config, to_object
 from flows.config import ConfigError, flatten, load_config  # noqa: E402
 from flows.runtime import RunPaths, RunState, _atomic_write, creditflow_home  # noqa: E402
 from flows.scaleout import make_task_runner  # noqa: E402
+from stages.benchmark.budget import CHARGED  # noqa: E402
 from stages.benchmark.learning import learning_table, lr_sweep  # noqa: E402
 from stages.benchmark.metadata import finite_or_none  # noqa: E402
 
@@ -105,7 +107,8 @@ class Benchmark:
             "benchmark_id": bench_id, "created": datetime.now(timezone.utc).isoformat(), "command": command,
             "status": "running", "config": OmegaConf.to_container(cfg, resolve=True), "mlflow_run_id": None,
             "budget": {**{k: getattr(limits, k) for k in ("generated_tokens", "forward_tokens", "env_steps")},
-                       "wall_seconds": limits.wall_seconds, "max_iterations": to_object(cfg).max_iterations},
+                       "wall_seconds": limits.wall_seconds, "max_iterations": to_object(cfg).max_iterations,
+                       "charged": CHARGED},
             "cells": [], "methods": {}, "table": [],
         }
         bench = cls(bench_id, home, cfg, summary)
@@ -174,6 +177,9 @@ class Benchmark:
             "cell_id": cell.cell_id, "method": cell.method, "task": cell.task, "seed": cell.seed, "lr": cell.lr,
             "run_id": run_id, "mlflow_run_id": info.get("mlflow_run_id"), "status": status, "reason": reason,
             "spent": spent,
+            # prepare (warm-up) and evaluation episodes: measured, reported apart, not charged (budget.charged)
+            "uncharged": {k: {f: v.get(f, 0) for f in SPENT_KEYS if f != "iterations"}
+                          for k, v in (b.get("uncharged") or {}).items()},
             "curve": [{"iteration": r["iteration"], "generated_tokens": r["generated_tokens"],
                        "forward_tokens": r["forward_tokens"], "env_steps": r["env_steps"],
                        "wall_seconds": r["wall_seconds"], "success": r["success"], "eval_success": r.get("eval_success"),
@@ -207,12 +213,53 @@ def _mean(xs: Any) -> Optional[float]:
 
 
 # ---------------------------------------------------------------------------- one cell
+#: HTTP answers of the Prefect API that mean "try again" (an ephemeral server under load answers 503)
+TRANSIENT_STATUS = frozenset({429, 502, 503, 504})
+#: how often a cell whose training run failed on a transient API error is resumed before it is
+#: recorded failed, and the pause before each retry (seconds, doubled each time)
+CELL_RETRIES = 3
+RETRY_PAUSE_S = 2.0
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether an exception (or one in its cause/context chain) is a transient error of the
+    orchestration API: an HTTP 429/502/503/504 answer, or a connection/timeout error of the client."""
+    import httpx
+
+    seen: set[int] = set()
+    e: Optional[BaseException] = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, httpx.HTTPStatusError) and e.response is not None and e.response.status_code in TRANSIENT_STATUS:
+            return True
+        if isinstance(e, (httpx.TransportError, httpx.TimeoutException)):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
 def run_cell(home: str, run_id: str, overrides: list[str], parent_run_id: Optional[str], resumed: bool,
              bench_id: str = "", cell_id: str = "") -> Optional[str]:
     """Train one cell (create its run, or resume it if its directory exists); returns the error
     text of a failure (the benchmark goes on with the other cells), None on success. The run's
     ``run.json`` names ``benchmark_id`` and ``cell_id`` (its metadata is then of kind
     ``benchmark_cell``)."""
+    import time
+
+    for attempt in range(CELL_RETRIES + 1):
+        failure, exc = _run_cell_once(home, run_id, overrides, parent_run_id, resumed or attempt > 0, bench_id, cell_id)
+        if exc is None or not is_transient(exc) or attempt == CELL_RETRIES:
+            return failure
+        # the run resumes at the stage that failed (per-stage resume): nothing finished is redone
+        print(f"benchmark cell {cell_id or run_id}: transient API error ({failure}); "
+              f"retry {attempt + 1}/{CELL_RETRIES}", file=sys.stderr)
+        time.sleep(RETRY_PAUSE_S * 2 ** attempt)
+    return failure
+
+
+def _run_cell_once(home: str, run_id: str, overrides: list[str], parent_run_id: Optional[str], resumed: bool,
+                   bench_id: str, cell_id: str) -> tuple[Optional[str], Optional[BaseException]]:
+    """One attempt at a cell: (error text, exception) of a failure, (None, None) on success."""
     from flows import train
 
     home_p = Path(home)
@@ -221,7 +268,7 @@ def run_cell(home: str, run_id: str, overrides: list[str], parent_run_id: Option
         if paths.config.is_file():  # an earlier attempt created it: per-stage resume
             state = RunState.open(run_id, home_p)
             if state.info.get("status") == "finished":
-                return None
+                return None, None
         else:
             if resumed:  # an injected fault belongs to the invocation that asked for it
                 overrides = [o for o in overrides if not o.split("=", 1)[0].startswith("debug.")]
@@ -233,8 +280,8 @@ def run_cell(home: str, run_id: str, overrides: list[str], parent_run_id: Option
         train._RUNS[run_id] = state
         train.train_flow(run_id, str(home_p), False)
     except Exception as exc:
-        return f"{type(exc).__name__}: {exc}"[:500]
-    return None
+        return f"{type(exc).__name__}: {exc}"[:500], exc
+    return None, None
 
 
 @task(name="benchmark-cell", task_run_name="{cell_id}", cache_policy=NO_CACHE, persist_result=False, retries=0)
@@ -294,6 +341,7 @@ def _drive(bench: Benchmark, say: Callable[[str], None]) -> dict[str, Any]:
     for c in grid:
         bench.set_cell(bench.cell_record(c))
     bench.summary["status"] = "running"
+    bench.summary.setdefault("budget", {})["charged"] = CHARGED
     bench.write_summary()
     todo = [c for c in grid if next(r for r in bench.summary["cells"] if r["cell_id"] == c.cell_id)["status"] not in DONE]
     say(f"benchmark {bench.bench_id}: {len(grid)} cells, {len(grid) - len(todo)} already finished, {len(todo)} to run")

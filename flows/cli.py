@@ -228,13 +228,17 @@ def _benchmark(args: argparse.Namespace) -> int:
     print(f"\nbenchmark {out['benchmark_id']}: {out['status']}  (MLflow run {out['mlflow_run_id']})")
     print(f"summary:         {log.path.parent / 'summary.json'}")
     print(f"{'task':<18} {'method':<10} {'best lr':>8} {'final success (95% CI)':>26} {'gap closed':>10} {'CA share':>8}")
+    clipped = False
     for r in out["table"]:
-        lo, hi = r["final_success_ci95"]
-        ci = f"[{lo:.3f}, {hi:.3f}]" if lo is not None else "[-]"
+        lo, hi = r.get("final_success_ci95_shown") or r["final_success_ci95"]
+        clipped = clipped or bool(r.get("ci95_clipped"))
+        ci = f"[{lo:.3f}, {hi:.3f}]{'*' if r.get('ci95_clipped') else ''}" if lo is not None else "[-]"
         gc = "-" if r["gap_closed"] is None else f"{r['gap_closed']:.2f}"
         share = "-" if r["ca_overhead_share_forward_tokens"] is None else f"{r['ca_overhead_share_forward_tokens']:.3f}"
         mean = "-" if r["final_success_mean"] is None else f"{r['final_success_mean']:.3f}"
         print(f"{r['task']:<18} {r['method']:<10} {r['lr']:>8g} {mean + ' ' + ci:>26} {gc:>10} {share:>8}")
+    if clipped:
+        print("* 95% t-interval clipped to [0, 1] for display; the raw interval is final_success_ci95 in summary.json")
     if out["status"] != "finished":
         bad = [c["cell_id"] for c in out["cells"] if c["status"] not in ("finished", "budget_spent")]
         print(f"creditflow: {len(bad)} cells did not finish ({', '.join(bad[:5])}); "

@@ -18,7 +18,10 @@ def credit_heatmap(batch: Batch, credit: CreditResult, title: str = "", max_epis
     panels = [("method turn credit", tc)]
     if tensors.gt_turn_advantage is not None:
         panels.append(("ground-truth advantage", tensors.gt_turn_advantage[:max_episodes, :K]))
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 + 3 * len(panels), 4), squeeze=False, layout="constrained")
+    # fixed margins instead of layout="constrained": the layout solver was half of the drawing time
+    # (0.64 s vs 0.28 s a figure here), and it is drawn on the flow's critical path
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 + 3 * len(panels), 4), squeeze=False)
+    fig.subplots_adjust(left=0.07, right=0.97, bottom=0.13, top=0.85, wspace=0.3)
     for ax, (name, mat) in zip(axes[0], panels):
         m = mat.clone()
         lim = float(torch.nan_to_num(m, nan=0.0).abs().max()) or 1.0

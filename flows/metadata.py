@@ -93,7 +93,9 @@ def build(state: "RunState", acc: checklist_mod.Accumulator, items: list, before
     all_stage = sum(stage_seconds.values())
     ca_seconds = stage_seconds.get("credit", 0.0)
     raw = state.checklist_raw
-    ca_tokens = int(o.extra_tokens)
+    # the CA method's own forward tokens, counted per sequence (Overhead.forward_tokens); a method that
+    # counts only generated tokens falls back to those (a lower bound, as in stages.benchmark.budget)
+    ca_tokens = int(o.forward_tokens) or int(o.extra_tokens)
     has_gt = any(GT_METRICS["rmse"] in r for r in rows)
     ground_truth = None
     if has_gt:

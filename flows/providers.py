@@ -53,6 +53,8 @@ class Provider:
     field: str
     build: Callable[[CreditInputs, CreditContext], Any]
     forward_passes: int = 0  # spent building it (the reference forward); the rest is counted by the value
+    #: that fixed cost is one forward over the batch's trajectories (its tokens count as forward_tokens)
+    over_batch: bool = False
 
 
 def _temperature(x: CreditInputs) -> float:
@@ -69,7 +71,7 @@ PROVIDERS: dict[str, Provider] = {
     "greedy_rollout": Provider("greedy_rollout", lambda x, ctx: GreedyRollout(x.run.player, x.envb, x.seed_for)),
     # response log-probs under the frozen initial policy (the KL reference), at the rollout temperature
     "ref_logprobs": Provider("ref_logprobs", lambda x, ctx: response_logprobs(
-        x.run.reference_policy(), x.batch, x.pad, _temperature(x)), forward_passes=1),
+        x.run.reference_policy(), x.batch, x.pad, _temperature(x)), forward_passes=1, over_batch=True),
     # current-policy log-probs of given tokens after given contexts (one forward per call)
     "scorer": Provider("scorer", lambda x, ctx: HFScorer(
         x.run.policy, x.pad, batch_size=None, max_tokens=None, temperature=_temperature(x))),
@@ -115,4 +117,6 @@ def build_context(run: "RunState", envb: EnvBatch, batch: Batch, iteration: int,
         p = PROVIDERS[need]
         setattr(ctx, p.field, p.build(inputs, ctx))
         overhead.extra_forward_passes += p.forward_passes
+        if p.over_batch:
+            overhead.forward_tokens += sum(len(t.prompt_ids) + len(t.response_ids) for t in batch.trajectories)
     return ctx, overhead

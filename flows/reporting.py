@@ -24,7 +24,7 @@ from flows import checklist as checklist_mod
 from flows import secrets
 from flows.config import flatten, to_yaml
 from flows.tracking import Tracker, TrackingUnavailableError, default_tracking_uri
-from stages.benchmark.budget import Spend
+from stages.benchmark.budget import CHARGED, Spend
 from stages.schema import Batch, CreditResult
 
 if TYPE_CHECKING:
@@ -260,9 +260,11 @@ def curve_row(it: int, spent: Spend, metrics: dict[str, float]) -> dict[str, Any
 
 
 def save_budget(state: RunState, spent: Spend, curve: list[dict[str, Any]], stop_reason: Optional[str],
-                 done: int) -> None:
-    """The run's spend, stop reason and curve in ``run.json`` (read by ``creditflow benchmark``)."""
+                 done: int, uncharged: Optional[dict[str, Spend]] = None) -> None:
+    """The run's spend, stop reason and curve in ``run.json`` (read by ``creditflow benchmark``), and
+    what prepare and the evaluations spent, reported apart (``uncharged``: not charged to the budget)."""
     state.info["budget"] = {"limits": dict(state.obj.budget.limits()), "max_iterations": state.obj.iterations,
                             "spent": spent.as_dict(), "stop_reason": stop_reason, "iterations_done": done,
-                            "curve": curve}
+                            "curve": curve, "charged": CHARGED,
+                            "uncharged": {k: v.as_dict() for k, v in (uncharged or {}).items()}}
     state.save_info()

@@ -38,7 +38,7 @@ from flows.recovery import rebuild_checkpoint  # noqa: E402
 from flows.runtime import RunState  # noqa: E402
 from flows.scaleout import rollout_sharded, with_runner  # noqa: E402
 from flows.tracking import Tracker  # noqa: E402
-from stages.benchmark.budget import Spend, exhausted, iteration_spend  # noqa: E402
+from stages.benchmark.budget import Spend, exhausted, iteration_spend, stage_spend  # noqa: E402
 from stages.credit.stats import credit_statistics  # noqa: E402
 from stages.reward.verifier import compute_rewards  # noqa: E402
 from stages.rollout.policy import pad_token_id  # noqa: E402
@@ -254,14 +254,21 @@ def eval_stage(state: RunState, iteration: int, checkpoint: str) -> StageResult:
     cfg = state.obj
     pool = getattr(cfg.env, "eval_size", cfg.eval_episodes)
     envb = build_env_batch(state.family, cfg.eval_episodes, 1, pool, iteration=10**6, seed=cfg.seed, split="eval")
-    batch, overhead, _ = _run_episodes(state, envb, seed=state.seed_for(10**6, "eval"),
-                                       temperature=cfg.eval_temperature)
+    batch, overhead, gen_tokens = _run_episodes(state, envb, seed=state.seed_for(10**6, "eval"),
+                                                temperature=cfg.eval_temperature)
     batch, stats, _ = compute_rewards(batch, state.family)
     n = len(batch)
     lo, hi = checklist_mod.wilson_interval(sum(t.success for t in batch.trajectories), n)
+    # its compute, reported apart from the budget (stages/benchmark/budget.py: uncharged)
+    spend = {"generated_tokens": float(gen_tokens), "forward_tokens": float(reporting.batch_tokens(batch)[0])}
     return StageResult(value={"success_rate": stats["success_rate"], "ci95": (lo, hi), "episodes": n},
-                       stats={"success_rate": stats["success_rate"], "ci95_low": lo, "ci95_high": hi},
+                       stats={"success_rate": stats["success_rate"], "ci95_low": lo, "ci95_high": hi, **spend},
                        overhead=overhead)
+
+
+def _uncharged(total: Spend, result: StageResult) -> Spend:
+    """``total`` plus what the prepare or eval stage ``result`` spent (measured, not charged to the budget)."""
+    return total + stage_spend(result.stats, result.overhead.as_dict(), result.wall_seconds, result.cpu_seconds)
 
 
 # ---------------------------------------------------------------------------- the flow
@@ -337,11 +344,13 @@ def _iterate(state: RunState, say: RunProgress, run: Callable, tracker: Tracker)
 
     prep, cached = timed(prepare_stage, "prepare", PRELUDE)
     acc.add_stage(prep)
+    uncharged = {"prepare": _uncharged(Spend(), prep)}
     state.model_info = prep.value["model"]
     checkpoint = prep.value["checkpoint"]
     say.prepared(str(state.model_info.get("name")), int(state.model_info.get("num_parameters", 0)), cached)
     ev, cached = timed(eval_stage, "eval-before", PRELUDE, checkpoint)
     acc.add_stage(ev)
+    uncharged["eval"] = _uncharged(Spend(), ev)
     before = ev.value
     say.evaluated("before", before)
 
@@ -376,17 +385,20 @@ def _iterate(state: RunState, say: RunProgress, run: Callable, tracker: Tracker)
         if cfg.eval_every and (it + 1) % cfg.eval_every == 0 and not final:
             mid, _ = timed(eval_stage, f"eval-it{it}", it, checkpoint)
             acc.add_stage(mid)
+            uncharged["eval"] = _uncharged(uncharged["eval"], mid)
             metrics.update({f"eval.{k}": v for k, v in mid.stats.items()})
         reporting.log_iteration(state, tracker, it, metrics, rew.value, cred.value, acc, before, final=final)
         done = it + 1
         curve.append(reporting.curve_row(it, spent, metrics))
-        reporting.save_budget(state, spent, curve, stop_reason, done)
+        reporting.save_budget(state, spent, curve, stop_reason, done, uncharged)
         for hook in ITERATION_HOOKS:
             hook(state, it)
         if stop_reason is not None:
             break
     ev, cached = timed(eval_stage, f"eval-after-{done}", done, checkpoint)
     acc.add_stage(ev)
+    uncharged["eval"] = _uncharged(uncharged["eval"], ev)
+    reporting.save_budget(state, spent, curve, stop_reason, done, uncharged)
     after = ev.value
     say.evaluated("after", after)
     state.info["success_before"], state.info["success_after"] = before["success_rate"], after["success_rate"]

@@ -261,6 +261,10 @@ class Overhead:
     "CA-specific overhead: additional forward passes, environment resets, or LLM calls")."""
 
     extra_forward_passes: int = 0
+    #: tokens through those extra forward passes, counted per sequence (no padding): every scored
+    #: or prefilled sequence's own tokens, plus each generated token (a batched call over rows of
+    #: different lengths counts each row's length; what :mod:`stages.benchmark.budget` charges)
+    forward_tokens: int = 0
     extra_tokens: int = 0
     env_resets: int = 0
     env_steps: int = 0

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from stages.benchmark.budget import BudgetConfig, Spend, exhausted, iteration_spend
+from stages.benchmark.budget import CHARGED, BudgetConfig, Spend, exhausted, iteration_spend
 from stages.benchmark.learning import compute_to_target, learning_table, lr_sweep, t_interval
 
 # a tiny task: 2 tasks x 4 rollouts of 3 turns per iteration
@@ -59,6 +59,24 @@ def test_t_interval_and_table_by_hand():
     assert rows["rloo"]["compute_to_target_mean"] == 20 and rows["grpo"]["compute_to_target_mean"] is None
     assert rows["grpo"]["ca_overhead_share_forward_tokens"] == pytest.approx(0.1)
     assert rows["grpo"]["ca_overhead_share_seconds"] == pytest.approx(0.25)
+
+
+def test_ci95_is_clipped_to_unit_interval_for_display_and_raw_is_kept():
+    """Success rates 0, 0, 1 over three seeds: the t-interval (mean 1/3 +- 1.43) leaves [0, 1];
+    the table shows [0, 1] and flags it, the raw interval stays in final_success_ci95."""
+    from stages.benchmark.learning import clip_unit
+
+    cells = [_cell("grpo", 1e-3, s, ev) for s, ev in enumerate([0.0, 0.0, 1.0])]
+    cells += [_cell("rloo", 1e-3, s, ev) for s, ev in enumerate([0.4, 0.5, 0.6])]
+    rows = {r["method"]: r for r in learning_table(cells, lr_sweep(cells), 0.8, "forward_tokens")}
+    half = 4.302652729911275 * math.sqrt(1 / 3) / math.sqrt(3)
+    lo, hi = rows["grpo"]["final_success_ci95"]
+    assert lo == pytest.approx(1 / 3 - half) and hi == pytest.approx(1 / 3 + half) and lo < 0 and hi > 1
+    assert rows["grpo"]["final_success_ci95_shown"] == [0.0, 1.0] and rows["grpo"]["ci95_clipped"] is True
+    r = rows["rloo"]
+    assert r["final_success_ci95_shown"] == r["final_success_ci95"] and r["ci95_clipped"] is False
+    assert 0 < r["final_success_ci95"][0] < 0.5 < r["final_success_ci95"][1] < 1
+    assert clip_unit(None, None) == (None, None) and clip_unit(-0.2, 0.3) == (0.0, 0.3) and clip_unit(0.9, 1.7) == (0.9, 1.0)
 
 
 def test_iteration_spend_and_stopping_rule():
@@ -129,7 +147,8 @@ def test_benchmark_budget_summary_and_nested_mlflow(prefect_harness, shared_home
     assert summary == json.loads(json.dumps(out, allow_nan=False))  # the file is what the flow returned, strict JSON
     assert CONTRACT_TOP <= set(summary) and summary["status"] == "finished"
     assert summary["budget"] == {"generated_tokens": None, "forward_tokens": None, "env_steps": budget,
-                                 "wall_seconds": None, "max_iterations": 4}
+                                 "wall_seconds": None, "max_iterations": 4, "charged": CHARGED}
+    assert CHARGED.startswith("training iterations") and "reported apart" in CHARGED
     assert {c["method"] for c in summary["cells"]} == {"grpo", "oracle"}
     tracker = api.tracker_for(shared_home)
     for cell in summary["cells"]:
@@ -143,6 +162,12 @@ def test_benchmark_budget_summary_and_nested_mlflow(prefect_harness, shared_home
         assert len(curve) < 4 and cell["spent"]["iterations"] == len(curve) and cell["spent"]["env_steps"] == steps[-1]
         assert steps == sorted(steps) and [r["forward_tokens"] for r in curve] == sorted(r["forward_tokens"] for r in curve)
         assert 0.0 <= cell["final_eval_success"] <= 1.0 and cell["final_success"] == curve[-1]["success"]
+        # prepare and the two evaluations (8 episodes x 3 turns each) are measured apart, not charged
+        un = cell["uncharged"]
+        assert set(un) == {"prepare", "eval"} and un["eval"]["env_steps"] == 2 * 8 * 3
+        assert un["eval"]["generated_tokens"] > 0 and un["eval"]["forward_tokens"] > un["eval"]["generated_tokens"]
+        assert un["prepare"]["wall_seconds"] > 0 and un["prepare"]["env_steps"] == 0
+        assert cell["spent"]["env_steps"] == steps[-1]  # the charged spend holds training only
         assert CONTRACT_GT == set(cell["gt"]) and cell["gt"]["rmse"] is not None
         # the training run: `creditflow report <run_id>` reads runs/<run_id>/; its MLflow run is nested
         assert (shared_home / "runs" / cell["run_id"] / "run.json").is_file()
@@ -191,3 +216,59 @@ def test_benchmark_resume_skips_finished_cells(prefect_harness, shared_home, mon
                             (2, "update"), (3, "eval")}, resumed
     summary = json.loads((Path(shared_home) / "benchmarks" / bench_id / "summary.json").read_text())
     assert summary["status"] == "finished" and len(next(c for c in summary["cells"] if c["method"] == "oracle")["curve"]) == 3
+
+
+def test_benchmark_cli_sigkilled_mid_cell_then_resume(prefect_harness, shared_home):
+    """A real SIGKILL of the ``creditflow benchmark`` process (cells one at a time: the grpo cell
+    finished, the oracle cell killed inside its iteration-1 credit stage); ``--resume`` loads the
+    finished cell without re-running a stage of it, resumes the killed one at the killed stage, and
+    every MLflow metric step (cells and parent) is there exactly once."""
+    import os
+    import subprocess
+    import sys
+
+    from prefect.settings import PREFECT_API_URL
+
+    from flows import api
+    from flows.runtime import RunState
+
+    env = dict(os.environ, CREDITFLOW_HOME=str(shared_home), PREFECT_API_URL=str(PREFECT_API_URL.value()))
+    root = Path(__file__).resolve().parent.parent
+    bench_id = "bench-test-kill9"
+    ovs = _bench_overrides(max_iterations="3", parallel="1",
+                           cell_overrides="{'oracle-*': ['debug.crash_at=1:credit:kill']}")
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", "benchmark", "--bench-id", bench_id, "bifurcation_small", *ovs],
+                          env=env, cwd=root, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == -9, proc.stderr[-3000:]
+    summary_path = shared_home / "benchmarks" / bench_id / "summary.json"
+    killed = {c["method"]: c for c in json.loads(summary_path.read_text())["cells"]}
+    assert killed["grpo"]["status"] == "finished" and killed["oracle"]["status"] == "running"
+
+    def executions(method):
+        return collections.Counter((e["iteration"], e["stage"])
+                                   for e in RunState.open(killed[method]["run_id"], shared_home).executions())
+
+    grpo_before, oracle_before = executions("grpo"), executions("oracle")
+    assert oracle_before[(1, "credit")] == 1 and (1, "update") not in oracle_before  # killed mid-cell
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", "benchmark", "--resume", bench_id],
+                          env=env, cwd=root, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 cells, 1 already finished, 1 to run" in proc.stdout, proc.stdout
+    assert executions("grpo") == grpo_before  # loaded, not re-run
+    resumed = executions("oracle") - oracle_before
+    assert set(resumed) == {(1, "credit"), (1, "update"), (2, "env"), (2, "rollout"), (2, "reward"), (2, "credit"),
+                            (2, "update"), (3, "eval")} and max(resumed.values()) == 1, resumed
+    summary = json.loads(summary_path.read_text())
+    assert summary["status"] == "finished" and all(c["status"] == "finished" for c in summary["cells"])
+    grpo = next(c for c in summary["cells"] if c["method"] == "grpo")
+    assert grpo["curve"] == killed["grpo"]["curve"] and grpo["final_eval_success"] == killed["grpo"]["final_eval_success"]
+    client = api.tracker_for(shared_home).client
+    for cell in summary["cells"]:
+        run = client.get_run(cell["mlflow_run_id"])
+        assert run.info.status == "FINISHED" and run.data.tags["mlflow.parentRunId"] == summary["mlflow_run_id"]
+        for key in ("progress.iteration", "reward.success_rate", "update.loss", "budget.env_steps"):
+            steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
+            assert steps == sorted(set(steps)) and len(steps) == (4 if key == "progress.iteration" else 3), (cell["cell_id"], key, steps)
+    parent = client.get_run(summary["mlflow_run_id"])
+    assert parent.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(parent.info.run_id, "cells_finished")] == [2]

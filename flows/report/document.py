@@ -19,6 +19,7 @@ from flows import checklist as checklist_mod
 from flows.report import figures
 from flows.report.aggregate import Group, groups
 from flows.report.sources import ReportData
+from stages.benchmark.learning import clip_unit
 
 IDENTIFICATION = (("rmse", "RMSE"), ("spearman", "Spearman"), ("sign_accuracy", "sign accuracy"),
                   ("zero_advantage_mass", "mass on zero-adv. turns"), ("decisive_share", "share on decisive turns"))
@@ -81,9 +82,9 @@ def fmt_lr(v: Any) -> str:
 
 
 def _clip01(ci: tuple) -> tuple:
-    """A success rate's interval clipped to [0, 1] (the t-interval of a mean of rates can leave it)."""
+    """A success rate's interval clipped to [0, 1] (:func:`stages.benchmark.learning.clip_unit`)."""
     mean, lo, hi = ci
-    return mean, None if lo is None else max(lo, 0.0), None if hi is None else min(hi, 1.0)
+    return (mean, *clip_unit(lo, hi))
 
 
 def fmt_ci(mean: Optional[float], lo: Optional[float], hi: Optional[float], digits: int = 3) -> str:

@@ -8,14 +8,23 @@ flattened by the flow into one metrics dict per iteration):
 * ``generated_tokens`` — every token sampled in the iteration: the rollout's
   (``rollout.generated_tokens``) plus those the credit method generated itself
   (``overhead.credit.extra_tokens``: MC continuations, greedy episodes, judge completions);
-* ``forward_tokens`` — tokens through the policy's forward passes: the rollout batch
-  (prompt + response of every trajectory), the update (the batch once per update epoch) and the
-  credit method's own passes, ``ca_forward_tokens`` = its generated tokens plus one mean-length
-  sequence per extra forward pass it counted (the stages count a batched call as one pass, so this
-  is a lower bound for methods that score the whole batch in one call);
+* ``forward_tokens`` — tokens through forward passes: the rollout batch (prompt + response of
+  every trajectory), the update (the batch once per update epoch), the reward stage's model calls
+  and the credit method's own passes, ``ca_forward_tokens`` = ``overhead.credit.forward_tokens``:
+  counted per sequence where the passes run (:class:`stages.schema.Overhead`): each scored or
+  prefilled sequence's own tokens (scorer, critic, reference policy, PRM, judge prompts) plus each
+  generated token (continuations, greedy episodes, judge completions), so a batched call over rows
+  of different lengths costs the sum of the rows' lengths. A method outside this package that
+  counts extra passes but no tokens is charged one mean-length sequence per pass (a lower bound);
 * ``env_steps`` / ``env_resets`` — of the rollout and of the credit method's continuations;
-* ``judge_calls``, ``wall_seconds`` / ``cpu_seconds`` (the five stages; prepare and the
-  evaluations are the same for every method and are not charged), ``ca_seconds`` (credit stage).
+* ``judge_calls``, ``wall_seconds`` / ``cpu_seconds`` (the five stages), ``ca_seconds`` (credit stage).
+
+What is charged: the training iterations only. ``prepare`` (building / warming up the base
+policy, shared through the model cache, so only the first run of a home pays it) and the
+evaluation episodes (the same eval split, before and after training, for every method) are
+**measured and reported apart** (:func:`stage_spend`: ``run.json`` ``budget.uncharged``, a
+benchmark cell's ``uncharged``), never charged: a budget buys training, and a cell stops when its
+training has spent it (:data:`CHARGED`, written into every summary).
 
 The rule (:func:`exhausted`): after each iteration the cumulative spend is compared with every
 budget that is set; the run stops at the end of the first iteration in which one is reached, so it
@@ -71,6 +80,20 @@ class Spend:
 
 
 STAGES = ("env", "rollout", "reward", "credit", "update")
+#: what a budget is charged with (run.json ``budget.charged``, a benchmark summary's ``budget.charged``)
+CHARGED = ("training iterations (env, rollout, reward, credit, update stages); prepare (policy warm-up) and "
+           "evaluation episodes are measured and reported apart (uncharged), never charged")
+
+
+def stage_spend(stats: Mapping[str, float], overhead: Mapping[str, float], wall_seconds: float,
+                cpu_seconds: float) -> Spend:
+    """What an uncharged stage (prepare, an evaluation) spent, from its statistics
+    (``generated_tokens``, ``forward_tokens`` where it has them), its overhead counters and its times."""
+    return Spend(generated_tokens=int(stats.get("generated_tokens", 0) or 0),
+                 forward_tokens=int(stats.get("forward_tokens", 0) or 0),
+                 env_steps=int(overhead.get("env_steps", 0) or 0), env_resets=int(overhead.get("env_resets", 0) or 0),
+                 judge_calls=int(overhead.get("judge_calls", 0) or 0),
+                 wall_seconds=float(wall_seconds), cpu_seconds=float(cpu_seconds))
 
 
 def iteration_spend(metrics: Mapping[str, float], batch_tokens: int, rows: int, update_epochs: int) -> Spend:
@@ -81,11 +104,13 @@ def iteration_spend(metrics: Mapping[str, float], batch_tokens: int, rows: int, 
         return float(metrics.get(key, 0.0) or 0.0)
 
     ca_generated = int(m("overhead.credit.extra_tokens"))
-    mean_len = batch_tokens / rows if rows else 0.0
-    ca_forward = ca_generated + int(round(m("overhead.credit.extra_forward_passes") * mean_len))
+    ca_forward = int(m("overhead.credit.forward_tokens"))
+    if not ca_forward and m("overhead.credit.extra_forward_passes"):  # passes counted, tokens not: lower bound
+        mean_len = batch_tokens / rows if rows else 0.0
+        ca_forward = ca_generated + int(round(m("overhead.credit.extra_forward_passes") * mean_len))
     return Spend(
         generated_tokens=int(m("rollout.generated_tokens")) + ca_generated,
-        forward_tokens=int(batch_tokens) * (1 + int(update_epochs)) + ca_forward,
+        forward_tokens=int(batch_tokens) * (1 + int(update_epochs)) + int(m("overhead.reward.forward_tokens")) + ca_forward,
         ca_forward_tokens=ca_forward,
         env_steps=int(sum(m(f"overhead.{s}.env_steps") for s in STAGES)),
         env_resets=int(sum(m(f"overhead.{s}.env_resets") for s in STAGES)),

@@ -45,6 +45,12 @@ def t_interval(xs: Iterable[Optional[float]], level: float = 0.95) -> tuple[floa
     return m, m - half, m + half
 
 
+def clip_unit(lo: Optional[float], hi: Optional[float]) -> tuple[Optional[float], Optional[float]]:
+    """A success rate's interval clipped to [0, 1] for display: the t-interval of a mean of rates
+    can leave it (few seeds, high spread); the raw interval is kept next to it. None stays None."""
+    return (None if lo is None else min(max(lo, 0.0), 1.0)), (None if hi is None else max(min(hi, 1.0), 0.0))
+
+
 def score(cell: dict[str, Any], by: str) -> Optional[float]:
     """The cell's final success by ``by`` (``eval_success``: the eval split after training, falling
     back to the last training batch's success when the cell has no eval; ``success``: the latter)."""
@@ -91,7 +97,8 @@ def _none(x: float) -> Optional[float]:
 def learning_table(cells: list[dict[str, Any]], sweep: dict[str, dict[str, Any]], target: float,
                    measure: str, by: str = "eval_success") -> list[dict[str, Any]]:
     """One row per (task, method) at the method's best lr: mean final success with its 95%
-    t-interval over seeds, compute to reach ``target`` (mean over the seeds that reached it, and
+    t-interval over seeds (``final_success_ci95``: raw, may leave [0, 1];
+    ``final_success_ci95_shown``: clipped to [0, 1] for display, ``ci95_clipped`` says whether it was), compute to reach ``target`` (mean over the seeds that reached it, and
     how many did), the CA overhead share of the compute (``ca_forward_tokens / forward_tokens`` and
     ``ca_seconds / wall_seconds``), and the share of the GRPO -> oracle gap closed on that task."""
     groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
@@ -106,9 +113,11 @@ def learning_table(cells: list[dict[str, Any]], sweep: dict[str, dict[str, Any]]
         hit = [r for r in reached if r is not None]
         fwd = sum(c["spent"].get("forward_tokens", 0) for c in cs)
         wall = sum(c["spent"].get("wall_seconds", 0.0) for c in cs)
+        shown = clip_unit(_none(lo), _none(hi))
         rows.append({
             "task": task, "method": method, "lr": float(cs[0]["lr"]), "seeds": len(cs),
             "final_success_mean": _none(m), "final_success_ci95": [_none(lo), _none(hi)],
+            "final_success_ci95_shown": list(shown), "ci95_clipped": shown != (_none(lo), _none(hi)),
             "compute_measure": measure, "target_success": target,
             "compute_to_target_mean": (sum(hit) / len(hit)) if hit else None, "seeds_reaching_target": len(hit),
             "ca_overhead_share_forward_tokens": (sum(c["spent"].get("ca_forward_tokens", 0) for c in cs) / fwd) if fwd else None,

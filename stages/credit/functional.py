@@ -74,6 +74,15 @@ def _float_mask(response_mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor
     return (response_mask != 0).to(dtype=like.dtype, device=like.device)
 
 
+def _broadcast_masked(scalars: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+    """``scalars[:, None] * (response_mask != 0)`` with one (bs, T) allocation: the comparison is
+    written straight into the float output and scaled in place (about 5x faster on CPU at
+    B=256, T=2048 than building a float mask first; benchmarks/credit_kernels.py)."""
+    out = torch.empty(response_mask.shape, dtype=scalars.dtype, device=scalars.device)
+    torch.ne(response_mask.to(scalars.device), 0, out=out)
+    return out.mul_(scalars.unsqueeze(-1))
+
+
 # --------------------------------------------------------------------------------------------
 # estimators (verl/trainer/ppo/core_algos.py)
 # --------------------------------------------------------------------------------------------
@@ -171,7 +180,7 @@ def grpo(
         ``(advantages, returns)``, each (bs, response_length); the same tensor.
     """
     scalars = _grpo_scalars(token_level_rewards, response_mask, index, epsilon, norm_adv_by_std)
-    adv = scalars.unsqueeze(-1) * _float_mask(response_mask, scalars)
+    adv = _broadcast_masked(scalars, response_mask)
     return adv, adv
 
 
@@ -211,7 +220,7 @@ def rloo(
         ``(advantages, returns)``, each (bs, response_length); the same tensor.
     """
     scalars = _rloo_scalars(token_level_rewards, response_mask, index)
-    adv = scalars.unsqueeze(-1) * _float_mask(response_mask, scalars)
+    adv = _broadcast_masked(scalars, response_mask)
     return adv, adv
 
 

@@ -12,6 +12,7 @@ The prompts are in :mod:`stages.reward.judge_prompts`. Accounting: every judge e
 (judged steps + proposals = model queries), ``forward_passes`` (local models), ``prompt_tokens``
 and ``completion_tokens``; :func:`judge_overhead` turns the difference of two :func:`usage`
 snapshots into an :class:`~stages.schema.Overhead` (``judge_calls``, ``extra_forward_passes``,
+``forward_tokens`` = prompt + completion tokens,
 ``extra_tokens``). Scorers expose the same counters, so attribution methods account the same way.
 
 No ``prefect``/``mlflow`` imports (stages rule).
@@ -43,6 +44,8 @@ def judge_overhead(judge: Any, before: dict[str, int]) -> Overhead:
     return Overhead(
         judge_calls=now["calls"] - before["calls"],
         extra_forward_passes=now["forward_passes"] - before["forward_passes"],
+        forward_tokens=(now["prompt_tokens"] - before["prompt_tokens"])
+        + (now["completion_tokens"] - before["completion_tokens"]),
         extra_tokens=now["completion_tokens"] - before["completion_tokens"],
     )
 

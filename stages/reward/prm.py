@@ -76,6 +76,8 @@ class ProcessRewardModel(nn.Module):
         self.cfg = cfg
         self.tokenizer = tokenizer
         self.qwen2_config = qwen2_config
+        #: non-pad tokens :meth:`score` ran through the model (the CA overhead's forward_tokens)
+        self.forward_tokens = 0
         self.trunk = Qwen2Model(qwen2_config)
         self.head = nn.Linear(qwen2_config.hidden_size, 1)
 
@@ -135,6 +137,7 @@ class ProcessRewardModel(nn.Module):
                 chunk = list(examples[start : start + batch_size])
                 encoded = self.encode(chunk)
                 x, am, ends = self._pad(encoded)
+                self.forward_tokens += int(am.sum())
                 p = torch.sigmoid(self.step_logits(x, am, ends)).float().cpu()
                 p = torch.where(ends.cpu() >= 0, p, torch.full_like(p, float("nan")))
                 out.extend(p[i, : len(steps)].clone() for i, (_, steps) in enumerate(chunk))

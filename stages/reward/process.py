@@ -211,11 +211,13 @@ class PRMProcessRewards:
     def __call__(self, batch: Batch) -> tuple[torch.Tensor, Overhead]:
         out = _nan_matrix(batch)
         examples = [(t.prompt_text, [turn.action_text for turn in t.turns]) for t in batch.trajectories]
+        tokens0 = int(getattr(self.prm, "forward_tokens", 0))
         scores = self.prm.score(examples)
         for i, s in enumerate(scores):
             if len(s):
                 out[i, : len(s)] = s.float()
-        return out, Overhead(extra_forward_passes=len(batch.trajectories))
+        return out, Overhead(extra_forward_passes=len(batch.trajectories),
+                             forward_tokens=int(getattr(self.prm, "forward_tokens", 0)) - tokens0)
 
 
 def make_process_rewards(

@@ -60,12 +60,13 @@ class GreedyRollout:
         for slot in self.envb.slots:
             first.setdefault(slot.group_id, replace(slot, uid=f"{slot.uid}-greedy"))
         engine = self.player.engine
-        forwards = engine.stats["forward_passes"]
+        forwards, ftoks = engine.stats["forward_passes"], engine.stats.get("forward_tokens", 0)
         gbatch, overhead, tokens = self.player.play(list(first.values()), self.seed_for("greedy"), 0.0)
         gbatch, _, _ = compute_rewards(gbatch, self.player.family)
         ret = {t.group_id: r for t, r in zip(gbatch.trajectories, _returns(gbatch))}
         overhead.extra_tokens = tokens
         overhead.extra_forward_passes = int(engine.stats["forward_passes"] - forwards)
+        overhead.forward_tokens = int(engine.stats.get("forward_tokens", 0) - ftoks)
         return torch.tensor([ret[t.group_id] for t in batch.trajectories]), overhead
 
 
@@ -171,7 +172,7 @@ class MCContinuations:
         if not slots:
             return returns, Overhead()
         handles, fork_overhead = self._fork_handles(rows, replays)
-        forwards = player.engine.stats["forward_passes"]
+        forwards, ftoks = player.engine.stats["forward_passes"], player.engine.stats.get("forward_tokens", 0)
         seed = self.seed_for(f"mc{self.calls}")
         cont, overhead, tokens = player.play(slots, seed, player.rollout.temperature,
                                              starts=eps, replay=replays, uids=uids, restore=handles)
@@ -184,4 +185,5 @@ class MCContinuations:
             self.last_continuations[n].append([turn.action_text for turn in traj.turns])
         overhead.extra_tokens = tokens
         overhead.extra_forward_passes = int(player.engine.stats["forward_passes"] - forwards)
+        overhead.forward_tokens = int(player.engine.stats.get("forward_tokens", 0) - ftoks)
         return returns, overhead

@@ -49,11 +49,18 @@ class RolloutEngine(abc.ABC):
     ) -> list[GenerationOutput]:
         """Sample one continuation per request, batched: ``[]`` for no requests; otherwise the
         arguments are checked (:func:`check_generation_args`) and the engine's :meth:`_generate`
-        samples."""
+        samples. ``stats["forward_tokens"]`` counts the tokens the call's forward passes cover: each
+        request's context plus its generated tokens (shared-prefix / KV-cache reuse not discounted,
+        the convention of the rollout batch's prompt + response tokens in the compute budget)."""
         if not requests:
             return []
         check_generation_args(requests, max_new_tokens, temperature, top_p)
-        return self._generate(requests, max_new_tokens, stop_token_ids, temperature, top_p)
+        outputs = self._generate(requests, max_new_tokens, stop_token_ids, temperature, top_p)
+        stats = getattr(self, "stats", None)
+        if isinstance(stats, dict):  # every request's context + its generated tokens (forward_tokens)
+            stats["forward_tokens"] = stats.get("forward_tokens", 0) + sum(len(r.context_ids) for r in requests) \
+                + sum(len(o.token_ids) for o in outputs)
+        return outputs
 
     @abc.abstractmethod
     def _generate(self, requests: list[GenerationRequest], max_new_tokens: int, stop_token_ids: set[int],

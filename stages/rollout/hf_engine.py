@@ -122,7 +122,7 @@ class HFEngine(RolloutEngine):
                 pad_token_id = (eos[0] if isinstance(eos, (list, tuple)) else eos) if eos is not None else 0
         self.pad_token_id = int(pad_token_id)
         #: counters over the engine's life (forward passes, generated tokens)
-        self.stats: dict[str, float] = {"forward_passes": 0, "generated_tokens": 0, "calls": 0, "seconds": 0.0}
+        self.stats: dict[str, float] = {"forward_passes": 0, "forward_tokens": 0, "generated_tokens": 0, "calls": 0, "seconds": 0.0}
 
     def sync_weights(self, model: Optional[object] = None) -> float:
         """The engine samples from the live model object; with a new ``model`` it switches to it."""

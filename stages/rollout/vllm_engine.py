@@ -210,7 +210,7 @@ class VLLMEngine(RolloutEngine):
         self.model = model
         self.auto_sync = auto_sync
         self.stats: dict[str, float] = {
-            "forward_passes": 0, "generated_tokens": 0, "prompt_tokens": 0, "cached_prompt_tokens": 0,
+            "forward_passes": 0, "forward_tokens": 0, "generated_tokens": 0, "prompt_tokens": 0, "cached_prompt_tokens": 0,
             "calls": 0, "seconds": 0.0, "syncs": 0, "auto_syncs": 0, "sync_seconds": 0.0, "last_sync_seconds": 0.0, "startup_seconds": 0.0,
         }
         t0 = time.perf_counter()
@@ -437,7 +437,7 @@ class VLLMServerEngine(RolloutEngine):
         self.timeout = timeout
         self.max_concurrency = max_concurrency
         self.stats: dict[str, float] = {
-            "forward_passes": 0, "generated_tokens": 0, "calls": 0, "seconds": 0.0,
+            "forward_passes": 0, "forward_tokens": 0, "generated_tokens": 0, "calls": 0, "seconds": 0.0,
             "syncs": 0, "sync_seconds": 0.0, "last_sync_seconds": 0.0, "http_requests": 0,
         }
         self.served_model = self.cfg.vllm_served_model or self._first_model()

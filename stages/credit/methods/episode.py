@@ -265,7 +265,8 @@ class GAE(CreditMethod):
         stats = {"value_mean": float(v_mean), "return_mean": float(r_mean)}
         if float(var_r) > 0:  # share of the returns' variance the critic explains
             stats["explained_variance"] = float(1 - var_resid / var_r)
-        overhead = Overhead(extra_forward_passes=int(rewards.shape[0]))
+        # the critic's forward over the batch: one pass per trajectory, over its own (non-pad) tokens
+        overhead = Overhead(extra_forward_passes=int(rewards.shape[0]), forward_tokens=int(tensors.attention_mask.sum()))
         return CreditResult(
             advantages=adv,
             granularity="token",

@@ -21,6 +21,7 @@ from stages.credit.base import CreditConfig, CreditContext, CreditMethod, encode
 from stages.credit.ref_logratio import ref_logratio
 from stages.credit.registry import register_method
 from stages.credit.segments import policy_token_mask
+from stages.reward.judge import judge_overhead, usage
 from stages.schema import Batch, BatchTensors, CreditResult, Overhead
 from stages.config_fields import param
 
@@ -172,8 +173,8 @@ class TREG(CreditMethod):
     needs = frozenset({"scorer", "tokenizer"})
     reference = "Zhou et al. 2024 (T-REG: token-level reward regularization, contrastive self-prompting); survey §3.1.2"
 
-    def token_rewards(self, tensors: BatchTensors, batch: Batch, ctx: CreditContext) -> tuple[torch.Tensor, int]:
-        """(B, R) token rewards and the scorer forward passes they cost."""
+    def token_rewards(self, tensors: BatchTensors, batch: Batch, ctx: CreditContext) -> tuple[torch.Tensor, Overhead]:
+        """(B, R) token rewards and the scorer overhead they cost (forward passes and their tokens)."""
         cfg: TREGConfig = self.cfg  # type: ignore[assignment]
         assert ctx.scorer is not None and ctx.tokenizer is not None
         good = encode_text(ctx.tokenizer, cfg.good_instruction)
@@ -181,9 +182,9 @@ class TREG(CreditMethod):
         trajs = batch.trajectories
         contexts = [good + list(t.prompt_ids) for t in trajs] + [bad + list(t.prompt_ids) for t in trajs]
         targets = [list(t.response_ids) for t in trajs] * 2
-        before = int(getattr(ctx.scorer, "forward_passes", 0))
+        before = usage(ctx.scorer)
         lps = ctx.scorer(contexts, targets)
-        passes = int(getattr(ctx.scorer, "forward_passes", 0)) - before
+        passes = judge_overhead(ctx.scorer, before)
         if len(lps) != len(contexts):
             raise ValueError(f"credit method 't_reg': scorer returned {len(lps)} rows for {len(contexts)} contexts")
         R = tensors.response_ids.shape[1]
@@ -216,6 +217,6 @@ class TREG(CreditMethod):
             "row_sum_shift_max": float(((adv - base) * mask).sum(-1).abs().max()),
         }
         n_tokens = int(sum(len(t.prompt_ids) + len(t.response_ids) for t in batch.trajectories))
-        overhead = Overhead(extra_forward_passes=passes)
+        overhead = passes
         stats["scored_tokens"] = float(2 * n_tokens)
         return CreditResult(advantages=adv, granularity="token", credit=tok, overhead=overhead, stats=stats)

@@ -34,6 +34,7 @@ from stages.benchmark.oracle import played_advantages, policy_values, stack_mdps
 from stages.config_fields import param
 from stages.credit.base import CreditConfig, CreditContext, CreditMethod, encode_text
 from stages.credit.registry import register_method
+from stages.reward.judge import judge_overhead, usage
 from stages.schema import Batch, BatchTensors, CreditResult, Overhead
 
 ORACLE_POLICIES = ("current", "reference")
@@ -90,8 +91,11 @@ class Oracle(CreditMethod):
                 adv[b, :n] = torch.tensor(traj.ground_truth.advantage, dtype=torch.float64)
             probs_used = None
         else:
+            before = usage(ctx.scorer)
             probs_used = self._policy_probs(batch, mdps, ctx)
-            overhead.extra_forward_passes += 1
+            spent = judge_overhead(ctx.scorer, before)
+            overhead.extra_forward_passes += max(spent.extra_forward_passes, 1)
+            overhead.forward_tokens += spent.forward_tokens  # every scored context + action, per row
             V, Q = policy_values(stack_mdps(mdps), probs_used)
             adv = played_advantages(V, Q, states, actions)
         K = tensors.turn_ids.max().item() + 1 if tensors.turn_ids.numel() else 0

@@ -54,6 +54,7 @@ from stages.credit.group_stats import group_stats
 from stages.credit.base import CreditConfig, CreditContext, CreditMethod, Scorer
 from stages.credit.registry import register_method
 from stages.credit.segments import Segments, broadcast, step_segments
+from stages.reward.judge import judge_overhead, usage
 from stages.schema import Batch, BatchTensors, CreditResult, Overhead
 from stages.config_fields import param
 
@@ -180,7 +181,7 @@ class SCAR(CreditMethod):
     def assign(self, tensors: BatchTensors, batch: Batch, ctx: CreditContext) -> CreditResult:
         cfg: SCARConfig = self.cfg  # type: ignore[assignment]
         assert ctx.scorer is not None  # CreditMethod.__call__ checked ``needs``
-        passes0 = int(getattr(ctx.scorer, "forward_passes", 0) or 0)
+        before = usage(ctx.scorer)
         seg = step_segments(tensors, batch)
         phi, stats = self.shapley(tensors, batch, ctx.scorer, seg)
         rewards = tensors.token_level_rewards
@@ -203,8 +204,10 @@ class SCAR(CreditMethod):
         unit_adv = torch.where(player, step_adv, outcome_adv)
         unit_adv = torch.where(seg.present, unit_adv, torch.full_like(unit_adv, float("nan")))
         adv = broadcast(unit_adv, seg, mask).to(rewards.dtype)
-        passes = int(getattr(ctx.scorer, "forward_passes", 0) or 0) - passes0
-        overhead = Overhead(extra_forward_passes=passes if passes > 0 else int(stats["scorer_contexts"]))
+        spent = judge_overhead(ctx.scorer, before)  # forward passes and their tokens (per scored sequence)
+        passes = spent.extra_forward_passes
+        overhead = Overhead(extra_forward_passes=passes if passes > 0 else int(stats["scorer_contexts"]),
+                            forward_tokens=spent.forward_tokens)
         credit = torch.where(player, phi, torch.full_like(phi, float("nan"))).to(rewards.dtype)
         stats["shaped_reward_abs_mean"] = float(rho[player].abs().mean()) if player.any() else 0.0
         # rows whose advantages are exactly GRPO's, by reason (mutually exclusive, in this order)
