@@ -64,6 +64,17 @@ def turn_group_baseline(u: torch.Tensor, present: torch.Tensor, index: torch.Ten
     return out * p
 
 
+def turn_proportions(r: torch.Tensor, length: torch.Tensor, present: torch.Tensor, temperature: float) -> torch.Tensor:
+    """(B, K) Norm-ITPO split ``rho_ik = softmax_k(rbar_ik * L / temperature)`` over each row's
+    present turns: ``rbar_ik = r_ik / |turn k|`` the turn's mean token reward and ``L`` the batch's
+    mean turn length (the ITPO reference code's ``calculate_segment_proportions_itponorm``). Rows
+    sum to 1 (0 for a row without turns); absent turns get 0."""
+    mean_len = length[present].float().mean() if bool(present.any()) else torch.tensor(1.0)
+    logits = (r / length.clamp(min=1)) * mean_len / temperature
+    rho = torch.softmax(logits.masked_fill(~present, float("-inf")), dim=-1)
+    return torch.nan_to_num(rho, nan=0.0) * present
+
+
 def turn_gae(rewards: torch.Tensor, values: torch.Tensor, present: torch.Tensor, gamma: float,
              lam: float) -> tuple[torch.Tensor, torch.Tensor]:
     """GAE over the turn index of the turn-level MDP (Li et al. 2025b §3; Schulman et al. 2016).
@@ -117,7 +128,10 @@ class ITPO(CreditMethod):
       turn's *mean* token reward and ``L`` the batch's mean turn length (the reference code's
       ``calculate_segment_proportions_itponorm``): ``u_ik = R_i * rho_ik``. The turns of a row sum
       to its outcome; turns the policy prefers over the reference get the larger share.
-    * ``none`` (plain ITPO): ``u_ik = r_ik`` (+ ``outcome_coef * R_i`` on the last turn).
+    * ``none`` (plain ITPO): ``u_ik = r_ik``; the outcome enters as its own term,
+      ``outcome_coef * baseline(R_i)`` on the last turn (the reference code's ``reward_gt_coef``
+      term: baselined over the group's outcomes, separately from the turn rewards, whose group
+      statistic is each row's mean turn reward).
 
     Then a group baseline (:func:`turn_group_baseline`, RLOO by default), the return-to-go over
     turns ``G_ik = sum_{k' >= k} u'_ik'`` (the reference code's reverse cumsum of the turn rewards
@@ -153,23 +167,31 @@ class ITPO(CreditMethod):
         present = seg.present
         outcome = tensors.token_level_rewards.float().sum(-1)
         if cfg.normalization == "softmax":
-            length = unit_sums(policy_token_mask(tensors), seg)
-            mean_len = length[present].mean() if bool(present.any()) else torch.tensor(1.0)
-            logits = (r / length.clamp(min=1)) * mean_len / cfg.temperature
-            rho = torch.softmax(logits.masked_fill(~present, float("-inf")), dim=-1)
-            rho = torch.nan_to_num(rho, nan=0.0) * present
+            rho = turn_proportions(r, unit_sums(policy_token_mask(tensors), seg), present, cfg.temperature)
             u = outcome.unsqueeze(1) * rho
         else:
-            last = (seg.count - 1).clamp(min=0)
-            on_last = torch.nn.functional.one_hot(last, seg.K).to(r.dtype) * (seg.count > 0).unsqueeze(1)
-            u = r + cfg.outcome_coef * outcome.unsqueeze(1) * on_last
+            u = r
         return r, u * present, seg
+
+    def outcome_on_last_turn(self, tensors: BatchTensors, seg: Segments) -> torch.Tensor:
+        """(B, K) ``outcome_coef * baseline(R_i)`` on each row's last turn (plain ITPO): the outcome's
+        group baseline is over the rows' outcomes themselves (the reference code's ``reward_gt_coef``
+        term, baselined on its own last-turn mask), not over their mean per turn."""
+        cfg: ITPOConfig = self.cfg  # type: ignore[assignment]
+        outcome = tensors.token_level_rewards.float().sum(-1, keepdim=True)
+        ones = torch.ones_like(outcome, dtype=torch.bool)
+        b = turn_group_baseline(outcome, ones, tensors.index, cfg.baseline, cfg.epsilon)
+        last = (seg.count - 1).clamp(min=0)
+        on_last = torch.nn.functional.one_hot(last, seg.K).to(b.dtype) * (seg.count > 0).unsqueeze(1)
+        return cfg.outcome_coef * b * on_last
 
     def assign(self, tensors: BatchTensors, batch: Batch, ctx: CreditContext) -> CreditResult:
         cfg: ITPOConfig = self.cfg  # type: ignore[assignment]
         mask = policy_token_mask(tensors)
         r, u, seg = self.turn_rewards(tensors, ctx)
         u_b = turn_group_baseline(u, seg.present, tensors.index, cfg.baseline, cfg.epsilon)
+        if cfg.normalization == "none" and cfg.outcome_coef > 0:
+            u_b = u_b + self.outcome_on_last_turn(tensors, seg)
         returns_k = u_b.flip(-1).cumsum(-1).flip(-1) * seg.present
         returns = broadcast(returns_k, seg, mask)
         adv = returns
@@ -274,6 +296,7 @@ class TurnPPO(CreditMethod):
         g = ret_k[p]
         if g.numel() > 1 and float(g.var()) > 0:  # share of the turn returns' variance the critic explains
             stats["explained_variance"] = float(1 - (g - v_k[p]).var() / g.var())
-        overhead = Overhead(extra_forward_passes=int(mask.shape[0]))
+        # the critic's forward over the batch: one pass per trajectory, over its own (non-pad) tokens
+        overhead = Overhead(extra_forward_passes=int(mask.shape[0]), forward_tokens=int(tensors.attention_mask.sum()))
         return CreditResult(advantages=adv, granularity="turn", credit=adv_k, overhead=overhead,
                             returns=returns, values=values, stats=stats)
