@@ -77,7 +77,7 @@ def turn_proportions(r: torch.Tensor, length: torch.Tensor, present: torch.Tenso
 
 def turn_gae(rewards: torch.Tensor, values: torch.Tensor, present: torch.Tensor, gamma: float,
              lam: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """GAE over the turn index of the turn-level MDP (Li et al. 2025b §3; Schulman et al. 2016).
+    """GAE over the turn index of the turn-level MDP (Li et al. 2025b; Schulman et al. 2016).
 
     ``rewards``, ``values`` (B, K): reward collected in turn k and ``V(s_k)``, the value of the
     state turn k's action is taken in; ``present`` (B, K) bool, the row's turns ``0..n-1``::
@@ -139,10 +139,12 @@ class ITPO(CreditMethod):
     broadcast to the turn's tokens: every token of a turn shares one advantage (turn granularity,
     so it composes with ``update.loss=turn_ppo`` / ``sorl``).
 
-    Limits. One turn per row, ``baseline=grpo``, ``whiten=false``: exactly GRPO (``rho = 1``).
-    ``pi = pi_ref`` (iteration 0: every ``r = 0``, uniform ``rho = 1/K``), K turns per row,
-    ``baseline=grpo``, ``whiten=false``: turn k's advantage is ``(K - k) * A^GRPO_i`` — GRPO
-    weighted by the turns still to come.
+    Limits (``whiten=false``; tests/test_turn_level.py). One turn per row: exactly GRPO
+    (``baseline=grpo``) or RLOO (``baseline=rloo``), ``rho = 1``. Softmax, RLOO, groups whose rows
+    have equally many turns: the first turn's return-to-go sums the whole split outcome, so it is
+    exactly RLOO's advantage whatever the log-ratios; the split only moves credit between later
+    turns. At ``pi = pi_ref`` (iteration 0 here: every ``r = 0``, uniform ``rho = 1/K``) turn k of
+    K gets ``(K - k) / K * A^RLOO_i``. Plain ITPO at ``pi = pi_ref``: RLOO on every turn.
 
     Simplified: the paper trains a separate implicit PRM (PRIME's cross-entropy on outcome labels)
     and scores with it; here the implicit PRM is the policy itself (``pi`` = the behaviour policy,
@@ -243,8 +245,8 @@ class TurnPPO(CreditMethod):
 
     The importance ratio and clipping are per turn in the loss: the default update group of this
     method is ``update=turn_ppo`` (``update.loss=turn_ppo``), whose ratio is the **geometric
-    mean** of the turn's token ratios (as the paper and SORL use; not the product, whose log grows
-    with the turn length), see :mod:`stages.update.turn_losses`. Other losses that accept turn
+    mean** of the turn's token ratios (as the summaries of the paper and of SORL read here describe
+    it; not the product, whose log grows with the turn length), see :mod:`stages.update.turn_losses`. Other losses that accept turn
     credit compose too (``sorl``, ``ppo``, ``grpo``).
 
     Limit: one turn per row, ``gamma`` and ``lam`` 1: ``A = R - V(s_0)``, REINFORCE with a learned
