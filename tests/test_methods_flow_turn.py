@@ -31,7 +31,8 @@ def test_itpo_one_iteration_on_bifurcation(prefect_harness, shared_home):
     # iteration 0: the policy is the frozen reference, so the implicit turn rewards are float noise
     assert m["credit.method.implicit_turn_reward_abs_mean"] < 1e-4
     assert m["credit.method.turns_per_trajectory"] > 1  # bifurcation episodes are multi-turn
-    # Norm-ITPO: the turn rewards of a row sum to its outcome, so their mean per turn is bounded by it
+    # Norm-ITPO at the reference: the split is uniform; the turn rewards of a row sum to its outcome
+    assert m["credit.method.proportion_excess_over_uniform"] == pytest.approx(0.0, abs=1e-4)
     assert abs(m["credit.method.turn_reward_mean"]) <= max(abs(m["reward.reward_mean"]), 1.0) + 1e-6
     assert "update.loss" in m
 

@@ -313,3 +313,12 @@ def test_turn_ppo_selects_its_turn_level_loss_unless_the_run_names_one():
     assert load_config(["env=bifurcation", "credit=turn_ppo"])["update"].loss == "turn_ppo"
     assert load_config(["env=bifurcation", "credit=turn_ppo", "update=sorl"])["update"].loss == "sorl"
     assert load_config(["env=bifurcation", "credit=grpo"])["update"].loss != "turn_ppo"
+
+
+def test_itpo_logs_how_far_the_split_is_from_uniform():
+    batch, t, ref = make_batch(ROWS, LR)
+    _, _, ref0 = make_batch(ROWS)
+    s0 = _method("itpo")(t, batch, CreditContext(ref_logprobs=ref0)).stats
+    s1 = _method("itpo")(t, batch, CreditContext(ref_logprobs=ref)).stats
+    assert s0["proportion_excess_over_uniform"] == pytest.approx(0.0, abs=1e-6)  # pi = pi_ref: uniform
+    assert s1["proportion_excess_over_uniform"] > 1e-3

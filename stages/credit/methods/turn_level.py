@@ -208,11 +208,12 @@ class ITPO(CreditMethod):
             "turns_per_trajectory": float(present.sum(-1).float().mean()),
         }
         if cfg.normalization == "softmax":
-            share = torch.where(present, u / tensors.token_level_rewards.float().sum(-1, keepdim=True).abs().clamp(min=1e-12),
-                                torch.zeros_like(u))
+            rho = turn_proportions(r, unit_sums(mask, seg), present, cfg.temperature)
             multi = seg.count > 1
-            if bool(multi.any()):  # how far the split is from uniform (0 = uniform)
-                stats["proportion_max_mean"] = float(share.abs().amax(-1)[multi].mean())
+            if bool(multi.any()):  # how far the split is from uniform: max share - 1/K (0 = uniform)
+                top = rho.amax(-1)[multi]
+                stats["proportion_max_mean"] = float(top.mean())
+                stats["proportion_excess_over_uniform"] = float((top - 1.0 / seg.count[multi].float()).mean())
         return CreditResult(advantages=adv, granularity="turn", credit=r, returns=returns, stats=stats)
 
 
