@@ -237,14 +237,21 @@ def load_config(overrides: Optional[list[str]] = None, base: Optional[DictConfig
     if base is None:
         base_node = _load_yaml(configs_dir() / "base.yaml")
         defaults = dict(base_node.pop("defaults", {}) or {})
+        exp_defaults: dict[str, Any] = {}
         if "experiment" in group_choices:
             exp = _group_node("experiment", group_choices["experiment"])
-            defaults.update(dict(exp.pop("defaults", {}) or {}))
+            exp_defaults = dict(exp.pop("defaults", {}) or {})
+            defaults.update(exp_defaults)
             exp_body: Optional[DictConfig] = exp
         else:
             exp_body = None
         choices = {g: defaults.get(g) for g in GROUPS if g != "experiment"}
         choices.update({g: v for g, v in group_choices.items() if g != "experiment"})
+        if "update" not in group_choices and "update" not in exp_defaults and choices.get("credit"):
+            # a method may name the update group it composes with (CreditMethod.default_update)
+            own = getattr(_check_registered("credit", choices["credit"]), "default_update", "")
+            if own:
+                choices["update"] = own
         layers: list[Any] = [base_node]
         for g in ("model", "env", "credit", "update"):
             if choices.get(g):

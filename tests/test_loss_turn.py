@@ -79,3 +79,57 @@ def test_turn_losses_refuse_token_level_credit_before_compute():
         with pytest.raises(ConfigError, match=r"^update.loss=.*credit.method=gae gives token-level credit"):
             load_config(["env=bifurcation", f"update.loss={loss}", "credit=gae", "update=ppo", f"update.loss={loss}"])
         load_config(["env=bifurcation", f"update.loss={loss}", "credit=grpo"])
+
+
+def _trainer_delta(loss: str, stale_rows: list[int], rows: list[int]) -> list[torch.Tensor]:
+    """Parameter change of one real PolicyTrainer step (tiny Qwen2 policy, AdamW) on ``rows`` of a
+    fixed two-trajectory batch whose behaviour log-probs are the policy's own, except on
+    ``stale_rows``, where they are 3 nats too high on every token (a stale behaviour policy: every
+    turn's ratio is e^-3, far outside the trust region)."""
+    import copy
+
+    from stages.rollout.config import ModelConfig
+    from stages.rollout.policy import build_tiny_policy, sequence_logprobs
+    from stages.schema import CreditResult
+    from stages.update.config import UpdateConfig
+    from stages.update.trainer import PolicyTrainer
+    from tests.test_turn_level import make_batch
+
+    torch.manual_seed(0)
+    model, _ = build_tiny_policy(ModelConfig(hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2,
+                                             num_kv_heads=1, vocab_size=300), ["go left\nok\ngo right\nno\n"] * 8)
+    batch, t, _ = make_batch([(0, [2, 3], 1.0), (0, [3, 1, 2], 1.0)])
+    t = copy.copy(t)
+    with torch.no_grad():
+        lp, _ = sequence_logprobs(model, t.input_ids, t.attention_mask, t.position_ids, t.prompt_len)
+    old = lp * t.response_mask
+    for r in stale_rows:
+        old[r] = (lp[r] + 3.0) * t.response_mask[r]
+    t.old_logprobs = old
+    keep = torch.tensor(rows)
+    sub = copy.copy(t)
+    for f in ("input_ids", "attention_mask", "position_ids", "response_ids", "response_mask", "old_logprobs",
+              "entropies", "token_level_rewards", "episode_rewards", "index", "turn_ids", "num_turns"):
+        setattr(sub, f, getattr(t, f)[keep])
+    adv = sub.response_mask.clone()  # A = 1 on every turn
+    credit = CreditResult(advantages=adv, granularity="episode", credit=torch.ones(len(rows)))
+    before = [p.detach().clone() for p in model.parameters()]
+    trainer = PolicyTrainer(model, UpdateConfig(loss=loss, epochs=1, minibatch_size=2, lr=1e-3), temperature=1.0,
+                            needs_critic=False)
+    stats = trainer.update(sub, credit, seed=0)
+    assert stats["minibatches"] == 1 and stats["skipped_steps"] == 0
+    return [p.detach() - b for p, b in zip(model.parameters(), before)]
+
+
+def test_sorl_through_the_real_trainer_drops_the_stale_trajectory_turn_ppo_does_not():
+    """The update from a batch with one stale trajectory: SORL's step equals the step on the fresh
+    trajectory alone (AdamW's first step is invariant to the loss's scale), Turn-PPO's does not."""
+    fresh_only = _trainer_delta("sorl", [], [1])
+    sorl = _trainer_delta("sorl", [0], [0, 1])
+    ppo = _trainer_delta("turn_ppo", [0], [0, 1])
+    ppo_fresh_only = _trainer_delta("turn_ppo", [], [1])
+    moved = sum(float(d.abs().sum()) for d in sorl)
+    assert moved > 0
+    # (AdamW's eps=1e-8 makes elements with a gradient near 1e-8 scale-dependent: tolerance 1e-5 of lr=1e-3)
+    assert max(float((a - b).abs().max()) for a, b in zip(sorl, fresh_only)) < 1e-5
+    assert max(float((a - b).abs().max()) for a, b in zip(ppo, ppo_fresh_only)) > 1e-4

@@ -150,6 +150,9 @@ class CreditMethod(abc.ABC):
     needs: ClassVar[frozenset[str]] = frozenset()
     #: short citation of the paper / survey section the method implements
     reference: ClassVar[str] = ""
+    #: the ``update=`` config group (``configs/update/<name>.yaml``) the loader selects for this
+    #: method when the run selects none itself (e.g. Turn-PPO's per-turn ratio loss); "" = base.yaml's
+    default_update: ClassVar[str] = ""
 
     def __init__(self, cfg: CreditConfig):
         self.cfg = cfg

@@ -1,12 +1,11 @@
 """Turn-level importance-ratio / clip losses of stage 5 for multi-turn agents (survey §5.1).
 
 In the turn-level MDP of Turn-PPO (Li et al. 2025b, "Turn-PPO: Turn-level advantage estimation
-with PPO", §3) and ST-PPO / SORL (Li et al. 2025a, "Stabilizing off-policy training for
-long-horizon LLM agents via turn-level importance sampling and clipping-triggered
-normalization", §3–§4) a whole turn (the policy's response between two observations) is one
-action. Its importance ratio is the **geometric mean** of the turn's token ratios (SORL's
-"turn-level importance sampling", eq. 4; Turn-PPO uses the same per-turn aggregation, the one
-GSPO uses per sequence)::
+with PPO") and SORL (Li et al. 2025a, "Stabilizing off-policy training for long-horizon LLM agents
+via turn-level importance sampling and clipping-triggered normalization", v1 "ST-PPO") a whole
+turn (the policy's response between two observations) is one action. Its importance ratio is the **geometric mean** of the turn's token ratios (SORL's
+"turn-level importance sampling"; Turn-PPO's turn-level ratio is described the same way in the
+summaries read here; GSPO aggregates the same way per sequence)::
 
     r_k(theta) = exp( 1/|y^k| * sum_{t in turn k} (log pi_theta(y_t) - log pi_old(y_t)) )
 
@@ -22,8 +21,20 @@ reaches each token through the geometric mean (weight 1/|y^k|).
   its turns still inside the trust region (detached), so updates from highly off-policy
   trajectories are suppressed and a trajectory whose every turn left the region contributes
   nothing; with fresh samples (no turn clipped) it is ``turn_ppo`` with a per-trajectory mean
-  (SO-GRPO's aggregation). Simplified: the paper normalizes the gradient by its measured
-  clipping bias; here the factor is the in-region share of turns.
+  (SO-GRPO's aggregation).
+
+What was read of SORL (arXiv 2511.20718; its v1 is titled "ST-PPO: Stabilized Off-Policy PPO for
+Multi-Turn Agents"): the abstracts and third-party summaries only — turn-level importance sampling
+as the geometric mean of a turn's token ratios (the paper's Eq. 4, per those summaries) and a
+"clipping-bias correction" that "normalizes gradients by downweighting unreliable, highly
+off-policy samples" (Eq. 8). The paper's own normalization formula was not available, so
+**simplified**: the normalization factor here is our rule — the detached share of a trajectory's
+turns whose ratio is inside ``[1-eps, 1+eps]`` — not the paper's clipping-bias term; which
+samples are downweighted (those with clipped, i.e. unreliable, turn ratios) follows the
+abstract, by how much does not claim to. No threshold on the batch clip fraction decides
+whether the normalization applies: it is always on (a trajectory without clipped turns has
+factor 1). The off-policy setting itself (stale rollouts from an older policy) only arises here
+with ``update.epochs > 1`` (later epochs of the same batch) or deliberately stale log-probs.
 
 Both need ``turn_ids`` (the trainer passes ``BatchTensors.turn_ids``) and accept only credit that
 is constant on a turn's tokens (``episode``, ``turn``): a token-level advantage would be averaged
@@ -75,7 +86,7 @@ def _stats(log_r, ratio, took_clip, present) -> dict[str, float]:
 
 
 @register_loss("turn_ppo", aggregation="token-mean", needs=("turn_ids",), accepts=TURN_CREDIT,
-               reference="Li et al. 2025b (Turn-PPO) §3: turn-level ratio (geometric mean) and clipping per turn")
+               reference="Li et al. 2025b (Turn-PPO): turn-level ratio (geometric mean) and clipping per turn")
 def turn_ppo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
                   cfg: Any, turn_ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
     """Turn-PPO's clipped surrogate: one ratio and one clip per turn, mean over the batch's turns."""
@@ -86,7 +97,7 @@ def turn_ppo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages
 
 
 @register_loss("sorl", aggregation="seq-mean-token-mean", needs=("turn_ids",), accepts=TURN_CREDIT,
-               reference="Li et al. 2025a (SORL: SO-PPO / SO-GRPO) §4: turn-level IS + clipping-triggered normalization")
+               reference="Li et al. 2025a (SORL: SO-PPO / SO-GRPO): turn-level IS + clipping-triggered normalization (simplified factor)")
 def sorl_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
               cfg: Any, turn_ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
     """SORL: the turn-level clipped surrogate, per trajectory, rescaled by its share of turns whose
