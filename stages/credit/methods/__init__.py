@@ -13,6 +13,8 @@ One module per method family (survey Appendix B "Methodology" column):
 * :mod:`.attribution` — ACPO: attribution-based factorized credit (§3.3.2).
 * :mod:`.process` — PURE, SPRO, PRL: process rewards and their aggregation (§3.3.1).
 * :mod:`.implicit` — implicit token credit from DPO (From r to Q*, §3.1.3) and T-REG (§3.1.2).
+* :mod:`.agentic_group` — GiGPO (step groups over anchor states, §5.3) and CARL (critical
+  high-entropy actions, §5.4).
 * :mod:`.oracle` — exact advantages from the task's MDP under the current policy (§9.3; the
   benchmark's upper bound, not a reviewed paper).
 
@@ -63,3 +65,4 @@ from stages.credit.methods import attribution  # noqa: F401  (acpo)
 from stages.credit.methods import process  # noqa: F401  (pure, spro, prl)
 from stages.credit.methods import implicit  # noqa: F401  (dpo_implicit, t_reg)
 from stages.credit.methods import oracle  # noqa: F401  (oracle)
+from stages.credit.methods import agentic_group  # noqa: F401  (gigpo, carl)

@@ -1,0 +1,185 @@
+"""Agentic group methods: GiGPO's step groups over anchor states and CARL's critical actions
+(survey §5.3 and §5.4; Appendix B rows 19 and 28). Neither needs a critic, an extra forward
+pass or an extra rollout: both read what the rollout already recorded (the state each action
+was taken in, the sampling distribution's entropy).
+
+GiGPO (Feng et al. 2025, "Group-in-Group Policy Optimization for LLM Agent Training",
+arXiv 2505.10978, §3; verl-agent's ``gigpo`` estimator)
+----------------------------------------------------------------------------------------------
+
+Two levels of group-relative advantage, ``A = A_E + omega · A_S`` (paper Eq. 8):
+
+* **Episode level** ``A_E`` (Eq. 3): GRPO's group-normalized outcome advantage of each
+  trajectory among the rollouts of its task instance (``mode=mean_std_norm``:
+  ``(R_i - mean) / (std + eps)``; ``mode=mean_norm``: ``R_i - mean``), broadcast to all its
+  action tokens. It is :func:`stages.credit.functional._grpo_scalars`, GRPO's own code.
+* **Step level** ``A_S`` (Eqs. 5-7): inside one episode group, the steps whose *anchor state*
+  (``Turn.state_key``: the environment state before the action) is identical form a step group
+  (Eq. 6) — across the group's trajectories and within one trajectory when it revisits a
+  state. Each step's discounted return ``G_t = r_t + gamma · G_{t+1}`` over the trajectory's
+  later turn rewards (Eq. 5; the terminal reward counts as the last turn's reward) is
+  normalized within its step group, with the same ``mode`` (Eq. 7). A singleton step group
+  gives 0 (as verl-agent: its mean is its own return). Each step's ``A_S`` is broadcast to the
+  tokens of its action.
+
+Edge cases. Turns without a state key (``""``: a family that does not expose its state) are
+never grouped: their ``A_S`` is 0. Turns with no policy tokens (an empty action) are not steps.
+When every anchor is distinct, ``A_S = 0`` everywhere and GiGPO is GRPO exactly.
+
+Similarity anchors. verl-agent's ``enable_similarity`` variant groups anchors whose text is
+similar rather than identical: an anchor joins the first existing cluster (in order of
+appearance, within its episode group) whose representative's ``difflib.SequenceMatcher`` ratio
+is at least the threshold, else starts a new cluster. ``similarity_thresh < 1`` selects it here,
+applied to the state keys (the family's text of the state); ``1.0`` (default) is exact match.
+The clustering compares strings once per distinct key (data preparation, O(keys x clusters) per
+group); the advantage arithmetic is segment reductions over integer ids (``index_add_``).
+
+Departures from verl-agent, on purpose: the episode level normalizes over the group's
+*trajectories* (the paper's Eq. 3; verl-agent's default computes it over step rows), and the
+discounted return runs over the turns of our multi-turn rows instead of verl-agent's one row per
+step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from difflib import SequenceMatcher
+
+import torch
+
+from stages.credit import functional as F
+from stages.credit.base import CreditConfig, CreditContext, CreditMethod
+from stages.credit.group_stats import group_ids, group_stats
+from stages.credit.registry import register_method
+from stages.credit.reverse_scan import reverse_discounted_scan
+from stages.credit.segments import steps_to_tokens
+from stages.config_fields import param
+from stages.schema import Batch, BatchTensors, CreditResult, turn_key_ids
+
+#: normalization modes of GiGPO (verl-agent ``algorithm.gigpo.mode``)
+GIGPO_MODES = ("mean_std_norm", "mean_norm")
+
+
+def _inputs(tensors: BatchTensors) -> tuple[torch.Tensor, torch.Tensor]:
+    rewards = tensors.token_level_rewards
+    rewards = rewards if rewards.is_floating_point() else rewards.float()
+    return rewards, (tensors.response_mask != 0).to(rewards.dtype)
+
+
+def turn_rewards(rewards: torch.Tensor, turn_ids: torch.Tensor, K: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """((B, K) reward collected on each turn's policy tokens, (B, K) bool: the turn has policy tokens)."""
+    valid = turn_ids >= 0
+    idx = turn_ids.clamp(min=0, max=K - 1)
+    r = torch.zeros((rewards.shape[0], K), dtype=rewards.dtype, device=rewards.device)
+    r.scatter_add_(1, idx, rewards * valid.to(rewards.dtype))
+    n = torch.zeros_like(r).scatter_add_(1, idx, valid.to(rewards.dtype))
+    return r, n > 0
+
+
+def similarity_clusters(keys: list[str], groups: list[int], thresh: float) -> list[int]:
+    """Cluster id per key: within each episode group, a key joins the first cluster whose
+    representative is at least ``thresh`` similar (``difflib`` ratio), else founds a new one
+    (verl-agent's similarity-based step groups, Feng et al. 2025). Keys are clustered once per
+    distinct (group, key) pair."""
+    reps: dict[int, list[tuple[str, int]]] = {}
+    memo: dict[tuple[int, str], int] = {}
+    out: list[int] = []
+    n = 0
+    for k, g in zip(keys, groups):
+        if (g, k) not in memo:
+            cid = next((c for rep, c in reps.get(g, []) if SequenceMatcher(None, k, rep).ratio() >= thresh), None)
+            if cid is None:
+                cid, n = n, n + 1
+                reps.setdefault(g, []).append((k, cid))
+            memo[(g, k)] = cid
+        out.append(memo[(g, k)])
+    return out
+
+
+def anchor_ids(batch: Batch, K: int, similarity_thresh: float = 1.0) -> torch.Tensor:
+    """(B, K) long anchor-state id of each turn (-1: no turn, or an empty state key); with
+    ``similarity_thresh < 1`` similar keys of one episode group share an id (:func:`similarity_clusters`)."""
+    no_key = lambda turn: turn.state_key == ""  # noqa: E731
+    sid = turn_key_ids(batch, K, absent=no_key)
+    if similarity_thresh < 1.0:
+        keyed = [(turn.state_key, int(traj.group_id)) for traj in batch.trajectories
+                 for turn in traj.turns[:K] if not no_key(turn)]  # row-major, as sid[sid >= 0]
+        if keyed:
+            keys, grp = zip(*keyed)
+            sid = sid.clone()
+            sid[sid >= 0] = torch.tensor(similarity_clusters(list(keys), list(grp), similarity_thresh), dtype=torch.long)
+    return sid
+
+
+def turn_means(values: torch.Tensor, turn_ids: torch.Tensor, K: int) -> torch.Tensor:
+    """(B, R) token values -> (B, K) mean over each turn's policy tokens (0 where it has none)."""
+    valid = (turn_ids >= 0).to(values.dtype)
+    idx = turn_ids.clamp(min=0, max=K - 1)
+    s = torch.zeros((values.shape[0], K), dtype=values.dtype, device=values.device).scatter_add_(1, idx, values * valid)
+    n = torch.zeros_like(s).scatter_add_(1, idx, valid)
+    return s / n.clamp(min=1)
+
+
+# --------------------------------------------------------------------------------------------
+# GiGPO
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class GiGPOConfig(CreditConfig):
+    method: str = param("gigpo", help="credit-assignment method (registry name; GiGPO, Feng et al. 2025)")
+    step_advantage_w: float = param(1.0, help="omega: weight of the step-level advantage, A = A_E + omega*A_S (Feng et al. 2025 Eq. 8; 0 = GRPO)", ge=0, finite=True)
+    gamma: float = param(0.95, help="discount of the step return G_t = r_t + gamma*G_{t+1} over later turns (Feng et al. 2025 Eq. 5; verl-agent's 0.95)", ge=0, le=1)
+    mode: str = param("mean_std_norm", help="group normalization of both levels: mean_std_norm (R-mean)/(std+eps), mean_norm R-mean (Feng et al. 2025 Eqs. 3, 7)", choices=GIGPO_MODES)
+    epsilon: float = param(1e-6, help="added to the group std before dividing (Feng et al. 2025; verl's epsilon)", ge=0)
+    similarity_thresh: float = param(1.0, help="anchor states match when their difflib ratio >= this (verl-agent's similarity-based GiGPO); 1.0 = identical states (Feng et al. 2025 Eq. 6)", gt=0, le=1)
+
+
+@register_method
+class GiGPO(CreditMethod):
+    """GiGPO: GRPO's episode advantage plus omega times the step advantage of each action among
+    the group's steps from the same anchor state (module docstring; Feng et al. 2025 §3; survey §5.3)."""
+
+    name = "gigpo"
+    needs_group = True  # both levels are group baselines: rollout.group_size=1 gives zero advantages
+    Config = GiGPOConfig
+    granularity = "step"
+    methodology = "MC (group)"
+    reference = "Feng et al. 2025 (GiGPO: Group-in-Group Policy Optimization for LLM Agent Training, §3); survey §5.3"
+
+    def assign(self, tensors: BatchTensors, batch: Batch, ctx: CreditContext) -> CreditResult:
+        cfg: GiGPOConfig = self.cfg  # type: ignore[assignment]
+        rewards, mask = _inputs(tensors)
+        B = rewards.shape[0]
+        by_std = cfg.mode == "mean_std_norm"
+        a_ep = F._grpo_scalars(rewards, mask, tensors.index, cfg.epsilon, by_std)  # (B,) Eq. 3
+        K = max(tensors.max_turns, 1)
+        r_turn, is_step = turn_rewards(rewards, tensors.turn_ids, K)
+        ret = reverse_discounted_scan(r_turn, cfg.gamma)  # (B, K) Eq. 5
+        sid = anchor_ids(batch, K, cfg.similarity_thresh).to(rewards.device)
+        anchored = is_step & (sid >= 0)
+        gid, _ = group_ids(tensors.index, B, device=rewards.device)
+        step_group = (gid[:, None] * (int(sid.max()) + 1) + sid)[anchored]  # Eq. 6: (episode group, anchor)
+        a_step = torch.zeros((B, K), dtype=rewards.dtype, device=rewards.device)
+        stats: dict[str, float] = {"steps": float(is_step.sum()), "anchored_step_fraction": 0.0,
+                                   "grouped_step_fraction": 0.0, "step_groups": 0.0, "step_group_size_mean": 0.0}
+        if step_group.numel():
+            g = ret[anchored]
+            count, mean, std, sg = group_stats(g, step_group, with_std=by_std)  # Eq. 7
+            a = g - mean
+            if by_std:
+                a = a / (std + cfg.epsilon)  # type: ignore[operator]
+            a_step[anchored] = torch.where(count > 1, a, torch.zeros_like(a))
+            n_groups = int(sg.max()) + 1
+            multi = count > 1
+            stats.update(anchored_step_fraction=float(anchored.sum()) / max(float(is_step.sum()), 1.0),
+                         grouped_step_fraction=float(multi.sum()) / max(float(is_step.sum()), 1.0),
+                         step_groups=float(torch.unique(sg[multi]).numel()),
+                         step_group_size_mean=float(g.numel()) / n_groups)
+        adv = (a_ep[:, None] + cfg.step_advantage_w * steps_to_tokens(a_step, tensors.turn_ids)) * mask  # Eq. 8
+        credit = torch.where(is_step, a_ep[:, None] + cfg.step_advantage_w * a_step, torch.full_like(a_step, float("nan")))
+        n_steps = max(float(is_step.sum()), 1.0)
+        stats.update(episode_adv_abs_mean=float(a_ep.abs().mean()) if B else 0.0,
+                     step_adv_abs_mean=float(a_step.abs().sum()) / n_steps,
+                     step_return_mean=float((ret * is_step).sum()) / n_steps)
+        return CreditResult(advantages=adv, granularity="step", credit=credit, returns=None, stats=stats)
