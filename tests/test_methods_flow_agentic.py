@@ -28,7 +28,7 @@ def _check_carl(m):
     assert m["credit.method.critical_entropy_mean"] >= m["credit.method.entropy_mean"]
 
 
-CHECKS = {"gigpo": _check_gigpo}
+CHECKS = {"gigpo": _check_gigpo, "carl": _check_carl}
 
 
 @pytest.mark.parametrize("method", sorted(CHECKS))

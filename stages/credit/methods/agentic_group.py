@@ -38,10 +38,40 @@ Departures from verl-agent, on purpose: the episode level normalizes over the gr
 *trajectories* (the paper's Eq. 3; verl-agent's default computes it over step rows), and the
 discounted return runs over the turns of our multi-turn rows instead of verl-agent's one row per
 step.
+
+CARL (Shen et al. 2025, "CARL: Focusing Agentic Reinforcement Learning on Critical Actions",
+arXiv 2512.04949, §3)
+----------------------------------------------------------------------------------------------
+
+Only a small fraction of actions decide the outcome, and the policy's uncertainty at the state
+marks them. CARL's criticality of an action is the entropy of the policy at the state it was
+taken in, length-normalized over the action's tokens, ``H(s) = E_Y[-(1/T) sum_t log pi(y_t|...)]``.
+It is estimated here from what the rollout recorded, per *action* (one turn's policy tokens):
+
+* ``entropy=token_entropy`` (default): the mean over the action's tokens of the exact entropy of
+  the sampling distribution at each token (``Trajectory.entropies``) — the per-token expectation
+  along the sampled action (lower variance than one sample of ``-log pi``);
+* ``entropy=neg_logprob``: the paper's Monte Carlo estimate with N = 1, the sampled action's
+  length-normalized ``-log pi`` (behaviour log-probs).
+
+The ``ceil(rho · N)`` actions of highest criticality among the batch's N actions keep their base
+advantage (GRPO's group-normalized outcome advantage, on all their tokens); every other action's
+tokens get advantage 0, so they contribute no policy gradient. Ties are broken by batch order
+(row, then turn: the earlier action is kept; a stable sort). ``rho = 1`` is GRPO exactly. The
+skipped share ``1 - ceil(rho N) / N`` is logged (``credit.method.skipped_action_fraction``; the
+paper reports ~72% fewer updates).
+
+Departures from the paper, on purpose: CARL's entropy-guided progressive rollout (new rollouts
+branched from the critical states, giving those actions their own group-relative, action-level
+advantages) is not run — the kept actions carry their episode's GRPO advantage, so the method
+costs no extra rollout; and the skipped tokens stay in the update's batch with advantage 0 (no
+policy gradient, but the loss normalizer and any KL term still see them) rather than being left
+out of the forward pass.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from difflib import SequenceMatcher
 
@@ -56,6 +86,8 @@ from stages.credit.segments import steps_to_tokens
 from stages.config_fields import param
 from stages.schema import Batch, BatchTensors, CreditResult, turn_key_ids
 
+#: criticality estimates of CARL
+CARL_ENTROPY = ("token_entropy", "neg_logprob")
 #: normalization modes of GiGPO (verl-agent ``algorithm.gigpo.mode``)
 GIGPO_MODES = ("mean_std_norm", "mean_norm")
 
@@ -183,3 +215,66 @@ class GiGPO(CreditMethod):
                      step_adv_abs_mean=float(a_step.abs().sum()) / n_steps,
                      step_return_mean=float((ret * is_step).sum()) / n_steps)
         return CreditResult(advantages=adv, granularity="step", credit=credit, returns=None, stats=stats)
+
+
+# --------------------------------------------------------------------------------------------
+# CARL
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CARLConfig(CreditConfig):
+    method: str = param("carl", help="credit-assignment method (registry name; CARL, Shen et al. 2025)")
+    rho: float = param(0.3, help="fraction of the batch's actions, highest entropy first, that keep their advantage (Shen et al. 2025 critical actions; 1 = GRPO)", gt=0, le=1)
+    entropy: str = param("token_entropy", help="action criticality: mean token entropy of the sampling distribution, or the paper's -mean log-prob of the sampled action (Shen et al. 2025 §3)", choices=CARL_ENTROPY)
+    norm_adv_by_std: bool = param(True, help="base GRPO advantage divided by the group std (Shen et al. 2025 build on GRPO)")
+    epsilon: float = param(1e-6, help="added to the group std (GRPO, verl's epsilon)", ge=0)
+
+
+def critical_actions(crit: torch.Tensor, present: torch.Tensor, rho: float) -> torch.Tensor:
+    """(B, K) bool: the ``ceil(rho * N)`` present actions of highest ``crit`` (N = present
+    actions); ties keep the earlier action in row-major order (stable sort)."""
+    n = int(present.sum())
+    k = min(n, int(math.ceil(rho * n - 1e-9)))
+    flat = crit[present]
+    order = torch.sort(flat, descending=True, stable=True).indices
+    keep = torch.zeros(n, dtype=torch.bool, device=crit.device)
+    keep[order[:k]] = True
+    out = torch.zeros_like(present)
+    out[present] = keep
+    return out
+
+
+@register_method
+class CARL(CreditMethod):
+    """CARL: GRPO's advantage on the top-rho fraction of actions by policy entropy, 0 on the
+    rest (module docstring; Shen et al. 2025 §3; survey §5.4)."""
+
+    name = "carl"
+    needs_group = True  # the base advantage is GRPO's group baseline
+    Config = CARLConfig
+    granularity = "step"
+    methodology = "Entropy-based"
+    reference = "Shen et al. 2025 (CARL: Focusing Agentic Reinforcement Learning on Critical Actions, §3); survey §5.4"
+
+    def assign(self, tensors: BatchTensors, batch: Batch, ctx: CreditContext) -> CreditResult:
+        cfg: CARLConfig = self.cfg  # type: ignore[assignment]
+        rewards, mask = _inputs(tensors)
+        base = F._grpo_scalars(rewards, mask, tensors.index, cfg.epsilon, cfg.norm_adv_by_std)  # (B,)
+        K = max(tensors.max_turns, 1)
+        _, present = turn_rewards(rewards, tensors.turn_ids, K)
+        tok = tensors.entropies if cfg.entropy == "token_entropy" else -tensors.old_logprobs
+        crit = turn_means(tok.to(rewards.dtype), tensors.turn_ids, K)  # (B, K) length-normalized
+        keep = critical_actions(crit, present, cfg.rho)
+        keep_tok = steps_to_tokens(keep.to(rewards.dtype), tensors.turn_ids)
+        adv = base[:, None] * keep_tok * mask
+        n = max(int(present.sum()), 1)
+        n_tok = max(float(mask.sum()), 1.0)
+        stats = {"actions": float(present.sum()), "critical_actions": float(keep.sum()),
+                 "skipped_action_fraction": 1.0 - float(keep.sum()) / n if present.any() else 0.0,
+                 "skipped_token_fraction": 1.0 - float((keep_tok * mask).sum()) / n_tok,
+                 "entropy_mean": float(crit[present].mean()) if present.any() else 0.0,
+                 "critical_entropy_mean": float(crit[keep].mean()) if keep.any() else 0.0,
+                 "critical_entropy_min": float(crit[keep].min()) if keep.any() else 0.0}
+        credit = torch.where(present, base[:, None] * keep.to(rewards.dtype), torch.full_like(crit, float("nan")))
+        return CreditResult(advantages=adv, granularity="step", credit=credit, stats=stats)
