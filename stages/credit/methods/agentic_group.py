@@ -84,7 +84,7 @@ from stages.credit.registry import register_method
 from stages.credit.reverse_scan import reverse_discounted_scan
 from stages.credit.segments import steps_to_tokens
 from stages.config_fields import param
-from stages.schema import Batch, BatchTensors, CreditResult, turn_key_ids
+from stages.schema import Batch, BatchTensors, CreditResult, turn_credit, turn_key_ids
 
 #: criticality estimates of CARL
 CARL_ENTROPY = ("token_entropy", "neg_logprob")
@@ -141,15 +141,6 @@ def anchor_ids(batch: Batch, K: int, similarity_thresh: float = 1.0) -> torch.Te
             sid = sid.clone()
             sid[sid >= 0] = torch.tensor(similarity_clusters(list(keys), list(grp), similarity_thresh), dtype=torch.long)
     return sid
-
-
-def turn_means(values: torch.Tensor, turn_ids: torch.Tensor, K: int) -> torch.Tensor:
-    """(B, R) token values -> (B, K) mean over each turn's policy tokens (0 where it has none)."""
-    valid = (turn_ids >= 0).to(values.dtype)
-    idx = turn_ids.clamp(min=0, max=K - 1)
-    s = torch.zeros((values.shape[0], K), dtype=values.dtype, device=values.device).scatter_add_(1, idx, values * valid)
-    n = torch.zeros_like(s).scatter_add_(1, idx, valid)
-    return s / n.clamp(min=1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -264,7 +255,7 @@ class CARL(CreditMethod):
         K = max(tensors.max_turns, 1)
         _, present = turn_rewards(rewards, tensors.turn_ids, K)
         tok = tensors.entropies if cfg.entropy == "token_entropy" else -tensors.old_logprobs
-        crit = turn_means(tok.to(rewards.dtype), tensors.turn_ids, K)  # (B, K) length-normalized
+        crit = turn_credit(tok.to(rewards.dtype), tensors.turn_ids, K)  # (B, K) length-normalized (nan: no action)
         keep = critical_actions(crit, present, cfg.rho)
         keep_tok = steps_to_tokens(keep.to(rewards.dtype), tensors.turn_ids)
         adv = base[:, None] * keep_tok * mask
