@@ -1,4 +1,4 @@
-"""The agentic group methods (GiGPO, CARL; survey §5.3-5.4) run one iteration through the real
+"""The agentic group methods (GiGPO, CARL, StarPO-S; survey §5.3, §5.4, §5.7) run one iteration through the real
 train flow on FrozenLake (``creditflow train experiment=frozenlake credit=<method>``): Prefect
 tasks, MLflow metrics, and no extra compute recorded. FrozenLake's rollouts of one task all start
 in the same cell, so GiGPO has step groups to compare."""
@@ -28,7 +28,14 @@ def _check_carl(m):
     assert m["credit.method.critical_entropy_mean"] >= m["credit.method.entropy_mean"]
 
 
-CHECKS = {"gigpo": _check_gigpo, "carl": _check_carl}
+def _check_starpo(m):
+    assert m["credit.method.groups"] == 2 and m["credit.method.kept_groups"] == 1  # ceil(0.25 * 2)
+    assert m["credit.method.kept_group_fraction"] == 0.5
+    assert m["credit.method.kept_reward_std_mean"] >= m["credit.method.reward_std_mean"]
+    assert m["credit.method.policy_entropy_mean"] > 0  # sampled at temperature > 0
+
+
+CHECKS = {"gigpo": _check_gigpo, "carl": _check_carl, "starpo": _check_starpo}
 
 
 @pytest.mark.parametrize("method", sorted(CHECKS))

@@ -1,7 +1,8 @@
-"""Agentic group methods: GiGPO's step groups over anchor states and CARL's critical actions
-(survey §5.3 and §5.4; Appendix B rows 19 and 28). Neither needs a critic, an extra forward
-pass or an extra rollout: both read what the rollout already recorded (the state each action
-was taken in, the sampling distribution's entropy).
+"""Agentic group methods: GiGPO's step groups over anchor states, CARL's critical actions and
+StarPO-S's uncertainty filtering of groups (survey §5.3, §5.4, §5.7; Appendix B rows 19, 28
+and 38). None needs a critic, an extra forward pass or an extra rollout: they read what the
+rollout already recorded (the state each action was taken in, the sampling distribution's
+entropy, the group's rewards).
 
 GiGPO (Feng et al. 2025, "Group-in-Group Policy Optimization for LLM Agent Training",
 arXiv 2505.10978, §3; verl-agent's ``gigpo`` estimator)
@@ -67,6 +68,21 @@ advantages) is not run — the kept actions carry their episode's GRPO advantage
 costs no extra rollout; and the skipped tokens stay in the update's batch with advantage 0 (no
 policy gradient, but the loss normalizer and any KL term still see them) rather than being left
 out of the forward pass.
+
+StarPO-S (Wang et al. 2025d, "RAGEN: Understanding Self-Evolution in LLM Agents via Multi-Turn
+Reinforcement Learning", arXiv 2504.20073, §4: uncertainty-based trajectory filtering)
+----------------------------------------------------------------------------------------------
+
+Groups whose rollouts all score alike carry little signal and feed the "Echo Trap" collapse.
+StarPO-S keeps the ``ceil(keep_fraction · G)`` groups (task instances) of highest reward
+standard deviation among the batch's G groups and drops the rest: here a dropped group's
+trajectories get advantage 0 (they stay in the batch; no gradient from them). The kept groups
+get GRPO's advantage unchanged; ``keep_fraction = 1`` is GRPO exactly. Ties keep the earlier
+group (ascending group id). Logged: the kept group share and the collapse diagnostics the paper
+tracks per batch — mean in-group reward std and mean policy entropy over the policy tokens.
+Departures: the base estimator is GRPO (the paper also runs PPO with a critic), and StarPO-S's
+other two changes (no KL term, asymmetric "clip-higher" clipping) are update settings, not part
+of this credit method.
 """
 
 from __future__ import annotations
@@ -222,14 +238,14 @@ class CARLConfig(CreditConfig):
     epsilon: float = param(1e-6, help="added to the group std (GRPO, verl's epsilon)", ge=0)
 
 
-def critical_actions(crit: torch.Tensor, present: torch.Tensor, rho: float) -> torch.Tensor:
-    """(B, K) bool: the ``ceil(rho * N)`` present actions of highest ``crit`` (N = present
-    actions); ties keep the earlier action in row-major order (stable sort)."""
+def top_fraction(score: torch.Tensor, present: torch.Tensor, frac: float) -> torch.Tensor:
+    """Bool mask like ``present``: the ``ceil(frac * N)`` present entries of highest ``score``
+    (N = present entries); ties keep the earlier entry in row-major order (stable sort).
+    CARL's critical actions, StarPO-S's kept groups."""
     n = int(present.sum())
-    k = min(n, int(math.ceil(rho * n - 1e-9)))
-    flat = crit[present]
-    order = torch.sort(flat, descending=True, stable=True).indices
-    keep = torch.zeros(n, dtype=torch.bool, device=crit.device)
+    k = min(n, int(math.ceil(frac * n - 1e-9)))
+    order = torch.sort(score[present], descending=True, stable=True).indices
+    keep = torch.zeros(n, dtype=torch.bool, device=score.device)
     keep[order[:k]] = True
     out = torch.zeros_like(present)
     out[present] = keep
@@ -256,7 +272,7 @@ class CARL(CreditMethod):
         _, present = turn_rewards(rewards, tensors.turn_ids, K)
         tok = tensors.entropies if cfg.entropy == "token_entropy" else -tensors.old_logprobs
         crit = turn_credit(tok.to(rewards.dtype), tensors.turn_ids, K)  # (B, K) length-normalized (nan: no action)
-        keep = critical_actions(crit, present, cfg.rho)
+        keep = top_fraction(crit, present, cfg.rho)
         keep_tok = steps_to_tokens(keep.to(rewards.dtype), tensors.turn_ids)
         adv = base[:, None] * keep_tok * mask
         n = max(int(present.sum()), 1)
@@ -269,3 +285,50 @@ class CARL(CreditMethod):
                  "critical_entropy_min": float(crit[keep].min()) if keep.any() else 0.0}
         credit = torch.where(present, base[:, None] * keep.to(rewards.dtype), torch.full_like(crit, float("nan")))
         return CreditResult(advantages=adv, granularity="step", credit=credit, stats=stats)
+
+
+# --------------------------------------------------------------------------------------------
+# StarPO-S (RAGEN) variance filtering
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class StarPOConfig(CreditConfig):
+    method: str = param("starpo", help="credit-assignment method (registry name; StarPO-S uncertainty filtering, RAGEN, Wang et al. 2025d)")
+    keep_fraction: float = param(0.25, help="fraction of the batch's groups, highest reward std first, that keep their advantage (Wang et al. 2025d StarPO-S, top 25%; 1 = GRPO)", gt=0, le=1)
+    norm_adv_by_std: bool = param(True, help="base GRPO advantage divided by the group std (Wang et al. 2025d, GRPO variant of StarPO)")
+    epsilon: float = param(1e-6, help="added to the group std (GRPO, verl's epsilon)", ge=0)
+
+
+@register_method
+class StarPO(CreditMethod):
+    """StarPO-S filtering: GRPO's advantage on the top keep_fraction of groups by in-group reward
+    std, 0 on the others (module docstring; Wang et al. 2025d §4; survey §5.7)."""
+
+    name = "starpo"
+    needs_group = True  # a group's reward std needs several rollouts
+    Config = StarPOConfig
+    granularity = "episode"
+    methodology = "Uncertainty"
+    reference = "Wang et al. 2025d (RAGEN / StarPO-S: uncertainty-based trajectory filtering, §4); survey §5.7"
+
+    def assign(self, tensors: BatchTensors, batch: Batch, ctx: CreditContext) -> CreditResult:
+        cfg: StarPOConfig = self.cfg  # type: ignore[assignment]
+        rewards, mask = _inputs(tensors)
+        B = rewards.shape[0]
+        base = F._grpo_scalars(rewards, mask, tensors.index, cfg.epsilon, cfg.norm_adv_by_std)  # (B,)
+        scores = rewards.sum(-1)
+        count, _, std, gid = group_stats(scores, tensors.index, with_std=True)
+        G = int(gid.max()) + 1 if B else 0
+        g_std = torch.zeros(G, dtype=rewards.dtype, device=rewards.device).scatter_(0, gid, torch.where(count > 1, std, torch.zeros_like(std)))  # type: ignore[arg-type]
+        kept = top_fraction(g_std, torch.ones(G, dtype=torch.bool, device=rewards.device), cfg.keep_fraction)
+        row_kept = kept[gid]
+        scalars = base * row_kept.to(base.dtype)
+        n_tok = max(float(mask.sum()), 1.0)
+        stats = {"groups": float(G), "kept_groups": float(kept.sum()),
+                 "kept_group_fraction": float(kept.sum()) / G if G else 0.0,
+                 "kept_row_fraction": float(row_kept.sum()) / B if B else 0.0,
+                 "reward_std_mean": float(g_std.mean()) if G else 0.0,
+                 "kept_reward_std_mean": float(g_std[kept].mean()) if bool(kept.any()) else 0.0,
+                 "policy_entropy_mean": float((tensors.entropies.to(mask.dtype) * mask).sum()) / n_tok}
+        return CreditResult(advantages=scalars[:, None] * mask, granularity="episode", credit=scalars, stats=stats)
