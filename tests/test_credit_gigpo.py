@@ -164,3 +164,34 @@ def test_no_extra_compute_and_config_rules():
         build_method(cls.Config(step_advantage_w=-1.0))
     with pytest.raises(ValueError, match=r"^credit.similarity_thresh"):
         build_method(cls.Config(similarity_thresh=0.0))
+
+
+def test_differential_on_the_real_bifurcation_environment():
+    """On real bifurcation episodes (tests/test_credit_differential.py: per instance two right
+    episodes, one wrong at the first decisive turn d1, one wrong at the second d2, the last
+    turn), with their environment state keys: turns alone in their step group (off the track
+    after a wrong decision) get GRPO's credit exactly; at d2, shared by the three on-track
+    rollouts, the step advantage has the sign of the exact advantage. At d1 GiGPO credits the
+    *realized* return from the shared state (Eq. 5, not a value): the episode that was right at
+    d1 but failed at d2 gets the same negative step advantage as the one that was wrong at d1."""
+    from tests.test_credit_differential import _turn_adv, bifurcation_batch
+
+    b = bifurcation_batch()
+    t = b.to_tensors()
+    res = _run(b)
+    grpo = _turn_adv(_grpo(b), t)
+    ta = _turn_adv(res.advantages, t)
+    step = ta - grpo
+    exact, dec = t.gt_turn_advantage.double(), t.decisive
+    key = t.index[:, None] * 1000 + anchor_ids(b, t.max_turns)
+    size = (key[:, :, None, None] == key[None, None]).flatten(2).sum(-1)  # step-group size of each turn
+    alone = size == 1
+    assert alone.sum() >= 6 and torch.allclose(ta[alone], grpo[alone])
+    for g in range(3):
+        rows = [4 * g + e for e in range(4)]
+        d1, d2 = [int(x) for x in torch.nonzero(dec[rows[0]]).flatten()]
+        on_d2 = [r for r in rows if not alone[r, d2]]
+        assert on_d2 == [rows[0], rows[1], rows[3]]  # row 2 went off the track at d1
+        assert torch.all(torch.sign(step[on_d2, d2]) == torch.sign(exact[on_d2, d2]))
+        assert size[rows[0], d1] == 4 and exact[rows[3], d1] > 0 > exact[rows[2], d1]
+        assert step[rows[3], d1] == pytest.approx(float(step[rows[2], d1])) and step[rows[3], d1] < 0
