@@ -164,6 +164,10 @@ def test_no_extra_compute_and_config_rules():
         build_method(cls.Config(step_advantage_w=-1.0))
     with pytest.raises(ValueError, match=r"^credit.similarity_thresh"):
         build_method(cls.Config(similarity_thresh=0.0))
+    from stages.schema import Batch
+
+    with pytest.raises(ValueError, match=r"^credit method 'gigpo' reads each turn's state_key"):
+        build_method(cls.Config())(b.to_tensors(), Batch([]), CreditContext())
 
 
 def test_differential_on_the_real_bifurcation_environment():

@@ -192,6 +192,9 @@ class GiGPO(CreditMethod):
         B = rewards.shape[0]
         by_std = cfg.mode == "mean_std_norm"
         a_ep = F._grpo_scalars(rewards, mask, tensors.index, cfg.epsilon, by_std)  # (B,) Eq. 3
+        if len(batch) != B:
+            raise ValueError(f"credit method 'gigpo' reads each turn's state_key from the batch: it has "
+                             f"{len(batch)} trajectories but the tensors have {B} rows")
         K = max(tensors.max_turns, 1)
         r_turn, is_step = turn_rewards(rewards, tensors.turn_ids, K)
         ret = reverse_discounted_scan(r_turn, cfg.gamma)  # (B, K) Eq. 5
