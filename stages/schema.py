@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, fields
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -325,3 +325,23 @@ def turn_credit(advantages: torch.Tensor, turn_ids: torch.Tensor, num_turns: int
     counts = torch.zeros((B, K), dtype=advantages.dtype).scatter_add_(1, idx, valid.to(advantages.dtype))
     out = sums / counts.clamp(min=1)
     return torch.where(counts > 0, out, torch.full_like(out, float("nan")))
+
+
+def turn_key_ids(batch: Batch, num_turns: int, key: Callable[[Turn], Any] = lambda turn: turn.state_key,
+                 absent: Optional[Callable[[Turn], bool]] = None) -> torch.Tensor:
+    """(B, K) long: dense ids (0.., in order of first appearance over the batch) of ``key(turn)``
+    for each row's first ``num_turns`` turns; -1 beyond a row's turns and where ``absent(turn)``.
+
+    The one place string keys of turns become integer ids (the anchor states of GiGPO, Feng et
+    al. 2025 §3.2, and the state/action ids of the benchmark's per-turn table): one dictionary
+    pass over the turns (data preparation, O(turns)); everything after it is tensor work.
+    """
+    K = max(int(num_turns), 1)
+    ids: dict[Any, int] = {}
+    rows = [[-1 if absent is not None and absent(turn) else ids.setdefault(key(turn), len(ids))
+             for turn in traj.turns[:K]] for traj in batch.trajectories]
+    out = torch.full((len(rows), K), -1, dtype=torch.long)
+    for b, row in enumerate(rows):
+        if row:
+            out[b, : len(row)] = torch.tensor(row, dtype=torch.long)
+    return out

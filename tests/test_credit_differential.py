@@ -249,6 +249,7 @@ def _bif_episode(fam, inst, actions, uid, gid, ep_seed) -> Trajectory:
     ids, pm, lps, turns = [], [], [], []
     terminal = 0.0
     for k, a in enumerate(actions):
+        key = env.state_key()  # the state the action is taken in (GiGPO's anchor)
         res = env.step(format_action(a))
         s = len(ids)
         p = PROB_DECISIVE if env.decisive[k] else PROB_ROUTINE
@@ -256,7 +257,8 @@ def _bif_episode(fam, inst, actions, uid, gid, ep_seed) -> Trajectory:
         pm += [True, True, False]
         lps += [math.log(p), 0.0, 0.0]
         turns.append(Turn(index=k, action_span=(s, s + 2), obs_span=(s + 2, s + 3), action_text=format_action(a),
-                          observation=res.observation, reward=float(res.info["turn_reward"]), action=res.action))
+                          observation=res.observation, reward=float(res.info["turn_reward"]), action=res.action,
+                          state_key=key))
         terminal = float(res.info.get("terminal_reward", 0.0))
     return Trajectory(uid=uid, group_id=gid, task_id=inst.task_id, env_name="bifurcation", prompt_ids=[1, 2],
                       response_ids=ids, policy_mask=pm, logprobs=lps, entropies=[0.0] * len(ids), turns=turns,

@@ -140,6 +140,7 @@ def test_spot_checks_against_table_10(rows):
 IMPLEMENTED = [(1, "vineppo"), (2, "red"), (3, "t_reg"), (4, "dpo_implicit"), (5, "spo"), (6, "scar"), (7, "tempo"),
                (8, "pure"), (9, "spro"), (10, "capo"), (11, "acpo"), (12, "hicra"), (13, "prl"), (14, "int"),
                (23, "turn_ppo"), (24, "grpo"), (26, "itpo"),
+               (19, "gigpo"), (28, "carl"), (38, "starpo"),
                (None, "grpo")]
 
 

@@ -31,7 +31,7 @@ from typing import Optional
 
 import torch
 
-from stages.schema import Batch, BatchTensors, turn_credit
+from stages.schema import Batch, BatchTensors, turn_credit, turn_key_ids
 
 #: a true advantage with ``|A| <= ZERO_EPS`` counts as zero (routine turns of bifurcation tasks)
 ZERO_EPS = 1e-9
@@ -212,14 +212,8 @@ def turn_table(batch: Batch, tensors: BatchTensors, advantages: torch.Tensor) ->
     gt = tensors.gt_turn_advantage
     tc = turn_credit(advantages.double(), tensors.turn_ids, gt.shape[1])
     K = gt.shape[1]
-    states: dict[str, int] = {}
-    actions: dict[Optional[str], int] = {}
-    sid = torch.full((len(batch.trajectories), K), -1, dtype=torch.long)
-    aid = torch.full_like(sid, -1)
-    for b, traj in enumerate(batch.trajectories):  # string keys -> ids (data preparation, not a hot path)
-        for t, turn in enumerate(traj.turns[:K]):
-            sid[b, t] = states.setdefault(turn.state_key, len(states))
-            aid[b, t] = actions.setdefault(turn.action, len(actions))
+    sid = turn_key_ids(batch, K)  # string keys -> ids (data preparation, not a hot path)
+    aid = turn_key_ids(batch, K, key=lambda turn: turn.action)
     valid = ~torch.isnan(tc) & ~torch.isnan(gt.double()) & (sid >= 0)
     rows = torch.arange(len(batch.trajectories))[:, None].expand(-1, K)
     return TurnTable(credit=tc[valid], advantage=gt.double()[valid], decisive=tensors.decisive[valid],
