@@ -1,4 +1,5 @@
-"""Docker-sandboxed vs in-process identity of the agentic families (issue 16; survey §8.2: safety
+"""Docker-sandboxed vs in-process identity of the agentic families frozenlake, gym (tabular), sokoban
+and minigrid (its exported table; issue 16; survey §8.2: safety
 during training): the same instance, episode seed and action texts (valid, invalid, malformed)
 give identical observations, rewards, terminations, actions, state keys, reasons, ground truth
 and stats when every transition runs in a locked-down container of the offline sandbox image.
@@ -113,3 +114,15 @@ def test_sokoban_in_docker_equals_in_process(box):
         e2.restore(snap)
         assert e1.step(" right\n") == e2.step(" right\n")
         assert e1.state_key() == e2.state_key()
+
+
+def test_minigrid_table_in_docker_equals_in_process(box):
+    from tests.test_minigrid import MG_TEXTS, identical_play
+    from environments.tasks.minigrid_env import MiniGridConfig, MiniGridFamily
+
+    kw = dict(gym_id="MiniGrid-DoorKey-5x5-v0", max_turns=20)
+    plain, boxed = MiniGridFamily(MiniGridConfig(**kw)), MiniGridFamily(MiniGridConfig(sandboxed=True, **kw))
+    rng = random.Random(11)
+    for seed in (0, 1):
+        identical_play(plain, boxed, box, plain.instance("train", seed, 0), seed,
+                       [rng.choice(MG_TEXTS) for _ in range(20)])
