@@ -60,11 +60,16 @@ recorded action.
 
 Execution
 ---------
-In-process only (``needs_sandbox = False``). The process sandbox cannot host the engine: under
-bwrap the trainer's virtualenv (py4j, ``textworld_express`` and its jar) is not visible, a JVM
-does not start under the sandbox's address-space limit (``sandbox.memory_mb=512``: checked, it
-cannot reserve its heap even with ``-Xmx128m``), and the jar has no stdin/stdout driver, only the
-py4j gateway, so a sandboxed step would start a JVM (~0.5 s) and replay the episode each time.
+In-process only (``needs_sandbox = False``; ``env.sandboxed=true`` is refused by the config loader
+with :data:`SANDBOX_REFUSAL`). The process sandbox cannot host the engine: under bwrap the
+trainer's virtualenv (py4j, ``textworld_express`` and its jar) is not visible, a JVM does not start
+under the sandbox's default address-space limit (``sandbox.memory_mb=512`` and 2048: ``java
+-Xmx128m -version`` exits 1; 4096: it starts, measured in session 6), and the jar has no
+stdin/stdout driver, only the py4j gateway, so a sandboxed step would start a JVM (~0.5 s) and
+replay the episode each time. The Docker image is assembled offline from the host's stdlib
+python3 and a few tools (:mod:`environments.sandbox.image`); the host's JRE (``/usr/lib/jvm``,
+562 MiB here) could be copied in the same way, but the package and py4j still could not, and the
+replay-per-step cost would remain: not done.
 
 Ground truth (``env.ground_truth``)
 -----------------------------------
@@ -142,8 +147,11 @@ class TextGameConfig(EnvConfig):
     ground_truth: str = param("none", help="per-turn ground-truth credit under the uniform-over-validActions policy: none | mc (Monte Carlo, with standard errors) | exhaustive (exact, small games)", choices=GROUND_TRUTHS)
     gt_rollouts: int = param(16, help="env.ground_truth=mc: rollouts per visited state", ge=2)
     gt_max_nodes: int = param(20000, help="env.ground_truth=exhaustive: most search-tree nodes per state before giving up", ge=1)
+    sandboxed: bool = param(False, help="run the game inside the run's sandbox: not available for TextWorld Express (refused; module docstring, Execution)")
 
     def config_rules(self):
+        if self.sandboxed:
+            yield "sandboxed", SANDBOX_REFUSAL
         bad = [k for k in _param_names(self.params) if k not in twx.GAME_PARAMS.get(self.game, ())]
         if bad:
             yield "params", f"{bad[0]} is not a parameter of {self.game}; known: {', '.join(twx.GAME_PARAMS[self.game])}"
@@ -158,6 +166,14 @@ class TextGameConfig(EnvConfig):
         err = twx.check_params(self.game, self.params)
         if err:
             yield "params", f"TextWorld Express refuses it: {err}"
+
+
+#: why ``env.sandboxed=true`` is refused, and what is possible instead (one line; module docstring, Execution)
+SANDBOX_REFUSAL = ("not available for textgame: TextWorld Express is a JVM driven through py4j from the trainer's "
+                   "virtualenv, which neither sandbox carries (process/bwrap: the host's /usr, a JVM starts only with "
+                   "sandbox.memory_mb>=4096, but no venv; docker image: a stdlib-only python3, no JRE), and its jar has "
+                   "no stdin driver, so every step would start a JVM and replay the episode; use env.sandboxed=false "
+                   "(in-process), or a sandboxed family: frozenlake, gym (tabular ids), minigrid, sokoban, bifurcation")
 
 
 def _param_names(params: str) -> list[str]:
