@@ -1,10 +1,8 @@
 """MiniGrid family: egocentric text view, actions by name, invalid actions (MiniGrid's no-op),
 exact ground truth by BFS + DP (a hand computation of the optimal value; exhaustive MC with real
-MiniGrid episodes under the uniform policy), seeds and splits, snapshots, config rules.
-
-Not here: a sandboxed-vs-in-process identity test. MiniGrid needs gymnasium and minigrid inside
-the sandbox, whose interpreter is the system python3 with the standard library only (process
-backend under bubblewrap, docker image), so the family runs in-process (``needs_sandbox`` False)."""
+MiniGrid episodes under the uniform policy), seeds and splits, snapshots, config rules, and the
+sandboxed mode (the exported BFS table stepped in a process sandbox; the Docker one is in
+tests/test_sandboxed_families_docker.py) against in-process play."""
 
 from __future__ import annotations
 
@@ -16,6 +14,7 @@ import numpy as np
 import pytest
 
 import environments.tasks  # noqa: F401  (registers the built-in families)
+from environments.sandbox import ProcessBackend, SandboxConfig
 from environments.tasks.minigrid_env import ACTIONS, DONE, MiniGridConfig, MiniGridFamily
 from flows.config import ConfigError, load_config
 from stages.credit.decision_tree import TaskProfile
@@ -137,3 +136,81 @@ def test_config_rules_describe_profile():
     assert TaskProfile(**f.profile()).partially_observable
     corpus = f.warmup_corpus(2, 0)
     assert all(t[0] in {f" {a}\n" for a in ACTIONS} for _, turns in corpus for t in turns)
+
+
+#: every action name, an index, invalid texts (MiniGrid's no-op is stepped for them)
+MG_TEXTS = [f" {a}\n" for a in ACTIONS] + [" 2\n", " forward\n", " forward\n", "jump\n", "\n", "Forward"]
+
+
+def identical_play(plain, boxed, box, inst, seed, texts):
+    """Play ``texts`` in-process and in ``box``; every StepResult, the ground truth and the
+    stats (but the sandbox counters) must be identical. Returns the in-process env."""
+    e1, e2 = plain.make(inst, episode_seed=seed), boxed.make(inst, sandbox=box, episode_seed=seed)
+    assert e1.reset() == e2.reset() and e1.state_key() == e2.state_key()
+    for text in texts:
+        r1, r2 = e1.step(text), e2.step(text)
+        assert r1 == r2 and "sandbox_fault" not in r2.info, text
+        if r1.done:
+            break
+    assert e1.actions == e2.actions and e1.states == e2.states
+    assert e1.ground_truth(e1.actions) == e2.ground_truth(e2.actions)
+    s1, s2 = e1.stats(), dict(e2.stats())
+    assert s2.pop("sandbox_seconds") > 0 and s2.pop("sandbox_execs") == s1["gym_steps"] and s1 == s2
+    return e1, e2
+
+
+def test_sandboxed_trajectories_equal_in_process(tmp_path):
+    backend = ProcessBackend(SandboxConfig(), base_dir=str(tmp_path / "sbx"))
+    try:
+        box = backend.create()
+        rng = random.Random(7)
+        reasons, invalid = set(), 0
+        # DoorKey: keys, locked doors, pickup/toggle/drop; Empty: the goal, MiniGrid's reward
+        for gym_id, turns, seeds in (("MiniGrid-DoorKey-5x5-v0", 40, (0, 1, 2)), (EMPTY, 12, (3,))):
+            kw = dict(gym_id=gym_id, max_turns=turns)
+            plain, boxed = fam(**kw), fam(sandboxed=True, **kw)
+            assert boxed.needs_sandbox and not plain.needs_sandbox
+            assert "sandbox" in boxed.describe()["execution"]
+            for seed in seeds:
+                inst = plain.instance("train", seed, 0)
+                texts = [rng.choice(MG_TEXTS) for _ in range(turns)]
+                e1, e2 = identical_play(plain, boxed, box, inst, seed, texts)
+                invalid += sum(a is None for a in e1.actions)
+        # the solution of Empty-5x5 (the goal's reward goes through the sandbox's arithmetic)
+        plain, boxed = fam(gym_id=EMPTY, max_turns=12), fam(gym_id=EMPTY, max_turns=12, sandboxed=True)
+        e1, e2 = identical_play(plain, boxed, box, plain.instance("eval", 0, 0), 0,
+                                [" forward\n", "bad\n", " forward\n", " right\n", " forward\n", " forward\n"])
+        assert e1.done and e1._success and 0 < e1.stats()["gym_steps"] == 6
+        assert invalid >= 1
+        # snapshot / restore: the same future, the sandbox's state file rewritten
+        e2.reset()
+        e2.step(" forward\n")
+        snap = e2.snapshot()
+        first = [e2.step(m) for m in (" forward\n", " right\n")]
+        e2.restore(snap)
+        assert [e2.step(m) for m in (" forward\n", " right\n")] == first
+        # ground_truth=none still has the transition table; too many states is a clear error
+        boxed = fam(gym_id=EMPTY, max_turns=12, sandboxed=True, ground_truth="none")
+        identical_play(fam(gym_id=EMPTY, max_turns=12, ground_truth="none"), boxed, box, boxed.instance("train", 1, 0),
+                       1, MG_TEXTS)
+        tiny = fam(gym_id=EMPTY, sandboxed=True, max_states=3)
+        with pytest.raises(ValueError, match="env.max_states=3"):
+            tiny.make(tiny.instance("train", 0, 0), sandbox=box).reset()
+        with pytest.raises(ValueError, match="needs a sandbox"):
+            tiny.make(tiny.instance("train", 0, 0))
+    finally:
+        backend.close()
+
+
+def test_sandbox_fault_ends_the_episode(tmp_path):
+    backend = ProcessBackend(SandboxConfig(), base_dir=str(tmp_path / "sbx"))
+    try:
+        f = fam(gym_id=EMPTY, max_turns=12, sandboxed=True)
+        box = backend.create()
+        env = f.make(f.instance("train", 0, 0), sandbox=box)
+        env.reset()
+        box.write_file("minigrid_step.py", b"import sys\nsys.exit(3)\n")
+        r = env.step(" forward\n")
+        assert r.done and r.reason == "sandbox_error" and r.reward == 0.0 and not r.success
+    finally:
+        backend.close()

@@ -31,14 +31,42 @@ states table of the oracle would be too large), so ``credit=oracle`` is refused 
 ``credit.gt_*`` metrics use the ground truth. Limits: box contents are not part of the encoding
 (no environment listed above puts objects in boxes); stochastic MiniGrid environments (dynamic
 obstacles) are outside the exact DP's assumptions.
+
+Sandboxed mode (``env.sandboxed=true``; survey §8.2, safety during training). Which option, and
+why: the sandboxes run the system ``python3`` with the standard library only (the process backend under bubblewrap exposes ``/usr`` but not the project's virtual environment;
+the Docker image is assembled offline from the host interpreter without ``site-packages``), so
+``gymnasium``/``minigrid``/``numpy`` cannot run inside them. This mode is therefore a *tabular
+export* (option (a) of issue 16), as :mod:`environments.tasks.gym_tabular_step` is for toy-text
+Gymnasium environments:
+
+* at reset the host writes the instance's deterministic transition table, enumerated by BFS over
+  the reachable true states by stepping real MiniGrid (:func:`environments.tasks.minigrid_env.grid_tables`,
+  the same tables the exact ground truth uses), into the sandbox with the stdlib step script
+  :mod:`environments.tasks.minigrid_table_step`;
+* every stepped action (invalid actions step MiniGrid's ``done`` no-op, as in-process) is one exec
+  of that script, which applies MiniGrid's reward and step-limit rules and keeps the state index
+  and step count in the sandbox's work directory;
+* the host mirrors the state index the sandbox reports: it sets its own MiniGrid instance to that
+  true state and renders the egocentric view with MiniGrid's ``gen_obs`` (a pure function of the
+  true state: agent cell and direction, carried object, grid encoding), so observations, rewards,
+  terminations, state keys, ground truth, snapshots and stats equal the in-process ones for the
+  same instance, seed and actions (``tests/test_minigrid.py``: process backend;
+  ``tests/test_sandboxed_families_docker.py``: Docker).
+
+What runs in the sandbox is the transition arithmetic, not MiniGrid's Python code and not the
+rendering. Instances with more than ``env.max_states`` reachable states have no table: their reset
+raises a ValueError naming ``env.max_states``. Sandbox faults end the episode with terminal reward 0
+and reason ``sandbox_<reason>`` (:class:`environments.sandbox.step_script.StepScriptEnv`).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
@@ -46,6 +74,7 @@ import numpy as np
 from environments.base import EnvConfig, TaskInstance
 from environments.ground_truth import GroundTruthCredit
 from environments.registry import register_family
+from environments.sandbox.step_script import SandboxFault
 from environments.tabular_values import REFERENCE_POLICIES, finite_horizon_values, played_credit
 from environments.tasks.gym_adapter import (
     ACTION_FORMAT,
@@ -59,6 +88,11 @@ from environments.tasks.gym_adapter import (
 from stages.config_fields import param
 
 os.environ.setdefault("PYGAME_HIDE_SUPPORT_PROMPT", "1")
+
+STEP_SCRIPT = "minigrid_step.py"
+TABLE_FILE = "minigrid_table.json"
+STATE_FILE = "minigrid_state.json"
+_STEP_SCRIPT_PATH = Path(__file__).resolve().parent / "minigrid_table_step.py"
 
 ACTIONS = ("left", "right", "forward", "pickup", "drop", "toggle", "done")
 DONE = ACTIONS.index("done")
@@ -95,6 +129,7 @@ class MiniGridConfig(EnvConfig):
     decisive_gap: float = param(0.05, help="a turn is decisive when the actions' Q-values at its state differ by at least this", ge=0)
     train_size: int = param(512, help="train-split instance pool size (reset seeds = layouts)", ge=0)
     eval_size: int = param(128, help="eval-split instance pool size (disjoint seed stream)", ge=0)
+    sandboxed: bool = param(False, help="step the exported BFS transition table inside the run's sandbox (stdlib script; same trajectories)")
 
 
 # ----------------------------------------------------------------------------- text
@@ -161,6 +196,15 @@ class GridTables:
     values: Any
     bfs_seconds: float
     n_states: int
+    #: the true state of every index (BFS order), for the sandboxed mode's host-side mirror
+    states: list[tuple] = field(default_factory=list)
+    #: (S, 7) next state index, success and terminal flags of MiniGrid's own actions
+    next: Any = None
+    success: Any = None
+    terminal: Any = None
+    #: MiniGrid's ``max_steps`` and the grid encoding's shape
+    max_steps: int = 0
+    shape: tuple = ()
 
 
 def enumerate_states(u: Any, max_states: int) -> Optional[tuple[dict[tuple, int], np.ndarray, np.ndarray, np.ndarray]]:
@@ -221,7 +265,9 @@ def grid_tables(u: Any, cfg: Any) -> Optional[GridTables]:
     step_reward = 1.0 - 0.9 * (np.arange(H) + 1) / max_steps
     R = step_reward[:, None, None] * success[None]
     values = finite_horizon_values(T, R, H, len(ACTIONS), str(cfg.reference_policy))
-    return GridTables(index=index, values=values, bfs_seconds=time.perf_counter() - t0, n_states=S - 1)
+    return GridTables(index=index, values=values, bfs_seconds=time.perf_counter() - t0, n_states=S - 1,
+                      states=list(index), next=nxt, success=succ, terminal=term, max_steps=max_steps,
+                      shape=tuple(u.grid.encode().shape))
 
 
 # ----------------------------------------------------------------------------- env + family
@@ -233,8 +279,9 @@ class MiniGridEnv(GymTextEnv):
     action_names = ACTIONS
     invalid_gym_action = DONE
 
-    def __init__(self, cfg: Any, instance: TaskInstance, make_env: Any, family: "MiniGridFamily", episode_seed: int = 0):
-        super().__init__(cfg, instance, make_env, episode_seed=episode_seed)
+    def __init__(self, cfg: Any, instance: TaskInstance, make_env: Any, family: "MiniGridFamily", episode_seed: int = 0,
+                 sandbox: Any = None):
+        super().__init__(cfg, instance, make_env, episode_seed=episode_seed, sandbox=sandbox)
         self.family = family
         self.tables: Optional[GridTables] = None
 
@@ -287,6 +334,43 @@ class MiniGridEnv(GymTextEnv):
         return out
 
 
+    # -- sandboxed mode (module docstring) ---------------------------------------------------
+
+    def _sandbox_table(self) -> GridTables:
+        tables = self.family.tables_for(self.instance, transitions=True)
+        if tables is None:
+            raise ValueError(f"env.sandboxed: instance {self.instance.task_id} has more than env.max_states="
+                             f"{self.cfg.max_states} reachable states, so no transition table to run in the sandbox")
+        return tables
+
+    def _sandbox_init(self) -> None:
+        tables = self._sandbox_table()
+        spec = {"next": tables.next.tolist(), "success": tables.success.tolist(),
+                "terminal": tables.terminal.tolist(), "max_steps": int(tables.max_steps)}
+        self._timed(self.box.write_file, STEP_SCRIPT, _STEP_SCRIPT_PATH.read_bytes())
+        self._timed(self.box.write_file, TABLE_FILE, json.dumps(spec).encode())
+        self._sandbox_write_state()
+
+    def _sandbox_write_state(self) -> None:
+        s = self._sandbox_table().index[true_state(self.unwrapped)]
+        self._timed(self.box.write_file, STATE_FILE, json.dumps({"s": s, "k": self._gym_steps}).encode())
+
+    def _sandbox_step(self, a: int) -> tuple[Any, float, bool, bool, dict[str, Any]]:
+        tables = self._sandbox_table()
+        out = self._run_step_script(STEP_SCRIPT, {"a": int(a)})
+        try:
+            s2, r = int(out["s"]), float(out["r"])
+            terminated, truncated = bool(out["terminated"]), bool(out["truncated"])
+            state = tables.states[s2]
+        except (ValueError, KeyError, TypeError, IndexError) as exc:
+            raise SandboxFault("error", str(exc)) from exc
+        # the host mirrors the reported state (rendering, state keys, ground truth)
+        u = self.unwrapped
+        _set_state(u, state, tables.shape)
+        u.step_count = self._gym_steps + 1
+        return u.gen_obs(), r, terminated, truncated, {}
+
+
 @register_family
 class MiniGridFamily(GymFamily):
     name = "minigrid"
@@ -294,7 +378,8 @@ class MiniGridFamily(GymFamily):
 
     def __init__(self, cfg: Optional[Any] = None):
         super(GymFamily, self).__init__(cfg)
-        self.needs_sandbox = False  # MiniGrid needs gymnasium + minigrid, which the sandbox's Python lacks
+        #: env.sandboxed: the exported table is stepped in the sandbox (module docstring)
+        self.needs_sandbox = bool(self.cfg.sandboxed)
         self._tables: dict[str, Optional[GridTables]] = {}
         self.bfs_seconds = 0.0
 
@@ -307,11 +392,13 @@ class MiniGridFamily(GymFamily):
         return gymnasium.make(resolve_gym_id(self.cfg.gym_id), max_episode_steps=int(self.cfg.max_turns))
 
     def make_env(self, instance: TaskInstance, sandbox: Any, episode_seed: int) -> MiniGridEnv:
-        return MiniGridEnv(self.cfg, instance, self._make_gym, self, episode_seed=episode_seed)
+        return MiniGridEnv(self.cfg, instance, self._make_gym, self, episode_seed=episode_seed, sandbox=sandbox)
 
-    def tables_for(self, instance: TaskInstance) -> Optional[GridTables]:
-        """The instance's exact tables (BFS + DP once per layout; cached), None when unavailable."""
-        if self.cfg.ground_truth != "exact":
+    def tables_for(self, instance: TaskInstance, transitions: bool = False) -> Optional[GridTables]:
+        """The instance's exact tables (BFS + DP once per layout; cached), None when unavailable
+        (more than ``env.max_states`` states, or ``env.ground_truth=none`` unless ``transitions``:
+        the sandboxed mode needs the transition table whatever the ground truth)."""
+        if self.cfg.ground_truth != "exact" and not transitions:
             return None
         key = f"{instance.task_id}|{instance.spec['reset_seed']}"
         if key not in self._tables:
@@ -341,7 +428,8 @@ class MiniGridFamily(GymFamily):
             "benchmark": f"minigrid {c.gym_id} (egocentric 7x7 view as text; max {c.max_turns} turns)",
             "ground_truth": gt,
             "text_protocol": "observation = direction, carrying, 7x7 view, seen objects + 't{k}:'; the policy emits ' forward\\n' etc.",
-            "execution": "in-process",
+            "execution": ("transitions in the run's sandbox (stdlib script stepping the exported BFS table)"
+                          if c.sandboxed else "in-process"),
         }
 
     def profile(self) -> dict[str, Any]:

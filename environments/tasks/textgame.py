@@ -60,11 +60,16 @@ recorded action.
 
 Execution
 ---------
-In-process only (``needs_sandbox = False``). The process sandbox cannot host the engine: under
-bwrap the trainer's virtualenv (py4j, ``textworld_express`` and its jar) is not visible, a JVM
-does not start under the sandbox's address-space limit (``sandbox.memory_mb=512``: checked, it
-cannot reserve its heap even with ``-Xmx128m``), and the jar has no stdin/stdout driver, only the
-py4j gateway, so a sandboxed step would start a JVM (~0.5 s) and replay the episode each time.
+In-process only (``needs_sandbox = False``; ``env.sandboxed=true`` is refused by the config loader
+with :data:`SANDBOX_REFUSAL`). The process sandbox cannot host the engine: under bwrap the
+trainer's virtualenv (py4j, ``textworld_express`` and its jar) is not visible, a JVM does not start
+under the sandbox's default address-space limit (``sandbox.memory_mb=512`` and 2048: ``java
+-Xmx128m -version`` exits 1; 4096: it starts, measured in session 6), and the jar has no
+stdin/stdout driver, only the py4j gateway, so a sandboxed step would start a JVM (~0.5 s) and
+replay the episode each time. The Docker image is assembled offline from the host's stdlib
+python3 and a few tools (:mod:`environments.sandbox.image`); the host's JRE (``/usr/lib/jvm``,
+562 MiB here) could be copied in the same way, but the package and py4j still could not, and the
+replay-per-step cost would remain: not done.
 
 Ground truth (``env.ground_truth``)
 -----------------------------------
@@ -91,7 +96,7 @@ import random
 import re
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Optional
 
 from environments.base import (
@@ -108,6 +113,7 @@ from environments.base import (
 from environments.ground_truth import GroundTruthCredit
 from environments.registry import register_family
 from environments.tasks import textgame_twx as twx
+from environments.tasks.textgame_gt import MCGroundTruth, _ended, _Replayer, _reward_of, exhaustive_value, mc_value  # noqa: F401
 from stages.config_fields import param
 
 REWARDS = ("success", "score")
@@ -142,8 +148,11 @@ class TextGameConfig(EnvConfig):
     ground_truth: str = param("none", help="per-turn ground-truth credit under the uniform-over-validActions policy: none | mc (Monte Carlo, with standard errors) | exhaustive (exact, small games)", choices=GROUND_TRUTHS)
     gt_rollouts: int = param(16, help="env.ground_truth=mc: rollouts per visited state", ge=2)
     gt_max_nodes: int = param(20000, help="env.ground_truth=exhaustive: most search-tree nodes per state before giving up", ge=1)
+    sandboxed: bool = param(False, help="run the game inside the run's sandbox: not available for TextWorld Express (refused; module docstring, Execution)")
 
     def config_rules(self):
+        if self.sandboxed:
+            yield "sandboxed", SANDBOX_REFUSAL
         bad = [k for k in _param_names(self.params) if k not in twx.GAME_PARAMS.get(self.game, ())]
         if bad:
             yield "params", f"{bad[0]} is not a parameter of {self.game}; known: {', '.join(twx.GAME_PARAMS[self.game])}"
@@ -158,6 +167,14 @@ class TextGameConfig(EnvConfig):
         err = twx.check_params(self.game, self.params)
         if err:
             yield "params", f"TextWorld Express refuses it: {err}"
+
+
+#: why ``env.sandboxed=true`` is refused, and what is possible instead (one line; module docstring, Execution)
+SANDBOX_REFUSAL = ("not available for textgame: TextWorld Express is a JVM driven through py4j from the trainer's "
+                   "virtualenv, which neither sandbox carries (process/bwrap: the host's /usr, a JVM starts only with "
+                   "sandbox.memory_mb>=4096, but no venv; docker image: a stdlib-only python3, no JRE), and its jar has "
+                   "no stdin driver, so every step would start a JVM and replay the episode; use env.sandboxed=false "
+                   "(in-process), or a sandboxed family: frozenlake, gym (tabular ids), minigrid, sokoban, bifurcation")
 
 
 def _param_names(params: str) -> list[str]:
@@ -176,101 +193,6 @@ def _digest(obj: Any) -> str:
 
 def _clean(text: str) -> str:
     return _WS.sub(" ", text or "").strip()
-
-
-# ----------------------------------------------------------------------------- ground truth
-
-
-@dataclass
-class MCGroundTruth(GroundTruthCredit):
-    """Ground truth estimated from rollouts (``value``/``q_value``/``advantage``/``value_se`` as in
-    :class:`GroundTruthCredit`), with the advantages' standard errors and the estimate's cost."""
-
-    advantage_stderr: list[float] = field(default_factory=list)
-    rollouts: int = 0
-    env_steps: int = 0
-
-
-class _Replayer:
-    """Plays from a recorded prefix: a scratch game reset to the instance and replayed."""
-
-    def __init__(self, spec: dict[str, Any], cfg: Any):
-        self.spec, self.cfg = spec, cfg
-        self.game = twx.acquire(spec["game"], spec["params"])
-        self.steps = 0
-        self.rollouts = 0
-
-    def at(self, actions: list[str]) -> dict[str, Any]:
-        _, info = self.game.reset(seed=int(self.spec["game_seed"]), gameFold=self.spec["fold"])
-        for a in actions:
-            _, _, _, info = self.game.step(a)
-            self.steps += 1
-        return info
-
-    def step(self, a: str) -> tuple[float, dict[str, Any]]:
-        _, r, _, info = self.game.step(a)
-        self.steps += 1
-        return float(r), info
-
-    def close(self) -> None:
-        twx.release(self.game)
-
-
-def _ended(info: dict[str, Any]) -> bool:
-    return bool(info.get("tasksuccess")) or bool(info.get("taskfailure"))
-
-
-def _reward_of(cfg: Any, r: float, info: dict[str, Any]) -> float:
-    """The family's reward of one engine step (turn + terminal part, see ``env.reward``)."""
-    if cfg.reward == "score":
-        return float(r)
-    return 1.0 if info.get("tasksuccess") else 0.0
-
-
-def mc_value(rep: _Replayer, prefix: list[str], turns_left: int, n: int, rng: random.Random) -> tuple[float, float]:
-    """Monte Carlo V (mean, standard error) of the state after ``prefix`` under the uniform policy
-    over validActions for ``turns_left`` turns, from ``n`` rollouts (each restored by replay)."""
-    if turns_left <= 0:
-        return 0.0, 0.0
-    rets = []
-    for _ in range(n):
-        info = rep.at(prefix)
-        if _ended(info):
-            return 0.0, 0.0
-        ret = 0.0
-        rep.rollouts += 1
-        for _ in range(turns_left):
-            r, info = rep.step(rng.choice(sorted(info["validActions"])))
-            ret += _reward_of(rep.cfg, r, info)
-            if _ended(info):
-                break
-        rets.append(ret)
-    mean = sum(rets) / n
-    var = sum((x - mean) ** 2 for x in rets) / (n - 1)
-    return mean, math.sqrt(var / n)
-
-
-def exhaustive_value(rep: _Replayer, prefix: list[str], turns_left: int, max_nodes: int) -> float:
-    """Exact V of the state after ``prefix`` under the uniform policy over validActions for
-    ``turns_left`` turns, by enumerating every action sequence (``ValueError`` past ``max_nodes``)."""
-    count = [0]
-
-    def v(path: list[str], left: int) -> float:
-        count[0] += 1
-        if count[0] > max_nodes:
-            raise ValueError(f"exhaustive ground truth: more than {max_nodes} nodes (env.gt_max_nodes)")
-        info = rep.at(path)
-        if left <= 0 or _ended(info):
-            return 0.0
-        acts = sorted(info["validActions"])
-        total = 0.0
-        for a in acts:
-            rep.at(path)
-            r, nxt = rep.step(a)
-            total += _reward_of(rep.cfg, r, nxt) + (0.0 if _ended(nxt) else v(path + [a], left - 1))
-        return total / len(acts)
-
-    return v(list(prefix), turns_left)
 
 
 # ----------------------------------------------------------------------------- environment
