@@ -214,3 +214,16 @@ def test_sandbox_fault_ends_the_episode(tmp_path):
         assert r.done and r.reason == "sandbox_error" and r.reward == 0.0 and not r.success
     finally:
         backend.close()
+
+
+def test_one_train_flow_iteration_sandboxed(tmp_path):
+    """experiment=minigrid with env.sandboxed=true through the train flow: the rollout gets one
+    process sandbox per episode and every sandbox directory is gone afterwards."""
+    from flows.api import run_plain
+
+    out = run_plain(["experiment=minigrid", "env.sandboxed=true", "env.max_turns=6", "iterations=1",
+                     "rollout.tasks_per_iteration=2", "rollout.group_size=2", "eval_episodes=2",
+                     "model.warmup_steps=2"], home=tmp_path)
+    assert 0.0 <= out["success_after"] <= 1.0
+    sandboxes = tmp_path / "runs" / out["run_id"] / "sandboxes"
+    assert sandboxes.is_dir() and list(sandboxes.rglob("*")) == []
