@@ -48,7 +48,7 @@ from flows.config import ConfigError, flatten, load_config  # noqa: E402
 from flows.runtime import RunPaths, RunState, _atomic_write, creditflow_home  # noqa: E402
 from flows.scaleout import make_task_runner  # noqa: E402
 from stages.benchmark.budget import CHARGED  # noqa: E402
-from stages.benchmark.learning import learning_table, lr_sweep  # noqa: E402
+from stages.benchmark.learning import frontier_table, learning_table, lr_sweep  # noqa: E402
 from stages.benchmark.metadata import finite_or_none  # noqa: E402
 
 #: cell record -> summary ``gt`` block: the credit stage's per-iteration ground-truth metrics
@@ -109,7 +109,7 @@ class Benchmark:
             "budget": {**{k: getattr(limits, k) for k in ("generated_tokens", "forward_tokens", "env_steps")},
                        "wall_seconds": limits.wall_seconds, "max_iterations": to_object(cfg).max_iterations,
                        "charged": CHARGED},
-            "cells": [], "methods": {}, "table": [],
+            "cells": [], "methods": {}, "table": [], "frontier": [],
         }
         bench = cls(bench_id, home, cfg, summary)
         bench.summary["cells"] = [bench.cell_record(c) for c in cells(bench.obj)]
@@ -175,6 +175,7 @@ class Benchmark:
             gt = {out: _mean(r.get(key) for r in curve) for out, key in GT_KEYS.items()}
         return {
             "cell_id": cell.cell_id, "method": cell.method, "task": cell.task, "seed": cell.seed, "lr": cell.lr,
+            "horizon": cell.horizon, "family": cell.family or cell.task,
             "run_id": run_id, "mlflow_run_id": info.get("mlflow_run_id"), "status": status, "reason": reason,
             "spent": spent,
             # prepare (warm-up) and evaluation episodes: measured, reported apart, not charged (budget.charged)
@@ -200,11 +201,12 @@ class Benchmark:
                 cur.append(record)
 
     def finalize(self) -> None:
-        """The lr sweep and the learning table from the cells' records."""
+        """The lr sweep, the learning table and (with a horizon sweep) the frontier from the cells' records."""
         o = self.obj
         self.summary["methods"] = lr_sweep(self.summary["cells"], by=o.select_by)
         self.summary["table"] = learning_table(self.summary["cells"], self.summary["methods"], o.target_success,
                                                o.compute_measure, by=o.select_by)
+        self.summary["frontier"] = frontier_table(self.summary["table"], self.summary["cells"])
 
 
 def _mean(xs: Any) -> Optional[float]:
@@ -397,6 +399,8 @@ def _log_parent(tracker: Any, bench: Benchmark) -> None:
     if not tracker.has_step(done):
         tracker.log_step(done, metrics)
     tracker.log_json(finite_or_none(bench.summary["table"]), "benchmark/table.json")
+    if bench.summary.get("frontier"):
+        tracker.log_json(finite_or_none(bench.summary["frontier"]), "benchmark/frontier.json")
     tracker.log_json(finite_or_none(bench.summary), "benchmark/summary.json")
     tracker.set_tags({"creditflow.benchmark_status": bench.summary["status"]})
 

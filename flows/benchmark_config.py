@@ -59,6 +59,14 @@ def _lrs_problem(lrs: list[float]) -> Optional[str]:
     return None
 
 
+def _horizons_problem(hs: list[int]) -> Optional[str]:
+    if any(isinstance(h, bool) or not isinstance(h, int) or h < 1 for h in hs):
+        return "every horizon must be an integer >= 1"
+    if len(set(hs)) != len(hs):
+        return "must not repeat a horizon"
+    return None
+
+
 @dataclass
 class TaskSpec:
     """One task of the benchmark: a name (cell ids, the summary) and the training overrides that make it."""
@@ -76,6 +84,7 @@ class BenchmarkConfig:
     name: str = param("benchmark", help="name shown in MLflow and the Prefect UI")
     methods: list[str] = param(default_factory=lambda: ["grpo", "oracle"], help="credit methods compared (registry names; grpo = the baseline, oracle = the upper bound)", check=_methods_problem, rule="registered credit methods, each once")
     tasks: list[TaskSpec] = field(default_factory=lambda: [TaskSpec()], metadata={"help": "tasks: name + training overrides"})
+    horizons: list[int] = param(default_factory=list, help="CA efficiency frontier: every task is run at each horizon H (task NAME-hH, env.horizon=H after its overrides); empty = the tasks as given", check=_horizons_problem, rule="distinct integers >= 1")
     seeds: int = param(3, help="seeds per (method, task, lr): 0 .. seeds-1 (survey §9.2: >= 3 for confidence intervals)", ge=1)
     lrs: list[float] = param(default_factory=lambda: [3e-4, 1e-3, 3e-3], help="learning-rate sweep every method gets (update.lr); the best per method is reported", check=_lrs_problem, rule="distinct finite numbers > 0")
     max_iterations: int = param(20, help="safety cap on iterations per cell (a budget normally stops it first)", ge=1)
@@ -91,7 +100,7 @@ class BenchmarkConfig:
 
     def config_rules(self):
         """Rules between fields (checked by stages.config_fields.check)."""
-        names = [t.name for t in self.tasks]
+        names = [t.name for t, _ in expanded_tasks(self)]
         if not names:
             yield "tasks", "must hold at least one task"
         elif len(set(names)) != len(names):
@@ -107,6 +116,10 @@ class Cell:
     seed: int
     lr: float
     overrides: tuple[str, ...]
+    #: the task's horizon when the benchmark sweeps ``horizons`` (the frontier), else None
+    horizon: Optional[int] = None
+    #: the configured task it came from (``tasks[].name``; the task itself when there is no sweep)
+    family: str = ""
 
     @property
     def cell_id(self) -> str:
@@ -115,6 +128,17 @@ class Cell:
 
 def cell_id(method: str, task: str, seed: int, lr: float) -> str:
     return f"{method}-{task}-s{seed}-lr{lr:g}"
+
+
+def expanded_tasks(cfg: BenchmarkConfig) -> list[tuple[TaskSpec, Optional[int]]]:
+    """The tasks the cells run: the configured ones, or with ``horizons`` each one at every H
+    (``NAME-hH`` with ``env.horizon=H`` appended to its overrides), tasks outermost; with the
+    horizon (None without a sweep). The frontier (:func:`stages.benchmark.learning.frontier_table`)
+    groups results by (configured task, H)."""
+    if not cfg.horizons:
+        return [(t, None) for t in cfg.tasks]
+    return [(TaskSpec(name=f"{t.name}-h{h}", overrides=list(t.overrides) + [f"env.horizon={h}"]), h)
+            for t in cfg.tasks for h in cfg.horizons]
 
 
 def benchmark_options() -> list[str]:
@@ -162,10 +186,11 @@ def load_benchmark_config(name_or_path: Optional[str] = None, overrides: Optiona
 
 
 def cells(cfg: BenchmarkConfig) -> list[Cell]:
-    """Every cell, tasks outermost, then methods, lrs, seeds (the order they are submitted in)."""
+    """Every cell, tasks (each at every horizon of a sweep) outermost, then methods, lrs, seeds (the order they are submitted in)."""
     out = []
     budget = [f"budget.{k}={getattr(cfg.budget, k)}" for k in BUDGET_KEYS if getattr(cfg.budget, k) is not None]
-    for task in cfg.tasks:
+    families = [t.name for t in cfg.tasks for _ in (cfg.horizons or [None])]
+    for family, (task, horizon) in zip(families, expanded_tasks(cfg)):
         for method in cfg.methods:
             for lr in cfg.lrs:
                 for seed in range(cfg.seeds):
@@ -174,7 +199,8 @@ def cells(cfg: BenchmarkConfig) -> list[Cell]:
                     ovs = (list(cfg.overrides) + list(task.overrides) + [f"credit={method}"]
                            + list(cfg.method_overrides.get(method, [])) + extra
                            + [f"seed={seed}", f"update.lr={lr!r}", f"iterations={cfg.max_iterations}"] + budget)
-                    out.append(Cell(method=method, task=task.name, seed=seed, lr=float(lr), overrides=tuple(ovs)))
+                    out.append(Cell(method=method, task=task.name, seed=seed, lr=float(lr), overrides=tuple(ovs),
+                                    horizon=horizon, family=family))
     return out
 
 
@@ -182,15 +208,16 @@ def check_cells(cfg: BenchmarkConfig) -> None:
     """Load every (task, method) as a training config (one seed and lr: they change no rule); the
     first that fails is one line naming the task, the method and the training rule it breaks."""
     seen: set[tuple[str, str]] = set()
-    for i, task in enumerate(cfg.tasks):
-        for cell in cells(cfg):
-            if cell.task != task.name or (cell.task, cell.method) in seen:
-                continue
-            seen.add((cell.task, cell.method))
-            try:
-                load_config(list(cell.overrides))
-            except ConfigError as exc:
-                raise problem_error(f"tasks[{i}]", task.name, f"method {cell.method} cannot run on it: {exc}") from None
+    index = {t.name: i for i, t in enumerate(cfg.tasks)}
+    for cell in cells(cfg):
+        if (cell.task, cell.method) in seen:
+            continue
+        seen.add((cell.task, cell.method))
+        try:
+            load_config(list(cell.overrides))
+        except ConfigError as exc:
+            raise problem_error(f"tasks[{index[cell.family]}]", cell.task,
+                                f"method {cell.method} cannot run on it: {exc}") from None
 
 
 def to_object(cfg: DictConfig) -> BenchmarkConfig:
@@ -199,7 +226,9 @@ def to_object(cfg: DictConfig) -> BenchmarkConfig:
 
 def describe(cfg: Any) -> str:
     obj = cfg if isinstance(cfg, BenchmarkConfig) else to_object(cfg)
-    n = len(obj.methods) * len(obj.tasks) * len(obj.lrs) * obj.seeds
+    n_tasks = len(expanded_tasks(obj))
+    n = len(obj.methods) * n_tasks * len(obj.lrs) * obj.seeds
     limits = ", ".join(f"{k}={v:g}" for k, v in obj.budget.limits().items()) or "none"
-    return (f"{len(obj.methods)} methods x {len(obj.tasks)} tasks x {len(obj.lrs)} lrs x {obj.seeds} seeds = {n} cells; "
+    tasks = f"{n_tasks} tasks" + (f" ({len(obj.tasks)} x horizons {obj.horizons})" if obj.horizons else "")
+    return (f"{len(obj.methods)} methods x {tasks} x {len(obj.lrs)} lrs x {obj.seeds} seeds = {n} cells; "
             f"budget {limits}; max_iterations={obj.max_iterations}")

@@ -237,6 +237,16 @@ def _benchmark(args: argparse.Namespace) -> int:
         share = "-" if r["ca_overhead_share_forward_tokens"] is None else f"{r['ca_overhead_share_forward_tokens']:.3f}"
         mean = "-" if r["final_success_mean"] is None else f"{r['final_success_mean']:.3f}"
         print(f"{r['task']:<18} {r['method']:<10} {r['lr']:>8g} {mean + ' ' + ci:>26} {gc:>10} {share:>8}")
+    if out.get("frontier"):
+        from stages.benchmark.learning import frontier_grid
+
+        headers, rows, clip_f = frontier_grid(out["frontier"])
+        clipped = clipped or clip_f
+        widths = [max(len(x) for x in col) for col in zip(headers, *rows)]
+        print("\nCA efficiency frontier: final success [95% CI] (share of the GRPO -> oracle gap closed), "
+              "same budget for every cell")
+        for line in [headers] + rows:
+            print("  ".join(x.ljust(w) if i < 2 else x.rjust(w) for i, (x, w) in enumerate(zip(line, widths))).rstrip())
     if clipped:
         print("* 95% t-interval clipped to [0, 1] for display; the raw interval is final_success_ci95 in summary.json")
     if out["status"] != "finished":

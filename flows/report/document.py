@@ -19,7 +19,7 @@ from flows import checklist as checklist_mod
 from flows.report import figures
 from flows.report.aggregate import Group, groups
 from flows.report.sources import ReportData
-from stages.benchmark.learning import clip_unit
+from stages.benchmark.learning import clip_unit, frontier_grid
 
 IDENTIFICATION = (("rmse", "RMSE"), ("spearman", "Spearman"), ("sign_accuracy", "sign accuracy"),
                   ("zero_advantage_mass", "mass on zero-adv. turns"), ("decisive_share", "share on decisive turns"))
@@ -168,6 +168,31 @@ def _results(gs: list[Group], target: float) -> Section:
     return sec
 
 
+def _frontier(data: ReportData) -> Optional[Section]:
+    """The CA efficiency frontier of a horizon sweep (summary ``frontier``), as the CLI prints it."""
+    rows = data.summary.get("frontier") or []
+    if not rows:
+        return None
+    headers, body, clipped = frontier_grid(rows)
+    budget = ", ".join(f"{k}={fmt(v)}" for k, v in (data.summary.get("budget") or {}).items()
+                       if v is not None and k in ("forward_tokens", "generated_tokens", "env_steps", "wall_seconds"))
+    sec = Section("CA efficiency frontier (survey §9.3)", [
+        f"Final success per method at each horizon H, every cell with the same budget ({budget or 'none'}): "
+        "where does fine-grained credit pay for its cost? \"beats GRPO\" names the methods whose mean final "
+        "success exceeds GRPO's at that H (none: nothing does)."])
+    sec.blocks.append(Table(headers, body, "Mean final success over seeds at the method's best lr [95% CI] "
+                            "(share of the GRPO → oracle gap closed at that H)."
+                            + (" * interval clipped to [0, 1] for display." if clipped else "")))
+    fwd = [[r["family"], str(r["horizon"])] + [fmt_n((r["methods"].get(m) or {}).get("forward_tokens_mean"))
+                                               for m in headers[2:-1]] for r in rows]
+    sec.blocks.append(Table(headers[:-1], fwd, "Mean forward tokens spent per cell (incl. the CA method's own "
+                                "passes): the budget stops a cell at the end of the iteration that reaches it."))
+    fig = figures.frontier(rows)
+    if fig is not None:
+        sec.blocks.append(fig)
+    return sec
+
+
 def _sweep(data: ReportData) -> Optional[Section]:
     methods = data.summary.get("methods") or {}
     if not methods:
@@ -312,6 +337,9 @@ def build(data: ReportData, target: float = 0.5) -> Document:
     curves = figures.success_curves(gs, ("generated_tokens", "forward_tokens", "env_steps"))
     sections.append(Section("Success vs compute", [curves] if curves else ["No cell has a learning curve yet."]))
     sections.append(_results(gs, target))
+    front = _frontier(data)
+    if front:
+        sections.append(front)
     sweep = _sweep(data)
     if sweep:
         sections.append(sweep)

@@ -91,3 +91,42 @@ def overhead(rows: list[tuple[str, float, float, dict[str, float]]]) -> Optional
     return _export(fig, "overhead", "Where the wall time went: the credit-assignment stage against the rest"
                    + (" (per stage of the training iterations, summed; the table's wall seconds also count model "
                       "preparation and evaluation)" if stages else "") + ".")
+
+
+def frontier(rows: list[dict]) -> Optional[Figure]:
+    """The CA efficiency frontier (:func:`stages.benchmark.learning.frontier_table`): final
+    success vs horizon H per method at the benchmark's one budget, one panel per configured task,
+    error bars = the 95% interval over seeds (clipped to [0, 1]). Fixed margins (no layout solver)."""
+    families = list(dict.fromkeys(r["family"] for r in rows))
+    if not families or not any(v["final_success_mean"] is not None for r in rows for v in r["methods"].values()):
+        return None
+    fig, panels = plt.subplots(1, len(families), figsize=(5.4 * len(families), 3.8), squeeze=False)
+    fig.subplots_adjust(left=0.1 / len(families), right=0.78 if len(families) == 1 else 0.88, bottom=0.15, top=0.9,
+                        wspace=0.25)
+    methods = list(dict.fromkeys(m for r in rows for m in r["methods"]))
+    for ax, fam in zip(panels[0], families):
+        mine = sorted((r for r in rows if r["family"] == fam), key=lambda r: r["horizon"])
+        for m in methods:
+            pts = [(r["horizon"], r["methods"][m]) for r in mine
+                   if m in r["methods"] and r["methods"][m]["final_success_mean"] is not None]
+            if not pts:
+                continue
+            hs = [h for h, _ in pts]
+            ys = [v["final_success_mean"] for _, v in pts]
+            err = [[y - (v["final_success_ci95_shown"][0] if v["final_success_ci95_shown"][0] is not None else y)
+                    for y, (_, v) in zip(ys, pts)],
+                   [(v["final_success_ci95_shown"][1] if v["final_success_ci95_shown"][1] is not None else y) - y
+                    for y, (_, v) in zip(ys, pts)]]
+            ax.errorbar(hs, ys, yerr=err, marker="o", ms=4, lw=1.5, capsize=3, label=m)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks([r["horizon"] for r in mine], [str(r["horizon"]) for r in mine])
+        ax.minorticks_off()
+        ax.set_xlabel("horizon H (turns)")
+        ax.set_ylabel("final success")
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_title(fam, fontsize=9)
+        ax.grid(alpha=0.3)
+    panels[0][-1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    return _export(fig, "frontier", "CA efficiency frontier: final success vs horizon per method at the same "
+                   "compute budget for every cell; bars: 95% Student-t interval over seeds, clipped to [0, 1] "
+                   "(none with one seed).")

@@ -1,6 +1,7 @@
 """Learning results of a benchmark over seeds (survey §9.2, §9.5): the learning-rate sweep, final
 success with a 95% t-interval, compute to reach a target success, CA overhead share, and the share
-of the GRPO -> oracle gap a method closes.
+of the GRPO -> oracle gap a method closes; and the CA efficiency frontier (survey §9.3, issue 15):
+those results over a sweep of the task's horizon at one compute budget.
 
 Pure functions on plain records (one dict per cell, as ``summary.json`` holds them: ``method``,
 ``task``, ``seed``, ``lr``, ``final_success``, ``final_eval_success``, ``spent``, ``curve``), so the
@@ -120,6 +121,7 @@ def learning_table(cells: list[dict[str, Any]], sweep: dict[str, dict[str, Any]]
             "final_success_ci95_shown": list(shown), "ci95_clipped": shown != (_none(lo), _none(hi)),
             "compute_measure": measure, "target_success": target,
             "compute_to_target_mean": (sum(hit) / len(hit)) if hit else None, "seeds_reaching_target": len(hit),
+            "forward_tokens_mean": fwd / len(cs),
             "ca_overhead_share_forward_tokens": (sum(c["spent"].get("ca_forward_tokens", 0) for c in cs) / fwd) if fwd else None,
             "ca_overhead_share_seconds": (sum(c["spent"].get("ca_seconds", 0.0) for c in cs) / wall) if wall else None,
         })
@@ -129,3 +131,60 @@ def learning_table(cells: list[dict[str, Any]], sweep: dict[str, dict[str, Any]]
         gc = gap_closed(r["final_success_mean"], base, orc) if None not in (r["final_success_mean"], base, orc) else float("nan")
         r["gap_closed"] = _none(gc + 0.0)  # (-0.0 -> 0.0)
     return rows
+
+
+def frontier_table(rows: list[dict[str, Any]], cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The CA efficiency frontier (survey §9.3: "more rollouts with crude credit, or fewer with
+    precise credit?"): one row per (configured task, horizon H) of a horizon sweep, ordered by H,
+    holding each method's final success at its best lr (mean over seeds, the display interval),
+    the share of the GRPO -> oracle gap it closes at that H, and its mean forward tokens spent
+    (every cell has the same budget, so the methods are compared at equal compute). ``beats_grpo``
+    names the methods whose mean final success exceeds GRPO's at that H (empty: none does; None:
+    GRPO not run). ``rows`` is :func:`learning_table`'s output, ``cells`` the cell records (their
+    ``horizon`` and ``family``); tasks without a horizon are not part of it."""
+    where = {c["task"]: (c.get("family") or c["task"], c["horizon"]) for c in cells if c.get("horizon") is not None}
+    out: dict[tuple[str, int], dict[str, Any]] = {}
+    for r in rows:
+        if r["task"] not in where:
+            continue
+        family, h = where[r["task"]]
+        row = out.setdefault((family, h), {"family": family, "horizon": h, "task": r["task"], "methods": {}})
+        row["methods"][r["method"]] = {
+            "final_success_mean": r["final_success_mean"], "final_success_ci95_shown": r["final_success_ci95_shown"],
+            "ci95_clipped": r["ci95_clipped"], "gap_closed": r["gap_closed"], "seeds": r["seeds"], "lr": r["lr"],
+            "forward_tokens_mean": r.get("forward_tokens_mean")}
+    for row in out.values():
+        ms = row["methods"]
+        base = (ms.get(BASELINE) or {}).get("final_success_mean")
+        row["beats_grpo"] = None if base is None else [
+            m for m, v in ms.items() if m != BASELINE and v["final_success_mean"] is not None and v["final_success_mean"] > base]
+    return [out[k] for k in sorted(out, key=lambda k: (k[0], k[1]))]
+
+
+def frontier_grid(frontier: list[dict[str, Any]]) -> tuple[list[str], list[list[str]], bool]:
+    """The frontier as text for the CLI summary and the report: headers ``task, H, <method>...,
+    beats GRPO``, one row per (task, H); a method's cell is ``success [ci] (gap)``, e.g.
+    ``0.500 [0.20, 0.80] (+0.25)`` (``*`` after the interval: clipped to [0, 1] for display; no
+    interval with one seed); GRPO first, the oracle last. Returns (headers, rows, whether any interval was clipped)."""
+    methods: list[str] = []
+    for row in frontier:
+        methods += [m for m in row["methods"] if m not in methods]
+    methods.sort(key=lambda m: (m != BASELINE, m == ORACLE))  # GRPO first, the oracle last
+    clipped = False
+    body = []
+    for row in frontier:
+        line = [row["family"], str(row["horizon"])]
+        for m in methods:
+            v = row["methods"].get(m)
+            if v is None or v["final_success_mean"] is None:
+                line.append("-")
+                continue
+            lo, hi = v["final_success_ci95_shown"]
+            ci = "" if lo is None else f" [{lo:.2f}, {hi:.2f}]{'*' if v['ci95_clipped'] else ''}"
+            clipped = clipped or bool(v["ci95_clipped"])
+            gap = "" if v["gap_closed"] is None else f" ({v['gap_closed']:+.2f})"
+            line.append(f"{v['final_success_mean']:.3f}{ci}{gap}")
+        beats = row["beats_grpo"]
+        line.append("GRPO not run" if beats is None else (", ".join(beats) if beats else "none"))
+        body.append(line)
+    return ["task", "H"] + methods + ["beats GRPO"], body, clipped
