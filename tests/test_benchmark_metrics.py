@@ -121,6 +121,8 @@ def test_gap_closed():
     assert M.gap_closed(0.2, 0.2, 0.8) == 0.0
     assert M.gap_closed(0.0, 0.2, 0.8) < 0
     assert math.isnan(M.gap_closed(0.5, 0.2, 0.2))
+    # an oracle below GRPO (too few iterations, noise): no gap, not a 100%-closed one
+    assert math.isnan(M.gap_closed(0.094, 0.156, 0.094)) and math.isnan(M.gap_closed(0.3, 0.2, 0.1))
     assert math.isnan(M.gap_closed(float("nan"), 0.2, 0.8))
 
 

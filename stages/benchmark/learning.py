@@ -165,7 +165,7 @@ def frontier_grid(frontier: list[dict[str, Any]]) -> tuple[list[str], list[list[
     """The frontier as text for the CLI summary and the report: headers ``task, H, <method>...,
     beats GRPO``, one row per (task, H); a method's cell is ``success [ci] (gap)``, e.g.
     ``0.500 [0.20, 0.80] (+0.25)`` (``*`` after the interval: clipped to [0, 1] for display; no
-    interval with one seed); GRPO first, the oracle last. Returns (headers, rows, whether any interval was clipped)."""
+    interval with one seed; ``(no gap)``: the oracle is not above GRPO at that H, so no share is defined); GRPO first, the oracle last. Returns (headers, rows, whether any interval was clipped)."""
     methods: list[str] = []
     for row in frontier:
         methods += [m for m in row["methods"] if m not in methods]
@@ -182,7 +182,7 @@ def frontier_grid(frontier: list[dict[str, Any]]) -> tuple[list[str], list[list[
             lo, hi = v["final_success_ci95_shown"]
             ci = "" if lo is None else f" [{lo:.2f}, {hi:.2f}]{'*' if v['ci95_clipped'] else ''}"
             clipped = clipped or bool(v["ci95_clipped"])
-            gap = "" if v["gap_closed"] is None else f" ({v['gap_closed']:+.2f})"
+            gap = " (no gap)" if v["gap_closed"] is None else f" ({v['gap_closed']:+.2f})"
             line.append(f"{v['final_success_mean']:.3f}{ci}{gap}")
         beats = row["beats_grpo"]
         line.append("GRPO not run" if beats is None else (", ".join(beats) if beats else "none"))

@@ -185,7 +185,7 @@ def gap_closed(value: float, baseline: float, oracle: float) -> float:
 
     1 = as good as the oracle, 0 = no better than the baseline (GRPO), negative = worse; nan when
     the oracle is no better than the baseline (no gap to close) or any input is not finite."""
-    if not all(math.isfinite(x) for x in (value, baseline, oracle)) or oracle == baseline:
+    if not all(math.isfinite(x) for x in (value, baseline, oracle)) or oracle <= baseline:
         return float("nan")
     return (value - baseline) / (oracle - baseline)
 
