@@ -99,3 +99,16 @@ def test_spa_trains_its_progress_estimator_and_resumes_with_it(prefect_harness, 
     if hist["update.progress_loss_before"][0] > 0:  # some reward to attribute at iteration 0
         # iteration 1 (after the resume, in a fresh process state) scores with iter_0000's estimator
         assert hist["credit.method.increment_abs_mean"][1] > 0.0
+
+
+def test_poad_one_iteration_on_bifurcation(prefect_harness, shared_home):
+    run, m = _run(shared_home, ["credit=poad"])
+    assert run.data.tags["creditflow.method"] == "poad"
+    assert run.data.params["update.loss"] == "ppo"  # CreditMethod.default_update
+    # the token-level critic: one forward per trajectory, its value loss on BAD's targets
+    assert m["overhead.credit.extra_forward_passes"] == ROWS and m["overhead.credit.forward_tokens"] > 0
+    assert "update.value_loss" in m and "update.critic_grad_norm" in m
+    assert m["credit.method.value_mean"] == pytest.approx(0.0, abs=1e-6)  # fresh critic: zero head
+    assert m["credit.method.turns_per_trajectory"] > 1
+    if m["reward.reward_mean"] != 0:
+        assert m["credit.method.td_abs_mean"] > 0 and m["update.value_loss"] > 0

@@ -26,7 +26,7 @@ from stages.credit.base import CreditConfig, CreditContext, CreditMethod
 from stages.credit.methods.turn_level import turn_group_baseline
 from stages.credit.registry import register_method
 from stages.credit.reverse_scan import reverse_discounted_scan
-from stages.credit.segments import Segments, broadcast, policy_token_mask, turn_segments
+from stages.credit.segments import Segments, broadcast, policy_token_mask, turn_segments, unit_ends
 from stages.schema import Batch, BatchTensors, CreditResult
 
 
@@ -51,20 +51,11 @@ class ProgressEstimator(nn.Module):
         return self.out(torch.tanh(self.inp(features.float()))).squeeze(-1)
 
 
-def turn_ends(seg: Segments) -> torch.Tensor:
-    """(B, K) response position of each unit's last token (-1 where absent)."""
-    B, R = seg.seg_id.shape
-    pos = torch.arange(R, device=seg.seg_id.device).expand(B, R)
-    ends = torch.full((B, seg.K), -1, dtype=torch.long, device=seg.seg_id.device)
-    ends = ends.scatter_reduce(1, seg.seg_id.clamp(min=0), torch.where(seg.seg_id >= 0, pos, -1), "amax")
-    return torch.where(seg.present, ends, torch.full_like(ends, -1))
-
-
 def turn_end_features(hidden: torch.Tensor, seg: Segments) -> torch.Tensor:
     """(B, R, H) hidden states -> (B, K, H): each turn's feature is the hidden state at its *last
     policy token* (it has read the prompt, the earlier turns with their observations and this
     turn's action, nothing later); 0 for absent turns."""
-    idx = turn_ends(seg).clamp(min=0).unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
+    idx = unit_ends(seg).clamp(min=0).unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
     return hidden.float().gather(1, idx) * seg.present.unsqueeze(-1).to(torch.float32)
 
 
