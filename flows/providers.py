@@ -23,7 +23,7 @@ from environments.construct import EnvBatch
 from stages.credit.base import CreditContext
 from stages.reward.process import process_rewards_for
 from stages.rollout.continuations import GreedyRollout, MCContinuations
-from stages.rollout.scorer import HFScorer, response_logprobs
+from stages.rollout.scorer import HFScorer, response_hidden_states, response_logprobs
 from stages.schema import Batch, Overhead
 
 if TYPE_CHECKING:
@@ -72,6 +72,9 @@ PROVIDERS: dict[str, Provider] = {
     # response log-probs under the frozen initial policy (the KL reference), at the rollout temperature
     "ref_logprobs": Provider("ref_logprobs", lambda x, ctx: response_logprobs(
         x.run.reference_policy(), x.batch, x.pad, _temperature(x)), forward_passes=1, over_batch=True),
+    # last-layer hidden states of the behaviour policy at every response position (SPA-RL's features)
+    "hidden_states": Provider("hidden_states", lambda x, ctx: response_hidden_states(x.run.policy, x.batch, x.pad),
+                              forward_passes=1, over_batch=True),
     # current-policy log-probs of given tokens after given contexts (one forward per call)
     "scorer": Provider("scorer", lambda x, ctx: HFScorer(
         x.run.policy, x.pad, batch_size=None, max_tokens=None, temperature=_temperature(x))),

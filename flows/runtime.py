@@ -284,6 +284,8 @@ class RunState:
             live.model, self.obj.update, temperature=self.obj.rollout.temperature,
             needs_critic="critic" in self.method.needs,
         )
+        # the credit method's trained helpers (SPA-RL's progress estimator), checkpointed with the policy
+        self.method.build_helpers(int(live.model.config.hidden_size), self.seed_for(-1, "helpers"))
         return self.model_info
 
     def drop_policy(self) -> None:
@@ -299,7 +301,7 @@ class RunState:
         self.build_policy()
         path = save_checkpoint(
             self.paths.checkpoints, "init", self.policy, self.trainer.critic, self.trainer.optim_state(),
-            meta={"iteration": -1, "run_id": self.run_id},
+            meta={"iteration": -1, "run_id": self.run_id}, helpers=self.method.helper_modules(),
         )
         self.policy_version = str(path)
         return str(path)
@@ -309,7 +311,8 @@ class RunState:
         self.build_policy()
         if self.policy_version == checkpoint:
             return
-        _, optim_state = load_checkpoint(Path(checkpoint), self.policy, self.trainer.critic)
+        _, optim_state = load_checkpoint(Path(checkpoint), self.policy, self.trainer.critic,
+                                         self.method.helper_modules())
         self.trainer.load_optim_state(optim_state)
         self.engine.sync_weights(self.policy)
         self.policy_version = checkpoint

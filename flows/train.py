@@ -235,10 +235,12 @@ def update_stage(state: RunState, iteration: int, batch: Batch, credit: CreditRe
     state.ensure_policy(checkpoint)
     tensors = batch.to_tensors(pad_token_id=pad_token_id(state.tokenizer))
     stats = state.trainer.update(tensors, credit, seed=state.seed_for(iteration, "update"))
+    # the credit method's trained helpers (SPA-RL's progress estimator) learn from this iteration too
+    stats.update(state.method.update_helpers(credit, seed=state.seed_for(iteration, "helpers")))
     path = save_checkpoint(
         state.paths.checkpoints, f"iter_{iteration:04d}", state.policy, state.trainer.critic,
         state.trainer.optim_state(), meta={"iteration": iteration, "run_id": state.run_id, "stats": stats},
-        before_rename=lambda: state.maybe_crash(iteration, "checkpoint"),
+        before_rename=lambda: state.maybe_crash(iteration, "checkpoint"), helpers=state.method.helper_modules(),
     )
     state.adopt_checkpoint(str(path))
     # engines that keep their own copy of the weights (vLLM) sample from the new policy from now on

@@ -306,6 +306,10 @@ class CreditResult:
     #: (:meth:`stages.credit.base.CreditMethod.task_weights`, e.g. ACPO's credit concentration); the
     #: flow hands it, with the earlier iterations' scores, to the next iteration's environment stage
     curriculum: dict[str, float] = field(default_factory=dict)
+    #: tensors the method's trained helpers learn from in the update stage
+    #: (:meth:`stages.credit.base.CreditMethod.update_helpers`; SPA-RL: turn features and outcomes);
+    #: persisted with the credit result, so a resumed update trains on exactly the same inputs
+    helper_inputs: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.granularity not in GRANULARITIES:

@@ -61,3 +61,54 @@ def test_grpo_with_the_sorl_loss_one_iteration_on_bifurcation(prefect_harness, s
     assert 0.0 <= m["update.sorl_suppressed_fraction"] <= 1.0
     assert m["update.turns"] >= ROWS
     assert "update.value_loss" not in m  # no critic for GRPO
+
+
+def test_spa_trains_its_progress_estimator_and_resumes_with_it(prefect_harness, shared_home):
+    """SPA-RL through the real flow: the hidden-states forward is its overhead, the update stage
+    fits the progress estimator (its loss falls), every checkpoint carries the estimator, and a run
+    that crashed in iteration 1's credit stage resumes with the estimator of checkpoint iter_0000
+    (iteration 1 scores with it: not the fresh, all-zero estimator)."""
+    import collections
+    from pathlib import Path
+
+    from flows.runtime import InjectedCrash, RunState
+
+    run_id = "cf-test-spa-resume"
+    over = SMALL[:1] + ["iterations=2"] + SMALL[2:] + ["credit=spa", "credit.estimator_steps=100",
+                                                      "credit.estimator_lr=0.01"]
+    with pytest.raises(InjectedCrash):
+        api.start_run(over + ["debug.crash_at=1:credit"], home=shared_home, progress=False, run_id=run_id)
+    out = api.resume_run(run_id, home=shared_home, progress=False)
+    c = api.tracker_for(shared_home).client
+    run = c.get_run(out["mlflow_run_id"])
+    assert run.info.status == "FINISHED" and run.data.tags["creditflow.method"] == "spa"
+    hist = {k: {m.step: m.value for m in c.get_metric_history(out["mlflow_run_id"], k)}
+            for k in ("overhead.credit.extra_forward_passes", "update.progress_loss_before",
+                      "update.progress_loss_after", "credit.method.increment_abs_mean", "reward.reward_mean",
+                      "credit.method.grounding_mean")}
+    assert hist["overhead.credit.extra_forward_passes"][0] >= 1  # the hidden-states forward
+    assert hist["credit.method.increment_abs_mean"][0] == 0.0  # fresh estimator at iteration 0
+    assert 0.0 <= hist["credit.method.grounding_mean"][0] <= 1.0
+    assert hist["update.progress_loss_after"][0] <= hist["update.progress_loss_before"][0]
+    ckpts = Path(shared_home) / "runs" / run_id / "checkpoints"
+    assert (ckpts / "init" / "helper.progress.safetensors").is_file()
+    assert (ckpts / "iter_0001" / "helper.progress.safetensors").is_file()
+    state = RunState.open(run_id, shared_home)
+    runs = collections.Counter((e["iteration"], e["stage"]) for e in state.executions())
+    assert runs[(1, "credit")] == 2 and runs[(0, "update")] == 1  # the resume re-ran only from the crash
+    if hist["update.progress_loss_before"][0] > 0:  # some reward to attribute at iteration 0
+        # iteration 1 (after the resume, in a fresh process state) scores with iter_0000's estimator
+        assert hist["credit.method.increment_abs_mean"][1] > 0.0
+
+
+def test_poad_one_iteration_on_bifurcation(prefect_harness, shared_home):
+    run, m = _run(shared_home, ["credit=poad"])
+    assert run.data.tags["creditflow.method"] == "poad"
+    assert run.data.params["update.loss"] == "ppo"  # CreditMethod.default_update
+    # the token-level critic: one forward per trajectory, its value loss on BAD's targets
+    assert m["overhead.credit.extra_forward_passes"] == ROWS and m["overhead.credit.forward_tokens"] > 0
+    assert "update.value_loss" in m and "update.critic_grad_norm" in m
+    assert m["credit.method.value_mean"] == pytest.approx(0.0, abs=1e-6)  # fresh critic: zero head
+    assert m["credit.method.turns_per_trajectory"] > 1
+    if m["reward.reward_mean"] != 0:
+        assert m["credit.method.td_abs_mean"] > 0 and m["update.value_loss"] > 0

@@ -105,6 +105,9 @@ NEEDS: dict[str, str] = {
     "process_rewards": "per-step process rewards from the configured source (ctx.process_rewards)",
     "judge": "an LLM judge backed by a real model (ctx.judge)",
     "tokenizer": "the policy's tokenizer (ctx.tokenizer), for methods that build prompts or decode tokens",
+    "hidden_states": "(B, R, H) last-layer hidden states of the behaviour policy at every response position "
+                     "(ctx.hidden_states; position j has read the response up to and including token j; one forward "
+                     "over the batch; SPA-RL's progress features)",
     "planning_pattern": "the task family's planning-text regex (ctx.planning_pattern: TaskFamily.planning_pattern, "
                         "\"\" when the family declares none; HICRA's strategic grams)",
 }
@@ -125,6 +128,8 @@ class CreditContext:
     tokenizer: Any = None
     #: regex of the family's planning text ("" = the family declares none); see environments.planning_text
     planning_pattern: Optional[str] = None
+    #: (B, R, H) float last-layer hidden states of the behaviour policy (see :data:`NEEDS`)
+    hidden_states: Optional[torch.Tensor] = None
     generator: Optional[torch.Generator] = None
     extras: dict[str, Any] = field(default_factory=dict)
 
@@ -163,6 +168,22 @@ class CreditMethod(abc.ABC):
         instances for ``iteration`` of ``iterations``, from the ``CreditResult.curriculum`` scores
         the credit stages of the earlier iterations recorded. ``None`` (the default): uniform."""
         return None
+
+    def build_helpers(self, hidden_size: int, seed: int) -> None:
+        """Create the method's trained helper modules (e.g. SPA-RL's progress estimator) for a
+        policy of width ``hidden_size``, initialised from ``seed``; none by default. The run
+        calls it once, when it builds the policy, before any checkpoint is written or read."""
+
+    def helper_modules(self) -> dict[str, torch.nn.Module]:
+        """The method's trained helpers by name: saved in every policy checkpoint and loaded with
+        it (so they survive a resume); empty by default."""
+        return {}
+
+    def update_helpers(self, credit: CreditResult, seed: int) -> dict[str, float]:
+        """Train the helpers on what this iteration's credit stage recorded
+        (``CreditResult.helper_inputs``); the update stage calls it before writing the checkpoint.
+        Returns statistics logged as ``update.<key>``; nothing by default."""
+        return {}
 
     def checklist_note(self) -> str:
         """What the Appendix C checklist should say beyond the methodology (e.g. privileged

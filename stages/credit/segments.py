@@ -10,7 +10,8 @@ the methods share it rather than borrowing from each other's modules:
   without gaps) and :func:`step_segments` (the reasoning steps: ``Trajectory.step_spans``, else
   the turns) — VinePPO's steps (§3.1.1), SPO's segments (§3.2), RED's and SCAR's steps (§3.1.2,
   §3.2);
-* :func:`turn_segments` — the turns as units (turn-level MDP methods, §5.1); :func:`unit_sums`
+* :func:`turn_segments` — the turns as units (turn-level MDP methods, §5.1); :func:`unit_ends`
+  — each unit's last position; :func:`unit_sums`
   — token values summed per unit (ITPO's implicit turn rewards);
 * :func:`segment_rewards` — the reward collected in each unit (the units of a row sum to its
   return);
@@ -92,6 +93,16 @@ def turn_segments(tensors: BatchTensors) -> Segments:
     mask = tensors.response_mask != 0
     raw = torch.where(mask, tensors.turn_ids, torch.full_like(tensors.turn_ids, -1))
     return segments_from_ids(compact_ids(raw))
+
+
+def unit_ends(seg: Segments) -> torch.Tensor:
+    """(B, K) response position of each unit's last token (-1 where absent): SPA-RL's turn-end
+    features, POAD's inter-turn backup."""
+    B, R = seg.seg_id.shape
+    pos = torch.arange(R, device=seg.seg_id.device).expand(B, R)
+    ends = torch.full((B, seg.K), -1, dtype=torch.long, device=seg.seg_id.device)
+    ends = ends.scatter_reduce(1, seg.seg_id.clamp(min=0), torch.where(seg.seg_id >= 0, pos, -1), "amax")
+    return torch.where(seg.present, ends, torch.full_like(ends, -1))
 
 
 def unit_sums(values: torch.Tensor, seg: Segments) -> torch.Tensor:

@@ -164,3 +164,23 @@ def response_logprobs(model: torch.nn.Module, batch: Any, pad: int, temperature:
         lp, _ = sequence_logprobs(model, t.input_ids.to(device), t.attention_mask.to(device),
                                   t.position_ids.to(device), t.prompt_len, temperature=temperature)
     return lp.cpu() * t.response_mask
+
+
+def response_hidden_states(model: torch.nn.Module, batch: Any, pad: int) -> torch.Tensor:
+    """(B, R, H) float32 last-layer hidden states of ``model`` at ``batch``'s response positions
+    (0 on padding): position j is the trunk's output *at* response token j, so it has read the
+    prompt and the response up to and including token j and nothing after it (a causal model).
+    One forward over the batch, no grad; SPA-RL's progress features (``needs={"hidden_states"}``)."""
+    t = batch.to_tensors(pad_token_id=pad)
+    device = _device_of(model)
+    trunk = getattr(model, "base_model", None) or model
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = trunk(input_ids=t.input_ids.to(device), attention_mask=t.attention_mask.to(device),
+                        position_ids=t.position_ids.to(device), use_cache=False)
+    finally:
+        model.train(was_training)
+    h = out.last_hidden_state[:, t.prompt_len:].float().cpu()
+    return h * (t.attention_mask[:, t.prompt_len:] != 0).unsqueeze(-1).to(h.dtype)

@@ -1,7 +1,8 @@
 """Atomic checkpoints: safetensors weights + optimizer state, written write-fsync-rename.
 
 A checkpoint is a directory ``<root>/<name>/`` holding ``policy.safetensors``, optionally
-``critic.safetensors``, ``optim.pt`` and ``manifest.json`` (sha256 and size of every file). It is
+``critic.safetensors``, ``helper.<name>.safetensors`` for each trained helper of the credit method
+(:meth:`stages.credit.base.CreditMethod.helper_modules`, e.g. SPA-RL's progress estimator), ``optim.pt`` and ``manifest.json`` (sha256 and size of every file). It is
 first written under a temporary name in the same parent, every file fsync'ed, the directory
 renamed into place and the parent fsync'ed, so a reader sees either the whole checkpoint or none.
 ``load_checkpoint`` verifies the manifest, so a truncated or corrupt file is detected.
@@ -69,6 +70,7 @@ def save_checkpoint(
     optim_state: Optional[dict[str, Any]] = None,
     meta: Optional[dict[str, Any]] = None,
     before_rename: Optional[Any] = None,
+    helpers: Optional[dict[str, torch.nn.Module]] = None,
 ) -> Path:
     """Write checkpoint ``root/name`` atomically and return its path.
 
@@ -82,6 +84,8 @@ def save_checkpoint(
         files = {"policy.safetensors": lambda p: save_file(_state_for_safetensors(policy), str(p))}
         if critic is not None:
             files["critic.safetensors"] = lambda p: save_file(_state_for_safetensors(critic), str(p))
+        for hname, module in (helpers or {}).items():
+            files[f"helper.{hname}.safetensors"] = lambda p, m=module: save_file(_state_for_safetensors(m), str(p))
         if optim_state is not None:
             files["optim.pt"] = lambda p: torch.save(optim_state, p)
         manifest: dict[str, Any] = {"name": name, "meta": meta or {}, "files": {}}
@@ -147,8 +151,10 @@ def load_checkpoint(
     path: Path,
     policy: torch.nn.Module,
     critic: Optional[torch.nn.Module] = None,
+    helpers: Optional[dict[str, torch.nn.Module]] = None,
 ) -> tuple[dict[str, Any], Optional[dict[str, Any]]]:
-    """Load weights into ``policy`` (and ``critic``) after verifying; return (manifest, optim state)."""
+    """Load weights into ``policy`` (and ``critic``, and each of ``helpers``) after verifying;
+    return (manifest, optim state)."""
     manifest = verify_checkpoint(path)
     device = next(policy.parameters()).device
     policy.load_state_dict(load_file(str(path / "policy.safetensors"), device=str(device)), strict=True)
@@ -158,6 +164,11 @@ def load_checkpoint(
         if "critic.safetensors" not in manifest["files"]:
             raise CheckpointError(f"checkpoint {path} has no critic weights but the credit method needs a critic", path)
         critic.load_state_dict(load_file(str(path / "critic.safetensors"), device=str(device)), strict=True)
+    for hname, module in (helpers or {}).items():
+        fname = f"helper.{hname}.safetensors"
+        if fname not in manifest["files"]:
+            raise CheckpointError(f"checkpoint {path} has no {fname} but the credit method trains the helper {hname!r}", path)
+        module.load_state_dict(load_file(str(path / fname), device=str(next(module.parameters()).device)), strict=True)
     optim_state = None
     if "optim.pt" in manifest["files"]:
         optim_state = torch.load(path / "optim.pt", map_location=device, weights_only=False)

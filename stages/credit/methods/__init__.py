@@ -17,6 +17,8 @@ One module per method family (survey Appendix B "Methodology" column):
   over turns): the turn-level MDP of multi-turn agents (§5.1).
 * :mod:`.agentic_group` — GiGPO (step groups over anchor states, §5.3) and CARL (critical
   high-entropy actions, §5.4).
+* :mod:`.action_decomposition` — POAD: token-level critic backed up with BAD inside and across turns (§5.3).
+* :mod:`.progress` — SPA-RL: a trained progress estimator splits the episode reward over turns (§5.7).
 * :mod:`.oracle` — exact advantages from the task's MDP under the current policy (§9.3; the
   benchmark's upper bound, not a reviewed paper).
 
@@ -69,3 +71,5 @@ from stages.credit.methods import implicit  # noqa: F401  (dpo_implicit, t_reg)
 from stages.credit.methods import oracle  # noqa: F401  (oracle)
 from stages.credit.methods import turn_level  # noqa: F401  (itpo, turn_ppo)
 from stages.credit.methods import agentic_group  # noqa: F401  (gigpo, carl)
+from stages.credit.methods import progress  # noqa: F401  (spa)
+from stages.credit.methods import action_decomposition  # noqa: F401  (poad)
