@@ -239,12 +239,6 @@ def log_heatmap(tracker: Tracker, batch: Optional[Batch], credit: Optional[Credi
         print(f"warning: credit heatmap for iteration {iteration} failed: {exc}", file=sys.stderr)
 
 
-def batch_tokens(batch: Batch) -> tuple[int, int]:
-    """Tokens (prompt + response) of a batch's trajectories, and their number."""
-    trajs = batch.trajectories
-    return sum(len(t.prompt_ids) + len(t.response_ids) for t in trajs), len(trajs)
-
-
 #: per-iteration credit metrics against ground truth kept in a run's curve (``credit.<key>``)
 CURVE_GT_KEYS = ("gt_rmse", "gt_rank_corr", "gt_sign_agreement", "gt_zero_advantage_mass", "decisive_share",
                  "gt_shift_invariant_rmse", "gt_pg_cosine", "gt_gradient_variance")
