@@ -12,9 +12,12 @@ Faults of the tracking store (survey §8 pipelines run for days; a tracking serv
   tracking URI and raises :class:`TrackingServerUnreachable` (a :class:`~flows.config.ConfigError`:
   exit code 2 from the CLI) naming the URI, before any compute. Local stores are not checked.
 * During a run, every metric batch, tag batch and artifact of a run with a buffer
-  (``runs/<id>/tracking_buffer.jsonl``) is first appended to that journal (fsync'ed), then sent.
-  While the store is unreachable, training goes on and entries accumulate; each later call
-  tries to replay the journal in order, and a successful replay empties it. Replays are
+  (``runs/<id>/tracking_buffer.jsonl``) is first appended to that journal (fsync'ed), then sent
+  by ONE background thread (:mod:`flows.tracking_sender`; ``background=False``: by the caller),
+  so the flow does not wait for MLflow. While the store is unreachable, training goes on and
+  entries accumulate; the sender retries with backoff, replaying the journal in order, and a
+  successful replay empties it. An error of the sender is raised by the flow's next tracking
+  call (the run fails; the journal keeps the entry); finishing joins the sender first. Replays are
   idempotent: a metric step the sentinel already has is skipped (a batch that reached the
   server although its response was lost), tags overwrite, artifacts overwrite.
 * If the store stays unreachable for ``tracking.retry_seconds`` (counted from the first failed
@@ -38,6 +41,7 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -45,13 +49,15 @@ from typing import Any, Callable, Optional
 
 from flows.config import ConfigError
 from flows.secrets import mask_config, mask_text
+from flows.tracking_sender import BACKOFF_MAX as _BACKOFF_MAX
+from flows.tracking_sender import BACKOFF_START as _BACKOFF_START
+from flows.tracking_sender import JournalSender
 
 SENTINEL = "progress.iteration"
 #: MLflow allows 100 params / 1000 metrics / 100 tags per log_batch
 _PARAM_CHUNK = 100
 #: default of ``tracking.retry_seconds``
 DEFAULT_RETRY_SECONDS = 300.0
-_BACKOFF_START, _BACKOFF_MAX = 0.5, 5.0
 
 
 class TrackingServerUnreachable(ConfigError):
@@ -142,11 +148,12 @@ class Tracker:
     """Thin wrapper over ``MlflowClient`` (no global active-run state).
 
     With ``buffer`` (a path), metrics, tags and artifacts go through the durable journal
-    described in the module docstring; without it (read-only uses: checklist, audit) every call
-    is simply retried on transient errors for up to ``retry_seconds``."""
+    described in the module docstring, sent by a background thread unless ``background=False``;
+    without it (read-only uses: checklist, audit) every call is simply retried on transient errors
+    for up to ``retry_seconds``."""
 
     def __init__(self, uri: str, experiment: str, home: Path, buffer: Optional[Path] = None,
-                 retry_seconds: float = DEFAULT_RETRY_SECONDS):
+                 retry_seconds: float = DEFAULT_RETRY_SECONDS, background: bool = True):
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
         if uri.startswith(("http://", "https://")):
             # our own retry loop (below) decides how long to wait; MLflow's default (7 retries with
@@ -164,6 +171,11 @@ class Tracker:
         self._pending: list[dict[str, Any]] = []
         self._down_since: Optional[float] = None
         self._gave_up = False
+        self._gave_up_exc: Optional[BaseException] = None
+        #: guards ``_pending`` and the journal file (the flow appends, the sender pops)
+        self._lock = threading.Lock()
+        self._background = background and self.buffer is not None
+        self._sender: Optional[JournalSender] = None
         if self.buffer is not None and self.buffer.is_file():
             self._pending = [json.loads(line) for line in self.buffer.read_text().splitlines() if line.strip()]
         with _store_init_lock(uri):  # MlflowClient creates the SQLite schema on an empty database
@@ -212,22 +224,60 @@ class Tracker:
 
     # ------------------------------------------------------------------ the durable journal
     def _enqueue(self, entry: dict[str, Any]) -> None:
+        """Append ``entry`` to the journal (durable before this returns), then have it sent."""
         entry["id"] = uuid.uuid4().hex[:12]
-        if self.buffer is not None:
-            self.buffer.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.buffer, "a") as fh:
-                fh.write(json.dumps(entry) + "\n")
-                fh.flush()
-                os.fsync(fh.fileno())
-        self._pending.append(entry)
+        line = json.dumps(entry) + "\n"
+        with self._lock:
+            if self.buffer is not None:
+                self.buffer.parent.mkdir(parents=True, exist_ok=True)
+                with open(self.buffer, "a") as fh:
+                    fh.write(line)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+            self._pending.append(entry)
+        if not self._background:
+            self.flush()
+            return
+        self._wake_sender()
+
+    def _wake_sender(self) -> None:
+        """Raise what stopped the background sender, else have it send what is pending."""
+        self._raise_sender_error()
+        if self._pending:
+            if self._sender is None or not self._sender.alive:
+                self._sender = JournalSender(lambda: self._drain(False))
+            self._sender.kick()
+
+    def _raise_sender_error(self) -> None:
+        """Raise (once) what stopped the background sender; a give-up names what is buffered now."""
+        err = self._sender.take_error() if self._sender is not None else None
+        if err is None:
+            return
+        if err is self._gave_up_exc:
+            raise self._gave_up_error(err.__cause__) from err.__cause__
+        raise err
+
+    def _stop_sender(self) -> Optional[BaseException]:
+        """Join the background sender (the pass in progress completes); returns its unraised error."""
+        sender, self._sender = self._sender, None
+        if sender is None:
+            return None
+        sender.stop()
+        return sender.take_error()
+
+    def _sent(self) -> None:
+        """The journal's first entry reached the store: drop it (journal rewritten, its blob removed)."""
+        with self._lock:
+            done = self._pending.pop(0)
+            self._rewrite_buffer()
+        if done["kind"] == "artifact" and self.buffer is not None:
+            Path(done["file"]).unlink(missing_ok=True)
 
     def _rewrite_buffer(self) -> None:
         if self.buffer is None:
             return
         if not self._pending:
             self.buffer.unlink(missing_ok=True)
-            with contextlib.suppress(OSError):
-                shutil.rmtree(self._blob_dir())
             return
         tmp = self.buffer.with_name(f".{self.buffer.name}.tmp-{os.getpid()}")
         with open(tmp, "w") as fh:
@@ -269,9 +319,11 @@ class Tracker:
             raise ValueError(f"unknown tracking buffer entry kind {kind!r}")
 
     def pending_summary(self) -> str:
-        steps = sorted({e["step"] for e in self._pending if e["kind"] == "metrics"})
-        kinds = {k: sum(e["kind"] == k for e in self._pending) for k in ("metrics", "tags", "artifact")}
-        return (f"{len(self._pending)} entries (metric steps {steps}, {kinds['tags']} tag batches, "
+        with self._lock:
+            pending = list(self._pending)
+        steps = sorted({e["step"] for e in pending if e["kind"] == "metrics"})
+        kinds = {k: sum(e["kind"] == k for e in pending) for k in ("metrics", "tags", "artifact")}
+        return (f"{len(pending)} entries (metric steps {steps}, {kinds['tags']} tag batches, "
                 f"{kinds['artifact']} artifacts)" + (f" kept in {self.buffer}" if self.buffer else ""))
 
     def _gave_up_error(self, last: Optional[Exception] = None) -> TrackingUnavailableError:
@@ -286,8 +338,18 @@ class Tracker:
         """Replay the journal in order. Returns True when it is empty.
 
         ``wait=False``: one attempt (training goes on while the store is down), but raise
-        :class:`TrackingUnavailableError` once it has been down for ``retry_seconds``.
-        ``wait=True``: retry with backoff until empty or that deadline."""
+        :class:`TrackingUnavailableError` once it has been down for ``retry_seconds``; with the
+        background sender it only wakes the sender (raising what stopped it, if anything).
+        ``wait=True``: join the sender, then retry with backoff until empty or that deadline."""
+        if self._background and not wait:
+            self._wake_sender()
+            return not self._pending
+        err = self._stop_sender()
+        if err is not None and err is not self._gave_up_exc:
+            raise err  # a rejected entry: it is still first in the journal
+        return self._drain(wait)
+
+    def _drain(self, wait: bool) -> bool:
         delay = _BACKOFF_START
         server_steps: Optional[set[int]] = None
         while self._pending:
@@ -296,8 +358,7 @@ class Tracker:
                     server_steps = self._server_steps()
                 while self._pending:
                     self._send(self._pending[0], server_steps)
-                    self._pending.pop(0)
-                    self._rewrite_buffer()
+                    self._sent()
                 if self._down_since is not None:
                     print(f"creditflow: MLflow tracking store {self.uri} is back; buffered entries replayed",
                           file=sys.stderr)
@@ -318,7 +379,8 @@ class Tracker:
                 if now - self._down_since >= self.retry_seconds or (wait and now + delay - self._down_since
                                                                      > self.retry_seconds):
                     self._gave_up = True
-                    raise self._gave_up_error(exc) from exc
+                    err = self._gave_up_exc = self._gave_up_error(exc)
+                    raise err from exc
                 if not wait:
                     return False
                 time.sleep(delay)
@@ -359,6 +421,9 @@ class Tracker:
         if status == "FINISHED":
             if not self.flush(wait=True):  # gave up earlier: the journal is not empty
                 raise self._gave_up_error()
+            if self.buffer is not None:  # blobs of a crashed attempt that never reached the journal
+                with contextlib.suppress(OSError):
+                    shutil.rmtree(self._blob_dir())
             try:
                 self._retry("terminate the MLflow run", self.client.set_terminated, self.run_id, status=status)
             except TrackingUnavailableError as exc:  # everything is logged; only the end mark is missing
@@ -368,7 +433,8 @@ class Tracker:
                     + ": `creditflow resume` marks the MLflow run FINISHED once the store is back") from exc
             return
         try:
-            self.flush(wait=False)
+            self._stop_sender()  # its error, if any, was raised already or is the reason we fail
+            self._drain(wait=False)
             self.client.set_terminated(self.run_id, status=status)
         except Exception as exc:
             print(f"creditflow: could not mark MLflow run {self.run_id} {status} at {self.uri} "
@@ -395,7 +461,6 @@ class Tracker:
                 self._retry("set tags", self.client.log_batch, self.run_id, tags=tag_list[i : i + 100])
             return
         self._enqueue({"kind": "tags", "tags": items})
-        self.flush()
 
     def has_step(self, step: int) -> bool:
         return step in self._logged
@@ -412,9 +477,8 @@ class Tracker:
         if self.buffer is None:
             self._retry(f"log metrics of step {step}", self._send, entry, None)
         else:
-            self._enqueue(entry)
             self._logged.add(step)
-            self.flush()
+            self._enqueue(entry)
         self._logged.add(step)
         return True
 
@@ -433,7 +497,6 @@ class Tracker:
         with open(out, "rb") as fh:
             os.fsync(fh.fileno())
         self._enqueue({"kind": "artifact", "file": str(out), "artifact_file": artifact_file})
-        self.flush()
 
     def log_text(self, text: str, artifact_file: str) -> None:
         masked = mask_text(text)
