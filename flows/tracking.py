@@ -166,6 +166,8 @@ class Tracker:
         self.home = home
         self.retry_seconds = float(retry_seconds)
         self.run_id: Optional[str] = None
+        #: params the store has (or the journal will send) once this tracker started/attached the run
+        self._server_params: Optional[dict[str, str]] = None
         self._logged: set[int] = set()
         self.buffer = Path(buffer) if buffer is not None else None
         self._pending: list[dict[str, Any]] = []
@@ -291,7 +293,7 @@ class Tracker:
         return self.buffer.with_name(self.buffer.stem + "_files")
 
     def _send(self, entry: dict[str, Any], server_steps: Optional[set[int]]) -> None:
-        from mlflow.entities import Metric, RunTag
+        from mlflow.entities import Metric, Param, RunTag
 
         kind = entry["kind"]
         if kind == "metrics":
@@ -301,6 +303,10 @@ class Tracker:
             for i in range(0, len(items), 1000):
                 # the sentinel is the last metric of the last chunk: it is written only when all others are
                 self.client.log_batch(self.run_id, metrics=items[i : i + 1000])
+        elif kind == "params":
+            items = [Param(k, v) for k, v in entry["params"]]
+            for i in range(0, len(items), _PARAM_CHUNK):
+                self.client.log_batch(self.run_id, params=items[i : i + _PARAM_CHUNK])
         elif kind == "tags":
             items = [RunTag(k, v) for k, v in entry["tags"].items()]
             for i in range(0, len(items), 100):
@@ -322,8 +328,9 @@ class Tracker:
         with self._lock:
             pending = list(self._pending)
         steps = sorted({e["step"] for e in pending if e["kind"] == "metrics"})
-        kinds = {k: sum(e["kind"] == k for e in pending) for k in ("metrics", "tags", "artifact")}
-        return (f"{len(pending)} entries (metric steps {steps}, {kinds['tags']} tag batches, "
+        kinds = {k: sum(e["kind"] == k for e in pending) for k in ("metrics", "params", "tags", "artifact")}
+        return (f"{len(pending)} entries (metric steps {steps}, {kinds['params']} param batches, "
+                f"{kinds['tags']} tag batches, "
                 f"{kinds['artifact']} artifacts)" + (f" kept in {self.buffer}" if self.buffer else ""))
 
     def _gave_up_error(self, last: Optional[Exception] = None) -> TrackingUnavailableError:
@@ -398,6 +405,7 @@ class Tracker:
         run = self._retry("create the MLflow run", self.client.create_run, self.experiment_id,
                           run_name=mask_text(run_name), tags=mask_config(tags))
         self.run_id = run.info.run_id
+        self._server_params = {}
         return self.run_id
 
     def attach(self, run_id: str) -> None:
@@ -409,6 +417,8 @@ class Tracker:
             self._retry("reopen the MLflow run", self.client.update_run, self.run_id, status="RUNNING")
         self._logged = self._retry("read logged steps", self._server_steps)
         self._logged |= {int(e["step"]) for e in self._pending if e["kind"] == "metrics"}
+        self._server_params = dict(run.data.params)  # and what the journal replays below
+        self._server_params.update(p for e in self._pending if e["kind"] == "params" for p in e["params"])
         if self._pending:
             self._replaying = True
             self.flush(wait=True)
@@ -443,13 +453,23 @@ class Tracker:
 
     # ------------------------------------------------------------------ logging
     def log_params(self, params: dict[str, str]) -> None:
+        """Params not logged yet (a resume keeps the first values: MLflow params are immutable)."""
         from mlflow.entities import Param
 
         params = mask_config(params)  # secret keys and secret values never reach MLflow
-        existing = self._retry("read params", self.client.get_run, self.run_id).data.params
-        items = [Param(k, v[:6000]) for k, v in params.items() if k not in existing]
+        existing = self._server_params
+        if existing is None:  # neither started nor attached by this tracker
+            existing = self._retry("read params", self.client.get_run, self.run_id).data.params
+        items = [[k, v[:6000]] for k, v in params.items() if k not in existing]
+        if self.buffer is not None:  # journaled; a replay of the same values is a no-op in MLflow
+            existing.update(items)
+            if items:
+                self._enqueue({"kind": "params", "params": items})
+            return
         for i in range(0, len(items), _PARAM_CHUNK):
-            self._retry("log params", self.client.log_batch, self.run_id, params=items[i : i + _PARAM_CHUNK])
+            self._retry("log params", self.client.log_batch, self.run_id,
+                        params=[Param(k, v) for k, v in items[i : i + _PARAM_CHUNK]])
+        existing.update(items)
 
     def set_tags(self, tags: dict[str, Any]) -> None:
         items = {k: str(v)[:8000] for k, v in mask_config({k: str(v) for k, v in tags.items()}).items()}

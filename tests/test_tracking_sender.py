@@ -89,20 +89,24 @@ def test_crash_while_the_store_is_locked_leaves_the_journal_replayed_exactly_onc
     assert t.log_step(0, {"m": 0.0})
     t.flush(wait=True)
     with _store_locked(tmp_path):
+        t.log_params({"lr": "0.1"})
         assert t.log_step(1, {"m": 1.0}) and t.log_step(2, {"m": 2.0})  # the flow goes on
-        assert {e["step"] for e in _journal(t) if e["kind"] == "metrics"} == {1, 2}
+        assert [e["kind"] for e in _journal(t)] == ["params", "metrics", "metrics"]
         t._stop_sender()  # the process dies here: the daemon sender goes with it
-    # step 1 reached the store but its answer was lost (the journal still has it)
+    # the params and step 1 reached the store but their answers were lost (the journal still has them)
     t._send(t._pending[0], None)
+    t._send(t._pending[1], None)
     assert _steps(t, SENTINEL) == [0, 1]
     resumed = _tracker(tmp_path)
     resumed.attach(run_id)  # replays the journal; the sentinel says step 1 is there already
     assert not resumed.buffer.exists()
+    resumed.log_params({"lr": "0.2", "new": "x"})  # params are immutable: the first value stays
     assert not resumed.log_step(2, {"m": 2.0}) and resumed.log_step(3, {"m": 3.0})
     resumed.finish("FINISHED")
     history = resumed.client.get_metric_history(run_id, "m")
     assert sorted(m.step for m in history) == [0, 1, 2, 3]  # each step exactly once
     assert _steps(resumed, SENTINEL) == [0, 1, 2, 3]
+    assert resumed.client.get_run(run_id).data.params == {"lr": "0.1", "new": "x"}
 
 
 def test_store_locked_past_retry_seconds_fails_naming_the_journal_then_drains(tmp_path):
