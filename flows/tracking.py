@@ -11,7 +11,7 @@ Faults of the tracking store (survey §8 pipelines run for days; a tracking serv
 * At start, :func:`check_tracking_server` makes ONE request (short timeout) to an ``http(s)``
   tracking URI and raises :class:`TrackingServerUnreachable` (a :class:`~flows.config.ConfigError`:
   exit code 2 from the CLI) naming the URI, before any compute. Local stores are not checked.
-* During a run, every metric batch, tag batch and artifact of a run with a buffer
+* During a run, every metric batch, param batch, tag batch and artifact of a run with a buffer
   (``runs/<id>/tracking_buffer.jsonl``) is first appended to that journal (fsync'ed), then sent
   by ONE background thread (:mod:`flows.tracking_sender`; ``background=False``: by the caller),
   so the flow does not wait for MLflow. While the store is unreachable, training goes on and
@@ -34,7 +34,6 @@ Faults of the tracking store (survey §8 pipelines run for days; a tracking serv
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import math
 import os
@@ -47,11 +46,17 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from flows.config import ConfigError
 from flows.secrets import mask_config, mask_text
 from flows.tracking_sender import BACKOFF_MAX as _BACKOFF_MAX
 from flows.tracking_sender import BACKOFF_START as _BACKOFF_START
 from flows.tracking_sender import JournalSender
+from flows.tracking_store import (  # noqa: F401 - re-exported: the public names of the tracking API
+    TrackingServerUnreachable,
+    _store_init_lock,
+    _transient,
+    check_tracking_server,
+    default_tracking_uri,
+)
 
 SENTINEL = "progress.iteration"
 #: MLflow allows 100 params / 1000 metrics / 100 tags per log_batch
@@ -60,94 +65,14 @@ _PARAM_CHUNK = 100
 DEFAULT_RETRY_SECONDS = 300.0
 
 
-class TrackingServerUnreachable(ConfigError):
-    """The configured tracking server does not answer at start (reported before any compute)."""
-
-
 class TrackingUnavailableError(RuntimeError):
     """The tracking store stayed unreachable longer than ``tracking.retry_seconds``."""
-
-
-def default_tracking_uri(home: Path) -> str:
-    """``MLFLOW_TRACKING_URI`` when set (e.g. a tracking server), else SQLite under the home."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{home / 'mlflow.db'}"
-
-
-def check_tracking_server(uri: str, timeout: float = 5.0) -> None:
-    """One request to an ``http(s)`` tracking server; :class:`TrackingServerUnreachable` if nothing
-    answers. Any HTTP answer (even 401/404 from a proxy) counts as reachable; local stores
-    (sqlite, file, paths) are not checked."""
-    if not uri.startswith(("http://", "https://")):
-        return
-    import urllib.error
-    import urllib.request
-
-    url = uri.rstrip("/") + "/health"
-    try:
-        with urllib.request.urlopen(url, timeout=timeout):
-            return
-    except urllib.error.HTTPError:
-        return
-    except Exception as exc:  # URLError (refused, DNS), socket timeout, reset
-        reason = getattr(exc, "reason", exc)
-        raise TrackingServerUnreachable(
-            f"MLflow tracking server {uri} is not reachable ({reason}); start it (see infra/README.md) or "
-            "point MLFLOW_TRACKING_URI / tracking.mlflow_uri at a running one (unset both for the local "
-            "SQLite store)"
-        ) from None
-
-
-def _transient(exc: BaseException) -> bool:
-    """Worth retrying: the store was unreachable or busy, not a rejection of what we sent."""
-    if isinstance(exc, (ConnectionError, TimeoutError)):
-        return True
-    try:
-        import requests
-
-        if isinstance(exc, (requests.exceptions.ConnectionError, requests.exceptions.Timeout)):
-            return True
-    except ImportError:  # pragma: no cover
-        pass
-    text = f"{type(exc).__name__}: {exc}"
-    if "database is locked" in text or "database table is locked" in text:
-        return True
-    from mlflow.exceptions import MlflowException
-
-    if isinstance(exc, MlflowException):
-        code = getattr(exc, "error_code", "")
-        if code in ("TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED", "DEADLINE_EXCEEDED", "ABORTED"):
-            return True
-        # the REST client reports connection failures and 5xx answers as INTERNAL_ERROR
-        return code == "INTERNAL_ERROR" and any(s in text for s in (
-            "API request to", "Max retries exceeded", "Connection refused", "Connection aborted",
-            "RemoteDisconnected", "timed out", "503", "502", "504", "500"))
-    return False
-
-
-def _sqlite_path(uri: str) -> Optional[Path]:
-    return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
-
-
-@contextlib.contextmanager
-def _store_init_lock(uri: str):
-    """Serialise schema + experiment creation on a SQLite store across processes."""
-    db = _sqlite_path(uri)
-    if db is None:
-        yield
-        return
-    db.parent.mkdir(parents=True, exist_ok=True)
-    with open(db.with_name(db.name + ".init-lock"), "a+") as fh:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
 class Tracker:
     """Thin wrapper over ``MlflowClient`` (no global active-run state).
 
-    With ``buffer`` (a path), metrics, tags and artifacts go through the durable journal
+    With ``buffer`` (a path), metrics, params, tags and artifacts go through the durable journal
     described in the module docstring, sent by a background thread unless ``background=False``;
     without it (read-only uses: checklist, audit) every call is simply retried on transient errors
     for up to ``retry_seconds``."""
