@@ -121,5 +121,5 @@ def build_context(run: "RunState", envb: EnvBatch, batch: Batch, iteration: int,
         setattr(ctx, p.field, p.build(inputs, ctx))
         overhead.extra_forward_passes += p.forward_passes
         if p.over_batch:
-            overhead.forward_tokens += sum(len(t.prompt_ids) + len(t.response_ids) for t in batch.trajectories)
+            overhead.forward_tokens += batch.token_count()
     return ctx, overhead

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import subprocess
@@ -31,8 +32,10 @@ if TYPE_CHECKING:
     from flows.runtime import RunState
 
 
+@functools.lru_cache(maxsize=1)
 def git_commit() -> str:
-    """The commit of the code that runs (``unknown`` outside a git checkout)."""
+    """The commit of the code that runs (``unknown`` outside a git checkout); looked up once per
+    process (the code a process runs does not change under it)."""
     try:
         root = Path(__file__).resolve().parent.parent
         return subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
@@ -76,11 +79,10 @@ def open_tracker(state: "RunState", logger: Any) -> Tracker:
     state.info.setdefault("prefect_flow_runs", []).append(flow_run_id)
     state.save_info()
     tracker.log_params(flatten(state.cfg))
-    tracker.set_tags({"prefect.flow_run_id": flow_run_id,
+    tracker.set_tags({"prefect.flow_run_id": flow_run_id,  # one journal entry, one MLflow call
                       "prefect.flow_run_ids": ",".join(x for x in state.info["prefect_flow_runs"] if x),
-                      "creditflow.method": cfg.credit.method, "creditflow.env": cfg.env.name})
-    tracker.set_tags(recommendation_tags(state))
-    tracker.set_tags(sandbox_tags(state))
+                      "creditflow.method": cfg.credit.method, "creditflow.env": cfg.env.name,
+                      **recommendation_tags(state), **sandbox_tags(state)})
     tracker.log_text(to_yaml(state.cfg), "config/resolved.yaml")
     try:
         create_markdown_artifact(
@@ -237,12 +239,6 @@ def log_heatmap(tracker: Tracker, batch: Optional[Batch], credit: Optional[Credi
         raise
     except Exception as exc:  # plotting must never kill training; say why
         print(f"warning: credit heatmap for iteration {iteration} failed: {exc}", file=sys.stderr)
-
-
-def batch_tokens(batch: Batch) -> tuple[int, int]:
-    """Tokens (prompt + response) of a batch's trajectories, and their number."""
-    trajs = batch.trajectories
-    return sum(len(t.prompt_ids) + len(t.response_ids) for t in trajs), len(trajs)
 
 
 #: per-iteration credit metrics against ground truth kept in a run's curve (``credit.<key>``)

@@ -11,10 +11,13 @@ Faults of the tracking store (survey §8 pipelines run for days; a tracking serv
 * At start, :func:`check_tracking_server` makes ONE request (short timeout) to an ``http(s)``
   tracking URI and raises :class:`TrackingServerUnreachable` (a :class:`~flows.config.ConfigError`:
   exit code 2 from the CLI) naming the URI, before any compute. Local stores are not checked.
-* During a run, every metric batch, tag batch and artifact of a run with a buffer
-  (``runs/<id>/tracking_buffer.jsonl``) is first appended to that journal (fsync'ed), then sent.
-  While the store is unreachable, training goes on and entries accumulate; each later call
-  tries to replay the journal in order, and a successful replay empties it. Replays are
+* During a run, every metric batch, param batch, tag batch and artifact of a run with a buffer
+  (``runs/<id>/tracking_buffer.jsonl``) is first appended to that journal (fsync'ed), then sent
+  by ONE background thread (:mod:`flows.tracking_sender`; ``background=False``: by the caller),
+  so the flow does not wait for MLflow. While the store is unreachable, training goes on and
+  entries accumulate; the sender retries with backoff, replaying the journal in order, and a
+  successful replay empties it. An error of the sender is raised by the flow's next tracking
+  call (the run fails; the journal keeps the entry); finishing joins the sender first. Replays are
   idempotent: a metric step the sentinel already has is skipped (a batch that reached the
   server although its response was lost), tags overwrite, artifacts overwrite.
 * If the store stays unreachable for ``tracking.retry_seconds`` (counted from the first failed
@@ -31,122 +34,51 @@ Faults of the tracking store (survey §8 pipelines run for days; a tracking serv
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import math
 import os
 import shutil
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from flows.config import ConfigError
 from flows.secrets import mask_config, mask_text
+from flows.tracking_sender import BACKOFF_MAX as _BACKOFF_MAX
+from flows.tracking_sender import BACKOFF_START as _BACKOFF_START
+from flows.tracking_sender import JournalSender
+from flows.tracking_store import (  # noqa: F401 - re-exported: the public names of the tracking API
+    TrackingServerUnreachable,
+    _store_init_lock,
+    _transient,
+    check_tracking_server,
+    default_tracking_uri,
+)
 
 SENTINEL = "progress.iteration"
 #: MLflow allows 100 params / 1000 metrics / 100 tags per log_batch
 _PARAM_CHUNK = 100
 #: default of ``tracking.retry_seconds``
 DEFAULT_RETRY_SECONDS = 300.0
-_BACKOFF_START, _BACKOFF_MAX = 0.5, 5.0
-
-
-class TrackingServerUnreachable(ConfigError):
-    """The configured tracking server does not answer at start (reported before any compute)."""
 
 
 class TrackingUnavailableError(RuntimeError):
     """The tracking store stayed unreachable longer than ``tracking.retry_seconds``."""
 
 
-def default_tracking_uri(home: Path) -> str:
-    """``MLFLOW_TRACKING_URI`` when set (e.g. a tracking server), else SQLite under the home."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{home / 'mlflow.db'}"
-
-
-def check_tracking_server(uri: str, timeout: float = 5.0) -> None:
-    """One request to an ``http(s)`` tracking server; :class:`TrackingServerUnreachable` if nothing
-    answers. Any HTTP answer (even 401/404 from a proxy) counts as reachable; local stores
-    (sqlite, file, paths) are not checked."""
-    if not uri.startswith(("http://", "https://")):
-        return
-    import urllib.error
-    import urllib.request
-
-    url = uri.rstrip("/") + "/health"
-    try:
-        with urllib.request.urlopen(url, timeout=timeout):
-            return
-    except urllib.error.HTTPError:
-        return
-    except Exception as exc:  # URLError (refused, DNS), socket timeout, reset
-        reason = getattr(exc, "reason", exc)
-        raise TrackingServerUnreachable(
-            f"MLflow tracking server {uri} is not reachable ({reason}); start it (see infra/README.md) or "
-            "point MLFLOW_TRACKING_URI / tracking.mlflow_uri at a running one (unset both for the local "
-            "SQLite store)"
-        ) from None
-
-
-def _transient(exc: BaseException) -> bool:
-    """Worth retrying: the store was unreachable or busy, not a rejection of what we sent."""
-    if isinstance(exc, (ConnectionError, TimeoutError)):
-        return True
-    try:
-        import requests
-
-        if isinstance(exc, (requests.exceptions.ConnectionError, requests.exceptions.Timeout)):
-            return True
-    except ImportError:  # pragma: no cover
-        pass
-    text = f"{type(exc).__name__}: {exc}"
-    if "database is locked" in text or "database table is locked" in text:
-        return True
-    from mlflow.exceptions import MlflowException
-
-    if isinstance(exc, MlflowException):
-        code = getattr(exc, "error_code", "")
-        if code in ("TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED", "DEADLINE_EXCEEDED", "ABORTED"):
-            return True
-        # the REST client reports connection failures and 5xx answers as INTERNAL_ERROR
-        return code == "INTERNAL_ERROR" and any(s in text for s in (
-            "API request to", "Max retries exceeded", "Connection refused", "Connection aborted",
-            "RemoteDisconnected", "timed out", "503", "502", "504", "500"))
-    return False
-
-
-def _sqlite_path(uri: str) -> Optional[Path]:
-    return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
-
-
-@contextlib.contextmanager
-def _store_init_lock(uri: str):
-    """Serialise schema + experiment creation on a SQLite store across processes."""
-    db = _sqlite_path(uri)
-    if db is None:
-        yield
-        return
-    db.parent.mkdir(parents=True, exist_ok=True)
-    with open(db.with_name(db.name + ".init-lock"), "a+") as fh:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
-
-
 class Tracker:
     """Thin wrapper over ``MlflowClient`` (no global active-run state).
 
-    With ``buffer`` (a path), metrics, tags and artifacts go through the durable journal
-    described in the module docstring; without it (read-only uses: checklist, audit) every call
-    is simply retried on transient errors for up to ``retry_seconds``."""
+    With ``buffer`` (a path), metrics, params, tags and artifacts go through the durable journal
+    described in the module docstring, sent by a background thread unless ``background=False``;
+    without it (read-only uses: checklist, audit) every call is simply retried on transient errors
+    for up to ``retry_seconds``."""
 
     def __init__(self, uri: str, experiment: str, home: Path, buffer: Optional[Path] = None,
-                 retry_seconds: float = DEFAULT_RETRY_SECONDS):
+                 retry_seconds: float = DEFAULT_RETRY_SECONDS, background: bool = True):
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
         if uri.startswith(("http://", "https://")):
             # our own retry loop (below) decides how long to wait; MLflow's default (7 retries with
@@ -159,11 +91,18 @@ class Tracker:
         self.home = home
         self.retry_seconds = float(retry_seconds)
         self.run_id: Optional[str] = None
+        #: params the store has (or the journal will send) once this tracker started/attached the run
+        self._server_params: Optional[dict[str, str]] = None
         self._logged: set[int] = set()
         self.buffer = Path(buffer) if buffer is not None else None
         self._pending: list[dict[str, Any]] = []
         self._down_since: Optional[float] = None
         self._gave_up = False
+        self._gave_up_exc: Optional[BaseException] = None
+        #: guards ``_pending`` and the journal file (the flow appends, the sender pops)
+        self._lock = threading.Lock()
+        self._background = background and self.buffer is not None
+        self._sender: Optional[JournalSender] = None
         if self.buffer is not None and self.buffer.is_file():
             self._pending = [json.loads(line) for line in self.buffer.read_text().splitlines() if line.strip()]
         with _store_init_lock(uri):  # MlflowClient creates the SQLite schema on an empty database
@@ -212,22 +151,60 @@ class Tracker:
 
     # ------------------------------------------------------------------ the durable journal
     def _enqueue(self, entry: dict[str, Any]) -> None:
+        """Append ``entry`` to the journal (durable before this returns), then have it sent."""
         entry["id"] = uuid.uuid4().hex[:12]
-        if self.buffer is not None:
-            self.buffer.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.buffer, "a") as fh:
-                fh.write(json.dumps(entry) + "\n")
-                fh.flush()
-                os.fsync(fh.fileno())
-        self._pending.append(entry)
+        line = json.dumps(entry) + "\n"
+        with self._lock:
+            if self.buffer is not None:
+                self.buffer.parent.mkdir(parents=True, exist_ok=True)
+                with open(self.buffer, "a") as fh:
+                    fh.write(line)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+            self._pending.append(entry)
+        if not self._background:
+            self.flush()
+            return
+        self._wake_sender()
+
+    def _wake_sender(self) -> None:
+        """Raise what stopped the background sender, else have it send what is pending."""
+        self._raise_sender_error()
+        if self._pending:
+            if self._sender is None or not self._sender.alive:
+                self._sender = JournalSender(lambda: self._drain(False))
+            self._sender.kick()
+
+    def _raise_sender_error(self) -> None:
+        """Raise (once) what stopped the background sender; a give-up names what is buffered now."""
+        err = self._sender.take_error() if self._sender is not None else None
+        if err is None:
+            return
+        if err is self._gave_up_exc:
+            raise self._gave_up_error(err.__cause__) from err.__cause__
+        raise err
+
+    def _stop_sender(self) -> Optional[BaseException]:
+        """Join the background sender (the pass in progress completes); returns its unraised error."""
+        sender, self._sender = self._sender, None
+        if sender is None:
+            return None
+        sender.stop()
+        return sender.take_error()
+
+    def _sent(self) -> None:
+        """The journal's first entry reached the store: drop it (journal rewritten, its blob removed)."""
+        with self._lock:
+            done = self._pending.pop(0)
+            self._rewrite_buffer()
+        if done["kind"] == "artifact" and self.buffer is not None:
+            Path(done["file"]).unlink(missing_ok=True)
 
     def _rewrite_buffer(self) -> None:
         if self.buffer is None:
             return
         if not self._pending:
             self.buffer.unlink(missing_ok=True)
-            with contextlib.suppress(OSError):
-                shutil.rmtree(self._blob_dir())
             return
         tmp = self.buffer.with_name(f".{self.buffer.name}.tmp-{os.getpid()}")
         with open(tmp, "w") as fh:
@@ -241,7 +218,7 @@ class Tracker:
         return self.buffer.with_name(self.buffer.stem + "_files")
 
     def _send(self, entry: dict[str, Any], server_steps: Optional[set[int]]) -> None:
-        from mlflow.entities import Metric, RunTag
+        from mlflow.entities import Metric, Param, RunTag
 
         kind = entry["kind"]
         if kind == "metrics":
@@ -251,6 +228,10 @@ class Tracker:
             for i in range(0, len(items), 1000):
                 # the sentinel is the last metric of the last chunk: it is written only when all others are
                 self.client.log_batch(self.run_id, metrics=items[i : i + 1000])
+        elif kind == "params":
+            items = [Param(k, v) for k, v in entry["params"]]
+            for i in range(0, len(items), _PARAM_CHUNK):
+                self.client.log_batch(self.run_id, params=items[i : i + _PARAM_CHUNK])
         elif kind == "tags":
             items = [RunTag(k, v) for k, v in entry["tags"].items()]
             for i in range(0, len(items), 100):
@@ -269,9 +250,12 @@ class Tracker:
             raise ValueError(f"unknown tracking buffer entry kind {kind!r}")
 
     def pending_summary(self) -> str:
-        steps = sorted({e["step"] for e in self._pending if e["kind"] == "metrics"})
-        kinds = {k: sum(e["kind"] == k for e in self._pending) for k in ("metrics", "tags", "artifact")}
-        return (f"{len(self._pending)} entries (metric steps {steps}, {kinds['tags']} tag batches, "
+        with self._lock:
+            pending = list(self._pending)
+        steps = sorted({e["step"] for e in pending if e["kind"] == "metrics"})
+        kinds = {k: sum(e["kind"] == k for e in pending) for k in ("metrics", "params", "tags", "artifact")}
+        return (f"{len(pending)} entries (metric steps {steps}, {kinds['params']} param batches, "
+                f"{kinds['tags']} tag batches, "
                 f"{kinds['artifact']} artifacts)" + (f" kept in {self.buffer}" if self.buffer else ""))
 
     def _gave_up_error(self, last: Optional[Exception] = None) -> TrackingUnavailableError:
@@ -286,8 +270,18 @@ class Tracker:
         """Replay the journal in order. Returns True when it is empty.
 
         ``wait=False``: one attempt (training goes on while the store is down), but raise
-        :class:`TrackingUnavailableError` once it has been down for ``retry_seconds``.
-        ``wait=True``: retry with backoff until empty or that deadline."""
+        :class:`TrackingUnavailableError` once it has been down for ``retry_seconds``; with the
+        background sender it only wakes the sender (raising what stopped it, if anything).
+        ``wait=True``: join the sender, then retry with backoff until empty or that deadline."""
+        if self._background and not wait:
+            self._wake_sender()
+            return not self._pending
+        err = self._stop_sender()
+        if err is not None and err is not self._gave_up_exc:
+            raise err  # a rejected entry: it is still first in the journal
+        return self._drain(wait)
+
+    def _drain(self, wait: bool) -> bool:
         delay = _BACKOFF_START
         server_steps: Optional[set[int]] = None
         while self._pending:
@@ -296,8 +290,7 @@ class Tracker:
                     server_steps = self._server_steps()
                 while self._pending:
                     self._send(self._pending[0], server_steps)
-                    self._pending.pop(0)
-                    self._rewrite_buffer()
+                    self._sent()
                 if self._down_since is not None:
                     print(f"creditflow: MLflow tracking store {self.uri} is back; buffered entries replayed",
                           file=sys.stderr)
@@ -318,7 +311,8 @@ class Tracker:
                 if now - self._down_since >= self.retry_seconds or (wait and now + delay - self._down_since
                                                                      > self.retry_seconds):
                     self._gave_up = True
-                    raise self._gave_up_error(exc) from exc
+                    err = self._gave_up_exc = self._gave_up_error(exc)
+                    raise err from exc
                 if not wait:
                     return False
                 time.sleep(delay)
@@ -336,6 +330,7 @@ class Tracker:
         run = self._retry("create the MLflow run", self.client.create_run, self.experiment_id,
                           run_name=mask_text(run_name), tags=mask_config(tags))
         self.run_id = run.info.run_id
+        self._server_params = {}
         return self.run_id
 
     def attach(self, run_id: str) -> None:
@@ -347,6 +342,8 @@ class Tracker:
             self._retry("reopen the MLflow run", self.client.update_run, self.run_id, status="RUNNING")
         self._logged = self._retry("read logged steps", self._server_steps)
         self._logged |= {int(e["step"]) for e in self._pending if e["kind"] == "metrics"}
+        self._server_params = dict(run.data.params)  # and what the journal replays below
+        self._server_params.update(p for e in self._pending if e["kind"] == "params" for p in e["params"])
         if self._pending:
             self._replaying = True
             self.flush(wait=True)
@@ -359,6 +356,9 @@ class Tracker:
         if status == "FINISHED":
             if not self.flush(wait=True):  # gave up earlier: the journal is not empty
                 raise self._gave_up_error()
+            if self.buffer is not None:  # blobs of a crashed attempt that never reached the journal
+                with contextlib.suppress(OSError):
+                    shutil.rmtree(self._blob_dir())
             try:
                 self._retry("terminate the MLflow run", self.client.set_terminated, self.run_id, status=status)
             except TrackingUnavailableError as exc:  # everything is logged; only the end mark is missing
@@ -368,7 +368,8 @@ class Tracker:
                     + ": `creditflow resume` marks the MLflow run FINISHED once the store is back") from exc
             return
         try:
-            self.flush(wait=False)
+            self._stop_sender()  # its error, if any, was raised already or is the reason we fail
+            self._drain(wait=False)
             self.client.set_terminated(self.run_id, status=status)
         except Exception as exc:
             print(f"creditflow: could not mark MLflow run {self.run_id} {status} at {self.uri} "
@@ -377,13 +378,23 @@ class Tracker:
 
     # ------------------------------------------------------------------ logging
     def log_params(self, params: dict[str, str]) -> None:
+        """Params not logged yet (a resume keeps the first values: MLflow params are immutable)."""
         from mlflow.entities import Param
 
         params = mask_config(params)  # secret keys and secret values never reach MLflow
-        existing = self._retry("read params", self.client.get_run, self.run_id).data.params
-        items = [Param(k, v[:6000]) for k, v in params.items() if k not in existing]
+        existing = self._server_params
+        if existing is None:  # neither started nor attached by this tracker
+            existing = self._retry("read params", self.client.get_run, self.run_id).data.params
+        items = [[k, v[:6000]] for k, v in params.items() if k not in existing]
+        if self.buffer is not None:  # journaled; a replay of the same values is a no-op in MLflow
+            existing.update(items)
+            if items:
+                self._enqueue({"kind": "params", "params": items})
+            return
         for i in range(0, len(items), _PARAM_CHUNK):
-            self._retry("log params", self.client.log_batch, self.run_id, params=items[i : i + _PARAM_CHUNK])
+            self._retry("log params", self.client.log_batch, self.run_id,
+                        params=[Param(k, v) for k, v in items[i : i + _PARAM_CHUNK]])
+        existing.update(items)
 
     def set_tags(self, tags: dict[str, Any]) -> None:
         items = {k: str(v)[:8000] for k, v in mask_config({k: str(v) for k, v in tags.items()}).items()}
@@ -395,7 +406,6 @@ class Tracker:
                 self._retry("set tags", self.client.log_batch, self.run_id, tags=tag_list[i : i + 100])
             return
         self._enqueue({"kind": "tags", "tags": items})
-        self.flush()
 
     def has_step(self, step: int) -> bool:
         return step in self._logged
@@ -412,9 +422,8 @@ class Tracker:
         if self.buffer is None:
             self._retry(f"log metrics of step {step}", self._send, entry, None)
         else:
-            self._enqueue(entry)
             self._logged.add(step)
-            self.flush()
+            self._enqueue(entry)
         self._logged.add(step)
         return True
 
@@ -433,7 +442,6 @@ class Tracker:
         with open(out, "rb") as fh:
             os.fsync(fh.fileno())
         self._enqueue({"kind": "artifact", "file": str(out), "artifact_file": artifact_file})
-        self.flush()
 
     def log_text(self, text: str, artifact_file: str) -> None:
         masked = mask_text(text)

@@ -262,7 +262,7 @@ def eval_stage(state: RunState, iteration: int, checkpoint: str) -> StageResult:
     n = len(batch)
     lo, hi = checklist_mod.wilson_interval(sum(t.success for t in batch.trajectories), n)
     # its compute, reported apart from the budget (stages/benchmark/budget.py: uncharged)
-    spend = {"generated_tokens": float(gen_tokens), "forward_tokens": float(reporting.batch_tokens(batch)[0])}
+    spend = {"generated_tokens": float(gen_tokens), "forward_tokens": float(batch.token_count())}
     return StageResult(value={"success_rate": stats["success_rate"], "ci95": (lo, hi), "episodes": n},
                        stats={"success_rate": stats["success_rate"], "ci95_low": lo, "ci95_high": hi, **spend},
                        overhead=overhead)
@@ -380,7 +380,7 @@ def _iterate(state: RunState, say: RunProgress, run: Callable, tracker: Tracker)
             acc.add_stage(r)
         acc.add_batch(rew.value, cred.overhead)
         metrics = reporting.iteration_metrics(results)
-        spent = spent + iteration_spend(metrics, *reporting.batch_tokens(rew.value), cfg.update.epochs)
+        spent = spent + iteration_spend(metrics, rew.value.token_count(), len(rew.value), cfg.update.epochs)
         metrics.update({f"budget.{k}": float(v) for k, v in spent.as_dict().items()})
         stop_reason = exhausted(spent, cfg.budget)
         final = stop_reason is not None or it + 1 == cfg.iterations

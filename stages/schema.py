@@ -136,6 +136,10 @@ class Batch:
     def __len__(self) -> int:
         return len(self.trajectories)
 
+    def token_count(self) -> int:
+        """Tokens (prompt + response) of all trajectories: what one forward pass over the batch reads."""
+        return sum(len(t.prompt_ids) + len(t.response_ids) for t in self.trajectories)
+
     def validate(self) -> None:
         for traj in self.trajectories:
             traj.validate()

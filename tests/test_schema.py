@@ -79,3 +79,10 @@ def test_validation_names_field_index_and_env():
         b.validate()
     with pytest.raises(ValueError, match="granularity must be one of"):
         CreditResult(advantages=torch.zeros(1, 1), granularity="paragraph", credit=torch.zeros(1))
+
+
+def test_token_count_is_prompt_plus_response_tokens_of_every_trajectory():
+    b = _batch()
+    expected = sum(len(t.prompt_ids) + len(t.response_ids) for t in b.trajectories)
+    assert b.token_count() == expected == int(b.to_tensors().attention_mask.sum())
+    assert Batch([]).token_count() == 0

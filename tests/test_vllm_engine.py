@@ -263,7 +263,7 @@ def _free_port() -> int:
 
 @needs_vllm
 def test_server_mode_generate_and_sync(tmp_path: Path):
-    from stages.rollout.vllm_engine import VLLMServerEngine, server_command
+    from stages.rollout.vllm_server import VLLMServerEngine, server_command
 
     model, tok = tiny(True)
     model_dir = tmp_path / "model"

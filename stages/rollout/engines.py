@@ -21,7 +21,7 @@ def make_engine(rollout_cfg: Any, model: Any, tokenizer: Any = None, seed: int =
 
     ``hf``: :class:`stages.rollout.hf_engine.HFEngine` on the live model object (no sync needed).
     ``vllm``: :class:`stages.rollout.vllm_engine.VLLMEngine` in this process, or
-    :class:`stages.rollout.vllm_engine.VLLMServerEngine` when ``rollout_cfg.vllm_url`` is set
+    :class:`stages.rollout.vllm_server.VLLMServerEngine` when ``rollout_cfg.vllm_url`` is set
     (optional extra; ``ImportError`` saying how to install it when missing)."""
     name = getattr(rollout_cfg, "engine", "hf")
     if name == "hf":
@@ -30,7 +30,7 @@ def make_engine(rollout_cfg: Any, model: Any, tokenizer: Any = None, seed: int =
         pad = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None
         return HFEngine(model, pad_token_id=pad)
     if name == "vllm":
-        from stages.rollout.vllm_engine import make_vllm_engine
+        from stages.rollout.vllm_server import make_vllm_engine
 
         return make_vllm_engine(model, rollout_cfg, seed=seed)
     raise ValueError(f"config key 'rollout.engine': unknown engine {name!r}; implemented engines: {', '.join(ENGINES)}")

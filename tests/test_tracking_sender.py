@@ -1,0 +1,127 @@
+"""The background MLflow sender behind the durable journal (flows/tracking_sender.py, issue 14):
+exactly-once metric steps, errors that surface at the flow's next tracking call, a crash that
+leaves the journal to be replayed. Real MLflow on a real SQLite store; an outage is a real
+SQLite write lock held by another connection (``database is locked``: transient)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sqlite3
+import threading
+import time
+
+import pytest
+
+from flows.tracking import SENTINEL, Tracker, TrackingUnavailableError
+
+
+def _tracker(tmp_path, **kw) -> Tracker:
+    return Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "creditflow", tmp_path,
+                   buffer=tmp_path / "run" / "tracking_buffer.jsonl", **kw)
+
+
+def _steps(tracker: Tracker, key: str) -> list[int]:
+    return sorted(m.step for m in tracker.client.get_metric_history(tracker.run_id, key))
+
+
+def _journal(tracker: Tracker) -> list[dict]:
+    return [json.loads(x) for x in tracker.buffer.read_text().splitlines()] if tracker.buffer.is_file() else []
+
+
+def _senders() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "creditflow-mlflow-sender"]
+
+
+@contextlib.contextmanager
+def _store_locked(tmp_path):
+    """Another connection holds the SQLite write lock: every MLflow write fails as 'database is locked'."""
+    con = sqlite3.connect(tmp_path / "mlflow.db", isolation_level=None)
+    con.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    finally:
+        con.execute("ROLLBACK")
+        con.close()
+
+
+def test_sender_logs_each_step_once_and_finish_joins_it(tmp_path):
+    t = _tracker(tmp_path)
+    t.start("sender", {})
+    for step in range(5):
+        assert t.log_step(step, {"m": float(step), "n": 1.0})
+        t.set_tags({"last": step})
+    assert not t.log_step(2, {"m": 9.0})  # a step is logged once
+    t.log_text("hello", "notes/a.txt")
+    assert _senders(), "the journal is sent from a background thread"
+    t.finish("FINISHED")
+    assert not _senders()  # joined at the end
+    run = t.client.get_run(t.run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["last"] == "4"
+    assert _steps(t, SENTINEL) == _steps(t, "m") == [0, 1, 2, 3, 4]
+    assert [m.value for m in sorted(t.client.get_metric_history(t.run_id, "m"), key=lambda m: m.step)] == [0, 1, 2, 3, 4]
+    assert [a.path for a in t.client.list_artifacts(t.run_id, "notes")] == ["notes/a.txt"]
+    assert not t.buffer.exists() and not t._blob_dir().exists()
+
+
+def test_rejected_entry_surfaces_at_the_next_call_and_stays_in_the_journal(tmp_path, capfd):
+    from mlflow.exceptions import MlflowException
+
+    t = _tracker(tmp_path)
+    t.start("rejected", {})
+    assert t.log_step(0, {"bad name!": 1.0})  # journaled; MLflow rejects the name (not transient)
+    with pytest.raises(MlflowException, match="bad name!"):
+        for _ in range(600):  # until the sender has tried it (no timing asserted)
+            t.flush()
+            time.sleep(0.05)
+    assert "MLflow sender stopped" in capfd.readouterr().err  # said once, by the sender
+    assert [e.get("step") for e in _journal(t)] == [0]  # not lost: still first in the journal
+    with pytest.raises(MlflowException):  # a run cannot be FINISHED while the journal holds it
+        t.finish("FINISHED")
+    t.finish("FAILED")  # the failure path never raises; it says what is buffered
+    assert "1 entries (metric steps [0]" in capfd.readouterr().err
+    assert not _senders()
+
+
+def test_crash_while_the_store_is_locked_leaves_the_journal_replayed_exactly_once(tmp_path):
+    t = _tracker(tmp_path)
+    run_id = t.start("crash", {})
+    assert t.log_step(0, {"m": 0.0})
+    t.flush(wait=True)
+    with _store_locked(tmp_path):
+        t.log_params({"lr": "0.1"})
+        assert t.log_step(1, {"m": 1.0}) and t.log_step(2, {"m": 2.0})  # the flow goes on
+        assert [e["kind"] for e in _journal(t)] == ["params", "metrics", "metrics"]
+        t._stop_sender()  # the process dies here: the daemon sender goes with it
+    # the params and step 1 reached the store but their answers were lost (the journal still has them)
+    t._send(t._pending[0], None)
+    t._send(t._pending[1], None)
+    assert _steps(t, SENTINEL) == [0, 1]
+    resumed = _tracker(tmp_path)
+    resumed.attach(run_id)  # replays the journal; the sentinel says step 1 is there already
+    assert not resumed.buffer.exists()
+    resumed.log_params({"lr": "0.2", "new": "x"})  # params are immutable: the first value stays
+    assert not resumed.log_step(2, {"m": 2.0}) and resumed.log_step(3, {"m": 3.0})
+    resumed.finish("FINISHED")
+    history = resumed.client.get_metric_history(run_id, "m")
+    assert sorted(m.step for m in history) == [0, 1, 2, 3]  # each step exactly once
+    assert _steps(resumed, SENTINEL) == [0, 1, 2, 3]
+    assert resumed.client.get_run(run_id).data.params == {"lr": "0.1", "new": "x"}
+
+
+def test_store_locked_past_retry_seconds_fails_naming_the_journal_then_drains(tmp_path):
+    t = _tracker(tmp_path, retry_seconds=1)
+    t.start("gone", {})
+    with _store_locked(tmp_path):
+        assert t.log_step(0, {"m": 0.0})
+        with pytest.raises(TrackingUnavailableError) as info:
+            for step in range(1, 2000):  # training goes on until the sender gives up
+                t.log_step(step, {"m": float(step)})
+                time.sleep(0.05)
+        buffered = sorted(e["step"] for e in _journal(t) if e["kind"] == "metrics")
+        msg = str(info.value)
+        assert str(t.buffer) in msg and "creditflow resume" in msg and f"metric steps {buffered}" in msg, msg
+        t.log_step(buffered[-1] + 1, {"m": -1.0})  # raised once; the journal keeps growing
+    t.finish("FINISHED")  # the store is back: everything journaled reaches it, then the end mark
+    assert _steps(t, SENTINEL) == list(range(buffered[-1] + 2))
+    assert t.client.get_run(t.run_id).info.status == "FINISHED"
