@@ -38,7 +38,7 @@ from flows.recovery import rebuild_checkpoint  # noqa: E402
 from flows.runtime import RunState  # noqa: E402
 from flows.scaleout import rollout_sharded, with_runner  # noqa: E402
 from flows.tracking import Tracker  # noqa: E402
-from stages.benchmark.budget import Spend, exhausted, iteration_spend, stage_spend  # noqa: E402
+from stages.benchmark.budget import Spend, credit_spend, exhausted, iteration_spend, stage_spend  # noqa: E402
 from stages.credit.stats import credit_statistics  # noqa: E402
 from stages.reward.verifier import compute_rewards  # noqa: E402
 from stages.rollout.policy import pad_token_id  # noqa: E402
@@ -380,7 +380,12 @@ def _iterate(state: RunState, say: RunProgress, run: Callable, tracker: Tracker)
             acc.add_stage(r)
         acc.add_batch(rew.value, cred.overhead)
         metrics = reporting.iteration_metrics(results)
-        spent = spent + iteration_spend(metrics, rew.value.token_count(), len(rew.value), cfg.update.epochs)
+        it_spend = iteration_spend(metrics, rew.value.token_count(), len(rew.value), cfg.update.epochs)
+        if not state.method.charged:  # the oracle: its ground-truth passes are reported apart
+            gt = credit_spend(metrics, rew.value.token_count(), len(rew.value))
+            it_spend = it_spend - gt
+            uncharged["ground_truth"] = uncharged.get("ground_truth", Spend()) + gt
+        spent = spent + it_spend
         metrics.update({f"budget.{k}": float(v) for k, v in spent.as_dict().items()})
         stop_reason = exhausted(spent, cfg.budget)
         final = stop_reason is not None or it + 1 == cfg.iterations

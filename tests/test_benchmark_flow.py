@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from stages.benchmark.budget import CHARGED, BudgetConfig, Spend, exhausted, iteration_spend
+from stages.benchmark.budget import CHARGED, BudgetConfig, Spend, credit_spend, exhausted, iteration_spend
 from stages.benchmark.learning import compute_to_target, learning_table, lr_sweep, t_interval
 
 # a tiny task: 2 tasks x 4 rollouts of 3 turns per iteration
@@ -88,6 +88,12 @@ def test_iteration_spend_and_stopping_rule():
     assert s.generated_tokens == 46 and s.ca_forward_tokens == 6 + 2 * 25
     assert s.forward_tokens == 100 * 3 + 56 and s.env_steps == 15 and s.env_resets == 4 and s.judge_calls == 1
     assert s.wall_seconds == pytest.approx(3.0) and s.ca_seconds == pytest.approx(0.5) and s.iterations == 1
+    # the credit stage's own share (what the oracle is not charged): its tokens, steps, calls and time
+    ca = credit_spend(metrics, batch_tokens=100, rows=4)
+    assert (ca.generated_tokens, ca.forward_tokens, ca.env_steps, ca.judge_calls) == (6, 56, 3, 1)
+    rest = s - ca
+    assert rest.forward_tokens == 300 and rest.generated_tokens == 40 and rest.ca_forward_tokens == 0
+    assert rest.env_steps == 12 and rest.wall_seconds == pytest.approx(2.5) and rest.iterations == 1
     budget = BudgetConfig(env_steps=40)
     total = Spend()
     stops = []
@@ -164,6 +170,11 @@ def test_benchmark_budget_summary_and_nested_mlflow(prefect_harness, shared_home
         assert 0.0 <= cell["final_eval_success"] <= 1.0 and cell["final_success"] == curve[-1]["success"]
         # prepare and the two evaluations (8 episodes x 3 turns each) are measured apart, not charged
         un = cell["uncharged"]
+        if cell["method"] == "oracle":  # its ground-truth scoring is reported apart too, not charged
+            gt = un.pop("ground_truth")
+            assert gt["forward_tokens"] > 0 and gt["wall_seconds"] > 0 and cell["spent"]["ca_forward_tokens"] == 0
+        else:
+            assert "ground_truth" not in un
         assert set(un) == {"prepare", "eval"} and un["eval"]["env_steps"] == 2 * 8 * 3
         assert un["eval"]["generated_tokens"] > 0 and un["eval"]["forward_tokens"] > un["eval"]["generated_tokens"]
         assert un["prepare"]["wall_seconds"] > 0 and un["prepare"]["env_steps"] == 0

@@ -24,7 +24,10 @@ policy, shared through the model cache, so only the first run of a home pays it)
 evaluation episodes (the same eval split, before and after training, for every method) are
 **measured and reported apart** (:func:`stage_spend`: ``run.json`` ``budget.uncharged``, a
 benchmark cell's ``uncharged``), never charged: a budget buys training, and a cell stops when its
-training has spent it (:data:`CHARGED`, written into every summary).
+training has spent it (:data:`CHARGED`, written into every summary). The oracle's credit stage
+(scoring the policy at every state of the task's MDP: ground truth, the benchmark's upper bound) is
+measured and reported apart too (:func:`credit_spend`, ``budget.uncharged["ground_truth"]``), so the
+oracle gets the iterations every method gets at the same budget.
 
 The rule (:func:`exhausted`): after each iteration the cumulative spend is compared with every
 budget that is set; the run stops at the end of the first iteration in which one is reached, so it
@@ -75,14 +78,18 @@ class Spend:
     def __add__(self, other: "Spend") -> "Spend":
         return Spend(**{f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)})
 
+    def __sub__(self, other: "Spend") -> "Spend":
+        return Spend(**{f.name: getattr(self, f.name) - getattr(other, f.name) for f in fields(self)})
+
     def as_dict(self) -> dict[str, float]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 STAGES = ("env", "rollout", "reward", "credit", "update")
 #: what a budget is charged with (run.json ``budget.charged``, a benchmark summary's ``budget.charged``)
-CHARGED = ("training iterations (env, rollout, reward, credit, update stages); prepare (policy warm-up) and "
-           "evaluation episodes are measured and reported apart (uncharged), never charged")
+CHARGED = ("training iterations (env, rollout, reward, credit, update stages); prepare (policy warm-up), "
+           "evaluation episodes and the oracle's ground-truth passes are measured and reported apart (uncharged), "
+           "never charged")
 
 
 def stage_spend(stats: Mapping[str, float], overhead: Mapping[str, float], wall_seconds: float,
@@ -96,18 +103,26 @@ def stage_spend(stats: Mapping[str, float], overhead: Mapping[str, float], wall_
                  wall_seconds=float(wall_seconds), cpu_seconds=float(cpu_seconds))
 
 
-def iteration_spend(metrics: Mapping[str, float], batch_tokens: int, rows: int, update_epochs: int) -> Spend:
-    """What one iteration spent, from its flattened metrics (:func:`flows.reporting.iteration_metrics`:
-    ``rollout.generated_tokens``, ``overhead.<stage>.<counter>``, ``time.<stage>_seconds``), the
-    number of tokens (prompt + response) of its ``rows`` trajectories and the update's epochs."""
-    def m(key: str) -> float:
-        return float(metrics.get(key, 0.0) or 0.0)
-
+def _ca_tokens(m, batch_tokens: int, rows: int) -> tuple[int, int]:
+    """(generated, forward) tokens of the credit method's own passes in one iteration."""
     ca_generated = int(m("overhead.credit.extra_tokens"))
     ca_forward = int(m("overhead.credit.forward_tokens"))
     if not ca_forward and m("overhead.credit.extra_forward_passes"):  # passes counted, tokens not: lower bound
         mean_len = batch_tokens / rows if rows else 0.0
         ca_forward = ca_generated + int(round(m("overhead.credit.extra_forward_passes") * mean_len))
+    return ca_generated, ca_forward
+
+
+def _getter(metrics: Mapping[str, float]):
+    return lambda key: float(metrics.get(key, 0.0) or 0.0)
+
+
+def iteration_spend(metrics: Mapping[str, float], batch_tokens: int, rows: int, update_epochs: int) -> Spend:
+    """What one iteration spent, from its flattened metrics (:func:`flows.reporting.iteration_metrics`:
+    ``rollout.generated_tokens``, ``overhead.<stage>.<counter>``, ``time.<stage>_seconds``), the
+    number of tokens (prompt + response) of its ``rows`` trajectories and the update's epochs."""
+    m = _getter(metrics)
+    ca_generated, ca_forward = _ca_tokens(m, batch_tokens, rows)
     return Spend(
         generated_tokens=int(m("rollout.generated_tokens")) + ca_generated,
         forward_tokens=int(batch_tokens) * (1 + int(update_epochs)) + int(m("overhead.reward.forward_tokens")) + ca_forward,
@@ -120,6 +135,20 @@ def iteration_spend(metrics: Mapping[str, float], batch_tokens: int, rows: int, 
         ca_seconds=m("time.credit_seconds"),
         iterations=1,
     )
+
+
+def credit_spend(metrics: Mapping[str, float], batch_tokens: int, rows: int) -> Spend:
+    """The credit stage's own share of :func:`iteration_spend`: its generated and forward tokens, env
+    steps/resets and judge calls, and its wall/CPU seconds. A method whose passes compute privileged
+    ground truth rather than credit a real method could compute (``CreditMethod.charged = False``: the
+    oracle, the benchmark's upper bound) has this share measured and reported apart
+    (``budget.uncharged["ground_truth"]``), not charged, so that it gets the iterations every method gets."""
+    m = _getter(metrics)
+    ca_generated, ca_forward = _ca_tokens(m, batch_tokens, rows)
+    return Spend(generated_tokens=ca_generated, forward_tokens=ca_forward, ca_forward_tokens=ca_forward,
+                 env_steps=int(m("overhead.credit.env_steps")), env_resets=int(m("overhead.credit.env_resets")),
+                 judge_calls=int(m("overhead.credit.judge_calls")), wall_seconds=m("time.credit_seconds"),
+                 cpu_seconds=m("time.credit_cpu_seconds"), ca_seconds=m("time.credit_seconds"))
 
 
 def exhausted(spent: Spend, budget: BudgetConfig) -> Optional[str]:

@@ -158,6 +158,10 @@ class CreditMethod(abc.ABC):
     #: the ``update=`` config group (``configs/update/<name>.yaml``) the loader selects for this
     #: method when the run selects none itself (e.g. Turn-PPO's per-turn ratio loss); "" = base.yaml's
     default_update: ClassVar[str] = ""
+    #: False for a reference method whose passes compute privileged ground truth rather than credit a
+    #: real method could compute (the oracle): its credit-stage compute is measured and reported apart,
+    #: not charged to a budget (stages/benchmark/budget.py: credit_spend)
+    charged: ClassVar[bool] = True
 
     def __init__(self, cfg: CreditConfig):
         self.cfg = cfg

@@ -59,6 +59,9 @@ class Oracle(CreditMethod):
 
     name = "oracle"
     Config = OracleConfig
+    #: the upper bound: scoring the policy at every state of the MDP is ground truth, not a method's cost,
+    #: so a budget does not charge it (reported in budget.uncharged["ground_truth"])
+    charged = False
     granularity = "turn"
     methodology = "exact DP on the task's MDP (ground truth)"
     needs = frozenset({"scorer", "tokenizer"})
