@@ -205,3 +205,19 @@ def test_credit_statistics_add_gradient_validity_given_the_batch():
     assert stats["gt_pg_cosine"] == pytest.approx(1.0)
     assert stats["gt_shift_invariant_rmse"] == pytest.approx(0.0, abs=1e-6)
     assert math.isfinite(stats["gt_gradient_variance"]) and stats["gt_gradient_variance"] >= 0
+    # the variance compares half-batches over the same states: it tells credits apart (across whole
+    # groups, disjoint task instances, it read G - 1 = 2 for any credit)
+    noise = torch.randn(oracle.shape, generator=torch.Generator().manual_seed(0), dtype=oracle.dtype)
+    noisy = torch.where(on_policy, oracle + 3 * noise[:, :1], torch.zeros(()))
+    v_noisy = credit_statistics(tensors, CreditResult(advantages=noisy, granularity="token", credit=noisy),
+                                batch)["gt_gradient_variance"]
+    assert stats["gt_gradient_variance"] != pytest.approx(2.0) and v_noisy != pytest.approx(stats["gt_gradient_variance"])
+
+
+def test_split_halves_alternates_within_each_group():
+    groups = torch.tensor([5, 5, 2, 5, 2, 9, 5, 2])
+    halves = M.split_halves(groups)
+    assert halves.tolist() == [0, 1, 0, 0, 1, 0, 1, 0]
+    for g in (5, 2):
+        h = halves[groups == g]
+        assert (h == 0).sum() - (h == 1).sum() in (0, 1)

@@ -24,7 +24,7 @@ from stages.benchmark.learning import clip_unit, frontier_grid
 IDENTIFICATION = (("rmse", "RMSE"), ("spearman", "Spearman"), ("sign_accuracy", "sign accuracy"),
                   ("zero_advantage_mass", "mass on zero-adv. turns"), ("decisive_share", "share on decisive turns"))
 GRADIENT = (("shift_invariant_error", "shift-invariant error"), ("pg_cosine", "PG cosine to oracle"),
-            ("batch_variance", "gradient variance across rollout groups"))
+            ("batch_variance", "gradient variance between two half-batches (each holds half of every group)"))
 MARK = {checklist_mod.FILLED: "✓", checklist_mod.MISSING: "✗", checklist_mod.NOT_APPLICABLE: "–"}
 
 

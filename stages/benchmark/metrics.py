@@ -98,6 +98,20 @@ def _dense_ids(ids: torch.Tensor) -> tuple[torch.Tensor, int]:
     return inv, int(uniq.numel())
 
 
+def split_halves(group: torch.Tensor) -> torch.Tensor:
+    """(B,) 0/1: alternate rows of each group (in row order) between two half-batches, so that both
+    halves hold rollouts of every task instance and visit the same states. The gradient variance
+    compares the two halves' gradients: batches that are whole groups visit disjoint states (each
+    group is its own task instance), their gradients are orthogonal, and the variance would read
+    ``G - 1`` for any credit at all."""
+    gid, _ = _dense_ids(group)
+    order = torch.argsort(gid, stable=True)
+    sorted_g = gid[order]
+    rank = torch.empty_like(gid)
+    rank[order] = torch.arange(gid.numel()) - torch.searchsorted(sorted_g, sorted_g)
+    return rank % 2
+
+
 def shift_invariant_error(credit: torch.Tensor, advantage: torch.Tensor, state: torch.Tensor) -> float:
     """RMSE of ``credit - advantage`` after removing the best per-state constant ``b(s)``.
 

@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from stages.benchmark.metrics import gradient_validity, identification, turn_table
+from stages.benchmark.metrics import gradient_validity, identification, split_halves, turn_table
 from stages.schema import Batch, BatchTensors, CreditResult, turn_credit
 
 
@@ -49,9 +49,11 @@ def credit_statistics(tensors: BatchTensors, result: CreditResult, batch: Option
             stats.update(repaired_mistake_credit(tc, gt, tensors.gt_repaired_mistake & valid))
         if batch is not None and bool(valid.any()):
             table = turn_table(batch, tensors, adv)
-            # "batches" for the variance: the rollout groups (an episode alone visits a state once, so
-            # under its own empirical policy its gradient vanishes)
-            grad = gradient_validity(table.credit, table.advantage, table.state, table.action, tensors.index[table.row])
+            # "batches" for the variance: two halves of every rollout group (split_halves: whole groups
+            # visit disjoint states, and an episode alone visits a state once, so under its own
+            # empirical policy its gradient vanishes)
+            halves = split_halves(tensors.index)
+            grad = gradient_validity(table.credit, table.advantage, table.state, table.action, halves[table.row])
             stats["gt_shift_invariant_rmse"] = grad["shift_invariant_rmse"]
             stats["gt_pg_cosine"] = grad["gradient_cosine"]
             if "gradient_variance" in grad:
