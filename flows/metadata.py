@@ -61,15 +61,23 @@ def _mean(rows: list[dict[str, float]], key: str) -> Optional[float]:
     return statistics.fmean(vals) if vals else None
 
 
-def _taxonomy(method_name: str) -> Optional[dict[str, Any]]:
+def _taxonomy(method_name: str, loss: str = "") -> Optional[dict[str, Any]]:
+    """The run's Appendix B row. A row realized by a loss over another method's credit (SORL:
+    ``credit=grpo update.loss=sorl``) shares that method's registry name; it is the run's row only
+    when the run uses that loss (the row's method name, lowercased, is ``update.loss``)."""
     from stages.credit import inventory
+    from stages.update import losses as _losses, turn_losses as _turn_losses  # noqa: F401  (register the losses)
+    from stages.update.loss_registry import loss_names
 
-    for row in inventory.load_inventory():
-        if row.registry_name == method_name:
-            return {"number": row.number, "method": row.method, "type": row.type, "setting": list(row.setting),
-                    "granularity": row.granularity, "methodology": row.methodology,
-                    "baseline_family": row.baseline_family, "evidence": row.evidence, "reference": row.reference,
-                    "status": row.status}
+    rows = [r for r in inventory.load_inventory() if r.registry_name == method_name]
+    via_loss = set(loss_names()) - {method_name}  # rows named after a loss other than the method's own
+    by_loss = [r for r in rows if r.method.lower() == loss and loss in via_loss]
+    plain = [r for r in rows if r.method.lower() not in via_loss]
+    for row in (by_loss or plain or rows)[:1]:
+        return {"number": row.number, "method": row.method, "type": row.type, "setting": list(row.setting),
+                "granularity": row.granularity, "methodology": row.methodology,
+                "baseline_family": row.baseline_family, "evidence": row.evidence, "reference": row.reference,
+                "status": row.status}
     return None
 
 
@@ -121,7 +129,7 @@ def build(state: "RunState", acc: checklist_mod.Accumulator, items: list, before
                  "config": flatten(state.cfg.env)},
         "method": {"name": method.name, "granularity": method.granularity, "methodology": method.methodology,
                    "episode_level_baseline": bool(method.episode_level_baseline), "reference": method.reference,
-                   "needs": sorted(method.needs), "taxonomy": _taxonomy(method.name)},
+                   "needs": sorted(method.needs), "taxonomy": _taxonomy(method.name, cfg.update.loss)},
         "baselines": {"is_episode_level_baseline": bool(method.episode_level_baseline),
                       "baseline_run": cfg.report.baseline_run, "ablation_of": cfg.report.ablation_of},
         "model": {"name": str(info.get("name", cfg.model.name)), "parameters": int(info.get("num_parameters") or 0),

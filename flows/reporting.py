@@ -57,7 +57,7 @@ def prefect_flow_run_id() -> str:
 def make_tracker(state: "RunState") -> Tracker:
     uri = state.cfg.tracking.mlflow_uri or default_tracking_uri(state.home)
     return Tracker(uri, state.cfg.tracking.experiment, state.home, buffer=state.paths.tracking_buffer,
-                   retry_seconds=state.cfg.tracking.retry_seconds)
+                   retry_seconds=state.cfg.tracking.retry_seconds, background=state.cfg.tracking.background_sender)
 
 
 def open_tracker(state: "RunState", logger: Any) -> Tracker:

@@ -13,7 +13,7 @@ Faults of the tracking store (survey §8 pipelines run for days; a tracking serv
   exit code 2 from the CLI) naming the URI, before any compute. Local stores are not checked.
 * During a run, every metric batch, param batch, tag batch and artifact of a run with a buffer
   (``runs/<id>/tracking_buffer.jsonl``) is first appended to that journal (fsync'ed), then sent
-  by ONE background thread (:mod:`flows.tracking_sender`; ``background=False``: by the caller),
+  by ONE background thread (:mod:`flows.tracking_sender`; ``background=False``, the default: by the caller; ``tracking.background_sender=true`` opts in),
   so the flow does not wait for MLflow. While the store is unreachable, training goes on and
   entries accumulate; the sender retries with backoff, replaying the journal in order, and a
   successful replay empties it. An error of the sender is raised by the flow's next tracking
@@ -78,7 +78,7 @@ class Tracker:
     for up to ``retry_seconds``."""
 
     def __init__(self, uri: str, experiment: str, home: Path, buffer: Optional[Path] = None,
-                 retry_seconds: float = DEFAULT_RETRY_SECONDS, background: bool = True):
+                 retry_seconds: float = DEFAULT_RETRY_SECONDS, background: bool = False):
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
         if uri.startswith(("http://", "https://")):
             # our own retry loop (below) decides how long to wait; MLflow's default (7 retries with

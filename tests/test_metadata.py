@@ -110,3 +110,13 @@ def test_every_shipped_task_family_profile_and_description_fit_the_schema(env):
             "profile": family.profile(), "has_ground_truth": False,
             "recommendation": {"methods": [], "method_in_recommended": None}}
     jsonschema.Draft202012Validator({**schema["properties"]["task"], "$defs": schema["$defs"]}).validate(task)
+
+
+def test_taxonomy_row_of_a_method_realized_by_a_loss():
+    """SORL's Appendix B row is credit=grpo with update.loss=sorl: plain GRPO keeps its own row."""
+    from flows.metadata import _taxonomy
+
+    assert _taxonomy("grpo")["method"] == "GRPO" and _taxonomy("grpo", "grpo")["method"] == "GRPO"
+    assert _taxonomy("grpo", "ppo")["method"] == "GRPO"
+    assert _taxonomy("grpo", "sorl")["method"] == "SORL" and _taxonomy("grpo", "sorl")["number"] == 24
+    assert _taxonomy("turn_ppo", "turn_ppo")["method"] == "Turn-PPO"

@@ -18,7 +18,7 @@ from flows.tracking import SENTINEL, Tracker, TrackingUnavailableError
 
 def _tracker(tmp_path, **kw) -> Tracker:
     return Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "creditflow", tmp_path,
-                   buffer=tmp_path / "run" / "tracking_buffer.jsonl", **kw)
+                   buffer=tmp_path / "run" / "tracking_buffer.jsonl", **{"background": True, **kw})
 
 
 def _steps(tracker: Tracker, key: str) -> list[int]:
@@ -29,8 +29,19 @@ def _journal(tracker: Tracker) -> list[dict]:
     return [json.loads(x) for x in tracker.buffer.read_text().splitlines()] if tracker.buffer.is_file() else []
 
 
+_BEFORE: set = set()
+
+
 def _senders() -> list[threading.Thread]:
-    return [t for t in threading.enumerate() if t.name == "creditflow-mlflow-sender"]
+    """Sender threads started since the test began (another test's may still be alive: not ours)."""
+    return [t for t in threading.enumerate() if t.name == "creditflow-mlflow-sender" and t not in _BEFORE]
+
+
+@pytest.fixture(autouse=True)
+def _threads_before():
+    _BEFORE.clear()
+    _BEFORE.update(threading.enumerate())
+    yield
 
 
 @contextlib.contextmanager
