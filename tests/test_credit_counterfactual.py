@@ -198,3 +198,28 @@ def test_config_errors_are_one_line():
     assert C3(C3Config(counterfactual="default")).needs == frozenset({"mc_rollouts", "default_action"})
     with pytest.raises(ValueError, match=r"needs \['default_action'\]"):
         C3(C3Config(counterfactual="default"))(None, None, CreditContext(mc_rollouts=object()))
+
+
+@pytest.mark.parametrize("method", ["c3", "ccpo"])
+def test_one_train_flow_iteration_on_bifurcation(prefect_harness, shared_home, method):
+    """The real train flow: Prefect tasks, the mc_rollouts provider (the run's live policy and
+    environments), the family's default action (counterfactual=default for CCPO), MLflow metrics."""
+    from flows import api
+
+    extra = ["credit.counterfactual=default"] if method == "ccpo" else []
+    out = api.start_run(["env=bifurcation", "iterations=1", "rollout.tasks_per_iteration=2", "rollout.group_size=2",
+                         "eval_episodes=2", "tracking.heatmap_every=0", f"credit={method}", "credit.k=2", *extra],
+                        home=shared_home, progress=False)
+    run = api.tracker_for(shared_home).client.get_run(out["mlflow_run_id"])
+    m = run.data.metrics
+    assert run.info.status == "FINISHED" and run.data.tags["creditflow.method"] == method
+    assert run.data.params["credit.k"] == "2"
+    turns = m["credit.method.replayed_turns"]
+    assert turns >= 4  # 4 episodes of at least one turn, every turn replayed
+    arms = 2 if method == "ccpo" else 1
+    assert m["credit.method.counterfactual_replays"] == arms * 2 * turns
+    # each replay plays from its turn to the episode's end: at least one real step per replay
+    assert m["overhead.credit.env_steps"] - m["overhead.credit.env_replay_steps"] >= arms * 2 * turns
+    assert m["overhead.credit.extra_tokens"] > 0 and m["overhead.credit.forward_tokens"] > 0
+    assert 0.0 <= m["credit.method.counterfactual_baseline_mean"] <= 1.0 + 1e-6
+    assert "update.loss" in m
