@@ -159,6 +159,10 @@ class TaskFamily(abc.ABC):
     #: text are planning tokens, the rest execution. ``None``: the family's text has no planning
     #: (HICRA would be GRPO there, so the config loader refuses it)
     planning_pattern: ClassVar[Optional[str]] = None
+    #: a fixed default ("no-op") action text of the family, the counterfactual action of difference
+    #: rewards (C3/CCPO with ``credit.counterfactual=default``, survey §5). ``None``: the family declares
+    #: none (the config loader refuses ``counterfactual=default`` there)
+    default_action: ClassVar[Optional[str]] = None
 
     def __init__(self, cfg: Optional[EnvConfig] = None):
         self.cfg = cfg if cfg is not None else self.Config()

@@ -317,6 +317,11 @@ def check_learnable(cfg: DictConfig) -> Optional[ConfigError]:
             "credit.method", method.name,
             f"needs planning text and env.name={cfg.env.name} declares none (TaskFamily.planning_pattern): every "
             "token would be execution and the method would be GRPO exactly; use credit.method=grpo")
+    if cfg.credit.get("counterfactual") == "default" and get_family_class(cfg.env.name).default_action is None:
+        return problem_error(
+            "credit.counterfactual", "default",
+            f"needs the family's default action and env.name={cfg.env.name} declares none "
+            "(TaskFamily.default_action); use credit.counterfactual=resample")
     if "critic" in method.needs and not upd.value_coef > 0:
         return problem_error(
             "update.value_coef", upd.value_coef,

@@ -87,6 +87,8 @@ PROVIDERS: dict[str, Provider] = {
     "judge": Provider("judge", lambda x, ctx: x.run.judge()),
     # the task family's declared planning text (TaskFamily.planning_pattern; HICRA)
     "planning_pattern": Provider("planning_pattern", lambda x, ctx: x.run.family.planning_pattern or ""),
+    # the task family's declared default action text (TaskFamily.default_action; C3/CCPO counterfactual=default)
+    "default_action": Provider("default_action", lambda x, ctx: x.run.family.default_action),
 }
 
 #: couplings: providing the key also provides these (process rewards may be MC estimates; the

@@ -159,6 +159,9 @@ class BifurcationFamily(TaskFamily):
     needs_sandbox = False
 
     exact_mdp = True  # every ground truth carries the instance's TabularMDP (oracle credit)
+    #: the fixed default action of difference rewards (C3/CCPO counterfactual=default): letter A (always
+    #: valid; not a no-op: bifurcation has none, an invalid action fails the episode)
+    default_action = format_action("A")
 
     def __init__(self, cfg: Optional[Any] = None):
         super().__init__(cfg)

@@ -110,6 +110,8 @@ NEEDS: dict[str, str] = {
                      "over the batch; SPA-RL's progress features)",
     "planning_pattern": "the task family's planning-text regex (ctx.planning_pattern: TaskFamily.planning_pattern, "
                         "\"\" when the family declares none; HICRA's strategic grams)",
+    "default_action": "the task family's default action text (ctx.default_action: TaskFamily.default_action; the "
+                      "counterfactual action of C3/CCPO with credit.counterfactual=default)",
 }
 
 
@@ -128,6 +130,8 @@ class CreditContext:
     tokenizer: Any = None
     #: regex of the family's planning text ("" = the family declares none); see environments.planning_text
     planning_pattern: Optional[str] = None
+    #: the family's default action text (C3/CCPO's fixed counterfactual action); None where it declares none
+    default_action: Optional[str] = None
     #: (B, R, H) float last-layer hidden states of the behaviour policy (see :data:`NEEDS`)
     hidden_states: Optional[torch.Tensor] = None
     generator: Optional[torch.Generator] = None
