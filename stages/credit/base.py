@@ -36,6 +36,18 @@ class Critic(Protocol):
         """(B, R) value of the state *before* each response token (no grad)."""
 
 
+def critic_values(method: str, critic: Critic, tensors: BatchTensors) -> torch.Tensor:
+    """``critic.values(tensors)`` without grad, detached: the (B, R) values every critic-based method
+    reads. Anything else the critic returns is one ``ValueError`` naming the method and the shape."""
+    with torch.no_grad():
+        values = critic.values(tensors)
+    shape = tuple(tensors.response_mask.shape)
+    if not isinstance(values, torch.Tensor) or tuple(values.shape) != shape:
+        got = tuple(values.shape) if isinstance(values, torch.Tensor) else type(values).__name__
+        raise ValueError(f"credit method '{method}': critic.values() must return a (B, R) = {shape} tensor, got {got}")
+    return values.detach()
+
+
 class MCRollouts(Protocol):
     """Monte Carlo continuations with the current policy from points inside the batch's episodes
     (VinePPO §3.1.1, SPO §3.1.5, Math-Shepherd-style process rewards).

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from stages.config_fields import param
-from stages.credit.base import CreditConfig, CreditContext, CreditMethod
+from stages.credit.base import CreditConfig, CreditContext, CreditMethod, critic_values
 from stages.credit.masked_stats import masked_whiten
 from stages.credit.registry import register_method
 from stages.credit.reverse_scan import reverse_discounted_scan
@@ -126,12 +126,7 @@ class POAD(CreditMethod):
         assert ctx.critic is not None  # CreditMethod.__call__ checked ``needs``
         mask = policy_token_mask(tensors)
         seg = turn_segments(tensors)
-        with torch.no_grad():
-            values = ctx.critic.values(tensors)
-        if not isinstance(values, torch.Tensor) or tuple(values.shape) != tuple(mask.shape):
-            got = tuple(values.shape) if isinstance(values, torch.Tensor) else type(values).__name__
-            raise ValueError(f"credit method 'poad': critic.values() must return a (B, R) = {tuple(mask.shape)} tensor, got {got}")
-        values = values.detach().float() * (seg.seg_id >= 0)
+        values = critic_values(self.name, ctx.critic, tensors).float() * (seg.seg_id >= 0)
         r_k = segment_rewards(tensors, seg).float() * seg.present
         adv, returns = bad_gae(values, r_k, seg, cfg.gamma, cfg.lam)
         raw = adv

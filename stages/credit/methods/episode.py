@@ -18,7 +18,7 @@ import torch
 
 from stages.credit import functional as F
 from stages.credit.group_stats import group_ids
-from stages.credit.base import CreditConfig, CreditContext, CreditMethod
+from stages.credit.base import CreditConfig, CreditContext, CreditMethod, critic_values
 from stages.credit.registry import register_method
 from stages.schema import Batch, BatchTensors, CreditResult, Overhead
 from stages.config_fields import param
@@ -245,15 +245,7 @@ class GAE(CreditMethod):
         rewards, mask = _inputs(tensors)
         _need_tokens(self.name, mask)
         assert ctx.critic is not None  # CreditMethod.__call__ checked ``needs``
-        with torch.no_grad():
-            values = ctx.critic.values(tensors)
-        if not isinstance(values, torch.Tensor) or tuple(values.shape) != tuple(rewards.shape):
-            got = tuple(values.shape) if isinstance(values, torch.Tensor) else type(values).__name__
-            raise ValueError(
-                f"credit method 'gae': critic.values() must return a (B, R) = {tuple(rewards.shape)} "
-                f"tensor, got {got}"
-            )
-        values = values.detach().to(dtype=rewards.dtype, device=rewards.device)
+        values = critic_values(self.name, ctx.critic, tensors).to(dtype=rewards.dtype, device=rewards.device)
         adv, returns = F.gae(rewards, values, mask, cfg.gamma, cfg.lam)
         adv = adv * mask
         n = mask.sum().clamp(min=1)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from stages.config_fields import param
-from stages.credit.base import CreditConfig, CreditContext, CreditMethod
+from stages.credit.base import CreditConfig, CreditContext, CreditMethod, critic_values
 from stages.credit.group_stats import group_stats
 from stages.credit.masked_stats import masked_whiten
 from stages.credit.ref_logratio import ref_logratio
@@ -270,13 +270,7 @@ class TurnPPO(CreditMethod):
     def turn_values(self, tensors: BatchTensors, ctx: CreditContext, seg: Segments) -> torch.Tensor:
         """(B, K) ``V(s_k)``: the critic's value at each turn's first policy token (0 where absent)."""
         assert ctx.critic is not None  # CreditMethod.__call__ checked ``needs``
-        with torch.no_grad():
-            values = ctx.critic.values(tensors)
-        if not isinstance(values, torch.Tensor) or tuple(values.shape) != tuple(tensors.response_mask.shape):
-            got = tuple(values.shape) if isinstance(values, torch.Tensor) else type(values).__name__
-            raise ValueError(f"credit method 'turn_ppo': critic.values() must return a (B, R) = "
-                             f"{tuple(tensors.response_mask.shape)} tensor, got {got}")
-        v = values.detach().float().gather(1, seg.starts.clamp(min=0))
+        v = critic_values(self.name, ctx.critic, tensors).float().gather(1, seg.starts.clamp(min=0))
         return v * seg.present.to(v.dtype)
 
     def assign(self, tensors: BatchTensors, batch: Batch, ctx: CreditContext) -> CreditResult:
