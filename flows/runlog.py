@@ -17,11 +17,20 @@ import logging
 import os
 import sys
 import traceback
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
 FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
 
+
+
+def _warning_to_log(message: Any, category: type, filename: str, lineno: int, file: Any = None,
+                    line: Optional[str] = None) -> None:
+    """``warnings.showwarning`` while a run log is open: the warning goes to logger ``py.warnings``
+    (as ``logging.captureWarnings`` sends it), i.e. to the run's file, not the console."""
+    text = warnings.formatwarning(message, category, filename, lineno, line)
+    logging.getLogger("py.warnings").warning("%s", text)
 
 class _Formatter(logging.Formatter):
     """Names the Prefect flow / task run a record belongs to, as Prefect's console did."""
@@ -82,7 +91,7 @@ class RunLog:
         self._handler: Optional[logging.FileHandler] = None
         self._removed: list[tuple[logging.Logger, logging.Handler]] = []
         self._added: list[logging.Logger] = []
-        self._captured_warnings = False
+        self._prev_showwarning: Any = None
         self._bars: list[Any] = []  # callables that turn progress bars back on
 
     @property
@@ -115,9 +124,12 @@ class RunLog:
             if lg is logging.getLogger() or (console and not lg.propagate):
                 lg.addHandler(handler)
                 self._added.append(lg)
-        # (captured by someone else already: leave it to them)
-        self._captured_warnings = getattr(logging, "_warnings_showwarning", None) is None
-        logging.captureWarnings(True)  # warnings.showwarning -> logger 'py.warnings' -> the file
+        # warnings.showwarning -> logger 'py.warnings' -> the file. Our own hook, put back at stop, rather
+        # than logging.captureWarnings: that is a no-op when an earlier caller left it on, even though
+        # warnings.showwarning may have been replaced since (a test harness does), and the run's
+        # warnings then reached the console
+        self._prev_showwarning = warnings.showwarning
+        warnings.showwarning = _warning_to_log
         self._disable_progress_bars()
         self._write(logging.INFO, f"{' '.join(sys.argv) or 'python'} (pid {os.getpid()}): "
                                   f"the libraries' logs and warnings of this run follow")
@@ -158,9 +170,10 @@ class RunLog:
         for lg, h in self._removed:
             lg.addHandler(h)
         self._added, self._removed = [], []
-        if self._captured_warnings:
-            logging.captureWarnings(False)
-            self._captured_warnings = False
+        if self._prev_showwarning is not None:
+            if warnings.showwarning is _warning_to_log:  # not replaced again by someone else meanwhile
+                warnings.showwarning = self._prev_showwarning
+            self._prev_showwarning = None
         for enable in self._bars:
             enable()
         self._bars = []
