@@ -13,7 +13,7 @@ Faults of the tracking store (survey §8 pipelines run for days; a tracking serv
   exit code 2 from the CLI) naming the URI, before any compute. Local stores are not checked.
 * During a run, every metric batch, param batch, tag batch and artifact of a run with a buffer
   (``runs/<id>/tracking_buffer.jsonl``) is first appended to that journal (fsync'ed), then sent
-  by ONE background thread (:mod:`flows.tracking_sender`; ``background=False``, the default: by the caller; ``tracking.background_sender=true`` opts in),
+  by ONE background thread (:mod:`flows.tracking_sender`; ``tracking.background_sender``, on by default; ``background=False``: by the caller),
   so the flow does not wait for MLflow. While the store is unreachable, training goes on and
   entries accumulate; the sender retries with backoff, replaying the journal in order, and a
   successful replay empties it. An error of the sender is raised by the flow's next tracking
@@ -171,9 +171,9 @@ class Tracker:
         """Raise what stopped the background sender, else have it send what is pending."""
         self._raise_sender_error()
         if self._pending:
-            if self._sender is None or not self._sender.alive:
+            if self._sender is None or not self._sender.kick():
                 self._sender = JournalSender(lambda: self._drain(False))
-            self._sender.kick()
+                self._sender.kick()
 
     def _raise_sender_error(self) -> None:
         """Raise (once) what stopped the background sender; a give-up names what is buffered now."""

@@ -136,3 +136,22 @@ def test_store_locked_past_retry_seconds_fails_naming_the_journal_then_drains(tm
     t.finish("FINISHED")  # the store is back: everything journaled reaches it, then the end mark
     assert _steps(t, SENTINEL) == list(range(buffered[-1] + 2))
     assert t.client.get_run(t.run_id).info.status == "FINISHED"
+
+
+def test_idle_sender_ends_its_thread_and_a_later_entry_starts_a_new_one(tmp_path, monkeypatch):
+    """A run that is never finished in this process (an in-process test) leaves no thread behind."""
+    from flows import tracking_sender
+
+    monkeypatch.setattr(tracking_sender, "IDLE_EXIT_SECONDS", 0.05)
+    t = _tracker(tmp_path)
+    t.start("idle", {})
+    assert t.log_step(0, {"m": 0.0})
+    for _ in range(400):  # until the journal is sent and the sender has been idle (no timing asserted)
+        if not _senders() or not any(th.is_alive() for th in _senders()):
+            break
+        time.sleep(0.05)
+    assert not any(th.is_alive() for th in _senders()), "an idle sender ends its thread"
+    assert not t.buffer.exists() or not _journal(t)
+    assert t.log_step(1, {"m": 1.0})  # a new sender is started for the new entry
+    t.finish("FINISHED")
+    assert _steps(t, "m") == [0, 1] and not any(th.is_alive() for th in _senders())
