@@ -160,3 +160,22 @@ def test_archer_replay_buffer_survives_a_crash_and_resume(prefect_harness, share
     state = RunState.open(run_id, shared_home)
     runs = collections.Counter((e["iteration"], e["stage"]) for e in state.executions())
     assert runs[(1, "update")] == 2 and runs[(1, "credit")] == 1 and runs[(0, "update")] == 1
+
+
+def test_agentprm_one_iteration_on_bifurcation_logs_its_agreement_with_the_exact_values(prefect_harness, shared_home):
+    # 4 x 4 episodes (as the SPA test): the seeded batch has reward, so the labels are not all 0
+    over = SMALL[:2] + ["rollout.tasks_per_iteration=4", "rollout.group_size=4"] + SMALL[4:]
+    out = api.start_run(over + ["credit=agentprm", "credit.prm_steps=20"], home=shared_home, progress=False)
+    run = api.tracker_for(shared_home).client.get_run(out["mlflow_run_id"])
+    m = run.data.metrics
+    assert run.info.status == "FINISHED" and run.data.tags["creditflow.method"] == "agentprm"
+    assert m["overhead.credit.extra_forward_passes"] >= 1 and m["overhead.credit.forward_tokens"] > 0  # hidden states
+    assert m["credit.method.turns_per_trajectory"] > 1
+    assert m["credit.method.promise_mean"] == pytest.approx(0.0, abs=1e-6)  # a fresh model's output layer is 0
+    # bifurcation exports the exact per-turn Q: the labels' agreement with it is logged
+    assert m["reward.reward_mean"] > 0 and -1.0 <= m["credit.method.agentprm_gt_spearman"] <= 1.0
+    assert m["update.prm_loss_after"] <= m["update.prm_loss_before"]
+    from flows.runtime import RunState
+
+    ckpts = RunState.open(out["run_id"], shared_home).paths.checkpoints
+    assert (ckpts / "iter_0000" / "helper.agentprm.safetensors").is_file()

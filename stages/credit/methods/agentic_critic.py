@@ -5,6 +5,10 @@ states, trained alongside the policy by temporal differences.
   Multi-Turn RL", ICML 2024; survey §5.4) — a turn-level Q and V critic trained **off-policy by
   TD** from a persisted replay buffer of past iterations' turns (:class:`ReplayBuffer`); the
   token-level actor is updated on-policy with the critic's turn advantage ``Q(s_k,a_k) - V(s_k)``.
+* :class:`AgentPRM` (Xi et al. 2025, "AgentPRM: Process Reward Models for LLM Agents via Step-Wise
+  Promise and Progress", arXiv 2511.08325; survey §5.1) — a step-level value model (promise
+  ``Q(s_k, a_k)``, progress ``A(s_k, a_k)``) trained on-policy on **TD + GAE** labels from its own
+  values instead of Monte Carlo step labels.
 
 Shared pieces: :class:`TurnHead` (the MLP), :func:`turn_features` (the (B, K, H) action and state
 features read from ``ctx.hidden_states``), :func:`soft_update`. Vectorized over rows, turns and
@@ -20,11 +24,13 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from stages.benchmark.metrics import spearman
 from stages.config_fields import param
 from stages.credit.base import CreditConfig, CreditContext, CreditMethod
 from stages.credit.group_stats import group_stats
 from stages.credit.masked_stats import masked_whiten
 from stages.credit.registry import register_method
+from stages.credit.reverse_scan import reverse_discounted_scan
 from stages.credit.segments import Segments, broadcast, policy_token_mask, segment_rewards, turn_segments, unit_ends
 from stages.schema import Batch, BatchTensors, CreditResult
 
@@ -345,3 +351,196 @@ class ArCHer(CreditMethod):
         helper_inputs = {"critic_state": {k: v_.detach().clone() for k, v_ in critic.state_dict().items()},
                          "transitions": new, "iteration": iteration}
         return CreditResult(advantages=adv, granularity="turn", credit=adv_k, stats=stats, helper_inputs=helper_inputs)
+
+
+# --------------------------------------------------------------------------------------------
+# AgentPRM
+# --------------------------------------------------------------------------------------------
+
+
+def sarsa_gae_labels(q: torch.Tensor, r: torch.Tensor, present: torch.Tensor, gamma: float,
+                     lam: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """AgentPRM's TD + GAE step labels from the model's own step values ``q`` (B, K) (no grad):
+
+        delta_k = r_k + gamma * q_{k+1} - q_k        (q_{K} = 0 after the last turn)
+        A_k     = sum_l (gamma lam)^l delta_{k+l}    (GAE over the turns)
+        Q_k     = A_k + q_k                          (the promise label)
+
+    ``lam = 1``: the Monte Carlo return (no bootstrap); ``lam = 0``: the one-step TD target
+    ``r_k + gamma q_{k+1}``. Returns (delta, A, Q), 0 on absent turns."""
+    p = present.to(q.dtype)
+    q = q * p
+    nxt = torch.cat([q[:, 1:], torch.zeros_like(q[:, :1])], 1)
+    delta = (r + gamma * nxt - q) * p
+    adv = reverse_discounted_scan(delta, gamma * lam) * p
+    return delta, adv, (adv + q) * p
+
+
+def step_progress(m: torch.Tensor, r: torch.Tensor, present: torch.Tensor, index: torch.Tensor,
+                  gamma: float) -> torch.Tensor:
+    """(B, K) progress of each step from step values ``m`` (promises ``Q(s_k, a_k)``): the advantage
+    ``m_k - V(s_k)`` with ``V(s_k) = (m_{k-1} - r_{k-1}) / gamma`` — the previous promise with the
+    previous reward taken out (exact for a deterministic transition) — and ``V(s_0)`` the mean of
+    the group's ``m_0`` (the rollouts of a task share its initial state; a singleton keeps 0 progress)."""
+    p = present.to(m.dtype)
+    prev = (m[:, :-1] - r[:, :-1]) / gamma
+    n, mean0, _, _ = group_stats(m[:, 0], index, with_std=False)
+    v0 = torch.where(n > 1, mean0, m[:, 0])
+    v = torch.cat([v0.unsqueeze(1), prev], 1)
+    return (m - v) * p
+
+
+def agentprm_loss(model: TurnHead, features: torch.Tensor, present: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The promise regression ``L_Q``: mean over present steps of ``(M(s_k, a_k) - Q_k)^2``."""
+    p = present.to(torch.float32)
+    m = model(features) * p
+    return (((m - labels) ** 2) * p).sum() / p.sum().clamp(min=1)
+
+
+def fit_agentprm(model: TurnHead, x: dict[str, torch.Tensor], steps: int, lr: float) -> dict[str, float]:
+    """``steps`` full-batch Adam steps on ``L_Q`` toward the fixed TD + GAE labels of ``x``."""
+    present = x["present"].bool()
+    if not bool(present.any()):
+        return {}
+    args = (x["features"].float(), present, x["labels"].float())
+    with torch.no_grad():
+        before = float(agentprm_loss(model, *args))
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    model.train()
+    for _ in range(steps):  # optimizer steps, not a loop over tokens or rows
+        opt.zero_grad(set_to_none=True)
+        agentprm_loss(model, *args).backward()
+        opt.step()
+    model.eval()
+    with torch.no_grad():
+        after = float(agentprm_loss(model, *args))
+    return {"prm_loss_before": before, "prm_loss_after": after}
+
+
+def ground_truth_q(batch: Batch, present: torch.Tensor) -> Optional[torch.Tensor]:
+    """(B, K) exact ``Q(s_k, a_k)`` of each turn (``Trajectory.ground_truth.q_value``, under the task's
+    reference policy), nan where absent; None when no trajectory has ground truth or the batch does
+    not match the rows. Reads the per-turn lists (O(B*K) Python, like ``BatchTensors.from_batch``)."""
+    B, K = present.shape
+    trajs = batch.trajectories
+    if len(trajs) != B or not any(t.ground_truth is not None for t in trajs):
+        return None
+    out = torch.full((B, K), float("nan"))
+    for i, t in enumerate(trajs):
+        if t.ground_truth is not None and t.ground_truth.q_value:
+            qv = torch.as_tensor(t.ground_truth.q_value[:K], dtype=torch.float32)
+            out[i, : qv.numel()] = qv
+    return torch.where(present, out, torch.full_like(out, float("nan")))
+
+
+@dataclass
+class AgentPRMConfig(CreditConfig):
+    method: str = param("agentprm", help="credit-assignment method (registry name; AgentPRM, Xi et al. 2025)")
+    prm_width: int = param(64, help="hidden width of the AgentPRM step-value MLP on the policy's turn-end hidden states (the paper: an LLM-sized PRM)", ge=1)
+    prm_lr: float = param(1e-3, help="Adam learning rate of the AgentPRM model (fit each update stage on that iteration's TD+GAE labels)", gt=0)
+    prm_steps: int = param(50, help="full-batch Adam steps of the AgentPRM model per iteration on the promise regression L_Q toward the TD+GAE labels", ge=1)
+    gamma: float = param(1.0, help="discount per step of AgentPRM's TD errors delta_k = r_k + gamma M_{k+1} - M_k (> 0: the progress divides by it)", gt=0, le=1)
+    lam: float = param(0.95, help="GAE lambda of AgentPRM's step labels (1 = Monte Carlo returns, 0 = one-step TD)", ge=0, le=1)
+    whiten: bool = param(False, help="whiten the step advantages (the PRM's progress) over the batch's policy tokens")
+
+
+@register_method
+class AgentPRM(CreditMethod):
+    """AgentPRM (Xi et al. 2025, "AgentPRM: Process Reward Models for LLM Agents via Step-Wise Promise
+    and Progress", arXiv 2511.08325; survey §5.1, Appendix B row 21).
+
+    A step-level process reward model ``M(s_k, a_k)`` (:class:`TurnHead` on the policy's hidden state
+    at turn k's last policy token; a step = a turn) that scores each decision by its **promise** —
+    ``Q^pi(s_k, a_k)``, the expected outcome from there — and its **progress** — the advantage
+    ``A^pi(s_k, a_k) = Q(s_k, a_k) - V(s_k)`` (:func:`step_progress`). Its labels are not Monte Carlo
+    step labels (continuations from every step: environment re-execution) but **TD + GAE** estimates
+    from the model itself on the episodes already played (:func:`sarsa_gae_labels`)::
+
+        delta_k = r_k + gamma M(s_{k+1}, a_{k+1}) - M(s_k, a_k),   A_k = GAE_lambda(delta)_k,   Q_k = A_k + M(s_k, a_k)
+
+    and the model is trained on the promise regression ``L_Q`` toward ``Q_k`` (:func:`agentprm_loss`).
+
+    Trained alongside the policy: the credit stage labels the batch with the model as it is
+    (trained on the earlier iterations) and records features and labels
+    (``CreditResult.helper_inputs``); the update stage fits the model on them
+    (:meth:`update_helpers`); its weights are saved in every checkpoint
+    (``helper.agentprm.safetensors``). The actor's turn advantage is the model's progress of the turn
+    (the PRM's step reward in RL), broadcast to the turn's tokens. Where the family exposes exact
+    per-turn values (bifurcation, frozenlake: ``Trajectory.ground_truth.q_value``), the Spearman
+    agreement of the labels and of the model's promises with them is logged
+    (``credit.method.agentprm_gt_spearman``, ``credit.method.agentprm_model_gt_spearman``).
+
+    ``V(s_0)`` is the group's mean promise at the first step (the hidden states do not reach into the
+    prompt; hence ``needs_group``). One turn per row with a fitted model: progress ``R - mean_group(R)``,
+    GRPO without the std division.
+
+    Simplified: the PRM is an MLP on the live policy's detached hidden states (the paper: a separate
+    LLM PRM trained offline on the labelled rollouts of a fixed policy, then used for best-of-N /
+    beam search and as PPO's process reward); it is refitted every iteration on that iteration's
+    batch (fresh Adam, ``prm_steps`` steps); ``V(s_k)`` for the progress is the previous step's
+    promise less its reward over gamma (exact for deterministic transitions); the paper's second
+    loss term ``beta L_A`` (a regression of the progress) is left out: with one sampled action per
+    step, a progress label made of consecutive promise labels contains the sampled action's own
+    bootstrap value and is biased toward 0 (a test with a stochastic policy showed it pulling the
+    promises off the exact Q), so the progress is read from the fitted promises instead; the actor
+    takes the progress directly as its turn advantage instead of PPO with a separate critic.
+    Overhead: the hidden-states forward over the batch (the provider counts it).
+    """
+
+    name = "agentprm"
+    Config = AgentPRMConfig
+    granularity = "turn"
+    methodology = "TD+GAE"
+    needs = frozenset({"hidden_states"})
+    needs_group = True
+    reference = "Xi et al. 2025 (AgentPRM: step-wise promise and progress, TD+GAE labels); survey §5.1"
+
+    def __init__(self, cfg: CreditConfig):
+        super().__init__(cfg)
+        self.model: Optional[TurnHead] = None
+
+    def build_helpers(self, hidden_size: int, seed: int) -> None:
+        cfg: AgentPRMConfig = self.cfg  # type: ignore[assignment]
+        self.model = TurnHead(hidden_size, cfg.prm_width, seed).eval()
+
+    def helper_modules(self) -> dict[str, nn.Module]:
+        return {"agentprm": self.model} if self.model is not None else {}
+
+    def update_helpers(self, credit: CreditResult, seed: int) -> dict[str, float]:
+        cfg: AgentPRMConfig = self.cfg  # type: ignore[assignment]
+        x = credit.helper_inputs
+        if self.model is None or "labels" not in x:
+            return {}
+        torch.manual_seed(seed)
+        return fit_agentprm(self.model, x, cfg.prm_steps, cfg.prm_lr)
+
+    def assign(self, tensors: BatchTensors, batch: Batch, ctx: CreditContext) -> CreditResult:
+        cfg: AgentPRMConfig = self.cfg  # type: ignore[assignment]
+        hidden = check_hidden(self.name, ctx.hidden_states, tensors)
+        if self.model is None:
+            self.build_helpers(int(hidden.shape[-1]), 0)
+        assert self.model is not None
+        mask = policy_token_mask(tensors)
+        seg = turn_segments(tensors)
+        p = seg.present
+        feats, _, _ = turn_features(hidden, seg)
+        r_k = segment_rewards(tensors, seg).float() * p
+        with torch.no_grad():
+            m = self.model.eval()(feats) * p
+        delta, _, labels = sarsa_gae_labels(m, r_k, p, cfg.gamma, cfg.lam)
+        prog = step_progress(m, r_k, p, tensors.index, cfg.gamma)
+        adv = broadcast(prog, seg, mask)
+        if cfg.whiten and int(mask.sum()) >= 2:
+            adv = masked_whiten(adv, mask) * mask
+        n = max(int(p.sum()), 1)
+        stats = {"promise_mean": float(m.sum() / n), "label_mean": float(labels.sum() / n),
+                 "td_abs_mean": float(delta.abs().sum() / n), "progress_abs_mean": float(prog.abs().sum() / n),
+                 "turns_per_trajectory": float(p.sum(-1).float().mean())}
+        gt = ground_truth_q(batch, p)
+        if gt is not None:
+            ok = ~torch.isnan(gt)
+            # nan where either side is constant (a fresh model's promises; a batch without reward), as gt_rank_corr
+            stats["agentprm_gt_spearman"] = spearman(labels[ok], gt[ok])
+            stats["agentprm_model_gt_spearman"] = spearman(m[ok], gt[ok])
+        helper_inputs = {"features": feats, "present": p, "labels": labels}
+        return CreditResult(advantages=adv, granularity="turn", credit=prog, stats=stats, helper_inputs=helper_inputs)
