@@ -126,16 +126,12 @@ def test_differential_vs_grpo():
 
 
 def test_the_model_persists_in_the_checkpoint_and_config_errors(tmp_path):
-    from stages.rollout.config import ModelConfig
-    from stages.rollout.policy import build_tiny_policy
     from stages.update.checkpoint import load_checkpoint, save_checkpoint
 
     b, t, c = _chain_batch(NEW, iteration=0)
     m = _prm(prm_steps=20)
     m.update_helpers(m(t, b, c), seed=0)
-    torch.manual_seed(0)
-    model, _ = build_tiny_policy(ModelConfig(hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2,
-                                             num_kv_heads=1, vocab_size=300), ["go left\nok\n"] * 4)
+    model = torch.nn.Linear(2, 2)  # stands in for the policy: the helpers are what is checked
     path = save_checkpoint(tmp_path, "iter_0000", model, helpers=m.helper_modules())
     fresh = _prm()
     load_checkpoint(path, model, None, fresh.helper_modules())
