@@ -329,7 +329,7 @@ class ArCHer(CreditMethod):
         replay = {k: torch.cat([old[k].to(new[k].dtype), new[k]]) for k in new}
         # the fitted critic is a copy: the live one (and the buffer) change only in the update stage
         critic = copy.deepcopy(self.critic)
-        torch.manual_seed(int(ctx.generator.initial_seed()) if ctx.generator is not None else 0)
+        # full-batch Adam on fixed tensors: deterministic, no draw from any generator
         fit = fit_archer(critic, replay, state[has_state], action[has_state], cfg.gamma, cfg.tau, cfg.critic_steps,
                          cfg.critic_lr)
         with torch.no_grad():
