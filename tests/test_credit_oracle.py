@@ -135,9 +135,13 @@ def test_generic_dp_equals_the_family_exact_dp_under_the_reference_policy(kw):
             assert torch.isnan(adv[b, n:]).all()
 
 
-def _brute_force_q(env, t, on, a, table, letters):
+def _brute_force_q(env, t, on, a, table, letters, memo=None):
     """Q^pi(s_t = (t, on), a) by enumerating every future action and slip (the env's own
-    transition function; history-independent per-turn policy ``table``)."""
+    transition function; history-independent per-turn policy ``table``). ``memo`` caches each
+    (t, on, a) of one env: the same exact expectation, without re-walking shared subtrees."""
+    memo = {} if memo is None else memo
+    if (t, on, a) in memo:
+        return memo[(t, on, a)]
     H, slip = env.horizon, float(env.cfg.slip_prob)
     total = 0.0
     for slipped in (False, True):
@@ -149,9 +153,10 @@ def _brute_force_q(env, t, on, a, table, letters):
         if ended or t + 1 == H:  # an episode that ends succeeds iff it is on track
             total += p * (r + (1.0 if on2 == 1 else 0.0))
             continue
-        v = sum(table[t + 1][x] * _brute_force_q(env, t + 1, on2, x if x in letters else None, table, letters)
+        v = sum(table[t + 1][x] * _brute_force_q(env, t + 1, on2, x if x in letters else None, table, letters, memo)
                 for x in table[t + 1])
         total += p * (r + v)
+    memo[(t, on, a)] = total
     return total
 
 
@@ -176,10 +181,11 @@ def test_current_policy_oracle_equals_brute_force_expectation(kw):
     assert scorer.pairs == sum(len(t.turns) for t in batch.trajectories) * len(letters)
     # the brute force sees the invalid action as the remaining mass
     full = [{**{x.strip(): p for x, p in row.items()}, None: 1.0 - sum(row.values())} for row in table]
+    memos: dict = {}
     for b, (tr, env) in enumerate(zip(batch.trajectories, envs)):
         for t, turn in enumerate(tr.turns):
             on = tr.ground_truth.mdp.states[t]  # the realized state (the family's ground truth)
-            q = {x: _brute_force_q(env, t, on, x, full, letters) for x in full[t]}
+            q = {x: _brute_force_q(env, t, on, x, full, letters, memos.setdefault(b, {})) for x in full[t]}
             v = sum(full[t][x] * q[x] for x in q)
             assert float(res.credit[b, t]) == pytest.approx(q[turn.action] - v, abs=1e-9), (b, t)
         # every policy token of the turn carries the turn's credit, observation tokens none

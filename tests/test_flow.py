@@ -127,32 +127,51 @@ def test_resume_with_changed_hashed_config_is_refused(prefect_harness, home):
         api.resume_run(run_id, ["update.lr=0.5"], home=home, progress=False)
 
 
-@pytest.mark.parametrize("where", ["env", "rollout", "reward", "credit", "update", "checkpoint"])
-def test_kill_9_then_resume(prefect_harness, home, where):
-    """A real SIGKILL of the training process inside each of the five stages, or in the middle of
-    the checkpoint write (files written, directory not yet renamed); the resumed run recomputes
-    nothing that finished, loses nothing, logs no metric step twice and never sees a half-written
-    checkpoint."""
+#: where each SIGKILL of :func:`test_kill_9_in_every_stage_then_resume` lands, in order: inside each
+#: of the five stages, and in the middle of the checkpoint write (files written, directory not renamed)
+KILL_POINTS = ["env", "rollout", "reward", "credit", "update", "checkpoint"]
+
+
+def test_kill_9_in_every_stage_then_resume(prefect_harness, home):
+    """A real SIGKILL of the training process inside each of the five stages and in the middle of
+    the checkpoint write, one after the other in one run (kill k lands in iteration k + 1; each
+    resume carries the next kill): every resumed process recomputes nothing that finished (only
+    the killed stage and its successors), loses nothing, logs no metric step twice and never sees
+    a half-written checkpoint."""
     from prefect.settings import PREFECT_API_URL
 
     env = dict(os.environ, CREDITFLOW_HOME=str(home), PREFECT_API_URL=str(PREFECT_API_URL.value()))
-    run_id = f"cf-test-kill9-{where}"
-    cmd = [sys.executable, "-m", "flows.cli", "train", "--quiet", "--run-id", run_id, *SMALL,
-           f"debug.crash_at=1:{where}:kill"]
+    run_id = "cf-test-kill9-chain"
+    iterations = len(KILL_POINTS) + 1
     root = Path(__file__).resolve().parent.parent
-    proc = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == -9, proc.stderr[-2000:]
-    state = RunState.open(run_id, home)
-    first = collections.Counter((e["iteration"], e["stage"]) for e in state.executions())
-    ckpts = state.paths.checkpoints
-    assert not (ckpts / "iter_0001").exists()  # never a partial checkpoint under the final name
-    proc = subprocess.run([sys.executable, "-m", "flows.cli", "resume", "--quiet", run_id], env=env,
-                          cwd=root, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    after = collections.Counter((e["iteration"], e["stage"]) for e in state.executions())
     stages = ["env", "rollout", "reward", "credit", "update"]
-    killed = stages.index("update" if where == "checkpoint" else where)
-    assert set(after - first) == {(1, s) for s in stages[killed:]} | {(2, "eval")}
+    overrides = [o for o in SMALL if not o.startswith(("iterations=", "tracking.heatmap_every="))]
+    cmd = [sys.executable, "-m", "flows.cli", "train", "--quiet", "--run-id", run_id, *overrides,
+           f"iterations={iterations}", "tracking.heatmap_every=3"]
+    state, seen, prev = None, collections.Counter(), None  # prev: (iteration, index of the killed stage)
+    for k, where in enumerate(KILL_POINTS + [None]):
+        crash = [] if where is None else [f"debug.crash_at={k + 1}:{where}:kill"]
+        proc = subprocess.run(cmd + crash, env=env, cwd=root, capture_output=True, text=True, timeout=600)
+        if where is not None:
+            assert proc.returncode == -9, (where, proc.stderr[-2000:])
+        else:
+            assert proc.returncode == 0, proc.stderr[-3000:]
+        state = state or RunState.open(run_id, home)
+        now = collections.Counter((e["iteration"], e["stage"]) for e in state.executions())
+        new = now - seen
+        expected: set = set() if prev is not None else {(-1, "prepare"), (-1, "eval")} | {(0, s) for s in stages}
+        if prev is not None:  # the killed stage of the last process and its successors, once more
+            expected |= {(prev[0], s) for s in stages[prev[1]:]}
+        if where is None:
+            expected |= {(iterations, "eval")}
+        else:
+            killed = stages.index("update" if where == "checkpoint" else where)
+            expected |= {(k + 1, s) for s in stages[: killed + 1]}  # up to the stage it died in
+            assert not (state.paths.checkpoints / f"iter_{k + 1:04d}").exists(), where  # never a partial checkpoint
+            prev = (k + 1, killed)
+        assert set(new) == expected and all(n == 1 for n in new.values()), (where, sorted(new), sorted(expected))
+        seen = now
+        cmd = [sys.executable, "-m", "flows.cli", "resume", "--quiet", run_id]
     assert "success rate" in proc.stdout
     c = _client(home).client
     mlflow_run = json.loads((state.paths.info).read_text())["mlflow_run_id"]
@@ -160,11 +179,15 @@ def test_kill_9_then_resume(prefect_harness, home, where):
     for key in ("progress.iteration", "reward.success_rate", "update.loss"):
         steps = _metric_steps(c, mlflow_run, key)
         assert len(steps) == len(set(steps)), (key, steps)
-    assert _metric_steps(c, mlflow_run, "progress.iteration") == [0, 1, 2]
+    assert _metric_steps(c, mlflow_run, "progress.iteration") == list(range(iterations + 1))  # + the final step
     from stages.update.checkpoint import verify_checkpoint
 
-    verify_checkpoint(ckpts / "iter_0001")
-    assert not list(ckpts.glob(".*tmp*"))  # the abandoned temporary directory was cleaned up
+    ckpts = state.paths.checkpoints
+    kept = sorted(ckpts.glob("iter_*"))  # update.keep_checkpoints prunes the older ones
+    assert kept and kept[-1].name == f"iter_{iterations - 1:04d}"
+    for path in kept:
+        verify_checkpoint(path)
+    assert not list(ckpts.glob(".*tmp*"))  # the abandoned temporary directories were cleaned up
 
 
 def test_gae_with_value_head_through_the_flow(prefect_harness, home):
