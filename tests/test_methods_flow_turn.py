@@ -113,3 +113,28 @@ def test_poad_one_iteration_on_bifurcation(prefect_harness, shared_home):
     assert m["credit.method.turns_per_trajectory"] > 1
     if m["reward.reward_mean"] != 0:
         assert m["credit.method.td_abs_mean"] > 0 and m["update.value_loss"] > 0
+
+
+def test_igpo_one_iteration_on_math_scores_the_gold_answer(prefect_harness, shared_home):
+    """IGPO through the real flow on the multi-turn math family (one reasoning line per turn, the gold
+    answer in Trajectory.privileged): the scorer's forward passes over every turn boundary are its
+    overhead; the refusal of families without a gold answer is tested in tests/test_credit_belief.py."""
+    out = api.start_run(["experiment=math"] + SMALL[1:] + ["credit=igpo"], home=shared_home, progress=False)
+    run = api.tracker_for(shared_home).client.get_run(out["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    m = run.data.metrics
+    assert run.data.tags["creditflow.method"] == "igpo"
+    assert m["overhead.credit.extra_forward_passes"] >= 1 and m["overhead.credit.forward_tokens"] > 0
+    assert m["credit.method.scored_contexts"] >= ROWS and m["credit.method.turns_per_trajectory"] > 1
+    assert 0 < m["credit.method.belief_start_mean"] < 1  # a probability of the answer text
+    assert m["credit.method.belief_gain_abs_mean"] > 0  # real forward passes: the belief moves with the history
+    assert "overhead.credit.judge_calls" not in m
+
+
+def test_hcapo_one_iteration_on_bifurcation_with_the_policy_as_hindsight_model(prefect_harness, shared_home):
+    run, m = _run(shared_home, ["credit=hcapo"])
+    assert run.data.tags["creditflow.method"] == "hcapo"
+    assert m["overhead.credit.extra_forward_passes"] >= 1 and m["overhead.credit.forward_tokens"] > 0
+    assert m["credit.method.scored_actions"] >= ROWS  # every action scored with and without the outcome
+    assert m["credit.method.hindsight_ratio_mean"] > 0 and m["credit.method.hindsight_ratio_mean"] != 1.0
+    assert 0 <= m["credit.method.hindsight_ratio_clipped_fraction"] <= 1
