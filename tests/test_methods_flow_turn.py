@@ -15,8 +15,8 @@ SMALL = ["env=bifurcation", "iterations=1", "rollout.tasks_per_iteration=2", "ro
 ROWS = 4  # tasks_per_iteration x group_size
 
 
-def _run(home, extra):
-    out = api.start_run(SMALL + extra, home=home, progress=False)
+def _run(home, extra, head=()):
+    out = api.start_run(list(head) + (SMALL[1:] if head else SMALL) + extra, home=home, progress=False)
     run = api.tracker_for(home).client.get_run(out["mlflow_run_id"])
     assert run.info.status == "FINISHED"
     return run, run.data.metrics
@@ -115,14 +115,16 @@ def test_poad_one_iteration_on_bifurcation(prefect_harness, shared_home):
         assert m["credit.method.td_abs_mean"] > 0 and m["update.value_loss"] > 0
 
 
+def _run_math(home, extra):
+    """One iteration on the multi-turn math family (a reasoning line per turn, the gold answer privileged)."""
+    return _run(home, extra, head=["experiment=math"])
+
+
 def test_igpo_one_iteration_on_math_scores_the_gold_answer(prefect_harness, shared_home):
     """IGPO through the real flow on the multi-turn math family (one reasoning line per turn, the gold
     answer in Trajectory.privileged): the scorer's forward passes over every turn boundary are its
     overhead; the refusal of families without a gold answer is tested in tests/test_credit_belief.py."""
-    out = api.start_run(["experiment=math"] + SMALL[1:] + ["credit=igpo"], home=shared_home, progress=False)
-    run = api.tracker_for(shared_home).client.get_run(out["mlflow_run_id"])
-    assert run.info.status == "FINISHED"
-    m = run.data.metrics
+    run, m = _run_math(shared_home, ["credit=igpo"])
     assert run.data.tags["creditflow.method"] == "igpo"
     assert m["overhead.credit.extra_forward_passes"] >= 1 and m["overhead.credit.forward_tokens"] > 0
     assert m["credit.method.scored_contexts"] >= ROWS and m["credit.method.turns_per_trajectory"] > 1
@@ -138,3 +140,14 @@ def test_hcapo_one_iteration_on_bifurcation_with_the_policy_as_hindsight_model(p
     assert m["credit.method.scored_actions"] >= ROWS  # every action scored with and without the outcome
     assert m["credit.method.hindsight_ratio_mean"] > 0 and m["credit.method.hindsight_ratio_mean"] != 1.0
     assert 0 <= m["credit.method.hindsight_ratio_clipped_fraction"] <= 1
+
+
+def test_criticsearch_one_iteration_on_math_with_the_policy_as_critic(prefect_harness, shared_home):
+    """CriticSearch with credit.judge=policy (the live policy reads each trajectory and its gold answer):
+    one judge query per turn, billed as judge calls and forward tokens."""
+    run, m = _run_math(shared_home, ["credit=criticsearch"])
+    assert run.data.params["credit.judge"] == "policy"
+    assert m["credit.method.judged_turns"] >= ROWS and m["overhead.credit.judge_calls"] == m["credit.method.judged_turns"]
+    assert m["overhead.credit.extra_forward_passes"] >= 1 and m["overhead.credit.forward_tokens"] > 0
+    assert 0 < m["credit.method.critic_score_mean"] < 1  # a local judge's P(yes)
+    assert "the gold answer" in run.data.tags["checklist.ca.methodology"]

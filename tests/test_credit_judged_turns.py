@@ -1,0 +1,176 @@
+"""CriticSearch (Zhang et al. 2025, survey §5.2), TARL (Tan et al. 2025, §5.1) and LaRe (Qu et al. 2025,
+§5.7): turn credit from an LLM judge reading agent trajectories.
+
+The defining properties are checked with a scripted judge (a test double of the Judge protocol
+whose ``prompt_scores`` reads the turn number out of each prompt); the real HFJudge on the tiny
+Qwen2 policy runs every method end to end here, and the flow runs with ``credit.judge=policy`` are
+in tests/test_methods_flow_turn.py."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import pytest
+import torch
+
+import stages.credit.methods  # noqa: F401  (registers the built-in methods)
+from stages.credit import functional as F
+from stages.credit.base import CreditContext
+from stages.credit.registry import build_method, get_method_class
+from stages.schema import Batch, Trajectory, Turn
+
+TURN = re.compile(r"(?:was|did) turn (\d+)", re.IGNORECASE)
+
+
+class ScriptedJudge:
+    """Judge double: ``scores[(task, turn)]`` (default 0.5) for each prompt; records the prompts."""
+
+    def __init__(self, scores=None, default=0.5, explanations=None):
+        self.scores = scores or {}
+        self.default = default
+        self.explanations = explanations or {}
+        self.calls = 0
+        self.prompts: list[str] = []
+        self.proposed: list[str] = []
+
+    def _key(self, prompt):
+        task = re.search(r"Task: (\S+)", prompt).group(1)
+        return task, int(TURN.findall(prompt)[-1]) - 1
+
+    def prompt_scores(self, prompts):
+        self.calls += len(prompts)
+        self.prompts += prompts
+        return torch.tensor([self.scores.get(self._key(p), self.default) for p in prompts])
+
+    def propose(self, prompts, max_new_tokens):
+        self.calls += len(prompts)
+        self.proposed += prompts
+        out = []
+        for p in prompts:
+            task = re.search(r"Task: (\S+)", p).group(1)
+            k = int(re.search(r"why turn (\d+)", p).group(1)) - 1
+            out.append(self.explanations.get((task, k), f"turn {k + 1} of {task} was ordinary"))
+        return out
+
+    def step_verdicts(self, batch):  # pragma: no cover - not used by these methods
+        raise AssertionError("turn judges use prompt_scores")
+
+
+def traj(uid, group, n, reward, privileged=None, tokens=2):
+    resp, mask, turns = [], [], []
+    for k in range(n):
+        a0 = len(resp)
+        resp += [10 + k] * tokens + [3]
+        mask += [True] * tokens + [False]
+        turns.append(Turn(index=k, action_span=(a0, a0 + tokens), obs_span=(a0 + tokens, a0 + tokens + 1),
+                          action_text=f"act{k}", observation=f"obs{k}"))
+    m = len(resp)
+    return Trajectory(uid=uid, group_id=group, task_id=f"t{group}", env_name="tooluse", prompt_ids=[1, 2],
+                      response_ids=resp, policy_mask=mask, logprobs=[0.0] * m, entropies=[0.0] * m, turns=turns,
+                      reward=float(reward), success=reward > 0, prompt_text=f"{uid} question",
+                      privileged={"answer": "Paris"} if privileged is None else privileged)
+
+
+SHAPE = [("r0", 0, 3, 1.0), ("r1", 0, 3, 0.0), ("r2", 0, 2, 1.0), ("r3", 1, 2, 0.0), ("r4", 1, 3, 1.0)]
+
+
+def make_batch():
+    return Batch([traj(*x) for x in SHAPE])
+
+
+def run(name, batch, judge, **cfg):
+    method = build_method(get_method_class(name).Config(**cfg))
+    t = batch.to_tensors()
+    return method(t, batch, CreditContext(judge=judge)), t
+
+
+def per_turn(res, t, b, k):
+    vals = res.advantages[b][(t.turn_ids[b] == k) & (t.response_mask[b] != 0)]
+    assert vals.numel() and torch.allclose(vals, vals[0].expand_as(vals))
+    return float(vals[0])
+
+
+def episode_adv(t):
+    return F._grpo_scalars(t.token_level_rewards.float(), (t.response_mask != 0).float(), t.index, 1e-6, True)
+
+
+def grpo(t):
+    return F.grpo(t.token_level_rewards, t.response_mask, t.index)[0]
+
+
+# --------------------------------------------------------------------------- CriticSearch
+
+
+def test_criticsearch_dense_turn_rewards_from_a_critic_with_the_gold_answer():
+    """Defining property: the critic reads the *whole* trajectory (later turns included) and the gold
+    answer; its turn scores, normalised over the group's pooled turns, are added to the outcome
+    advantage, so a turn it calls useless drops below its row's other turns by exactly that amount."""
+    scores = {("r0", 1): 0.0, ("r0", 0): 1.0, ("r1", 2): 0.9, ("r3", 0): 0.2}
+    judge = ScriptedJudge(scores)
+    res, t = run("criticsearch", make_batch(), judge, turn_coef=0.5)
+    ep = episode_adv(t)
+    for g in (0, 1):
+        rows = [i for i, x in enumerate(SHAPE) if x[1] == g]
+        pool = torch.tensor([scores.get((SHAPE[i][0], k), 0.5) for i in rows for k in range(SHAPE[i][2])])
+        mean, std = pool.mean(), pool.std()
+        for i in rows:
+            for k in range(SHAPE[i][2]):
+                c = scores.get((SHAPE[i][0], k), 0.5)
+                want = float(ep[i]) + 0.5 * float((c - mean) / (std + 1e-6))
+                assert per_turn(res, t, i, k) == pytest.approx(want, abs=1e-5)
+    assert per_turn(res, t, 0, 1) < per_turn(res, t, 0, 2) < per_turn(res, t, 0, 0)
+    # one retrospective query per turn, each with the full trajectory and the gold answer
+    assert judge.calls == sum(x[2] for x in SHAPE) == res.overhead.judge_calls
+    first = judge.prompts[0]
+    assert "Gold answer: Paris" in first and "Turn 3: action: act2" in first and "Outcome: success" in first
+    assert res.stats["judged_turns"] == 13
+
+
+def test_criticsearch_with_a_constant_critic_is_grpo_and_needs_a_gold_reference():
+    """Differential: a critic that scores every turn alike adds nothing (pooled deviation 0): GRPO."""
+    res, t = run("criticsearch", make_batch(), ScriptedJudge(default=0.7))
+    assert torch.allclose(res.advantages, grpo(t), atol=1e-6)
+    res, t = run("criticsearch", make_batch(), ScriptedJudge({("r2", 0): 0.0}))
+    assert not torch.allclose(res.advantages, grpo(t), atol=1e-3)
+    # the text game's gold path is a gold reference too; a trajectory with neither is refused
+    b = Batch([traj("r0", 0, 2, 1.0, {"gold_path": ["open door", "go east"]}), traj("r1", 0, 2, 0.0, {"gold_path": ["x"]})])
+    judge = ScriptedJudge()
+    run("criticsearch", b, judge)
+    assert "Gold path: open door; go east" in judge.prompts[0]
+    with pytest.raises(ValueError, match=r"carries no gold answer or gold path"):
+        run("criticsearch", Batch([traj("r0", 0, 2, 1.0, {}), traj("r1", 0, 2, 0.0, {})]), ScriptedJudge())
+    from flows.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"^credit.method=criticsearch: needs privileged training-time information "
+                                          r"\(answer or gold_path in Trajectory.privileged\) and env.name=bifurcation"):
+        load_config(["env=bifurcation", "credit=criticsearch"])
+
+
+# --------------------------------------------------------------------------- real judge
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from stages.reward.judge_prompts import critic_turn_prompt
+    from stages.rollout.config import ModelConfig
+    from stages.rollout.policy import build_tiny_policy
+
+    torch.set_num_threads(1)
+    t = traj("r0", 0, 2, 1.0)
+    texts = [critic_turn_prompt(t, 0, "Gold answer: Paris") + " yes\n", "act0\nobs0\nact1 answer Paris\n"] * 4
+    return build_tiny_policy(ModelConfig(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1,
+                                         intermediate_size=64), texts)
+
+
+@pytest.mark.parametrize("name", ["criticsearch"])
+def test_turn_judges_with_the_policy_as_judge(tiny, name):
+    """The real HFJudge (the tiny policy): its P(yes) per turn, recomputed here, is what the method used."""
+    from stages.reward.judge_hf import HFJudge
+
+    model, tok = tiny
+    batch = make_batch()
+    res, t = run(name, batch, HFJudge(model, tok))
+    assert res.overhead.judge_calls >= 13 and res.overhead.extra_forward_passes >= 1 and res.overhead.forward_tokens > 0
+    assert torch.isfinite(res.advantages).all()
+    assert not torch.allclose(res.advantages, grpo(t), atol=1e-6)  # a real judge's scores differ across turns
