@@ -147,6 +147,43 @@ def test_criticsearch_with_a_constant_critic_is_grpo_and_needs_a_gold_reference(
         load_config(["env=bifurcation", "credit=criticsearch"])
 
 
+# --------------------------------------------------------------------------- TARL
+
+
+def test_tarl_adjudicated_turn_rewards_enter_as_a_return_to_go():
+    """Defining property: each turn is adjudicated -1 / 0 / +1 from the judge's P(yes) (thresholds 0.6 / 0.4);
+    turn k's advantage is the outcome advantage plus lambda times the adjudicated rewards of turns k and later."""
+    scores = {("r0", 0): 0.9, ("r0", 1): 0.1, ("r0", 2): 0.5, ("r1", 2): 0.95, ("r4", 0): 0.05, ("r4", 2): 0.6}
+    judge = ScriptedJudge(scores)
+    res, t = run("tarl", make_batch(), judge, turn_coef=0.5, gamma=0.9)
+    ep = episode_adv(t)
+    adj = lambda s: 1.0 if s >= 0.6 else (-1.0 if s <= 0.4 else 0.0)  # noqa: E731
+    for i, (uid, _, n, _) in enumerate(SHAPE):
+        r = [adj(scores.get((uid, k), 0.5)) for k in range(n)]
+        for k in range(n):
+            want = float(ep[i]) + 0.5 * sum(0.9 ** (j - k) * r[j] for j in range(k, n))
+            assert per_turn(res, t, i, k) == pytest.approx(want, abs=1e-5)
+    # the judge saw the whole trajectory and its outcome, no privileged answer
+    assert all("Gold" not in p and "Outcome:" in p and "Did turn" in p for p in judge.prompts)
+    assert judge.calls == res.overhead.judge_calls == 13
+    assert res.stats["positive_turn_fraction"] == pytest.approx(3 / 13)
+    assert res.stats["negative_turn_fraction"] == pytest.approx(2 / 13)
+
+
+def test_tarl_with_an_all_neutral_judge_is_grpo():
+    """Differential: every turn adjudicated 0 (P(yes) inside the neutral band, or unparsed) leaves GRPO."""
+    res, t = run("tarl", make_batch(), ScriptedJudge(default=0.5))
+    assert torch.allclose(res.advantages, grpo(t), atol=1e-6)
+    res, t = run("tarl", make_batch(), ScriptedJudge(default=float("nan")))
+    assert torch.allclose(res.advantages, grpo(t), atol=1e-6) and res.stats["judged_turns"] == 0
+    res, t = run("tarl", make_batch(), ScriptedJudge({("r1", 0): 1.0}))
+    assert not torch.allclose(res.advantages, grpo(t), atol=1e-3)
+    from flows.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"credit.negative_threshold"):
+        load_config(["env=bifurcation", "credit=tarl", "credit.negative_threshold=0.7"])
+
+
 # --------------------------------------------------------------------------- real judge
 
 
@@ -163,14 +200,16 @@ def tiny():
                                          intermediate_size=64), texts)
 
 
-@pytest.mark.parametrize("name", ["criticsearch"])
+@pytest.mark.parametrize("name", ["criticsearch", "tarl"])
 def test_turn_judges_with_the_policy_as_judge(tiny, name):
     """The real HFJudge (the tiny policy): its P(yes) per turn, recomputed here, is what the method used."""
     from stages.reward.judge_hf import HFJudge
 
     model, tok = tiny
     batch = make_batch()
-    res, t = run(name, batch, HFJudge(model, tok))
+    # TARL: thresholds around the tiny judge's (near-uniform) P(yes), so that its adjudications are not all neutral
+    cfg = {"tarl": dict(positive_threshold=0.01, negative_threshold=0.0)}.get(name, {})
+    res, t = run(name, batch, HFJudge(model, tok), **cfg)
     assert res.overhead.judge_calls >= 13 and res.overhead.extra_forward_passes >= 1 and res.overhead.forward_tokens > 0
     assert torch.isfinite(res.advantages).all()
     assert not torch.allclose(res.advantages, grpo(t), atol=1e-6)  # a real judge's scores differ across turns

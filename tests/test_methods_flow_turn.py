@@ -151,3 +151,13 @@ def test_criticsearch_one_iteration_on_math_with_the_policy_as_critic(prefect_ha
     assert m["overhead.credit.extra_forward_passes"] >= 1 and m["overhead.credit.forward_tokens"] > 0
     assert 0 < m["credit.method.critic_score_mean"] < 1  # a local judge's P(yes)
     assert "the gold answer" in run.data.tags["checklist.ca.methodology"]
+
+
+def test_tarl_one_iteration_on_bifurcation_with_the_policy_as_judge(prefect_harness, shared_home):
+    """TARL with credit.judge=policy adjudicates every turn of the multi-turn bifurcation episodes."""
+    run, m = _run(shared_home, ["credit=tarl"])
+    assert run.data.params["credit.judge"] == "policy"
+    assert m["credit.method.judged_turns"] >= ROWS and m["overhead.credit.judge_calls"] == m["credit.method.judged_turns"]
+    assert m["overhead.credit.extra_forward_passes"] >= 1 and m["overhead.credit.forward_tokens"] > 0
+    fractions = [m.get(f"credit.method.{k}_turn_fraction", 0.0) for k in ("positive", "negative", "neutral")]
+    assert sum(fractions) == pytest.approx(1.0)

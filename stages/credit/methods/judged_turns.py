@@ -163,3 +163,59 @@ class CriticSearch(_TurnJudgeMethod):
             "critic_turn_term_abs_mean": float(term[judged].abs().mean()) if bool(judged.any()) else 0.0,
         }
         return self._finish(tensors, episode, mask, term, K, ctx.judge, before, stats)
+
+
+# --------------------------------------------------------------------------------------------
+# TARL
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TARLConfig(JudgeCreditConfig):
+    method: str = param("tarl", help="credit-assignment method (registry name; TARL, Tan et al. 2025)")
+    turn_coef: float = param(0.5, help="lambda: weight of the adjudicated turn return beside the outcome advantage (Tan et al. 2025)", ge=0)
+    gamma: float = param(1.0, help="discount of the adjudicated return-to-go over turns", ge=0, le=1)
+    positive_threshold: float = param(0.6, help="judge P(yes) at or above which a turn is adjudicated +1 (TARL's {-1, 0, +1} turn rewards)", ge=0, le=1)
+    negative_threshold: float = param(0.4, help="judge P(yes) at or below which a turn is adjudicated -1; between the thresholds (or unparsed): 0", ge=0, le=1)
+    norm_adv_by_std: bool = param(True, help="outcome advantage divided by the group std (GRPO; false: Dr. GRPO)")
+    epsilon: float = param(1e-6, help="added to the group std (GRPO)", ge=0)
+
+    def config_rules(self):
+        """The neutral band must be a band."""
+        if not self.negative_threshold < self.positive_threshold:
+            yield "negative_threshold", f"must be < credit.positive_threshold={self.positive_threshold} (TARL's neutral band)"
+
+
+@register_method
+class TARL(_TurnJudgeMethod):
+    """TARL: an LLM judge adjudicates each turn's contribution during training as -1 / 0 / +1; the
+    adjudicated return-to-go is added to the outcome advantage (module docstring; Tan et al. 2025; survey §5.1)."""
+
+    name = "tarl"
+    Config = TARLConfig
+    methodology = "LLM-Judge"
+    reference = ("Tan et al. 2025 (TARL: turn-level adjudicated RL, process-supervised RL for interactive multimodal "
+                 "tool-use agents, arXiv 2509.14480); survey §5.1")
+
+    def assign(self, tensors: BatchTensors, batch: Batch, ctx: CreditContext) -> CreditResult:
+        cfg: TARLConfig = self.cfg  # type: ignore[assignment]
+        episode, mask = _episode_advantage(tensors, cfg.epsilon, cfg.norm_adv_by_std)
+        B, K = mask.shape[0], _num_turns(tensors)
+        where = _positions(batch, K)
+        prompts = [adjudicate_turn_prompt(batch.trajectories[b], k) for b, k in where]
+        before = usage(ctx.judge)
+        p = _to_grid(_scores(self.name, ctx.judge, prompts), where, B, K)
+        judged = ~torch.isnan(p)
+        r = torch.zeros((B, K))
+        r = torch.where(judged & (p >= cfg.positive_threshold), torch.ones_like(r), r)
+        r = torch.where(judged & (p <= cfg.negative_threshold), -torch.ones_like(r), r)
+        term = cfg.turn_coef * reverse_discounted_scan(r, cfg.gamma)
+        n = max(len(where), 1)
+        stats = {
+            "judged_turns": float(judged.sum()),
+            "positive_turn_fraction": float((r > 0).sum()) / n,
+            "negative_turn_fraction": float((r < 0).sum()) / n,
+            "neutral_turn_fraction": float(len(where) - int((r != 0).sum())) / n,
+            "adjudicated_return_abs_mean": float(term[judged].abs().mean()) if bool(judged.any()) else 0.0,
+        }
+        return self._finish(tensors, episode, mask, term, K, ctx.judge, before, stats)
