@@ -184,6 +184,56 @@ def test_tarl_with_an_all_neutral_judge_is_grpo():
         load_config(["env=bifurcation", "credit=tarl", "credit.negative_threshold=0.7"])
 
 
+# --------------------------------------------------------------------------- LaRe
+
+
+class ExplanationJudge(ScriptedJudge):
+    """LaRe double: the explanation of (task, step) is given; its score is 0.9 when the explanation says
+    "helped", 0.1 when it says "hurt", 0.5 otherwise — the scalar comes from the explanation text only."""
+
+    def prompt_scores(self, prompts):
+        self.calls += len(prompts)
+        self.prompts += prompts
+        out = []
+        for p in prompts:
+            e = re.search(r"Explanation: (.*)", p).group(1)
+            out.append(0.9 if "helped" in e else (0.1 if "hurt" in e else 0.5))
+        return torch.tensor(out)
+
+
+def test_lare_step_rewards_come_from_the_written_explanations():
+    """Defining property: the judge first writes why each step helped or hurt; that explanation (and
+    only it) is turned into the scalar s, and the step gets A_ep + lambda * (2s - 1). The explanations
+    are kept as records (the flow logs them as an MLflow artifact)."""
+    expl = {("r0", 0): "it helped: found the city", ("r0", 2): "it hurt: wrong answer", ("r3", 1): "it hurt the search",
+            ("r4", 0): "", ("r1", 1): "this helped a bit"}
+    judge = ExplanationJudge(explanations=expl)
+    res, t = run("lare", make_batch(), judge, step_coef=0.5)
+    ep = episode_adv(t)
+    for i, (uid, _, n, _) in enumerate(SHAPE):
+        for k in range(n):
+            e = expl.get((uid, k), f"turn {k + 1} of {uid} was ordinary")
+            s = 0.9 if "helped" in e else (0.1 if "hurt" in e else 0.5)
+            want = float(ep[i]) + (0.5 * (2 * s - 1) if e else 0.0)  # an empty explanation: no step reward
+            assert per_turn(res, t, i, k) == pytest.approx(want, abs=1e-5)
+    rec = res.records["explanations"]
+    assert len(rec) == 13 and {"prompt", "explanation", "score", "step_reward", "action"} <= set(rec[0])
+    r00 = next(r for r in rec if r["uid"] == "r0" and r["step"] == 0)
+    assert r00["explanation"] == "it helped: found the city" and r00["score"] == pytest.approx(0.9)
+    assert "why turn 1 helped or hurt" in r00["prompt"] and "Turn 3: action: act2" in r00["prompt"]
+    assert next(r for r in rec if r["uid"] == "r4" and r["step"] == 0)["score"] is None
+    assert judge.calls == res.overhead.judge_calls == 13 + 13  # one explanation + one scoring query per step
+    assert res.stats["empty_explanations"] == 1 and res.stats["scored_steps"] == 12
+
+
+def test_lare_with_uninformative_explanations_is_grpo():
+    """Differential: explanations that say neither helped nor hurt score 0.5, step reward 0: GRPO exactly."""
+    res, t = run("lare", make_batch(), ExplanationJudge())
+    assert torch.allclose(res.advantages, grpo(t), atol=1e-6)
+    res, t = run("lare", make_batch(), ExplanationJudge(explanations={("r2", 1): "hurt"}))
+    assert not torch.allclose(res.advantages, grpo(t), atol=1e-3)
+
+
 # --------------------------------------------------------------------------- real judge
 
 
@@ -200,7 +250,7 @@ def tiny():
                                          intermediate_size=64), texts)
 
 
-@pytest.mark.parametrize("name", ["criticsearch", "tarl"])
+@pytest.mark.parametrize("name", ["criticsearch", "tarl", "lare"])
 def test_turn_judges_with_the_policy_as_judge(tiny, name):
     """The real HFJudge (the tiny policy): its P(yes) per turn, recomputed here, is what the method used."""
     from stages.reward.judge_hf import HFJudge
@@ -213,3 +263,7 @@ def test_turn_judges_with_the_policy_as_judge(tiny, name):
     assert res.overhead.judge_calls >= 13 and res.overhead.extra_forward_passes >= 1 and res.overhead.forward_tokens > 0
     assert torch.isfinite(res.advantages).all()
     assert not torch.allclose(res.advantages, grpo(t), atol=1e-6)  # a real judge's scores differ across turns
+    if name == "lare":  # real written explanations (greedy text of the tiny policy), each scored
+        rec = res.records["explanations"]
+        assert len(rec) == 13 and all(isinstance(r["explanation"], str) for r in rec)
+        assert res.overhead.extra_tokens > 0  # the explanations' generated tokens

@@ -161,3 +161,20 @@ def test_tarl_one_iteration_on_bifurcation_with_the_policy_as_judge(prefect_harn
     assert m["overhead.credit.extra_forward_passes"] >= 1 and m["overhead.credit.forward_tokens"] > 0
     fractions = [m.get(f"credit.method.{k}_turn_fraction", 0.0) for k in ("positive", "negative", "neutral")]
     assert sum(fractions) == pytest.approx(1.0)
+
+
+def test_lare_one_iteration_on_bifurcation_logs_its_explanations(prefect_harness, shared_home):
+    """LaRe with credit.judge=policy: the live policy writes one explanation per step and scores it; the
+    explanations are the run's MLflow artifact credit/explanations/iter_0000.json."""
+    import json
+    from pathlib import Path
+
+    run, m = _run(shared_home, ["credit=lare", "credit.explain_max_new_tokens=8"])
+    assert m["credit.method.explained_steps"] >= ROWS
+    assert m["overhead.credit.judge_calls"] == 2 * m["credit.method.explained_steps"]  # explain + score each step
+    assert m["overhead.credit.extra_tokens"] > 0 and m["overhead.credit.forward_tokens"] > 0
+    client = api.tracker_for(shared_home).client
+    local = client.download_artifacts(run.info.run_id, "credit/explanations/iter_0000.json")
+    records = json.loads(Path(local).read_text())
+    assert len(records) == m["credit.method.explained_steps"]
+    assert all({"explanation", "score", "step_reward", "prompt"} <= set(r) for r in records)

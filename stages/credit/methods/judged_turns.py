@@ -219,3 +219,66 @@ class TARL(_TurnJudgeMethod):
             "adjudicated_return_abs_mean": float(term[judged].abs().mean()) if bool(judged.any()) else 0.0,
         }
         return self._finish(tensors, episode, mask, term, K, ctx.judge, before, stats)
+
+
+# --------------------------------------------------------------------------------------------
+# LaRe
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LaReConfig(JudgeCreditConfig):
+    method: str = param("lare", help="credit-assignment method (registry name; LaRe, Qu et al. 2025)")
+    step_coef: float = param(0.5, help="lambda: weight of the explanation-derived step reward 2s-1 beside the outcome advantage (Qu et al. 2025)", ge=0)
+    explain_max_new_tokens: int = param(32, help="length cap of each step's written explanation (Qu et al. 2025: the LLM explains why the step helped or hurt)", ge=1)
+    judge_propose_temperature: float = param(0.0, help="sampling temperature of the written explanations (0 = greedy)", ge=0)
+    norm_adv_by_std: bool = param(True, help="outcome advantage divided by the group std (GRPO; false: Dr. GRPO)")
+    epsilon: float = param(1e-6, help="added to the group std (GRPO)", ge=0)
+
+
+@register_method
+class LaRe(_TurnJudgeMethod):
+    """LaRe: the judge writes why each step helped or hurt; the explanation is scored into a scalar step
+    reward 2s-1; explanations are kept as a per-iteration artifact (module docstring; Qu et al. 2025; survey §5.7)."""
+
+    name = "lare"
+    Config = LaReConfig
+    methodology = "LLM-Critic"
+    reference = ("Qu et al. 2025 (LaRe: Latent Reward, LLM-empowered credit assignment in episodic RL, AAAI 2025); "
+                 "survey §5.7")
+
+    def assign(self, tensors: BatchTensors, batch: Batch, ctx: CreditContext) -> CreditResult:
+        cfg: LaReConfig = self.cfg  # type: ignore[assignment]
+        episode, mask = _episode_advantage(tensors, cfg.epsilon, cfg.norm_adv_by_std)
+        B, K = mask.shape[0], _num_turns(tensors)
+        trajs = batch.trajectories
+        where = _positions(batch, K)
+        before = usage(ctx.judge)
+        ask = [explain_turn_prompt(trajs[b], k) for b, k in where]
+        texts = ctx.judge.propose(ask, cfg.explain_max_new_tokens) if ask else []
+        if len(texts) != len(ask):
+            raise ValueError(f"credit method 'lare': judge.propose returned {len(texts)} explanations for {len(ask)} steps")
+        texts = [str(x).strip() for x in texts]
+        score_prompts = [explanation_score_prompt(trajs[b], k, x) for (b, k), x in zip(where, texts)]
+        s = _scores(self.name, ctx.judge, score_prompts)
+        s = torch.where(torch.tensor([bool(x) for x in texts], dtype=torch.bool), s, torch.full_like(s, float("nan")))
+        grid = _to_grid(s, where, B, K)  # an empty explanation explains nothing: no step reward
+        scored = ~torch.isnan(grid)
+        r = torch.where(scored, 2.0 * grid - 1.0, torch.zeros_like(grid))
+        term = cfg.step_coef * r
+        records = [{"uid": trajs[b].uid, "row": b, "step": k, "action": trajs[b].turns[k].action_text,
+                    "outcome": float(trajs[b].reward), "prompt": q, "explanation": x,
+                    "score": None if torch.isnan(v) else float(v),
+                    "step_reward": float(r[b, k])}
+                   for (b, k), q, x, v in zip(where, ask, texts, s)]
+        n = max(len(where), 1)
+        stats = {
+            "explained_steps": float(len(where)),
+            "empty_explanations": float(sum(1 for x in texts if not x)),
+            "scored_steps": float(scored.sum()),
+            "explanation_chars_mean": sum(len(x) for x in texts) / n,
+            "step_reward_mean": float(r[scored].mean()) if bool(scored.any()) else 0.0,
+            "helpful_step_fraction": float((r > 0).sum()) / n,
+        }
+        return self._finish(tensors, episode, mask, term, K, ctx.judge, before, stats,
+                            records={"explanations": records})
