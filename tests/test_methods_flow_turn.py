@@ -120,6 +120,7 @@ def _run_math(home, extra):
     return _run(home, extra, head=["experiment=math"])
 
 
+@pytest.mark.slow  # one train-flow iteration with real scorer/judge passes (~20-110 s here on 2 loaded cores)
 def test_igpo_one_iteration_on_math_scores_the_gold_answer(prefect_harness, shared_home):
     """IGPO through the real flow on the multi-turn math family (one reasoning line per turn, the gold
     answer in Trajectory.privileged): the scorer's forward passes over every turn boundary are its
@@ -133,6 +134,7 @@ def test_igpo_one_iteration_on_math_scores_the_gold_answer(prefect_harness, shar
     assert "overhead.credit.judge_calls" not in m
 
 
+@pytest.mark.slow  # one train-flow iteration with real scorer/judge passes (~20-110 s here on 2 loaded cores)
 def test_hcapo_one_iteration_on_bifurcation_with_the_policy_as_hindsight_model(prefect_harness, shared_home):
     run, m = _run(shared_home, ["credit=hcapo"])
     assert run.data.tags["creditflow.method"] == "hcapo"
@@ -142,6 +144,7 @@ def test_hcapo_one_iteration_on_bifurcation_with_the_policy_as_hindsight_model(p
     assert 0 <= m["credit.method.hindsight_ratio_clipped_fraction"] <= 1
 
 
+@pytest.mark.slow  # one train-flow iteration with real scorer/judge passes (~20-110 s here on 2 loaded cores)
 def test_criticsearch_one_iteration_on_math_with_the_policy_as_critic(prefect_harness, shared_home):
     """CriticSearch with credit.judge=policy (the live policy reads each trajectory and its gold answer):
     one judge query per turn, billed as judge calls and forward tokens."""
@@ -153,6 +156,7 @@ def test_criticsearch_one_iteration_on_math_with_the_policy_as_critic(prefect_ha
     assert "the gold answer" in run.data.tags["checklist.ca.methodology"]
 
 
+@pytest.mark.slow  # one train-flow iteration with real scorer/judge passes (~20-110 s here on 2 loaded cores)
 def test_tarl_one_iteration_on_bifurcation_with_the_policy_as_judge(prefect_harness, shared_home):
     """TARL with credit.judge=policy adjudicates every turn of the multi-turn bifurcation episodes."""
     run, m = _run(shared_home, ["credit=tarl"])
@@ -163,6 +167,7 @@ def test_tarl_one_iteration_on_bifurcation_with_the_policy_as_judge(prefect_harn
     assert sum(fractions) == pytest.approx(1.0)
 
 
+@pytest.mark.slow  # one train-flow iteration with real scorer/judge passes (~20-110 s here on 2 loaded cores)
 def test_lare_one_iteration_on_bifurcation_logs_its_explanations(prefect_harness, shared_home):
     """LaRe with credit.judge=policy: the live policy writes one explanation per step and scores it; the
     explanations are the run's MLflow artifact credit/explanations/iter_0000.json."""
