@@ -8,7 +8,6 @@ in tests/test_methods_flow_turn.py."""
 
 from __future__ import annotations
 
-import math
 import re
 
 import pytest
@@ -267,3 +266,40 @@ def test_turn_judges_with_the_policy_as_judge(tiny, name):
         rec = res.records["explanations"]
         assert len(rec) == 13 and all(isinstance(r["explanation"], str) for r in rec)
         assert res.overhead.extra_tokens > 0  # the explanations' generated tokens
+
+
+def test_turn_judges_on_an_openai_compatible_endpoint(monkeypatch):
+    """credit.judge=openai: the same methods on a scripted OpenAI-compatible server (test double of the
+    endpoint, tests/test_judge.py): each turn is one request, the reply's first word the verdict."""
+    from stages.reward.judge import make_judge
+    from tests.test_judge import _Endpoint
+
+    class TurnEndpoint(_Endpoint):
+        @staticmethod
+        def reply(body):
+            prompt = body["messages"][-1]["content"]
+            if "Explanation:" in prompt and "Given this explanation" not in prompt:
+                return "it helped" if "why turn 1 " in prompt else "it hurt"
+            if "Given this explanation" in prompt:
+                return "Yes" if "it helped" in prompt else "No"
+            return " Yes." if re.search(r"(?:was|did) turn 1 ", prompt, re.IGNORECASE) else "no"
+
+    ep = TurnEndpoint()
+    try:
+        monkeypatch.setenv("CF_TEST_TURN_KEY", "sk-test")
+        cfg = dict(judge="openai", judge_url=ep.url, judge_model="critic", judge_api_key_env="CF_TEST_TURN_KEY")
+        batch = make_batch()
+        for name in ("criticsearch", "tarl", "lare"):
+            method = build_method(get_method_class(name).Config(**cfg))
+            judge = make_judge(method.cfg)
+            t = batch.to_tensors()
+            res = method(t, batch, CreditContext(judge=judge))
+            ep_adv = episode_adv(t)
+            # turn 1 is judged useful, the others not: turn 1 of every row is credited above its turn 2
+            for i in range(len(SHAPE)):
+                assert per_turn(res, t, i, 0) > per_turn(res, t, i, 1)
+            assert res.overhead.judge_calls == (26 if name == "lare" else 13)
+            if name == "tarl":  # +1 on turn 1, -1 elsewhere, as a return-to-go
+                assert per_turn(res, t, 0, 2) == pytest.approx(float(ep_adv[0]) - 0.5, abs=1e-5)
+    finally:
+        ep.close()
