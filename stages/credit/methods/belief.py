@@ -59,10 +59,20 @@ def _turn_present(batch: Batch, K: int) -> torch.Tensor:
     return torch.arange(K).unsqueeze(0) < n.unsqueeze(1)
 
 
+def _sum_logprobs(scores: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``((N,) sum of each target's token log-probs, (N,) its length)``: the scorer's ragged output padded
+    into one (N, L) tensor and reduced (0 for an empty target)."""
+    if not scores:
+        return torch.zeros(0), torch.zeros(0)
+    lens = torch.tensor([int(s.numel()) for s in scores], dtype=torch.float32)
+    padded = torch.nn.utils.rnn.pad_sequence([s.detach().float().cpu().reshape(-1) for s in scores], batch_first=True)
+    return padded.sum(-1), lens
+
+
 def _mean_logprobs(scores: list[torch.Tensor]) -> torch.Tensor:
     """(N,) mean over each target's token log-probs (0 for an empty target)."""
-    return torch.stack([s.float().mean() if s.numel() else torch.zeros(()) for s in scores]).cpu() \
-        if scores else torch.zeros(0)
+    total, lens = _sum_logprobs(scores)
+    return total / lens.clamp(min=1)
 
 
 def _check_scores(name: str, scores, targets: list[list[int]]) -> None:
@@ -227,11 +237,10 @@ class HCAPO(CreditMethod):
         if contexts:
             scores = ctx.scorer(contexts, targets)
             _check_scores(self.name, scores, targets)
-            plain = torch.stack([s.float().cpu().sum() for s in scores[0::2]])
-            hind = torch.stack([s.float().cpu().sum() for s in scores[1::2]])
-            diff = hind - plain
+            total, lens = _sum_logprobs(scores)
+            diff = total[1::2] - total[0::2]  # log pi(a | s, outcome) - log pi(a | s)
             if cfg.length_normalize:
-                diff = diff / torch.tensor([max(len(x), 1) for x in targets[0::2]], dtype=diff.dtype)
+                diff = diff / lens[0::2].clamp(min=1)
             idx = torch.tensor(where, dtype=torch.long)
             lr[idx[:, 0], idx[:, 1]] = diff
         return lr, len(contexts)
