@@ -266,3 +266,16 @@ def test_igpo_and_hcapo_with_the_real_scorer(tiny):
     res = h(t, batch, CreditContext(scorer=HFScorer(model, tok.pad_token_id), tokenizer=tok))
     assert res.stats["scored_actions"] == 4 and res.stats["hindsight_ratio_mean"] != pytest.approx(1.0, abs=1e-6)
     assert torch.isfinite(res.advantages).all() and res.overhead.extra_forward_passes >= 1
+
+
+@pytest.mark.parametrize("name", ["math", "tooluse"])
+def test_declared_privileged_keys_are_what_the_environments_carry(name):
+    """TaskFamily.privileged_keys (what the loader checks IGPO / CriticSearch against) is exactly the key
+    set of a real environment's privileged() (the gold answer included)."""
+    import environments.tasks  # noqa: F401  (registers the families)
+    from environments.registry import get_family_class
+
+    fam = get_family_class(name)()
+    env = fam.make(fam.instance("train", 0, seed=0), sandbox=None)
+    env.reset()
+    assert set(env.privileged()) == set(fam.privileged_keys) and "answer" in fam.privileged_keys
