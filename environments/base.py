@@ -163,6 +163,10 @@ class TaskFamily(abc.ABC):
     #: rewards (C3/CCPO with ``credit.counterfactual=default``, survey §5). ``None``: the family declares
     #: none (the config loader refuses ``counterfactual=default`` there)
     default_action: ClassVar[Optional[str]] = None
+    #: keys every environment's ``privileged()`` carries (training-time information: a gold answer, a
+    #: gold path); credit methods that read one (IGPO's gold answer, CriticSearch's privileged critic)
+    #: declare ``needs_privileged`` and the config loader refuses a family without any of them
+    privileged_keys: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, cfg: Optional[EnvConfig] = None):
         self.cfg = cfg if cfg is not None else self.Config()

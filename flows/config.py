@@ -322,6 +322,12 @@ def check_learnable(cfg: DictConfig) -> Optional[ConfigError]:
             "credit.counterfactual", "default",
             f"needs the family's default action and env.name={cfg.env.name} declares none "
             "(TaskFamily.default_action); use credit.counterfactual=resample")
+    if method.needs_privileged and not set(method.needs_privileged) & set(get_family_class(cfg.env.name).privileged_keys):
+        return problem_error(
+            "credit.method", method.name,
+            f"needs privileged training-time information ({' or '.join(method.needs_privileged)} in Trajectory.privileged) "
+            f"and env.name={cfg.env.name} declares none (TaskFamily.privileged_keys); use a family that has it "
+            "(e.g. env=tooluse, experiment=math)")
     if "critic" in method.needs and not upd.value_coef > 0:
         return problem_error(
             "update.value_coef", upd.value_coef,

@@ -300,6 +300,7 @@ PLANNING_PATTERN = r"^(?!\s*(?i:answer)\b)\s*[^=\s][^=\n]*(?==)|" + grams_patter
 @register_family
 class MathFamily(TaskFamily):
     name = "math"
+    privileged_keys = ("answer", "reference_steps", "kind")
     Config = MathConfig
     needs_sandbox = False
     planning_pattern = PLANNING_PATTERN

@@ -400,6 +400,7 @@ class TextGameEnv(Environment):
 @register_family
 class TextGameFamily(TaskFamily):
     name = "textgame"
+    privileged_keys = ("gold_path", "optimal_length", "score", "game", "game_seed")
     Config = TextGameConfig
     needs_sandbox = False  # the engine is a JVM in this process (see describe()["execution"])
 

@@ -300,6 +300,7 @@ PLANNING_PATTERN = r"^\s*(?i:search|write)\b.*"
 @register_family
 class ToolUseFamily(TaskFamily):
     name = "tooluse"
+    privileged_keys = ("supporting_docs", "answer", "question_type")
     Config = ToolUseConfig
     needs_sandbox = True
     planning_pattern = PLANNING_PATTERN

@@ -98,6 +98,11 @@ class Judge(Protocol):
     def propose(self, prompts: list[str], max_new_tokens: int) -> list[str]:
         """Free-text generation (e.g. InT's self-proposed correction of a wrong step)."""
 
+    def prompt_scores(self, prompts: list[str]) -> torch.Tensor:
+        """(N,) the judge's yes-probability for free-form yes/no prompts ending in ``"Answer:"``: in
+        [0, 1] (a local judge's renormalised yes/no probability, an endpoint's 1.0 / 0.0 verdict), nan
+        where unparsed (turn-level judges: TARL, CriticSearch, LaRe)."""
+
 
 def encode_text(tokenizer: Any, text: str) -> list[int]:
     """Token ids of ``text`` with no special tokens (``[]`` for empty text): how methods that build
@@ -167,6 +172,9 @@ class CreditMethod(abc.ABC):
     #: True when the method reads the task's exact MDP (``Trajectory.ground_truth.mdp``; the
     #: oracle): the loader refuses it on a family that does not export one (``TaskFamily.exact_mdp``)
     needs_exact_mdp: ClassVar[bool] = False
+    #: privileged keys (``Trajectory.privileged``) of which the method needs at least one (e.g. IGPO:
+    #: ``("answer",)``): the loader refuses a family whose ``TaskFamily.privileged_keys`` has none of them
+    needs_privileged: ClassVar[tuple[str, ...]] = ()
     #: what the method needs the stages to provide: a subset of :data:`NEEDS`
     needs: ClassVar[frozenset[str]] = frozenset()
     #: short citation of the paper / survey section the method implements

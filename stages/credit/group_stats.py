@@ -68,3 +68,24 @@ def group_stats(
         std = torch.where(single, torch.ones_like(ss), torch.sqrt(ss / (count - 1).clamp(min=1)))
         std = std[gid]
     return count[gid], mean[gid], std, gid
+
+
+def pooled_turn_normalize(u: torch.Tensor, present: torch.Tensor, index: IndexLike,
+                          epsilon: float = 1e-6) -> torch.Tensor:
+    """Turn-level group normalisation (IGPO, CriticSearch: survey §5.5, §5.2): every present turn
+    reward ``u[b, k]`` of a group's trajectories is pooled into one sample, and each is replaced by
+    ``(u - mean_g) / (std_g + epsilon)`` (unbiased std over the group's pooled turns, as
+    ``torch.std``; a group with a single turn reward keeps mean 0 and std 1, verl's singleton rule).
+    ``u``, ``present``: (B, K); absent turns stay 0. Segment reductions, no loop."""
+    B = u.shape[0]
+    gid, G = group_ids(index, B, device=u.device)
+    p = present.to(u.dtype)
+    x = torch.where(present, u, torch.zeros_like(u))
+    count = torch.zeros(G, dtype=u.dtype, device=u.device).index_add_(0, gid, p.sum(-1))
+    total = torch.zeros(G, dtype=u.dtype, device=u.device).index_add_(0, gid, x.sum(-1))
+    single = count <= 1
+    mean = torch.where(single, torch.zeros_like(total), total / count.clamp(min=1))
+    centred = (x - mean[gid].unsqueeze(1)) * p
+    ss = torch.zeros(G, dtype=u.dtype, device=u.device).index_add_(0, gid, (centred * centred).sum(-1))
+    std = torch.where(single, torch.ones_like(ss), torch.sqrt(ss / (count - 1).clamp(min=1)))
+    return centred / (std[gid].unsqueeze(1) + epsilon) * p

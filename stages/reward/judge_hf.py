@@ -108,6 +108,14 @@ class HFJudge:
         ny = len(self.yes_ids)
         return torch.logsumexp(lps[:, :ny], -1) - torch.logsumexp(lps[:, ny:], -1)
 
+    def prompt_scores(self, prompts: list[str]) -> torch.Tensor:
+        """(N,) ``P(yes-like)`` in (0, 1) after each free-form yes/no prompt (ending in ``"Answer:"``):
+        ``sigmoid(log-odds - margin)``, the yes/no probability renormalised over the two word sets,
+        shifted by the margin (turn-level judges: TARL, CriticSearch, LaRe; survey §5.1, §5.2, §5.7)."""
+        s = self.score_prompts(list(prompts))
+        self.calls += len(prompts)
+        return torch.sigmoid(s.float() - self.margin)
+
     def step_verdicts(self, batch: Batch) -> torch.Tensor:
         positions, prompts, K = batch_step_queries(batch)
         verdicts = torch.full((len(batch.trajectories), K), float("nan"))

@@ -179,6 +179,16 @@ class OpenAIJudge:
             verdicts[b, k] = v
         return verdicts
 
+    def prompt_scores(self, prompts: list[str]) -> torch.Tensor:
+        """(N,) the verdict of each free-form yes/no prompt (first word of the reply: 1.0 yes-like,
+        0.0 no-like, nan unparsed and counted in ``unparsed``): turn-level judges (TARL,
+        CriticSearch, LaRe)."""
+        texts = self._map(lambda p: self._complete(p, self.verdict_max_tokens, 0.0), list(prompts))
+        self.calls += len(prompts)
+        out = torch.tensor([self.parse_verdict(t) for t in texts], dtype=torch.float32)
+        self.unparsed += int(torch.isnan(out).sum())
+        return out
+
     def propose(self, prompts: list[str], max_new_tokens: int) -> list[str]:
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")

@@ -60,3 +60,59 @@ def batch_step_queries(batch: Batch) -> tuple[list[tuple[int, int]], list[str], 
             positions.append((b, k))
             prompts.append(step_prompt(traj.prompt_text, steps[:k], step))
     return positions, prompts, K
+
+
+# --------------------------------------------------------------------------------------------
+# turn-level judges of agent trajectories (TARL §5.1, CriticSearch §5.2, LaRe §5.7)
+# --------------------------------------------------------------------------------------------
+
+
+def trajectory_lines(traj) -> list[str]:
+    """The task and every turn of an agent trajectory as numbered lines (action, then observation)."""
+    lines = [f"Task: {_clean(traj.prompt_text)}"]
+    for k, turn in enumerate(traj.turns):
+        lines.append(f"Turn {k + 1}: action: {_clean(turn.action_text)} | observation: {_clean(turn.observation)}")
+    lines.append(f"Outcome: {'success' if traj.success else 'failure'} (reward {float(traj.reward):g})")
+    return lines
+
+
+def gold_reference(privileged: dict) -> str:
+    """The privileged reference a retrospective critic sees (CriticSearch): the gold answer, else the
+    gold path; empty when the trajectory carries neither."""
+    p = privileged or {}
+    if p.get("answer") not in (None, ""):
+        return f"Gold answer: {_clean(str(p['answer']))}"
+    if p.get("gold_path"):
+        return "Gold path: " + "; ".join(_clean(str(a)) for a in p["gold_path"])
+    return ""
+
+
+def critic_turn_prompt(traj, k: int, reference: str) -> str:
+    """CriticSearch's retrospective critique of turn ``k``: the whole trajectory, the gold reference,
+    "Was turn k useful toward the gold answer?" ending in ``"Answer:"``."""
+    lines = trajectory_lines(traj) + ([reference] if reference else [])
+    lines.append(f"Knowing the gold answer, was turn {k + 1} a useful step toward it? Answer yes or no.")
+    return "\n".join(lines) + "\nAnswer:"
+
+
+def adjudicate_turn_prompt(traj, k: int) -> str:
+    """TARL's adjudication of turn ``k``: the whole trajectory and its outcome (no privileged
+    information), "Did turn k contribute to completing the task?" ending in ``"Answer:"``."""
+    lines = trajectory_lines(traj)
+    lines.append(f"Did turn {k + 1} contribute to completing the task? Answer yes or no.")
+    return "\n".join(lines) + "\nAnswer:"
+
+
+def explain_turn_prompt(traj, k: int) -> str:
+    """LaRe's request for a natural-language credit explanation of turn ``k`` (one line)."""
+    lines = trajectory_lines(traj)
+    lines.append(f"In one sentence, explain why turn {k + 1} helped or hurt the outcome.")
+    return "\n".join(lines) + "\nExplanation:"
+
+
+def explanation_score_prompt(traj, k: int, explanation: str) -> str:
+    """LaRe's conversion of an explanation into a scalar: the turn, its explanation, "Did it help?"."""
+    lines = [f"Task: {_clean(traj.prompt_text)}", f"Turn {k + 1}: action: {_clean(traj.turns[k].action_text)}",
+             f"Explanation: {_clean(explanation)}",
+             f"Given this explanation, did turn {k + 1} help the outcome? Answer yes or no."]
+    return "\n".join(lines) + "\nAnswer:"

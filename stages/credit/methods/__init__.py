@@ -24,6 +24,10 @@ One module per method family (survey Appendix B "Methodology" column):
 * :mod:`.agentic_critic` — ArCHer (§5.4): a turn-level Q/V critic trained off-policy by TD from a
   persisted replay buffer, the token-level actor on its turn advantage; AgentPRM (§5.1): a
   step-level promise/progress model trained on TD + GAE labels.
+* :mod:`.belief` — IGPO (information gain of the gold answer, §5.5) and HCAPO (hindsight ratio of
+  each action with and without the outcome, §5.2): turn credit from the policy's own teacher-forced beliefs.
+* :mod:`.judged_turns` — CriticSearch (a retrospective critic with the gold answer, §5.2), TARL (an LLM
+  judge adjudicates each turn, §5.1) and LaRe (LLM-written step explanations become step rewards, §5.7).
 * :mod:`.oracle` — exact advantages from the task's MDP under the current policy (§9.3; the
   benchmark's upper bound, not a reviewed paper).
 
@@ -80,3 +84,5 @@ from stages.credit.methods import progress  # noqa: F401  (spa)
 from stages.credit.methods import action_decomposition  # noqa: F401  (poad)
 from stages.credit.methods import counterfactual  # noqa: F401  (c3, ccpo)
 from stages.credit.methods import agentic_critic  # noqa: F401  (archer, agentprm)
+from stages.credit.methods import belief  # noqa: F401  (igpo, hcapo)
+from stages.credit.methods import judged_turns  # noqa: F401  (criticsearch, tarl, lare)
