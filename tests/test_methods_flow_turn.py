@@ -113,3 +113,13 @@ def test_poad_one_iteration_on_bifurcation(prefect_harness, shared_home):
     assert m["credit.method.turns_per_trajectory"] > 1
     if m["reward.reward_mean"] != 0:
         assert m["credit.method.td_abs_mean"] > 0 and m["update.value_loss"] > 0
+
+
+@pytest.mark.parametrize("loss", ["dpo"])  # turn_dpo runs through the flow with credit=sweet_rl
+def test_grpo_with_a_dpo_loss_one_iteration_on_bifurcation(prefect_harness, shared_home, loss):
+    run, m = _run(shared_home, ["credit=grpo", f"update={loss}"])
+    assert run.data.params["update.loss"] == loss and run.data.params["update.dpo_beta"] == "0.1"
+    # pairs are built from the credit stage's advantages (a group of 2 with different outcomes gives one)
+    key = "update.trajectory_pairs_built" if loss == "dpo" else "update.turn_pairs_built"
+    assert key in m and m[key] >= 0
+    assert "update.dpo_pairs" in m and "update.value_loss" not in m
