@@ -123,3 +123,17 @@ def test_grpo_with_a_dpo_loss_one_iteration_on_bifurcation(prefect_harness, shar
     key = "update.trajectory_pairs_built" if loss == "dpo" else "update.turn_pairs_built"
     assert key in m and m[key] >= 0
     assert "update.dpo_pairs" in m and "update.value_loss" not in m
+
+
+def test_sweet_rl_one_iteration_on_bifurcation_with_turn_dpo(prefect_harness, shared_home):
+    run, m = _run(shared_home, ["credit=sweet_rl"])
+    assert run.data.tags["creditflow.method"] == "sweet_rl"
+    assert run.data.params["update.loss"] == "turn_dpo"  # CreditMethod.default_update
+    # the hidden-states forward over the batch is its overhead; the critic reads the hidden rule's answers
+    assert m["overhead.credit.extra_forward_passes"] >= 1 and m["overhead.credit.forward_tokens"] > 0
+    assert m["credit.method.privileged_tokens_mean"] > 0
+    assert m["credit.method.turns_per_trajectory"] > 1
+    if m["credit.method.bt_pairs"] > 0:  # a group with a success and a failure: the critic fits them
+        assert m["credit.method.bt_loss_after"] < m["credit.method.bt_loss_before"]
+        assert m["update.critic_adopted"] == 1.0
+    assert "update.turn_pairs_built" in m and "update.dpo_pairs" in m

@@ -21,6 +21,8 @@ One module per method family (survey Appendix B "Methodology" column):
 * :mod:`.progress` — SPA-RL: a trained progress estimator splits the episode reward over turns (§5.7).
 * :mod:`.counterfactual` — C3 and CCPO: a turn's credit from real replays of the episode with a
   counterfactual action at that turn (leave-one-out / average treatment effect, §5).
+* :mod:`.privileged` — SWEET-RL: a critic on privileged training-time information, trained with
+  Bradley–Terry on trajectory pairs, whose turn advantages feed a DPO actor update (§5.1).
 * :mod:`.oracle` — exact advantages from the task's MDP under the current policy (§9.3; the
   benchmark's upper bound, not a reviewed paper).
 
@@ -76,3 +78,4 @@ from stages.credit.methods import agentic_group  # noqa: F401  (gigpo, carl)
 from stages.credit.methods import progress  # noqa: F401  (spa)
 from stages.credit.methods import action_decomposition  # noqa: F401  (poad)
 from stages.credit.methods import counterfactual  # noqa: F401  (c3, ccpo)
+from stages.credit.methods import privileged  # noqa: F401  (sweet_rl)
