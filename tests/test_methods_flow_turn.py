@@ -137,3 +137,14 @@ def test_sweet_rl_one_iteration_on_bifurcation_with_turn_dpo(prefect_harness, sh
         assert m["credit.method.bt_loss_after"] < m["credit.method.bt_loss_before"]
         assert m["update.critic_adopted"] == 1.0
     assert "update.turn_pairs_built" in m and "update.dpo_pairs" in m
+
+
+def test_istar_one_iteration_on_bifurcation_with_its_implicit_prm(prefect_harness, shared_home):
+    run, m = _run(shared_home, ["credit=istar"])
+    assert run.data.tags["creditflow.method"] == "istar" and run.data.params["update.loss"] == "grpo"
+    # the implicit PRM's forwards over the batch (one at least: the step rewards) are its overhead
+    assert m["overhead.credit.extra_forward_passes"] >= ROWS and m["overhead.credit.forward_tokens"] > 0
+    assert m["credit.method.turns_per_trajectory"] > 1
+    if m["credit.method.prm_pairs"] > 0:  # a success and a failure of one task: the PRM takes its DPO steps
+        assert m["credit.method.prm_loss_after"] < m["credit.method.prm_loss_before"]
+        assert m["update.prm_adopted"] == 1.0

@@ -23,6 +23,8 @@ One module per method family (survey Appendix B "Methodology" column):
   counterfactual action at that turn (leave-one-out / average treatment effect, §5).
 * :mod:`.privileged` — SWEET-RL: a critic on privileged training-time information, trained with
   Bradley–Terry on trajectory pairs, whose turn advantages feed a DPO actor update (§5.1).
+* :mod:`.implicit_step` — iStar: implicit step rewards from a trajectory-DPO-trained implicit PRM
+  (a copy of the policy), fused with episode-level advantages (§5.6).
 * :mod:`.oracle` — exact advantages from the task's MDP under the current policy (§9.3; the
   benchmark's upper bound, not a reviewed paper).
 
@@ -79,3 +81,4 @@ from stages.credit.methods import progress  # noqa: F401  (spa)
 from stages.credit.methods import action_decomposition  # noqa: F401  (poad)
 from stages.credit.methods import counterfactual  # noqa: F401  (c3, ccpo)
 from stages.credit.methods import privileged  # noqa: F401  (sweet_rl)
+from stages.credit.methods import implicit_step  # noqa: F401  (istar)
