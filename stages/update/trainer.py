@@ -8,6 +8,10 @@ critic), so every credit method composes with every loss:
   per-sequence token-mean aggregation, Shao et al. 2024). The trainer looks it up by name and
   provides what it declares in ``needs``; the entropy bonus and the KL penalty are aggregated
   the way the loss declares (``aggregation``).
+* DPO-family losses (``needs`` ``trajectory_pairs`` / ``turn_pairs``): the trainer builds the
+  preference pairs once per update from the credit stage's advantages
+  (:mod:`stages.update.pairs`), orders the rows group by group so that a mini-batch holds whole
+  groups, and hands each mini-batch its own pairs, renumbered (logged: ``<need>_built``).
 * optional k3 KL to a frozen reference policy (``update.kl_coef > 0``), entropy bonus,
   value loss for the critic, AdamW, gradient clipping, shuffled mini-batches.
 * NaN/inf guard: a mini-batch whose loss or gradient norm is not finite is skipped (no
