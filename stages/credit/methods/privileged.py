@@ -56,8 +56,9 @@ def privileged_token_ids(batch: Batch, tokenizer: Any, max_tokens: int) -> tuple
 
 
 class PrivilegedCritic(nn.Module):
-    """``A(h, c) = w . tanh(W_h h + W_c e(c) + b) + b_out``: the advantage of the turn whose
-    feature is ``h`` (the policy's hidden state at the turn's last token: it has read the context
+    """``A(h, c) = w . tanh(W_h LN(h) + e(c) + b) + b_out``: the advantage of the turn whose
+    feature is ``h`` (layer-normalised without parameters, so the tanh layer does not saturate on
+    the policy's unnormalised hidden states) (the policy's hidden state at the turn's last token: it has read the context
     and the turn's action) given the privileged information ``c``. ``e(c)`` is the mean of hashed
     (token, position) embeddings of ``c``'s token ids (order-aware; position hashing keeps it small).
     The output layer starts at zero: a fresh critic gives every turn advantage 0."""
@@ -86,7 +87,8 @@ class PrivilegedCritic(nn.Module):
 
     def forward(self, features: torch.Tensor, priv: torch.Tensor) -> torch.Tensor:
         """(B, K, H) turn features, (B, width) privileged embedding -> (B, K) turn advantages."""
-        z = torch.tanh(self.feat(features.float()) + priv.unsqueeze(1))
+        h = F.layer_norm(features.float(), features.shape[-1:])
+        z = torch.tanh(self.feat(h) + priv.unsqueeze(1))
         return self.out(z).squeeze(-1)
 
 
@@ -103,15 +105,19 @@ def bt_pairs(returns: torch.Tensor, index: torch.Tensor, margin: float) -> torch
     return same & (returns.unsqueeze(1) - returns.unsqueeze(0) > margin)
 
 
-def bradley_terry_loss(adv: torch.Tensor, present: torch.Tensor, pairs: torch.Tensor) -> torch.Tensor:
+def bradley_terry_loss(adv: torch.Tensor, present: torch.Tensor, pairs: torch.Tensor, l2: float = 0.0) -> torch.Tensor:
     """Mean over pairs (i chosen, j rejected) of ``-log sigmoid(S_i - S_j)``, ``S = sum_k A_k`` over
-    the trajectory's turns: the paper's trajectory-level Bradley–Terry objective (0 without pairs)."""
-    s = (adv * present.to(adv.dtype)).sum(-1)
+    the trajectory's turns: the paper's trajectory-level Bradley–Terry objective (0 without pairs),
+    plus ``l2`` times the mean squared turn advantage (the objective only fixes differences of
+    sums: the penalty keeps advantages that no pair asks for at 0 and the scale bounded)."""
+    p = present.to(adv.dtype)
+    s = (adv * p).sum(-1)
     diff = s.unsqueeze(1) - s.unsqueeze(0)
     n = pairs.sum()
     if int(n) == 0:
         return adv.sum() * 0.0
-    return (-F.logsigmoid(diff) * pairs.to(diff.dtype)).sum() / n
+    reg = l2 * (adv.pow(2) * p).sum() / p.sum().clamp(min=1)
+    return (-F.logsigmoid(diff) * pairs.to(diff.dtype)).sum() / n + reg
 
 
 def fit_critic(critic: PrivilegedCritic, inputs: dict[str, torch.Tensor], steps: int, lr: float) -> dict[str, float]:
@@ -128,7 +134,7 @@ def fit_critic(critic: PrivilegedCritic, inputs: dict[str, torch.Tensor], steps:
         a = critic(feats, e)
         s = (a * present).sum(-1)
         acc = float(((s.unsqueeze(1) > s.unsqueeze(0)) & pairs).sum() / pairs.sum().clamp(min=1))
-        return bradley_terry_loss(a, present, pairs), acc
+        return bradley_terry_loss(a, present, pairs, float(inputs.get("l2", 0.0))), acc
 
     with torch.no_grad():
         before, acc0 = loss_acc()
@@ -152,8 +158,9 @@ class SWEETRLConfig(CreditConfig):
     method: str = param("sweet_rl", help="credit-assignment method (registry name; SWEET-RL, Zhou et al. 2025)")
     critic_width: int = param(64, help="hidden width of the privileged critic MLP over the turn's hidden state and the privileged-information embedding (simplified from SWEET-RL's LLM critic)", ge=1)
     critic_buckets: int = param(1024, help="hashed (token, position) embedding buckets of the privileged-information encoder", ge=1)
-    critic_lr: float = param(1e-2, help="Adam learning rate of the critic's Bradley–Terry fit (SWEET-RL §4.1)", gt=0)
+    critic_lr: float = param(3e-3, help="Adam learning rate of the critic's Bradley–Terry fit (SWEET-RL §4.1)", gt=0)
     critic_steps: int = param(100, help="full-batch Adam steps of the critic's Bradley–Terry objective on each iteration's trajectory pairs (warm-started from the previous iteration's critic)", ge=0)
+    critic_l2: float = param(1e-2, help="weight of the mean squared turn advantage added to the Bradley–Terry loss (the objective fixes only differences of trajectory sums; keeps the rest at 0, the scale bounded)", ge=0)
     pair_margin: float = param(0.0, help="a trajectory pair needs returns differing by more than this (SWEET-RL pairs rollouts of one task with different outcomes)", ge=0)
     max_privileged_tokens: int = param(256, help="privileged-information tokens the critic reads per trajectory (its JSON text, truncated)", ge=1)
     use_privileged: bool = param(True, help="the critic reads the privileged information (SWEET-RL); false = ablation: the same critic without it (the paper's 'no training-time information' baseline)")
@@ -250,7 +257,7 @@ class SWEETRL(CreditMethod):
         inputs = {"features": turn_features(hidden, seg), "present": seg.present,
                   "returns": tensors.token_level_rewards.float().sum(-1), "index": tensors.index,
                   "privileged_ids": ids, "privileged_mask": mask, "margin": float(cfg.pair_margin),
-                  "use_privileged": bool(cfg.use_privileged)}
+                  "use_privileged": bool(cfg.use_privileged), "l2": float(cfg.critic_l2)}
         return inputs, seg
 
     def assign(self, tensors: BatchTensors, batch: Batch, ctx: CreditContext) -> CreditResult:
