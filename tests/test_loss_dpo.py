@@ -184,3 +184,19 @@ def test_refused_combinations_are_one_line_before_compute():
         assert "\n" not in str(info.value)
     load_config(["env=bifurcation", "credit=grpo", "update.loss=dpo"])
     load_config(["env=bifurcation", "credit=itpo", "update.loss=turn_dpo"])
+
+
+def test_the_rpo_term_adds_the_chosen_mean_nll():
+    g = torch.Generator().manual_seed(4)
+    lp, ref = torch.randn(2, 4, generator=g), torch.randn(2, 4, generator=g)
+    tid = torch.tensor([[0, 0, 1, 1], [0, 0, 0, 1]])
+    mask = torch.ones(2, 4)
+    pairs = torch.tensor([[0, 1, 1, 1]])
+    cfg = SimpleNamespace(dpo_beta=BETA, dpo_nll_coef=0.3)
+    loss, _ = get_loss("turn_dpo")(lp, lp, torch.zeros(2, 4), mask, cfg, ref_logprobs=ref, turn_ids=tid, turn_pairs=pairs)
+    d = lp - ref
+    direct = _direct(d[0, 2:].sum(), 0, d[1, 3:].sum(), 0) + 0.3 * (-lp[0, 2:].mean())
+    assert torch.allclose(loss, direct, atol=1e-6)
+    tp = torch.tensor([[0, 1]])
+    loss, _ = get_loss("dpo")(lp, lp, torch.zeros(2, 4), mask, cfg, ref_logprobs=ref, trajectory_pairs=tp)
+    assert torch.allclose(loss, _direct(d[0].sum(), 0, d[1].sum(), 0) + 0.3 * (-lp[0].mean()), atol=1e-6)

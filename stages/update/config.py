@@ -27,4 +27,5 @@ class UpdateConfig:
     value_coef: float = param(1.0, help="weight of the value loss", ge=0)
     value_clip: float = param(0.0, help="value clipping range (0 = off)", ge=0)
     dpo_beta: float = param(0.1, help="beta of the DPO-family losses (update.loss=dpo / turn_dpo): -log sigmoid(beta * log-ratio margin) (Rafailov et al. 2023, eq. 7)", gt=0)
+    dpo_nll_coef: float = param(0.0, help="weight of the chosen responses' mean per-token NLL added to the DPO-family losses (RPO, Pang et al. 2024); 0 = plain DPO", ge=0)
     keep_checkpoints: int = param(2, help="policy checkpoints kept on disk (older ones are pruned)", ge=1)

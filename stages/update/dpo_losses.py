@@ -19,6 +19,11 @@ with ``log pi(y)`` the *sum* of the response's token log-probs under the policy 
   by its critic's advantage the same way). Accepts ``episode`` and ``turn`` credit (one advantage
   per turn).
 
+``update.dpo_nll_coef > 0`` adds the chosen responses' mean per-token negative log-likelihood
+(RPO, Pang et al. 2024, "Iterative Reasoning Preference Optimization", eq. 1): DPO alone only
+fixes the chosen-minus-rejected margin and can lower both likelihoods, moving probability to
+tokens no pair contains (in the agentic benchmark: invalid actions).
+
 A mini-batch holds whole groups (the trainer orders rows group by group for these losses;
 ``update.minibatch_size`` must be a multiple of ``rollout.group_size``), so no pair is split. The
 behaviour log-probs are not used (DPO is not an importance-weighted surrogate); with
@@ -42,13 +47,17 @@ TURN_CREDIT = ("episode", "turn")
 
 
 def dpo_from_logratios(chosen: torch.Tensor, rejected: torch.Tensor, beta: float,
-                       like: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+                       like: torch.Tensor, chosen_nll: "torch.Tensor | None" = None,
+                       nll_coef: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
     """Mean over pairs of ``-log sigmoid(beta * (chosen - rejected))`` (each a response's summed
-    log pi - log pi_ref); no pairs: a zero loss (``like.sum() * 0``, so the graph exists)."""
+    log pi - log pi_ref), plus ``nll_coef`` times the chosen responses' mean per-token negative
+    log-likelihood ``chosen_nll`` (RPO's term); no pairs: a zero loss (``like.sum() * 0``)."""
     if chosen.numel() == 0:
         return like.sum() * 0.0, {"dpo_pairs": 0.0}
     margin = beta * (chosen - rejected)
     loss = -F.logsigmoid(margin).mean()
+    if nll_coef > 0 and chosen_nll is not None:
+        loss = loss + nll_coef * chosen_nll.mean()
     with torch.no_grad():
         stats = {"dpo_pairs": float(chosen.numel()), "dpo_margin": float(margin.mean()),
                  "dpo_accuracy": float((margin > 0).float().mean()),
@@ -63,8 +72,10 @@ def dpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: tor
              cfg: Any, ref_logprobs: torch.Tensor, trajectory_pairs: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
     """DPO on (chosen row, rejected row) pairs: each row's summed policy/reference log-ratio."""
     lr = ((logprobs - ref_logprobs.detach()) * mask).sum(-1)
+    nll = -(logprobs * mask).sum(-1) / mask.sum(-1).clamp(min=1)
     p = trajectory_pairs.long()
-    return dpo_from_logratios(lr[p[:, 0]], lr[p[:, 1]], cfg.dpo_beta, logprobs)
+    return dpo_from_logratios(lr[p[:, 0]], lr[p[:, 1]], cfg.dpo_beta, logprobs, nll[p[:, 0]],
+                              getattr(cfg, "dpo_nll_coef", 0.0))
 
 
 @register_loss("turn_dpo", aggregation="seq-mean-token-mean", needs=("ref_logprobs", "turn_ids", "turn_pairs"),
@@ -79,6 +90,9 @@ def turn_dpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages
     valid = ((tid >= 0) & (mask != 0)).to(logprobs.dtype)
     p = turn_pairs.long()
     K = max(int(tid.max()) + 1 if tid.numel() else 1, int(p[:, [1, 3]].max()) + 1 if p.numel() else 1, 1)
-    lr = torch.zeros((B, K), dtype=logprobs.dtype).scatter_add(
-        1, tid.clamp(min=0), (logprobs - ref_logprobs.detach()) * valid)
-    return dpo_from_logratios(lr[p[:, 0], p[:, 1]], lr[p[:, 2], p[:, 3]], cfg.dpo_beta, logprobs)
+    zeros = torch.zeros((B, K), dtype=logprobs.dtype)
+    lr = zeros.scatter_add(1, tid.clamp(min=0), (logprobs - ref_logprobs.detach()) * valid)
+    nll = -zeros.scatter_add(1, tid.clamp(min=0), logprobs * valid) / zeros.scatter_add(
+        1, tid.clamp(min=0), valid).clamp(min=1)
+    return dpo_from_logratios(lr[p[:, 0], p[:, 1]], lr[p[:, 2], p[:, 3]], cfg.dpo_beta, logprobs,
+                              nll[p[:, 0], p[:, 1]], getattr(cfg, "dpo_nll_coef", 0.0))
