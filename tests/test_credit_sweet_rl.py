@@ -61,13 +61,13 @@ def _ambiguous_batch():
 def test_the_critic_separates_pairs_only_the_privileged_information_tells_apart():
     batch, t, h = _ambiguous_batch()
     ctx = CreditContext(hidden_states=h, tokenizer=CharTokenizer())
-    res = _method(critic_steps=200)(t, batch, ctx)
+    res = _method(critic_steps=80)(t, batch, ctx)
     assert res.stats["bt_pairs"] == 2 and res.stats["bt_accuracy_after"] == 1.0
     a = res.credit[:, 0]
     assert a[0] > a[1] and a[3] > a[2]  # the winner of each task: X in task 0, Y in task 1
     # the same critic without the privileged information sees identical features with opposite
     # outcomes: it cannot order both pairs (its advantages of X and Y are the same in both tasks)
-    blind = _method(critic_steps=200, use_privileged=False)(t, batch, ctx)
+    blind = _method(critic_steps=80, use_privileged=False)(t, batch, ctx)
     assert blind.stats["bt_accuracy_after"] <= 0.5
     assert torch.allclose(blind.credit[0], blind.credit[2]) and torch.allclose(blind.credit[1], blind.credit[3])
 
@@ -105,7 +105,7 @@ def test_one_turn_episodes_give_the_same_dpo_pairs_as_grpo():
     batch = Batch(trajectories=trajs)
     t = batch.to_tensors()
     h = _hidden(t, [[torch.randn(4, generator=g).tolist()] for _ in rewards])
-    res = _method(critic_steps=200)(t, batch, CreditContext(hidden_states=h, tokenizer=CharTokenizer()))
+    res = _method(critic_steps=80)(t, batch, CreditContext(hidden_states=h, tokenizer=CharTokenizer()))
     assert res.stats["bt_accuracy_after"] == 1.0
     grpo = get_method_class("grpo")(get_method_class("grpo").Config())(t, batch, CreditContext())
     args = (t.response_mask, t.index, t.turn_ids, t.turn_anchors)
