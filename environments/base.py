@@ -178,7 +178,12 @@ class TaskFamily(abc.ABC):
             raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
         if n < 0:
             raise ValueError(f"instances: n must be >= 0, got {n}")
-        return [self.instance(split, i, seed) for i in range(n)]
+        # instance() is deterministic and TaskInstance frozen: a pool is built once per family
+        # object, not again every iteration by the environment stage
+        cache = self.__dict__.setdefault("_instance_pools", {})
+        pool = cache.setdefault((split, seed), [])
+        pool.extend(self.instance(split, i, seed) for i in range(len(pool), n))
+        return pool[:n]
 
     @abc.abstractmethod
     def make(self, instance: TaskInstance, sandbox: Any = None, episode_seed: int = 0) -> Environment:

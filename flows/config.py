@@ -72,7 +72,7 @@ class TrackingConfig:
     heatmap_every: int = param(5, help="log a credit heatmap PNG every N iterations (and at the last one); 0 = never", ge=0)
     retry_seconds: float = param(300.0, help="how long an unreachable tracking store is retried (metrics buffered in runs/<id>/tracking_buffer.jsonl) before the run fails", ge=0)
     parent_run_id: Optional[str] = param(None, help="MLflow run this run is nested under (set by `creditflow benchmark` for its cells)")
-    background_sender: bool = param(False, help="send the MLflow journal from one background thread, off the flow's critical path (opt-in: a run left unfinished in-process can leave its sender retrying)")
+    background_sender: bool = param(True, help="send the MLflow journal from one background thread, off the flow's critical path (false: the flow sends each entry itself)")
 
 
 @dataclass

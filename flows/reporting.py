@@ -226,15 +226,14 @@ def iteration_metrics(results: dict[str, Any]) -> dict[str, float]:
 
 
 def log_heatmap(tracker: Tracker, batch: Optional[Batch], credit: Optional[CreditResult], iteration: int) -> None:
-    """The credit heatmap of an iteration as a PNG artifact; a plotting error is a warning only."""
+    """The credit heatmap of an iteration as a PNG artifact, drawn by the tracker's sender off the
+    flow's path (:mod:`flows.heatmap`); a plotting error is a warning only."""
     try:
-        from flows.heatmap import credit_heatmap
+        from flows.heatmap import heatmap_data, save_data
 
-        fig = credit_heatmap(batch, credit, title=f"iteration {iteration}")
-        tracker.log_figure(fig, f"heatmaps/credit_iter_{iteration:04d}.png")
-        import matplotlib.pyplot as plt
-
-        plt.close(fig)
+        data = heatmap_data(batch, credit, title=f"iteration {iteration}")
+        tracker.log_rendered(lambda p: save_data(data, p), "flows.heatmap:render_png",
+                             f"heatmaps/credit_iter_{iteration:04d}.png")
     except TrackingUnavailableError:  # the store, not the plot: the run must fail clearly (journal kept)
         raise
     except Exception as exc:  # plotting must never kill training; say why

@@ -13,7 +13,7 @@ Faults of the tracking store (survey §8 pipelines run for days; a tracking serv
   exit code 2 from the CLI) naming the URI, before any compute. Local stores are not checked.
 * During a run, every metric batch, param batch, tag batch and artifact of a run with a buffer
   (``runs/<id>/tracking_buffer.jsonl``) is first appended to that journal (fsync'ed), then sent
-  by ONE background thread (:mod:`flows.tracking_sender`; ``background=False``, the default: by the caller; ``tracking.background_sender=true`` opts in),
+  by ONE background thread (:mod:`flows.tracking_sender`; ``tracking.background_sender``, on by default; ``background=False``: by the caller),
   so the flow does not wait for MLflow. While the store is unreachable, training goes on and
   entries accumulate; the sender retries with backoff, replaying the journal in order, and a
   successful replay empties it. An error of the sender is raised by the flow's next tracking
@@ -63,6 +63,20 @@ SENTINEL = "progress.iteration"
 _PARAM_CHUNK = 100
 #: default of ``tracking.retry_seconds``
 DEFAULT_RETRY_SECONDS = 300.0
+
+
+def _render(renderer: str, src: Path, out: Path, artifact_file: str) -> bool:
+    """Run ``renderer`` (``"module:function"``) on ``src`` into ``out``; a drawing error is a warning
+    (``False``): a figure must never kill training."""
+    import importlib
+
+    module, _, name = renderer.partition(":")
+    try:
+        getattr(importlib.import_module(module), name)(src, out)
+        return True
+    except Exception as exc:  # noqa: BLE001 - plotting must never kill training; say why
+        print(f"warning: could not draw {artifact_file}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return False
 
 
 class TrackingUnavailableError(RuntimeError):
@@ -171,9 +185,9 @@ class Tracker:
         """Raise what stopped the background sender, else have it send what is pending."""
         self._raise_sender_error()
         if self._pending:
-            if self._sender is None or not self._sender.alive:
+            if self._sender is None or not self._sender.kick():
                 self._sender = JournalSender(lambda: self._drain(False))
-            self._sender.kick()
+                self._sender.kick()
 
     def _raise_sender_error(self) -> None:
         """Raise (once) what stopped the background sender; a give-up names what is buffered now."""
@@ -244,7 +258,11 @@ class Tracker:
             with tempfile.TemporaryDirectory() as tmp:
                 # log under its own name (the buffered copy has a unique one)
                 out = Path(tmp) / Path(entry["artifact_file"]).name
-                shutil.copyfile(src, out)
+                if entry.get("render"):
+                    if not _render(entry["render"], src, out, entry["artifact_file"]):
+                        return  # a drawing error: warned, nothing to log (the run goes on)
+                else:
+                    shutil.copyfile(src, out)
                 self.client.log_artifact(self.run_id, str(out), None if parent == "." else parent)
         else:  # pragma: no cover - written by this class only
             raise ValueError(f"unknown tracking buffer entry kind {kind!r}")
@@ -455,3 +473,25 @@ class Tracker:
 
     def log_figure(self, fig: Any, artifact_file: str) -> None:
         self._log_artifact_file(lambda p: fig.savefig(p, dpi=100), artifact_file)
+
+    def log_rendered(self, write_input: Callable[[Path], None], renderer: str, artifact_file: str) -> None:
+        """An artifact drawn when it is sent, off the caller's path: ``write_input(path)`` writes the
+        renderer's input (small, e.g. a heatmap's arrays) to the journal's blob store now;
+        ``renderer`` (``"module:function"``, ``fn(input_path, out_path)``) makes the artifact from it
+        in the sender (again on resume, from the journal). A drawing error is a warning, not a fault."""
+        if self.buffer is None:
+            with tempfile.TemporaryDirectory() as tmp:
+                src, out = Path(tmp) / "input", Path(tmp) / Path(artifact_file).name
+                write_input(src)
+                if _render(renderer, src, out, artifact_file):
+                    parent = str(Path(artifact_file).parent)
+                    self._retry(f"log artifact {artifact_file}", self.client.log_artifact, self.run_id, str(out),
+                                None if parent == "." else parent)
+            return
+        blobs = self._blob_dir()
+        blobs.mkdir(parents=True, exist_ok=True)
+        src = blobs / f"{uuid.uuid4().hex[:12]}-{Path(artifact_file).name}.input"
+        write_input(src)
+        with open(src, "rb") as fh:
+            os.fsync(fh.fileno())
+        self._enqueue({"kind": "artifact", "file": str(src), "artifact_file": artifact_file, "render": renderer})

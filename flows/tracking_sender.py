@@ -13,6 +13,9 @@ path. Survey §8: the pipeline's orchestration must not dominate an iteration's 
   fails (and is marked FAILED) — nothing is silently lost: the entry stays in the journal.
 * :meth:`stop` joins the thread (the flow's end and failure path), after which the caller
   drains synchronously; a crash (kill -9) leaves the journal, replayed by ``creditflow resume``.
+* Idle for ``IDLE_EXIT_SECONDS`` with the journal sent, the thread ends by itself (``kick``
+  then returns ``False`` and the tracker starts a new one), so a run that is never finished in
+  this process (an in-process test, an interrupted notebook) leaves no thread behind.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ from typing import Callable, Optional
 
 #: retry backoff of the tracking store (also :meth:`flows.tracking.Tracker._retry`)
 BACKOFF_START, BACKOFF_MAX = 0.5, 5.0
+#: a healthy sender with nothing to send for this long ends its thread
+IDLE_EXIT_SECONDS = 2.0
 
 
 class JournalSender:
@@ -34,19 +39,25 @@ class JournalSender:
         self._wake = False
         self._stop = False
         self._busy = False
+        self._exited = False
         self._error: Optional[BaseException] = None
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
 
     @property
     def alive(self) -> bool:
-        return self._thread.is_alive()
-
-    def kick(self) -> None:
-        """New entries are in the journal: send them (returns at once)."""
         with self._cv:
+            return self._thread.is_alive() and not self._exited
+
+    def kick(self) -> bool:
+        """New entries are in the journal: send them (returns at once). ``False`` when the thread
+        has ended (idle exit, error or stop): the caller starts a new sender."""
+        with self._cv:
+            if self._exited:
+                return False
             self._wake = True
             self._cv.notify_all()
+            return True
 
     def take_error(self) -> Optional[BaseException]:
         """The error that stopped the thread (once; ``None`` when there is none)."""
@@ -71,8 +82,13 @@ class JournalSender:
         while True:
             with self._cv:
                 if not self._wake and not self._stop:
-                    self._cv.wait(timeout=delay)
+                    self._cv.wait(timeout=IDLE_EXIT_SECONDS if delay is None else delay)
+                    if not self._wake and not self._stop and delay is None:
+                        self._exited = True  # idle with everything sent: end the thread
+                        self._cv.notify_all()
+                        return
                 if self._stop:
+                    self._exited = True
                     self._cv.notify_all()
                     return
                 self._wake = False
@@ -83,6 +99,7 @@ class JournalSender:
                 print(f"creditflow: MLflow sender stopped: {type(exc).__name__}: {str(exc)[:300]}", file=sys.stderr)
                 with self._cv:
                     self._error = exc
+                    self._exited = True
                     self._busy = False
                     self._cv.notify_all()
                 return

@@ -15,7 +15,6 @@ MLflow in one batch after its update, exactly once per step (see :mod:`flows.tra
 
 from __future__ import annotations
 
-import json
 import os
 import resource
 import shutil
@@ -75,14 +74,20 @@ class ResultNotPersistedError(RuntimeError):
 
 
 def _result_is_whole(path: Path, check_content: bool) -> bool:
-    """The persisted result record exists and (for a freshly written one) is complete JSON."""
-    if not path.is_file():
+    """The persisted result record exists and (for a freshly written one) is complete: Prefect
+    writes it as one JSON object, so a record cut short by a full disk does not end with ``}``
+    (its tail is read, not the whole record: a rollout's record is the size of the batch)."""
+    try:
+        size = path.stat().st_size
+    except OSError:
         return False
     if check_content:
-        try:
-            json.loads(path.read_bytes())
-        except ValueError:
+        if size == 0:
             return False
+        with open(path, "rb") as fh:
+            fh.seek(max(0, size - 64))
+            if not fh.read().rstrip().endswith(b"}"):
+                return False
     return True
 
 
@@ -299,14 +304,17 @@ def _drive(state: RunState, say: RunProgress) -> dict[str, Any]:
     logger = get_run_logger()
     storage = state.paths.results
     storage.mkdir(parents=True, exist_ok=True)
+    configured: dict[tuple[str, bool], Any] = {}
 
     def run(stage_task: Any, stage_key: str, iteration: int, *args: Any, refresh: bool = False
             ) -> tuple[StageResult, bool]:
         """Run (or load from the persisted cache) one stage; also say whether it was cached.
         ``refresh`` re-runs it and overwrites its persisted result (checkpoint recovery)."""
         before = state.executed_count
-        result = stage_task.with_options(result_storage=storage, refresh_cache=refresh)(
-            state.run_id, stage_key, state.chash, iteration, *[quote(a) for a in args])
+        key = (stage_task.name, refresh)
+        if key not in configured:  # one configured copy per stage task, not a new Task per call
+            configured[key] = stage_task.with_options(result_storage=storage, refresh_cache=refresh)
+        result = configured[key](state.run_id, stage_key, state.chash, iteration, *[quote(a) for a in args])
         cached = state.executed_count == before
         persisted = storage / _cache_key(None, {"run_id": state.run_id, "stage_key": stage_key, "chash": state.chash})
         if not _result_is_whole(persisted, check_content=not cached):

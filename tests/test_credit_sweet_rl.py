@@ -139,7 +139,7 @@ def test_the_fit_is_adopted_by_the_update_stage_and_saved_as_a_helper():
     res = m(t, batch, CreditContext(hidden_states=h, tokenizer=CharTokenizer()))
     assert all(torch.equal(before[k], v) for k, v in m.critic.state_dict().items())  # scoring fits a copy
     assert m.update_helpers(res, seed=0) == {"critic_adopted": 1.0}
-    assert set(m.helper_modules()) == {"critic"}
+    assert set(m.helper_modules()) == {"sweet_critic"}
     again = m(t, batch, CreditContext(hidden_states=h, tokenizer=CharTokenizer()))  # warm start: already fitted
     assert again.stats["bt_loss_before"] < res.stats["bt_loss_before"]
 

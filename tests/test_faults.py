@@ -510,21 +510,19 @@ def test_store_lost_while_logging_a_heatmap_fails_the_run_clearly(monkeypatch):
     """Plotting errors are swallowed (a heatmap never kills training), the store's are not: a
     TrackingUnavailableError from logging the figure reaches the caller, so a journal that could
     not be replayed is never hidden."""
-    import matplotlib.pyplot as plt
-
     import flows.heatmap
     from flows.tracking import TrackingUnavailableError
 
     class Gone:
-        def log_figure(self, fig, name):
+        def log_rendered(self, write, renderer, name):
             raise TrackingUnavailableError("store gone")
 
-    monkeypatch.setattr(flows.heatmap, "credit_heatmap", lambda *a, **k: plt.figure())
+    monkeypatch.setattr(flows.heatmap, "heatmap_data", lambda *a, **k: {})
     with pytest.raises(TrackingUnavailableError, match="store gone"):
         reporting.log_heatmap(Gone(), None, None, 0)
 
     class Broken:
-        def log_figure(self, fig, name):
+        def log_rendered(self, write, renderer, name):
             raise ValueError("bad figure")
 
     reporting.log_heatmap(Broken(), None, None, 0)  # a plotting error: warning only

@@ -8,7 +8,8 @@ import pytest
 
 import environments.tasks  # noqa: F401  (registers the built-in families)
 from environments.sandbox import ProcessBackend, SandboxConfig
-from environments.tasks.gym_adapter import GymConfig, GymFamily, resolve_gym_id, strip_ansi
+from environments.tasks.gym_adapter import GymConfig, GymFamily
+from environments.tasks.gym_spec import resolve_gym_id, strip_ansi
 from flows.config import ConfigError, load_config
 
 def fam(**kw) -> GymFamily:
@@ -100,7 +101,7 @@ def test_seeds_snapshots_and_sandboxed_identity(tmp_path):
 
 
 def test_kwargs_forms():
-    from environments.tasks.gym_adapter import parse_kwargs
+    from environments.tasks.gym_spec import parse_kwargs
 
     assert parse_kwargs('{"is_slippery": false}') == {"is_slippery": False}
     assert parse_kwargs("is_slippery=false,map_name=8x8") == {"is_slippery": False, "map_name": "8x8"}

@@ -7,6 +7,7 @@ the overhead records."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 from flows import api
 
@@ -113,6 +114,71 @@ def test_poad_one_iteration_on_bifurcation(prefect_harness, shared_home):
     assert m["credit.method.turns_per_trajectory"] > 1
     if m["reward.reward_mean"] != 0:
         assert m["credit.method.td_abs_mean"] > 0 and m["update.value_loss"] > 0
+
+
+@pytest.mark.slow  # two iterations, a crash and a resume through Prefect: ~1.5 min wall on 2 shared cores
+def test_archer_replay_buffer_survives_a_crash_and_resume(prefect_harness, shared_home):
+    """ArCHer through the real flow: the hidden-states forward is its overhead, the critic and the
+    replay buffer are saved in every checkpoint, and a run that crashed while writing iteration 1's
+    checkpoint (after the update stage had added iteration 1's turns to the live buffer) resumes
+    with iteration 0's buffer: iteration 1's turns are in the final buffer exactly once, iteration
+    0's unchanged, nothing lost."""
+    import collections
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from flows.runtime import InjectedCrash, RunState
+
+    run_id = "cf-test-archer-resume"
+    over = SMALL[:1] + ["iterations=2"] + SMALL[2:] + ["credit=archer", "credit.critic_steps=20"]
+    with pytest.raises(InjectedCrash):
+        api.start_run(over + ["debug.crash_at=1:checkpoint"], home=shared_home, progress=False, run_id=run_id)
+    ckpts = Path(shared_home) / "runs" / run_id / "checkpoints"
+    assert (ckpts / "iter_0000").is_dir() and not (ckpts / "iter_0001").exists()
+    out = api.resume_run(run_id, home=shared_home, progress=False)
+    c = api.tracker_for(shared_home).client
+    run = c.get_run(out["mlflow_run_id"])
+    assert run.info.status == "FINISHED" and run.data.tags["creditflow.method"] == "archer"
+    hist = {k: {m.step: m.value for m in c.get_metric_history(out["mlflow_run_id"], k)}
+            for k in ("overhead.credit.extra_forward_passes", "credit.method.replay_transitions",
+                      "update.archer_buffer_size", "credit.method.turns_per_trajectory",
+                      "credit.method.replay_off_policy_fraction")}
+    assert hist["overhead.credit.extra_forward_passes"][0] >= 1  # the hidden-states forward
+    assert hist["credit.method.turns_per_trajectory"][0] > 1
+    assert hist["credit.method.replay_off_policy_fraction"][0] == 0.0 < hist["credit.method.replay_off_policy_fraction"][1]
+    b0, b1 = (load_file(str(ckpts / f"iter_000{i}" / "helper.archer_buffer.safetensors")) for i in (0, 1))
+    assert (ckpts / "iter_0001" / "helper.archer_critic.safetensors").is_file()
+    n0, n1 = int(b0["size"]), int(b1["size"])
+    assert n0 == hist["update.archer_buffer_size"][0] == hist["credit.method.replay_transitions"][0]
+    assert n1 == hist["update.archer_buffer_size"][1] == hist["credit.method.replay_transitions"][1]
+    assert int(b0["held_iteration"]) == 0 and int(b1["held_iteration"]) == 1
+    e1 = b1["entry"][:n1]  # capacity 2048: no slot was overwritten
+    assert len({tuple(x) for x in e1.tolist()}) == n1  # no transition twice
+    assert int((e1[:, 0] == 0).sum()) == n0 and n1 - n0 == round(hist["credit.method.turns_per_trajectory"][1] * ROWS)
+    assert torch.equal(b1["x_q"][:n0], b0["x_q"][:n0]) and torch.equal(b1["entry"][:n0], b0["entry"][:n0])
+    state = RunState.open(run_id, shared_home)
+    runs = collections.Counter((e["iteration"], e["stage"]) for e in state.executions())
+    assert runs[(1, "update")] == 2 and runs[(1, "credit")] == 1 and runs[(0, "update")] == 1
+
+
+def test_agentprm_one_iteration_on_bifurcation_logs_its_agreement_with_the_exact_values(prefect_harness, shared_home):
+    # 4 x 4 episodes (as the SPA test): the seeded batch has reward, so the labels are not all 0
+    over = SMALL[:2] + ["rollout.tasks_per_iteration=4", "rollout.group_size=4"] + SMALL[4:]
+    out = api.start_run(over + ["credit=agentprm", "credit.prm_steps=20"], home=shared_home, progress=False)
+    run = api.tracker_for(shared_home).client.get_run(out["mlflow_run_id"])
+    m = run.data.metrics
+    assert run.info.status == "FINISHED" and run.data.tags["creditflow.method"] == "agentprm"
+    assert m["overhead.credit.extra_forward_passes"] >= 1 and m["overhead.credit.forward_tokens"] > 0  # hidden states
+    assert m["credit.method.turns_per_trajectory"] > 1
+    assert m["credit.method.promise_mean"] == pytest.approx(0.0, abs=1e-6)  # a fresh model's output layer is 0
+    # bifurcation exports the exact per-turn Q: the labels' agreement with it is logged
+    assert m["reward.reward_mean"] > 0 and -1.0 <= m["credit.method.agentprm_gt_spearman"] <= 1.0
+    assert m["update.prm_loss_after"] <= m["update.prm_loss_before"]
+    from flows.runtime import RunState
+
+    ckpts = RunState.open(out["run_id"], shared_home).paths.checkpoints
+    assert (ckpts / "iter_0000" / "helper.agentprm.safetensors").is_file()
 
 
 @pytest.mark.parametrize("loss", ["dpo"])  # turn_dpo runs through the flow with credit=sweet_rl

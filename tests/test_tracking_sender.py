@@ -10,6 +10,7 @@ import json
 import sqlite3
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -136,3 +137,42 @@ def test_store_locked_past_retry_seconds_fails_naming_the_journal_then_drains(tm
     t.finish("FINISHED")  # the store is back: everything journaled reaches it, then the end mark
     assert _steps(t, SENTINEL) == list(range(buffered[-1] + 2))
     assert t.client.get_run(t.run_id).info.status == "FINISHED"
+
+
+def test_idle_sender_ends_its_thread_and_a_later_entry_starts_a_new_one(tmp_path, monkeypatch):
+    """A run that is never finished in this process (an in-process test) leaves no thread behind."""
+    from flows import tracking_sender
+
+    monkeypatch.setattr(tracking_sender, "IDLE_EXIT_SECONDS", 0.05)
+    t = _tracker(tmp_path)
+    t.start("idle", {})
+    assert t.log_step(0, {"m": 0.0})
+    for _ in range(400):  # until the journal is sent and the sender has been idle (no timing asserted)
+        if not _senders() or not any(th.is_alive() for th in _senders()):
+            break
+        time.sleep(0.05)
+    assert not any(th.is_alive() for th in _senders()), "an idle sender ends its thread"
+    assert not t.buffer.exists() or not _journal(t)
+    assert t.log_step(1, {"m": 1.0})  # a new sender is started for the new entry
+    t.finish("FINISHED")
+    assert _steps(t, "m") == [0, 1] and not any(th.is_alive() for th in _senders())
+
+
+def test_rendered_artifact_is_drawn_by_the_sender_and_a_drawing_error_is_a_warning(tmp_path, capfd):
+    """Heatmaps leave the flow's path: the caller journals the arrays, the sender draws the PNG."""
+    import numpy as np
+
+    from flows.heatmap import save_data
+
+    data = {"method": np.array([[0.5, -1.0], [0.0, 2.0]]), "ground_truth": np.array([[1.0, 0.0], [0.0, 1.0]]),
+            "decisive": np.array([[True, False], [False, True]]), "title": np.array("t")}
+    t = _tracker(tmp_path)
+    t.start("rendered", {})
+    t.log_rendered(lambda p: save_data(data, p), "flows.heatmap:render_png", "heatmaps/h.png")
+    t.log_rendered(lambda p: p.write_bytes(b"not an npz"), "flows.heatmap:render_png", "heatmaps/bad.png")
+    t.finish("FINISHED")
+    assert [a.path for a in t.client.list_artifacts(t.run_id, "heatmaps")] == ["heatmaps/h.png"]
+    png = Path(t.client.download_artifacts(t.run_id, "heatmaps/h.png", str(tmp_path)))
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "could not draw heatmaps/bad.png" in capfd.readouterr().err
+    assert not t.buffer.exists() and not t._blob_dir().exists()

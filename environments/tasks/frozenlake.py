@@ -31,7 +31,6 @@ exact credit under the current policy.
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass
 from typing import Any, Optional
 

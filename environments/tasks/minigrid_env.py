@@ -83,8 +83,8 @@ from environments.tasks.gym_adapter import (
     GymTextEnv,
     _gym_instance,
     random_valid_episodes,
-    resolve_gym_id,
 )
+from environments.tasks.gym_spec import resolve_gym_id
 from stages.config_fields import param
 
 os.environ.setdefault("PYGAME_HIDE_SUPPORT_PROMPT", "1")

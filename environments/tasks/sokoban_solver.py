@@ -185,3 +185,21 @@ def finite_horizon_values(space: StateSpace, horizon: int, policy: str = "unifor
         V[t] = Q[t, :, :nm].mean(axis=1) if policy == "uniform" else Q[t, :, :nm].max(axis=1)
         V[t, space.end] = 0.0
     return V, Q
+
+
+@dataclass
+class LevelTables:
+    """A level's solved game: state space, reference values, and its TabularMDP tables."""
+
+    space: StateSpace
+    V: np.ndarray
+    Q: np.ndarray
+    reward_rows: list
+    next_rows: list
+    terminal: list
+
+
+def level_tables(rows: list[str], horizon: int, policy: str, max_states: int) -> LevelTables:
+    space = enumerate_space(rows, max_states=max_states)
+    V, Q = finite_horizon_values(space, horizon, policy)
+    return LevelTables(space, V, Q, space.reward.tolist(), space.next_state.tolist(), [0.0] * space.num_states)

@@ -168,7 +168,10 @@ def load_checkpoint(
         fname = f"helper.{hname}.safetensors"
         if fname not in manifest["files"]:
             raise CheckpointError(f"checkpoint {path} has no {fname} but the credit method trains the helper {hname!r}", path)
-        module.load_state_dict(load_file(str(path / fname), device=str(next(module.parameters()).device)), strict=True)
+        # a helper may hold only buffers (ArCHer's replay buffer): load onto its first tensor's device
+        first = next(iter(module.state_dict().values()), None)
+        dev = str(first.device) if first is not None else "cpu"
+        module.load_state_dict(load_file(str(path / fname), device=dev), strict=True)
     optim_state = None
     if "optim.pt" in manifest["files"]:
         optim_state = torch.load(path / "optim.pt", map_location=device, weights_only=False)

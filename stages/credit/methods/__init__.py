@@ -21,6 +21,9 @@ One module per method family (survey Appendix B "Methodology" column):
 * :mod:`.progress` — SPA-RL: a trained progress estimator splits the episode reward over turns (§5.7).
 * :mod:`.counterfactual` — C3 and CCPO: a turn's credit from real replays of the episode with a
   counterfactual action at that turn (leave-one-out / average treatment effect, §5).
+* :mod:`.agentic_critic` — ArCHer (§5.4): a turn-level Q/V critic trained off-policy by TD from a
+  persisted replay buffer, the token-level actor on its turn advantage; AgentPRM (§5.1): a
+  step-level promise/progress model trained on TD + GAE labels.
 * :mod:`.privileged` — SWEET-RL: a critic on privileged training-time information, trained with
   Bradley–Terry on trajectory pairs, whose turn advantages feed a DPO actor update (§5.1).
 * :mod:`.implicit_step` — iStar: implicit step rewards from a trajectory-DPO-trained implicit PRM
@@ -80,5 +83,6 @@ from stages.credit.methods import agentic_group  # noqa: F401  (gigpo, carl)
 from stages.credit.methods import progress  # noqa: F401  (spa)
 from stages.credit.methods import action_decomposition  # noqa: F401  (poad)
 from stages.credit.methods import counterfactual  # noqa: F401  (c3, ccpo)
+from stages.credit.methods import agentic_critic  # noqa: F401  (archer, agentprm)
 from stages.credit.methods import privileged  # noqa: F401  (sweet_rl)
 from stages.credit.methods import implicit_step  # noqa: F401  (istar)

@@ -130,7 +130,7 @@ class IStar(CreditMethod):
 
     (turn granularity: one advantage per turn; composes with ``grpo``/``ppo``/``turn_ppo``/``sorl``/
     ``turn_dpo``). The PRM's fitted weights are recorded (``CreditResult.helper_inputs``), adopted
-    by the update stage (:meth:`update_helpers`) and saved in every checkpoint (``helper.prm``).
+    by the update stage (:meth:`update_helpers`) and saved in every checkpoint (``helper.istar_prm``).
 
     Limits: ``prm_steps=0`` and behaviour log-probs that are the bound policy's own: ``r = 0``,
     ``A^S = 0``, exactly GRPO. A group without different returns gives no pair and no PRM step.
@@ -167,7 +167,7 @@ class IStar(CreditMethod):
         self.prm.requires_grad_(True)
 
     def helper_modules(self) -> dict[str, torch.nn.Module]:
-        return {"prm": self.prm} if self.prm is not None else {}
+        return {"istar_prm": self.prm} if self.prm is not None else {}
 
     def update_helpers(self, credit: CreditResult, seed: int) -> dict[str, float]:
         state = credit.helper_inputs.get("prm_state")

@@ -191,7 +191,7 @@ class SWEETRL(CreditMethod):
     fits it on this batch's pairs (``critic_steps`` full-batch Adam steps; the paper trains the
     critic on the collected trajectories before the actor) and scores the turns with it; the
     fitted weights are recorded (``CreditResult.helper_inputs``), the update stage adopts them
-    (:meth:`update_helpers`) and every policy checkpoint saves them (``helper.critic``), so a
+    (:meth:`update_helpers`) and every policy checkpoint saves them (``helper.sweet_critic``), so a
     resumed run continues with the same critic and a re-run update stage adopts exactly the
     weights that scored its batch. A fresh critic's output layer is 0 (no pairs at iteration 0
     before the fit).
@@ -229,7 +229,7 @@ class SWEETRL(CreditMethod):
         self.critic = PrivilegedCritic(hidden_size, cfg.critic_width, cfg.critic_buckets, seed).eval()
 
     def helper_modules(self) -> dict[str, nn.Module]:
-        return {"critic": self.critic} if self.critic is not None else {}
+        return {"sweet_critic": self.critic} if self.critic is not None else {}
 
     def checklist_note(self) -> str:
         return "critic reads the task's privileged training-time information (Trajectory.privileged); the actor never does"
