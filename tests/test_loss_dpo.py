@@ -200,3 +200,27 @@ def test_the_rpo_term_adds_the_chosen_mean_nll():
     tp = torch.tensor([[0, 1]])
     loss, _ = get_loss("dpo")(lp, lp, torch.zeros(2, 4), mask, cfg, ref_logprobs=ref, trajectory_pairs=tp)
     assert torch.allclose(loss, _direct(d[0].sum(), 0, d[1].sum(), 0) + 0.3 * (-lp[0].mean()), atol=1e-6)
+
+
+def test_every_method_composes_with_the_dpo_losses_that_accept_its_credit():
+    """Each registered method whose granularity a DPO loss accepts loads with it; the others are
+    refused with the granularity line (never a crash, never a silent run)."""
+    from flows.config import ConfigError, load_config
+    from stages.credit.registry import get_method_class, method_names
+
+    for loss in ("dpo", "turn_dpo"):
+        accepts = get_loss(loss).accepts
+        for name in method_names():
+            over = ["env=bifurcation", f"credit={name}", f"update={loss}"]
+            ok = get_method_class(name).granularity in accepts
+            try:
+                load_config(over)
+            except ConfigError as e:
+                msg = str(e)
+                assert "\n" not in msg
+                if ok:  # refused for a reason of its own (e.g. a family feature), never for the loss
+                    assert not msg.startswith("update.loss="), (name, loss, msg)
+                elif msg.startswith("update.loss="):  # refused by granularity (or earlier, by a rule of its own)
+                    assert msg.startswith(f"update.loss={loss}: ") and "average away" in msg, (name, loss, msg)
+            else:
+                assert ok, (name, loss)
