@@ -337,8 +337,18 @@ def check_learnable(cfg: DictConfig) -> Optional[ConfigError]:
     if loss.accepts is not None and method.granularity not in loss.accepts:
         return problem_error(
             "update.loss", upd.loss,
-            f"takes one advantage per turn (credit of granularity {'/'.join(sorted(loss.accepts))}); "
+            f"{loss.reads} (credit of granularity {'/'.join(sorted(loss.accepts))}); "
             f"credit.method={method.name} gives {method.granularity}-level credit, which it would average away")
+    if loss.needs_pairs and cfg.rollout.group_size < 2:
+        return problem_error(
+            "rollout.group_size", cfg.rollout.group_size,
+            f"must be >= 2 for update.loss={upd.loss}: its preference pairs are drawn inside a group of rollouts of "
+            "one task, so a group of one has no pair and nothing is learned")
+    if loss.needs_pairs and upd.minibatch_size % cfg.rollout.group_size:
+        return problem_error(
+            "update.minibatch_size", upd.minibatch_size,
+            f"must be a multiple of rollout.group_size={cfg.rollout.group_size} for update.loss={upd.loss}: a "
+            "mini-batch holds whole groups so that no preference pair is split between two")
     return None
 
 

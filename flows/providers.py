@@ -87,6 +87,8 @@ PROVIDERS: dict[str, Provider] = {
     "judge": Provider("judge", lambda x, ctx: x.run.judge()),
     # the task family's declared planning text (TaskFamily.planning_pattern; HICRA)
     "planning_pattern": Provider("planning_pattern", lambda x, ctx: x.run.family.planning_pattern or ""),
+    # the behaviour policy's sampling temperature (iStar scores the batch with its implicit PRM at it)
+    "rollout_temperature": Provider("rollout_temperature", lambda x, ctx: _temperature(x)),
     # the task family's declared default action text (TaskFamily.default_action; C3/CCPO counterfactual=default)
     "default_action": Provider("default_action", lambda x, ctx: x.run.family.default_action),
 }

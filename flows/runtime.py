@@ -285,6 +285,7 @@ class RunState:
             needs_critic="critic" in self.method.needs,
         )
         # the credit method's trained helpers (SPA-RL's progress estimator), checkpointed with the policy
+        self.method.bind_policy(live.model)  # a helper may be a copy of the policy (iStar's implicit PRM)
         self.method.build_helpers(int(live.model.config.hidden_size), self.seed_for(-1, "helpers"))
         return self.model_info
 

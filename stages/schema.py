@@ -186,6 +186,9 @@ class BatchTensors:
     #: (B, K) bool: a repairable mistake (``GroundTruthCredit.mistake``) in a successful episode,
     #: i.e. a repaired one; None unless the task marks mistakes
     gt_repaired_mistake: Optional[torch.Tensor] = None
+    #: (B, K) long: ids of the state each turn was taken in (``Turn.state_key``; the turn index where a
+    #: turn has no key), -1 beyond a row's turns: the anchor states of turn pairs (update.loss=turn_dpo)
+    turn_anchors: Optional[torch.Tensor] = None
 
     @property
     def max_turns(self) -> int:
@@ -256,6 +259,7 @@ class BatchTensors:
             gt_turn_advantage=gt if has_gt else None,
             decisive=decisive if has_gt else None,
             gt_repaired_mistake=repaired if has_mistakes else None,
+            turn_anchors=turn_key_ids(batch, K, key=lambda turn: turn.state_key or ("#turn", turn.index)),
         )
 
 

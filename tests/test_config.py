@@ -48,7 +48,7 @@ def test_group_switch_gives_method_schema():
         (["env=nosuch"], r"^env=nosuch: unknown task family; known: .*bifurcation"),
         (["model.path=/nonexistent/model"], r"^model.path=/nonexistent/model: .*does not exist"),
         (["iterations=0"], r"^iterations=0: must be an integer >= 1"),
-        (["update.loss=dpo"], r"^update.loss=dpo: must be one of grpo, ppo"),
+        (["update.loss=nosuch"], r"^update.loss=nosuch: must be one of dpo, grpo, ppo"),
         (["rollout.engine=vllm"], r"^rollout.engine=vllm: the vllm package is not installed"),
         (["rollout.engine=tgi"], r"^rollout.engine=tgi: must be one of hf, vllm"),
         (["debug.crash_at=2:nowhere"], r"^debug.crash_at=2:nowhere: must look like ITER:STAGE"),

@@ -249,3 +249,41 @@ def test_lare_one_iteration_on_bifurcation_logs_its_explanations(prefect_harness
     records = json.loads(Path(local).read_text())
     assert len(records) == m["credit.method.explained_steps"]
     assert all({"explanation", "score", "step_reward", "prompt"} <= set(r) for r in records)
+
+
+@pytest.mark.parametrize("loss", ["dpo"])  # turn_dpo runs through the flow with credit=sweet_rl
+def test_grpo_with_a_dpo_loss_one_iteration_on_bifurcation(prefect_harness, shared_home, loss):
+    run, m = _run(shared_home, ["credit=grpo", f"update={loss}"])
+    assert run.data.params["update.loss"] == loss and run.data.params["update.dpo_beta"] == "0.1"
+    # pairs are built from the credit stage's advantages (a group of 2 with different outcomes gives one)
+    key = "update.trajectory_pairs_built" if loss == "dpo" else "update.turn_pairs_built"
+    assert key in m and m[key] >= 0
+    assert "update.dpo_pairs" in m and "update.value_loss" not in m
+
+
+def test_sweet_rl_one_iteration_on_bifurcation_with_turn_dpo(prefect_harness, shared_home):
+    # 4 x 4 episodes (as the SPA test): the seeded batch has successes and failures of one task
+    run, m = _run(shared_home, ["credit=sweet_rl", "rollout.tasks_per_iteration=4", "rollout.group_size=4"])
+    assert run.data.tags["creditflow.method"] == "sweet_rl"
+    assert run.data.params["update.loss"] == "turn_dpo"  # CreditMethod.default_update
+    # the hidden-states forward over the batch is its overhead; the critic reads the hidden rule's answers
+    assert m["overhead.credit.extra_forward_passes"] >= 1 and m["overhead.credit.forward_tokens"] > 0
+    assert m["credit.method.privileged_tokens_mean"] > 0
+    assert m["credit.method.turns_per_trajectory"] > 1
+    # a group with a success and a failure: the critic fits its pairs, the update stage adopts the fit
+    assert m["credit.method.bt_pairs"] > 0
+    assert m["credit.method.bt_loss_after"] < m["credit.method.bt_loss_before"]
+    assert m["update.critic_adopted"] == 1.0
+    assert m["update.turn_pairs_built"] > 0 and m["update.dpo_pairs"] > 0
+
+
+def test_istar_one_iteration_on_bifurcation_with_its_implicit_prm(prefect_harness, shared_home):
+    run, m = _run(shared_home, ["credit=istar", "rollout.tasks_per_iteration=4", "rollout.group_size=4"])
+    assert run.data.tags["creditflow.method"] == "istar" and run.data.params["update.loss"] == "grpo"
+    # the implicit PRM's forwards over the batch (prm_steps + 1 passes with pairs) are its overhead
+    assert m["overhead.credit.extra_forward_passes"] >= 16 and m["overhead.credit.forward_tokens"] > 0
+    assert m["credit.method.turns_per_trajectory"] > 1
+    # successes and failures of one task: the PRM takes its DPO steps, the update stage adopts them
+    assert m["credit.method.prm_pairs"] > 0
+    assert m["credit.method.prm_loss_after"] < m["credit.method.prm_loss_before"]
+    assert m["update.prm_adopted"] == 1.0 and m["credit.method.step_adv_abs_mean"] > 0

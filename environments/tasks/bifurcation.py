@@ -280,7 +280,7 @@ class BifurcationFamily(TaskFamily):
             "verifiable_outcome": True,
             "stochastic": self.cfg.slip_prob > 0,
             "partially_observable": False,
-            "privileged_info": False,
+            "privileged_info": True,  # the hidden rule's answers (BifurcationEnv.privileged())
             "num_agents": 1,
             "compute_budget": "low",
             "env_reset_cheap": True,

@@ -75,6 +75,12 @@ class BifurcationEnv(Environment):
             return f"{tid}|end|t={t}|on={int(s == ON)}"
         return f"{tid}|t={t}|cue={self.cues[t]}|on={STATE_LABELS[s]}"
 
+    def privileged(self) -> dict[str, Any]:
+        """The hidden rule's answer at each turn (``None`` on routine turns, where any valid letter
+        is fine) and the decisive turns: training-time only (SWEET-RL's critic), never shown to the
+        policy (the observations show the cue, not the rule)."""
+        return {"answers": list(self.answers), "decisive": [t for t, d in enumerate(self.decisive) if d]}
+
     def state_key(self) -> str:
         return self._key(self._t, self._s, self._done)
 

@@ -127,6 +127,8 @@ NEEDS: dict[str, str] = {
                      "over the batch; SPA-RL's progress features)",
     "planning_pattern": "the task family's planning-text regex (ctx.planning_pattern: TaskFamily.planning_pattern, "
                         "\"\" when the family declares none; HICRA's strategic grams)",
+    "rollout_temperature": "the behaviour policy's sampling temperature (ctx.rollout_temperature: rollout.temperature), "
+                           "for methods that score the batch's tokens with a model of their own (iStar's implicit PRM)",
     "default_action": "the task family's default action text (ctx.default_action: TaskFamily.default_action; the "
                       "counterfactual action of C3/CCPO with credit.counterfactual=default)",
 }
@@ -151,6 +153,8 @@ class CreditContext:
     default_action: Optional[str] = None
     #: (B, R, H) float last-layer hidden states of the behaviour policy (see :data:`NEEDS`)
     hidden_states: Optional[torch.Tensor] = None
+    #: rollout.temperature (see :data:`NEEDS`)
+    rollout_temperature: Optional[float] = None
     generator: Optional[torch.Generator] = None
     extras: dict[str, Any] = field(default_factory=dict)
 
@@ -196,6 +200,11 @@ class CreditMethod(abc.ABC):
         instances for ``iteration`` of ``iterations``, from the ``CreditResult.curriculum`` scores
         the credit stages of the earlier iterations recorded. ``None`` (the default): uniform."""
         return None
+
+    def bind_policy(self, policy: torch.nn.Module) -> None:
+        """Hand the method the live policy module before :meth:`build_helpers`, for a helper that
+        is a copy of the policy (iStar's implicit PRM, initialised from it); ignored by default.
+        The method must not train the policy itself: only its own copies."""
 
     def build_helpers(self, hidden_size: int, seed: int) -> None:
         """Create the method's trained helper modules (e.g. SPA-RL's progress estimator) for a

@@ -29,6 +29,11 @@ turn-level losses of :mod:`stages.update.turn_losses` take one advantage per tur
 only ``episode`` and ``turn`` credit (constant on a turn), and the config loader refuses any other
 ``credit.method`` with them before compute.
 
+The DPO-family losses (:mod:`stages.update.dpo_losses`) also need preference pairs
+(``trajectory_pairs`` / ``turn_pairs``): the trainer builds them from the credit stage's
+advantages (:mod:`stages.update.pairs`, the one mechanism by which credit reaches a pair loss) and
+keeps each group's rows in one mini-batch.
+
 Adding a loss (DPO-family, turn-level IS / clip for the agentic catalogue): a function in
 :mod:`stages.update.losses` (or a module it imports) decorated with :func:`register_loss`, and a
 test of its defining property against a direct computation (``tests/test_loss_registry.py``).
@@ -48,7 +53,14 @@ PolicyLoss = Callable[..., "tuple[torch.Tensor, dict[str, float]]"]
 LOSS_NEEDS: dict[str, str] = {
     "ref_logprobs": "(B, R) response log-probs under the frozen reference policy (no grad)",
     "turn_ids": "(B, R) long turn index of each policy token, -1 elsewhere (turn-level ratio / clip losses)",
+    "trajectory_pairs": "(P, 2) long (chosen row, rejected row) of the mini-batch: per group the highest- vs the "
+                        "lowest-advantage trajectory (stages/update/pairs.py; DPO on trajectories)",
+    "turn_pairs": "(P, 4) long (chosen row, chosen turn, rejected row, rejected turn) of the mini-batch: per group "
+                  "and anchor state the highest- vs the lowest-advantage turn (stages/update/pairs.py; DPO on turns)",
 }
+
+#: the needs that make the trainer keep a group's rows in one mini-batch (a pair never spans two)
+PAIR_NEEDS = frozenset({"trajectory_pairs", "turn_pairs"})
 
 #: aggregation modes of :func:`stages.update.losses.aggregate`
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean")
@@ -68,6 +80,12 @@ class LossSpec:
     #: Turn-level losses read one advantage per turn, so they accept only credit that is constant
     #: on a turn's tokens; :func:`flows.config.check_learnable` refuses the rest before compute
     accepts: "frozenset[str] | None" = None
+    #: what the loss reads of the credit, for the one-line refusal of a granularity it does not accept
+    reads: str = "takes one advantage per turn"
+
+    @property
+    def needs_pairs(self) -> bool:
+        return bool(self.needs & PAIR_NEEDS)
 
     def __call__(self, logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
                  mask: torch.Tensor, cfg: Any, **provided: torch.Tensor
@@ -82,7 +100,8 @@ _LOSSES: dict[str, LossSpec] = {}
 
 
 def register_loss(name: str, *, aggregation: str, needs: tuple[str, ...] = (), reference: str = "",
-                  accepts: "tuple[str, ...] | None" = None) -> Callable[[PolicyLoss], PolicyLoss]:
+                  accepts: "tuple[str, ...] | None" = None, reads: str = "takes one advantage per turn"
+                  ) -> Callable[[PolicyLoss], PolicyLoss]:
     """Decorator adding a :data:`PolicyLoss` to the registry under ``name`` (see the module docstring)."""
     unknown = set(needs) - set(LOSS_NEEDS)
     if unknown:
@@ -94,7 +113,7 @@ def register_loss(name: str, *, aggregation: str, needs: tuple[str, ...] = (), r
         if name in _LOSSES:
             raise ValueError(f"loss {name!r} registered twice")
         _LOSSES[name] = LossSpec(name, fn, aggregation, frozenset(needs), reference,
-                                 frozenset(accepts) if accepts is not None else None)
+                                 frozenset(accepts) if accepts is not None else None, reads)
         return fn
 
     return add

@@ -94,3 +94,4 @@ def value_loss(
 
 
 from stages.update import turn_losses  # noqa: E402,F401  (registers turn_ppo and sorl)
+from stages.update import dpo_losses  # noqa: E402,F401  (registers dpo and turn_dpo)

@@ -8,6 +8,10 @@ critic), so every credit method composes with every loss:
   per-sequence token-mean aggregation, Shao et al. 2024). The trainer looks it up by name and
   provides what it declares in ``needs``; the entropy bonus and the KL penalty are aggregated
   the way the loss declares (``aggregation``).
+* DPO-family losses (``needs`` ``trajectory_pairs`` / ``turn_pairs``): the trainer builds the
+  preference pairs once per update from the credit stage's advantages
+  (:mod:`stages.update.pairs`), orders the rows group by group so that a mini-batch holds whole
+  groups, and hands each mini-batch its own pairs, renumbered (logged: ``<need>_built``).
 * optional k3 KL to a frozen reference policy (``update.kl_coef > 0``), entropy bonus,
   value loss for the critic, AdamW, gradient clipping, shuffled mini-batches.
 * NaN/inf guard: a mini-batch whose loss or gradient norm is not finite is skipped (no
@@ -29,6 +33,7 @@ from stages.update.config import UpdateConfig
 from stages.update.critic import ValueModel
 from stages.update.loss_registry import get_loss
 from stages.update.losses import aggregate, kl_k3, value_loss
+from stages.update.pairs import group_major_permutation, restrict, trajectory_pairs, turn_pairs
 
 
 class PolicyTrainer:
@@ -49,6 +54,7 @@ class PolicyTrainer:
         if cfg.kl_coef > 0 or "ref_logprobs" in self.loss.needs:
             self.reference = reference if reference is not None else copy.deepcopy(policy)
             self.reference.eval().requires_grad_(False)
+        self._pairs: dict[str, torch.Tensor] = {}
         self.critic: Optional[ValueModel] = ValueModel(policy) if needs_critic else None
         self.critic_optimizer = (
             torch.optim.AdamW(self.critic.parameters(), lr=cfg.critic_lr) if self.critic is not None else None
@@ -89,10 +95,23 @@ class PolicyTrainer:
         }
         if "turn_ids" in self.loss.needs:
             out["turn_ids"] = tensors.turn_ids[rows][:, :resp_len].to(dev)
+        for name, pairs in self._pairs.items():  # the pairs inside this mini-batch, renumbered
+            out[name] = restrict(pairs, rows, tensors.input_ids.shape[0]).to(dev)
         if credit.returns is not None:
             out["returns"] = credit.returns[rows][:, :resp_len].to(dev).float()
         if credit.values is not None:
             out["old_values"] = credit.values[rows][:, :resp_len].to(dev).float()
+        return out
+
+    def build_pairs(self, tensors: BatchTensors, credit: CreditResult) -> dict[str, torch.Tensor]:
+        """The preference pairs the loss needs, over the whole batch, from the credit stage's
+        advantages (:mod:`stages.update.pairs`); empty for losses without pairs."""
+        out: dict[str, torch.Tensor] = {}
+        adv, mask = credit.advantages.float(), tensors.response_mask
+        if "trajectory_pairs" in self.loss.needs:
+            out["trajectory_pairs"] = trajectory_pairs(adv, mask, tensors.index)
+        if "turn_pairs" in self.loss.needs:
+            out["turn_pairs"] = turn_pairs(adv, mask, tensors.index, tensors.turn_ids, tensors.turn_anchors)
         return out
 
     def update(self, tensors: BatchTensors, credit: CreditResult, seed: int) -> dict[str, float]:
@@ -102,6 +121,7 @@ class PolicyTrainer:
             raise ValueError("the critic needs value targets but the credit method returned no returns")
         gen = torch.Generator().manual_seed(seed)
         B = tensors.input_ids.shape[0]
+        self._pairs = self.build_pairs(tensors, credit)
         self.policy.train()
         if self.critic is not None:
             self.critic.train()
@@ -109,7 +129,8 @@ class PolicyTrainer:
         n_mb = 0
         skipped: Counter[str] = Counter()
         for _ in range(cfg.epochs):
-            perm = torch.randperm(B, generator=gen)
+            # pair losses: whole groups per mini-batch, so a pair is never split between two
+            perm = group_major_permutation(tensors.index, gen) if self.loss.needs_pairs else torch.randperm(B, generator=gen)
             for start in range(0, B, cfg.minibatch_size):
                 rows = perm[start : start + cfg.minibatch_size]
                 mb = self._rows(tensors, credit, rows)
@@ -123,6 +144,9 @@ class PolicyTrainer:
                     sums[k] += v
         self.policy.eval()
         out = {k: v / max(n_mb, 1) for k, v in sums.items()}
+        for name, pairs in self._pairs.items():
+            out[f"{name}_built"] = float(pairs.shape[0])
+        self._pairs = {}
         out["minibatches"] = float(n_mb)
         out["skipped_steps"] = float(sum(skipped.values()))
         for reason, count in skipped.items():
@@ -145,8 +169,9 @@ class PolicyTrainer:
                     mb["input_ids"].shape[1] - mask.shape[1], temperature=self.temperature,
                 )
         provided = {"ref_logprobs": ref_lp} if ref_lp is not None else {}
-        if "turn_ids" in self.loss.needs:
-            provided["turn_ids"] = mb["turn_ids"]
+        for name in ("turn_ids", "trajectory_pairs", "turn_pairs"):
+            if name in self.loss.needs:
+                provided[name] = mb[name]
         pg_loss, stats = self.loss(logprobs, mb["old_logprobs"], mb["advantages"], mask, cfg, **provided)
         ent = aggregate(entropy, mask, agg)
         loss = pg_loss - cfg.entropy_coef * ent
