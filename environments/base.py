@@ -189,6 +189,13 @@ class TaskFamily(abc.ABC):
         pool.extend(self.instance(split, i, seed) for i in range(len(pool), n))
         return pool[:n]
 
+    @classmethod
+    def sandbox_problem(cls, env_cfg: Any, sandbox_cfg: Any) -> Optional[tuple[str, str]]:
+        """``(key, rule)`` when this family's sandboxed mode cannot run with the run's ``sandbox.``
+        settings (a backend it cannot run in, too little memory); checked by the config loader
+        before any compute. Default: none."""
+        return None
+
     @abc.abstractmethod
     def make(self, instance: TaskInstance, sandbox: Any = None, episode_seed: int = 0) -> Environment:
         """A fresh environment for one episode of ``instance``.

@@ -385,6 +385,10 @@ def validate(cfg: DictConfig) -> None:
     err = check_learnable(cfg)
     if err is not None:
         raise err
+    bad_sandbox = get_family_class(cfg.env.name).sandbox_problem(cfg.env, cfg.sandbox)
+    if bad_sandbox is not None:
+        key, rule = bad_sandbox
+        raise problem_error(key, OmegaConf.select(cfg, key), rule)
     if cfg.rollout.engine == "vllm":
         _validate_vllm(cfg)
     if cfg.sandbox.backend == "docker":

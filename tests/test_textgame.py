@@ -236,7 +236,6 @@ def test_config_errors_are_one_line():
         ("env.params=numLocations=99", "env.params=numLocations=99: TextWorld Express refuses it: Number of locations"),
         ("env.max_steps=0", "env.max_steps=0: must be an integer >= 1"),
         ("env.eval_fold=train", "env.eval_fold=train: must be one of dev, test"),
-        ("env.sandboxed=true", "env.sandboxed=true: not available for textgame: TextWorld Express is a JVM"),
     ):
         with pytest.raises(ConfigError) as err:
             load_config(["env=textgame", override])

@@ -38,7 +38,7 @@ warning; ``bwrap`` = required (:class:`SandboxUnavailable` naming the reason whe
 work); ``none`` = plain subprocesses. Under bwrap each exec gets its own namespaces:
 
 * mount: a fresh root holding only ``/usr``, ``/bin``, ``/sbin``, ``/lib*`` (read-only binds, or
-  the same symlinks as the host), a few ``/etc`` files that sh/coreutils/python3 need
+  the same symlinks as the host), a few ``/etc`` files that sh/coreutils/python3 (and a Debian JRE: ``/etc/java-*``) need
   (``ld.so.cache``, ``alternatives``, ``passwd``, ``group``, ``nsswitch.conf``, ``hosts``,
   ``resolv.conf``, ``ssl``, ``python3*``, … : no ``shadow``), a minimal ``/dev``, a ``/proc`` of
   its own pid namespace, an empty private ``/tmp`` and the work dir, bound read-write at its

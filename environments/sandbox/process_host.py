@@ -112,7 +112,9 @@ def _children(pid: int) -> list[int]:
 
 
 def _etc_view() -> str:
-    """The sandbox's /etc: copies of the ``_BWRAP_ETC`` entries (and ``/etc/python3*``), made once
+    """The sandbox's /etc: copies of the ``_BWRAP_ETC`` entries (and ``/etc/python3*``, and
+    ``/etc/java-*``: Debian's JREs keep their ``conf`` there, ``java.security`` included, without
+    which a JVM does not start — env=textgame env.sandboxed=true), made once
     per process (recreated if removed), deleted at exit. Directories keep their symlinks (e.g.
     ``alternatives`` -> ``/usr/...``); ``ssl/private`` is left out."""
     with _ETC_LOCK:
@@ -121,7 +123,7 @@ def _etc_view() -> str:
             return path
         path = tempfile.mkdtemp(prefix="creditflow-etc-")
         try:
-            names = set(_BWRAP_ETC) | {n for n in os.listdir("/etc") if n.startswith("python3")}
+            names = set(_BWRAP_ETC) | {n for n in os.listdir("/etc") if n.startswith(("python3", "java-"))}
         except OSError:
             names = set(_BWRAP_ETC)
         for name in sorted(names):
