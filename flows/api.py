@@ -39,7 +39,7 @@ def start_run(overrides: Optional[list[str]] = None, home: Optional[Path] = None
     if log is not None:
         log.start(state.paths.log)
     train._RUNS[state.run_id] = state
-    return train.flow_for(state.obj)(state.run_id, str(state.home), progress)
+    return _drive(train, state, progress)
 
 
 def resume_run(run_id: str, overrides: Optional[list[str]] = None, home: Optional[Path] = None,
@@ -54,7 +54,21 @@ def resume_run(run_id: str, overrides: Optional[list[str]] = None, home: Optiona
     if log is not None:
         log.start(state.paths.log)
     train._RUNS[state.run_id] = state
-    return train.flow_for(state.obj)(state.run_id, str(state.home), progress)
+    return _drive(train, state, progress)
+
+
+def _drive(train: Any, state: RunState, progress: bool) -> dict[str, Any]:
+    """Run the flow. Without a Prefect server (ephemeral mode: no ``PREFECT_API_URL``) the flow
+    sends no run heartbeats: they are for a server's zombie detection, and the ephemeral server
+    ends with this process; Prefect's heartbeat thread also sleeps in 1 s steps, so joining it
+    cost up to 1 s at the end of every run. With a server (``creditflow serve``, a worker) they stay."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+
+    run = train.flow_for(state.obj)
+    if PREFECT_API_URL.value():
+        return run(state.run_id, str(state.home), progress)
+    with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+        return run(state.run_id, str(state.home), progress)
 
 
 def tracker_for(home: Optional[Path] = None, uri: Optional[str] = None, experiment: str = "creditflow"):
