@@ -44,9 +44,13 @@ class TextGameEnv(Environment):
     """One episode of a TextWorld Express game (protocol in the module docstring)."""
 
     def __init__(self, cfg: Any, instance: TaskInstance, episode_seed: int = 0):
+        self._init_episode(cfg, instance, episode_seed, twx.acquire(instance.spec["game"], instance.spec["params"]))
+
+    def _init_episode(self, cfg: Any, instance: TaskInstance, episode_seed: int, game: Any) -> None:
+        """The episode's fields; ``game`` is the host engine (None when it runs in a sandbox)."""
         self.cfg, self.instance, self.spec = cfg, instance, instance.spec
         self.episode_seed = int(episode_seed)
-        self.game: Any = twx.acquire(self.spec["game"], self.spec["params"])
+        self.game: Any = game
         self._resets = 0
         self._engine_steps = 0
         self._gt_cost = {"gt_mc_continuations": 0.0, "gt_mc_env_steps": 0.0, "gt_mc_seconds": 0.0}

@@ -94,17 +94,8 @@ class SandboxedTextGameEnv(StepScriptEnv, TextGameEnv):
 
         if not isinstance(sandbox, ProcessSandbox):
             raise ValueError(DOCKER_REFUSAL)
-        # TextGameEnv.__init__ minus the host game: the engine lives in the sandbox
-        self.cfg, self.instance, self.spec = cfg, instance, instance.spec
-        self.episode_seed = int(episode_seed)
-        self.game = None
-        self._resets = 0
-        self._engine_steps = 0
-        self._gt_cost = {"gt_mc_continuations": 0.0, "gt_mc_env_steps": 0.0, "gt_mc_seconds": 0.0}
-        self._started = False
-        self._done = False
-        self._has_tree: Optional[bool] = None
-        self._gold: list[str] = []
+        # TextGameEnv's fields without the host game: the engine lives in the sandbox
+        self._init_episode(cfg, instance, episode_seed, None)
         self._tree: Any = None
         self._installed = False
         self._fault: Optional[SandboxFault] = None
