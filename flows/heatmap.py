@@ -59,11 +59,6 @@ def render_heatmap(data: dict[str, Any]) -> Any:
     return fig
 
 
-def credit_heatmap(batch: Batch, credit: CreditResult, title: str = "", max_episodes: int = 64) -> Any:
-    """The heatmap figure of an iteration, drawn now (reports; the flow defers it: module docstring)."""
-    return render_heatmap(heatmap_data(batch, credit, title, max_episodes))
-
-
 def save_data(data: dict[str, np.ndarray], path: Path) -> None:
     """Write :func:`heatmap_data`'s arrays as the ``.npz`` blob :func:`render_png` reads."""
     with open(path, "wb") as fh:

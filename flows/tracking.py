@@ -445,13 +445,17 @@ class Tracker:
         self._logged.add(step)
         return True
 
-    def _log_artifact_file(self, make: Callable[[Path], None], artifact_file: str) -> None:
+    def _log_artifact_file(self, make: Callable[[Path], None], artifact_file: str, render: Optional[str] = None) -> None:
+        """``make(path)`` writes the artifact (or, with ``render``, the renderer's input: see
+        :meth:`log_rendered`); journaled, or sent at once by a tracker without a buffer."""
+        entry: dict[str, Any] = {"kind": "artifact", "artifact_file": artifact_file}
+        if render is not None:
+            entry["render"] = render
         if self.buffer is None:
             with tempfile.TemporaryDirectory() as tmp:
                 out = Path(tmp) / Path(artifact_file).name
                 make(out)
-                self._retry(f"log artifact {artifact_file}", self._send,
-                            {"kind": "artifact", "file": str(out), "artifact_file": artifact_file}, None)
+                self._retry(f"log artifact {artifact_file}", self._send, {**entry, "file": str(out)}, None)
             return
         blobs = self._blob_dir()
         blobs.mkdir(parents=True, exist_ok=True)
@@ -459,7 +463,7 @@ class Tracker:
         make(out)
         with open(out, "rb") as fh:
             os.fsync(fh.fileno())
-        self._enqueue({"kind": "artifact", "file": str(out), "artifact_file": artifact_file})
+        self._enqueue({**entry, "file": str(out)})
 
     def log_text(self, text: str, artifact_file: str) -> None:
         masked = mask_text(text)
@@ -471,27 +475,9 @@ class Tracker:
     def log_file(self, path: Path, artifact_path: Optional[str] = None) -> None:
         self._retry(f"log artifact {path}", self.client.log_artifact, self.run_id, str(path), artifact_path)
 
-    def log_figure(self, fig: Any, artifact_file: str) -> None:
-        self._log_artifact_file(lambda p: fig.savefig(p, dpi=100), artifact_file)
-
     def log_rendered(self, write_input: Callable[[Path], None], renderer: str, artifact_file: str) -> None:
         """An artifact drawn when it is sent, off the caller's path: ``write_input(path)`` writes the
         renderer's input (small, e.g. a heatmap's arrays) to the journal's blob store now;
         ``renderer`` (``"module:function"``, ``fn(input_path, out_path)``) makes the artifact from it
         in the sender (again on resume, from the journal). A drawing error is a warning, not a fault."""
-        if self.buffer is None:
-            with tempfile.TemporaryDirectory() as tmp:
-                src, out = Path(tmp) / "input", Path(tmp) / Path(artifact_file).name
-                write_input(src)
-                if _render(renderer, src, out, artifact_file):
-                    parent = str(Path(artifact_file).parent)
-                    self._retry(f"log artifact {artifact_file}", self.client.log_artifact, self.run_id, str(out),
-                                None if parent == "." else parent)
-            return
-        blobs = self._blob_dir()
-        blobs.mkdir(parents=True, exist_ok=True)
-        src = blobs / f"{uuid.uuid4().hex[:12]}-{Path(artifact_file).name}.input"
-        write_input(src)
-        with open(src, "rb") as fh:
-            os.fsync(fh.fileno())
-        self._enqueue({"kind": "artifact", "file": str(src), "artifact_file": artifact_file, "render": renderer})
+        self._log_artifact_file(write_input, artifact_file, render=renderer)

@@ -44,11 +44,6 @@ class JournalSender:
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
 
-    @property
-    def alive(self) -> bool:
-        with self._cv:
-            return self._thread.is_alive() and not self._exited
-
     def kick(self) -> bool:
         """New entries are in the journal: send them (returns at once). ``False`` when the thread
         has ended (idle exit, error or stop): the caller starts a new sender."""
