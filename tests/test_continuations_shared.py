@@ -60,6 +60,23 @@ def test_shared_prefill_gives_the_tokens_and_logprobs_of_per_row_prefill(policy,
     assert [o.token_ids for o in engine.generate(bad, 5, set(), temperature)] == [o.token_ids for o in shared]
 
 
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_chunked_generation_returns_each_row_what_one_batch_gives_it_in_the_callers_order(policy, temperature):
+    """A call larger than ``max_batch_rows`` runs in chunks of rows sorted by context length; each row
+    still gets the tokens and log-probs it gets in one batch, at its own place in the output."""
+    model, tok = policy
+    reqs = _requests()[::-1]  # the longest contexts first: sorting reorders them
+    whole = HFEngine(model, pad_token_id=tok.pad_token_id).generate(reqs, 5, set(), temperature)
+    engine = HFEngine(model, pad_token_id=tok.pad_token_id, max_batch_rows=2)
+    chunked = engine.generate(reqs, 5, set(), temperature)
+    assert engine.stats["calls"] == 1 and engine.stats["forward_passes"] > 6  # 3 chunks, each its own loop
+    for a, b in zip(whole, chunked):
+        assert a.token_ids == b.token_ids and a.finish_reason == b.finish_reason
+        assert torch.allclose(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5)
+    with pytest.raises(ValueError, match="max_batch_rows must be >= 1"):
+        HFEngine(model, max_batch_rows=0)
+
 def _recorded_episode(family, slot, rng):
     """Play one episode with random (sometimes invalid) actions; its turns as the rollout records them."""
     env = family.make(slot.instance, episode_seed=slot.episode_seed)

@@ -49,6 +49,7 @@ class RolloutConfig:
     top_p: float = param(1.0, help="nucleus sampling mass (1.0 = off)", gt=0, le=1)
     max_new_tokens_per_turn: int = param(4, help="cap on tokens the policy emits in one turn", ge=1)
     max_context_tokens: int = param(1024, help="episode ends with reason 'length' beyond this", ge=1)
+    hf_max_batch_rows: int = param(256, help="hf engine: most rows sampled in one batch; larger calls (MC continuations) run in chunks sorted by context length", ge=1)
     env_start_retries: int = param(2, help="a group whose environment fails to start is retried this often, then dropped whole", ge=0)
     # ---- vLLM engine (rollout.engine=vllm; stages/rollout/vllm_engine.py) ----
     vllm_url: Optional[str] = param(None, help="OpenAI-compatible vLLM server (http://host:port); unset = in-process engine", check=_http_url, rule="must start with http:// or https://")

@@ -28,7 +28,7 @@ def make_engine(rollout_cfg: Any, model: Any, tokenizer: Any = None, seed: int =
         from stages.rollout.hf_engine import HFEngine
 
         pad = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None
-        return HFEngine(model, pad_token_id=pad)
+        return HFEngine(model, pad_token_id=pad, max_batch_rows=int(getattr(rollout_cfg, "hf_max_batch_rows", 256)))
     if name == "vllm":
         from stages.rollout.vllm_server import make_vllm_engine
 
