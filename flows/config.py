@@ -322,6 +322,11 @@ def check_learnable(cfg: DictConfig) -> Optional[ConfigError]:
             "credit.counterfactual", "default",
             f"needs the family's default action and env.name={cfg.env.name} declares none "
             "(TaskFamily.default_action); use credit.counterfactual=resample")
+    if cfg.credit.get("expert") == "optimal" and not get_family_class(cfg.env.name).exact_mdp:
+        return problem_error(
+            "credit.expert", "optimal",
+            f"needs the family's scripted optimal agent (an exact MDP: TaskFamily.exact_mdp) and env.name={cfg.env.name} "
+            "has none, so there is no expert to compare the agent's steps with; use credit.expert=successes")
     if method.needs_privileged and not set(method.needs_privileged) & set(get_family_class(cfg.env.name).privileged_keys):
         return problem_error(
             "credit.method", method.name,

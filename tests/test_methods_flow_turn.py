@@ -287,3 +287,14 @@ def test_istar_one_iteration_on_bifurcation_with_its_implicit_prm(prefect_harnes
     assert m["credit.method.prm_pairs"] > 0
     assert m["credit.method.prm_loss_after"] < m["credit.method.prm_loss_before"]
     assert m["update.prm_adopted"] == 1.0 and m["credit.method.step_adv_abs_mean"] > 0
+
+
+def test_stepagent_one_iteration_on_bifurcation_with_the_optimal_agent_as_expert(prefect_harness, shared_home):
+    run, m = _run(shared_home, ["credit=stepagent", "credit.rm_steps=2"])
+    assert run.data.tags["creditflow.method"] == "stepagent" and run.data.params["update.loss"] == "grpo"
+    assert m["credit.method.turns_per_trajectory"] > 1
+    # the untrained policy deviates from the task's optimal agent: pairs, a reward-model fit, adopted
+    assert 0.0 <= m["credit.method.expert_agreement"] < 1.0 and m["credit.method.pairs"] > 0
+    assert m["credit.method.rm_loss_after"] < m["credit.method.rm_loss_before"]
+    assert m["update.rm_adopted"] == 1.0 and m["credit.method.step_reward_abs_mean"] > 0
+    assert m["overhead.credit.extra_forward_passes"] > ROWS and m["overhead.credit.forward_tokens"] > 0

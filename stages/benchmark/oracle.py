@@ -95,12 +95,34 @@ def policy_values(mdp: MDPTensors, probs: torch.Tensor) -> tuple[torch.Tensor, t
     Q = torch.zeros(B, H, S, A, dtype=torch.float64)
     V[:, H] = mdp.terminal
     for t in reversed(range(H)):
-        if mdp.next_state is not None:  # deterministic: V_{t+1} at the next state
-            nxt = mdp.next_state[:, t]
-            Q[:, t] = mdp.reward[:, t] + torch.gather(V[:, t + 1], 1, nxt.reshape(B, -1)).view(B, S, A)
-        else:
-            Q[:, t] = mdp.reward[:, t] + torch.einsum("bsan,bn->bsa", mdp.transition[:, t], V[:, t + 1])
+        Q[:, t] = _q_backup(mdp, t, V[:, t + 1])
         V[:, t] = torch.einsum("bsa,ba->bs", Q[:, t], probs[:, t])
+    return V, Q
+
+
+def _q_backup(mdp: MDPTensors, t: int, v_next: torch.Tensor) -> torch.Tensor:
+    """(B, S, A) ``Q_t(s, a) = r_t(s, a) + E_{s'}[V_{t+1}(s')]`` from ``v_next`` (B, S)."""
+    B, _, S, A = mdp.reward.shape
+    if mdp.next_state is not None:  # deterministic: V_{t+1} at the next state
+        nxt = mdp.next_state[:, t]
+        return mdp.reward[:, t] + torch.gather(v_next, 1, nxt.reshape(B, -1)).view(B, S, A)
+    return mdp.reward[:, t] + torch.einsum("bsan,bn->bsa", mdp.transition[:, t], v_next)
+
+
+def optimal_values(mdp: MDPTensors, n_valid: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Backward induction of the *optimal* policy over the first ``n_valid`` (valid) actions:
+    ``V*_t(s) = max_{a < n_valid} Q*_t(s, a)``. Returns ``V*`` (B, H + 1, S) and ``Q*`` (B, H, S, A)
+    (the invalid action keeps its Q but is never the max): the family's scripted optimal agent,
+    the expert of StepAgent's inverse RL."""
+    B, H, S, A = mdp.reward.shape
+    if not 1 <= n_valid <= A:
+        raise ValueError(f"optimal_values: n_valid must be in [1, {A}], got {n_valid}")
+    V = torch.zeros(B, H + 1, S, dtype=torch.float64)
+    Q = torch.zeros(B, H, S, A, dtype=torch.float64)
+    V[:, H] = mdp.terminal
+    for t in reversed(range(H)):  # the horizon, not trajectories or tokens
+        Q[:, t] = _q_backup(mdp, t, V[:, t + 1])
+        V[:, t] = Q[:, t, :, :n_valid].max(-1).values
     return V, Q
 
 

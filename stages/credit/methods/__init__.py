@@ -32,6 +32,9 @@ One module per method family (survey Appendix B "Methodology" column):
   Bradley–Terry on trajectory pairs, whose turn advantages feed a DPO actor update (§5.1).
 * :mod:`.implicit_step` — iStar: implicit step rewards from a trajectory-DPO-trained implicit PRM
   (a copy of the policy), fused with episode-level advantages (§5.6).
+* :mod:`.expert_irl` — StepAgent: step rewards inferred by inverse RL from expert actions (the task's
+  optimal agent or the run's successes) with a step-wise DPO-trained implicit reward model, and the
+  novice-to-expert curriculum (§5.6).
 * :mod:`.oracle` — exact advantages from the task's MDP under the current policy (§9.3; the
   benchmark's upper bound, not a reviewed paper).
 
@@ -92,3 +95,4 @@ from stages.credit.methods import belief  # noqa: F401  (igpo, hcapo)
 from stages.credit.methods import judged_turns  # noqa: F401  (criticsearch, tarl, lare)
 from stages.credit.methods import privileged  # noqa: F401  (sweet_rl)
 from stages.credit.methods import implicit_step  # noqa: F401  (istar)
+from stages.credit.methods import expert_irl  # noqa: F401  (stepagent)
