@@ -84,6 +84,9 @@ class StepResult:
     success: bool = False
     #: why the episode ended (only meaningful when done)
     reason: str = ""
+    #: family-specific details, copied into ``Turn.info``. ``info["verifiable"]`` (bool) is the family's
+    #: declaration that this turn's ``reward`` is an exact check of the action (a verifier's verdict),
+    #: read by credit methods with hybrid turn rewards (MT-GRPO, Wei et al. 2025): absent = not verifiable
     info: dict[str, Any] = field(default_factory=dict)
 
 

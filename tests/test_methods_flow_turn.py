@@ -289,6 +289,7 @@ def test_istar_one_iteration_on_bifurcation_with_its_implicit_prm(prefect_harnes
     assert m["update.prm_adopted"] == 1.0 and m["credit.method.step_adv_abs_mean"] > 0
 
 
+@pytest.mark.slow  # ~65 s on 2 loaded cores: the reward model's DPO steps on a policy copy
 def test_stepagent_one_iteration_on_bifurcation_with_the_optimal_agent_as_expert(prefect_harness, shared_home):
     run, m = _run(shared_home, ["credit=stepagent", "credit.rm_steps=2"])
     assert run.data.tags["creditflow.method"] == "stepagent" and run.data.params["update.loss"] == "grpo"
@@ -298,3 +299,17 @@ def test_stepagent_one_iteration_on_bifurcation_with_the_optimal_agent_as_expert
     assert m["credit.method.rm_loss_after"] < m["credit.method.rm_loss_before"]
     assert m["update.rm_adopted"] == 1.0 and m["credit.method.step_reward_abs_mean"] > 0
     assert m["overhead.credit.extra_forward_passes"] > ROWS and m["overhead.credit.forward_tokens"] > 0
+
+
+@pytest.mark.slow  # one train-flow iteration with real scorer/judge passes (~20-110 s here on 2 loaded cores)
+def test_mt_grpo_one_iteration_on_bifurcation_judges_only_the_unverifiable_turns(prefect_harness, shared_home):
+    """MT-GRPO with credit.judge=policy on bifurcation with a decisive turn reward: the decisive turns are
+    verifiable (their exact turn reward is used), the live policy judges every routine turn, once."""
+    run, m = _run(shared_home, ["credit=mt_grpo", "env.horizon=4", "env.num_decisive=2", "env.decisive_reward=0.5"])
+    assert run.data.params["credit.judge"] == "policy" and run.data.tags["creditflow.method"] == "mt_grpo"
+    assert m["credit.method.verified_turns"] >= ROWS and m["credit.method.judged_turns"] >= 1
+    assert m["overhead.credit.judge_calls"] == m["credit.method.judged_turns"] + m["credit.method.unparsed_turns"]
+    assert m["overhead.credit.extra_forward_passes"] >= 1 and m["overhead.credit.forward_tokens"] > 0
+    assert 0 < m["credit.method.judge_score_mean"] < 1  # a local judge's P(yes)
+    assert m["credit.method.verified_reward_mean"] in (0.0, 0.5) or 0 < m["credit.method.verified_reward_mean"] < 0.5
+    assert "verifiable" in run.data.tags["checklist.ca.methodology"]

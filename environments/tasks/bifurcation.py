@@ -33,6 +33,9 @@ Semantics
   step, whose ``info["terminal_reward"]`` gives the terminal part on its own (the agent loop
   splits it off into ``Trajectory.reward``; ``info["turn_reward"]`` is ``r_t`` on every step).
   The return is ``sum_t r_t + terminal``; ground-truth values are expectations of it.
+  ``info["verifiable"]`` is true on decisive turns: there the hidden rule checks the action and
+  ``r_t`` is that check's exact verdict; a routine turn has nothing to check (any valid letter is
+  fine), so it is not verifiable (hybrid turn rewards, :class:`stages.credit.methods.judged_turns.MTGRPO`).
 * Randomness: slips only. Each episode draws its slip table (one uniform per turn) from
   ``random.Random`` seeded by (instance seed, ``episode_seed``), so the same instance and
   episode seed replay exactly, whatever the actions. :meth:`BifurcationEnv.restore` replays

@@ -106,7 +106,10 @@ class BifurcationEnv(Environment):
         self._t = t + 1
         done = terminated or self._t >= self.horizon
         prefix = "" if isinstance(action_text, str) and action_text.endswith("\n") else "\n"
-        info: dict[str, Any] = {"turn": t, "valid": a is not None, "turn_reward": reward}
+        # a decisive turn is verifiable: the hidden rule checks its action and its turn reward
+        # (decisive_reward when right, 0 when wrong) is exact; a routine turn has nothing to check
+        info: dict[str, Any] = {"turn": t, "valid": a is not None, "turn_reward": reward,
+                                "verifiable": bool(self.decisive[t])}
         if done:
             self._done = True
             self._success = on

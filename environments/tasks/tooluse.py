@@ -31,7 +31,10 @@ The final observation is ``"done: correct"`` / ``"done: wrong"`` / ``"done: no a
 Episode end: the answer turn (reasons ``success`` / ``wrong_answer``), or ``max_steps`` turns
 (``max_turns``), or a sandbox fault (a sandbox operation failing for a reason other than a bad
 path / missing file: ``sandbox_error``; the sandbox interface's ``ExecResult.reason`` does not
-arise: this family never execs). Terminal reward 1.0 iff the answer is right.
+arise: this family never execs). Terminal reward 1.0 iff the answer is right. Turn rewards:
+``search_reward`` per supporting document a search surfaces for the first time (default 0).
+``info["verifiable"]`` is true on search turns (the retrieved ids are checked against the gold
+supporting documents: the turn reward is exact) and on the answer turn (the answer checker).
 
 Training-time information: ``privileged() = {"supporting_docs": [ids], "answer": gold, "question_type": ...}``;
 ``StepResult.info["retrieved"]`` lists the ids a search returned and ``info["new_supporting"]``
@@ -105,6 +108,7 @@ class ToolUseConfig(EnvConfig):
     obs_chars: int = param(240, help="tool outputs are truncated to this many characters", ge=16)
     max_write_chars: int = param(200, help="longest text one write stores", ge=1)
     max_files: int = param(8, help="files an episode may write", ge=1)
+    search_reward: float = param(0.0, help="turn reward per supporting document a search surfaces for the first time: the verifiable retrieval reward of search turns (Wei et al. 2025's search-agent turn rewards); 0 = outcome reward only", ge=0)
     train_size: int = param(512, help="train-split instance pool size (cycles through the split's questions)", ge=0)
     eval_size: int = param(128, help="eval-split instance pool size", ge=0)
 
@@ -203,7 +207,11 @@ class ToolUseEnv(Environment):
         tool, arg = tool.lower().rstrip(":"), arg.strip()
         t = self._t
         self._t += 1
-        info: dict[str, Any] = {"turn": t, "tool": tool if tool in TOOLS else None, "turn_reward": 0.0}
+        # verifiable turns (hybrid turn rewards): a search, whose retrieved ids are checked against the
+        # gold supporting documents, and the answer, checked by the answer checker (its verdict is the
+        # terminal reward); calc / read / write / invalid turns have no check of their usefulness
+        info: dict[str, Any] = {"turn": t, "tool": tool if tool in TOOLS else None, "turn_reward": 0.0,
+                                "verifiable": tool in ("search", "answer")}
         if tool == "answer":
             ok = check_answer(arg, self.spec["answer"], bool(self.spec["numeric"]))
             info["answer_correct"] = ok
@@ -215,11 +223,13 @@ class ToolUseEnv(Environment):
         except _SandboxFault as exc:
             info["sandbox_error"] = str(exc)
             return self._end(prefix + f"error: sandbox fault ({exc})\ndone: failure", "sandbox_error", action, info)
+        if tool == "search":
+            info["turn_reward"] = float(self.cfg.search_reward) * int(info.get("new_supporting", 0))
         if len(out) > int(self.cfg.obs_chars):
             out = out[: max(int(self.cfg.obs_chars) - 3, 0)] + "..."
         if self._t >= int(self.cfg.max_steps):
             return self._end(prefix + out + "\ndone: no answer", "max_turns", action, info)
-        return StepResult(observation=prefix + out + "\n", reward=0.0, done=False, action=action,
+        return StepResult(observation=prefix + out + "\n", reward=info["turn_reward"], done=False, action=action,
                           state_key=self.state_key(), info=info)
 
     def _tool(self, tool: str, arg: str, info: dict[str, Any]) -> str:
@@ -248,7 +258,7 @@ class ToolUseEnv(Environment):
         self._done = True
         self._success = reason == "success"
         info["terminal_reward"] = 1.0 if self._success else 0.0
-        return StepResult(observation=obs, reward=info["terminal_reward"], done=True, action=action,
+        return StepResult(observation=obs, reward=info["turn_reward"] + info["terminal_reward"], done=True, action=action,
                           state_key=self.state_key(), success=self._success, reason=reason, info=info)
 
     @property

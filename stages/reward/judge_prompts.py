@@ -103,6 +103,15 @@ def adjudicate_turn_prompt(traj, k: int) -> str:
     return "\n".join(lines) + "\nAnswer:"
 
 
+def turn_quality_prompt(traj, k: int) -> str:
+    """MT-GRPO's LLM-as-judge turn reward (Wei et al. 2025) for an unverifiable turn ``k``: the task and
+    the turns up to and including ``k`` (no later turn, no outcome: a turn-level reward, judged when
+    the turn is taken), "Was turn k a good step toward completing the task?" ending in ``"Answer:"``."""
+    lines = trajectory_lines(traj)[: k + 2]
+    lines.append(f"Was turn {k + 1} a good step toward completing the task? Answer yes or no.")
+    return "\n".join(lines) + "\nAnswer:"
+
+
 def explain_turn_prompt(traj, k: int) -> str:
     """LaRe's request for a natural-language credit explanation of turn ``k`` (one line)."""
     lines = trajectory_lines(traj)

@@ -27,7 +27,8 @@ One module per method family (survey Appendix B "Methodology" column):
 * :mod:`.belief` — IGPO (information gain of the gold answer, §5.5) and HCAPO (hindsight ratio of
   each action with and without the outcome, §5.2): turn credit from the policy's own teacher-forced beliefs.
 * :mod:`.judged_turns` — CriticSearch (a retrospective critic with the gold answer, §5.2), TARL (an LLM
-  judge adjudicates each turn, §5.1) and LaRe (LLM-written step explanations become step rewards, §5.7).
+  judge adjudicates each turn, §5.1), LaRe (LLM-written step explanations become step rewards, §5.7) and
+  MT-GRPO (hybrid turn rewards: exact on the family's verifiable turns, an LLM judge's elsewhere, §5.1).
 * :mod:`.privileged` — SWEET-RL: a critic on privileged training-time information, trained with
   Bradley–Terry on trajectory pairs, whose turn advantages feed a DPO actor update (§5.1).
 * :mod:`.implicit_step` — iStar: implicit step rewards from a trajectory-DPO-trained implicit PRM
@@ -92,7 +93,7 @@ from stages.credit.methods import action_decomposition  # noqa: F401  (poad)
 from stages.credit.methods import counterfactual  # noqa: F401  (c3, ccpo)
 from stages.credit.methods import agentic_critic  # noqa: F401  (archer, agentprm)
 from stages.credit.methods import belief  # noqa: F401  (igpo, hcapo)
-from stages.credit.methods import judged_turns  # noqa: F401  (criticsearch, tarl, lare)
+from stages.credit.methods import judged_turns  # noqa: F401  (criticsearch, tarl, lare, mt_grpo)
 from stages.credit.methods import privileged  # noqa: F401  (sweet_rl)
 from stages.credit.methods import implicit_step  # noqa: F401  (istar)
 from stages.credit.methods import expert_irl  # noqa: F401  (stepagent)

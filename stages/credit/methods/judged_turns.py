@@ -1,5 +1,5 @@
 """Turn credit from an LLM judge that reads agent trajectories (``needs={"judge"}``): CriticSearch
-(survey §5.2), TARL (§5.1) and LaRe (§5.7).
+(survey §5.2), TARL (§5.1), LaRe (§5.7) and MT-GRPO's hybrid turn rewards (§5.1).
 
 The judge is a real model, configured per method like CAPO's (:mod:`stages.credit.judge_config`:
 ``credit.judge=policy`` — the live policy —, a local Hugging Face directory, or ``openai`` — an
@@ -29,6 +29,21 @@ episode advantage ``Â_i`` (survey §2.3) and adds a turn term, so with a judge 
   ``r_ik = 2 s_ik - 1`` in [-1, 1]: ``A_ik = Â_i + lambda * r_ik``. Every explanation (prompt,
   text, score) is returned in ``CreditResult.records["explanations"]`` and logged by the flow as an
   MLflow artifact per iteration (``credit/explanations/iter_XXXX.json``): interpretability is the point.
+* :class:`MTGRPO` (Wei et al. 2025, "Reinforcing Multi-Turn Reasoning in LLM Agents via Turn-Level
+  Reward Design", arXiv 2505.11821, NeurIPS 2025; Appendix B row 22 "Turn-Level"): hybrid turn
+  rewards matched to the turn. A *verifiable* turn — one whose action the environment checks exactly,
+  declared by the family per turn (``Turn.info["verifiable"]``: bifurcation's decisive turns, tooluse's
+  search and answer turns) — gets the environment's exact turn reward ``r_ik = Turn.reward`` and is
+  never shown to the judge; every other turn gets the LLM judge's score ``r_ik = judge_scale * P(yes)``
+  (:func:`~stages.reward.judge_prompts.turn_quality_prompt`: the turns so far, no outcome). MT-GRPO,
+  the paper's GRPO variant, normalises the turn rewards within the group turn by turn and adds the
+  outcome's GRPO advantage ``Â^O_i`` (of the terminal reward ``Trajectory.reward``):
+  ``Ã_ik = (r_ik - mean_{g,k} r) / (std_{g,k} r + eps)`` over the group's rows that have a turn
+  reward at turn k (0 where fewer than two do), and
+  ``A_ik = Â^O_i + lambda * sum_{k'>=k} gamma^(k'-k) Ã_ik'`` — the turn's own and later normalised
+  turn rewards (with two turns and gamma = 1: ``Â^T + Â^O`` on the tool turn, ``Â^O`` on the answer
+  turn, the paper's two-turn MT-GRPO). With all turn rewards zero and constant judge scores every
+  ``Ã`` is 0: GRPO's outcome advantage exactly (its differential test).
 """
 
 from __future__ import annotations
@@ -41,14 +56,14 @@ import torch
 from stages.config_fields import param
 from stages.credit import functional as F
 from stages.credit.base import CreditContext, CreditMethod
-from stages.credit.group_stats import pooled_turn_normalize
+from stages.credit.group_stats import group_ids, group_stats, pooled_turn_normalize
 from stages.credit.judge_config import JudgeCreditConfig
 from stages.credit.registry import register_method
 from stages.credit.reverse_scan import reverse_discounted_scan
 from stages.credit.segments import steps_to_tokens
 from stages.reward.judge import check_judge_config, judge_overhead, usage
 from stages.reward.judge_prompts import (adjudicate_turn_prompt, critic_turn_prompt, explain_turn_prompt,
-                                         explanation_score_prompt, gold_reference)
+                                         explanation_score_prompt, gold_reference, turn_quality_prompt)
 from stages.schema import Batch, BatchTensors, CreditResult, turn_credit
 
 
@@ -282,3 +297,101 @@ class LaRe(_TurnJudgeMethod):
         }
         return self._finish(tensors, episode, mask, term, K, ctx.judge, before, stats,
                             records={"explanations": records})
+
+
+# --------------------------------------------------------------------------------------------
+# MT-GRPO: hybrid (verifiable + LLM-judge) turn rewards
+# --------------------------------------------------------------------------------------------
+
+
+def per_turn_group_normalize(u: torch.Tensor, present: torch.Tensor, index, epsilon: float,
+                             by_std: bool = True) -> torch.Tensor:
+    """(B, K) turn rewards normalised within (group, turn index): ``(u - mean) / (std + eps)`` over the
+    group's rows with ``present`` at that turn (unbiased std as ``torch.std``); 0 where fewer than two
+    rows of the group have a reward at that turn (nothing to compare against) and where absent.
+    One segment reduction over the flattened (row, turn) cells, no loop."""
+    B, K = u.shape
+    gid, _ = group_ids(index, B, device=u.device)
+    cell = (gid.unsqueeze(1) * K + torch.arange(K, device=u.device)).reshape(-1)
+    keep = present.reshape(-1)
+    out = torch.zeros(B * K, dtype=u.dtype, device=u.device)
+    if bool(keep.any()):
+        x = u.reshape(-1)[keep]
+        n, mean, std, _ = group_stats(x, cell[keep], with_std=by_std)
+        z = (x - mean) / (std + epsilon) if by_std else x - mean
+        out[keep] = torch.where(n > 1, z, torch.zeros_like(z))
+    return out.reshape(B, K)
+
+
+@dataclass
+class MTGRPOConfig(JudgeCreditConfig):
+    method: str = param("mt_grpo", help="credit-assignment method (registry name; MT-GRPO with hybrid turn rewards, Wei et al. 2025)")
+    turn_coef: float = param(1.0, help="lambda: weight of the normalised turn-reward return beside the outcome advantage (Wei et al. 2025's MT-GRPO: 1)", ge=0)
+    gamma: float = param(1.0, help="discount of the normalised turn rewards over later turns (1: a turn is credited with its own and every later turn reward, MT-GRPO; 0: its own only)", ge=0, le=1)
+    judge_scale: float = param(1.0, help="turn reward of an unverifiable turn: judge_scale * the LLM judge's P(yes) (Wei et al. 2025's LLM-as-judge turn reward)", gt=0)
+    norm_adv_by_std: bool = param(True, help="outcome and turn advantages divided by their group std (GRPO; false: Dr. GRPO)")
+    epsilon: float = param(1e-6, help="added to the group stds (GRPO)", ge=0)
+
+
+@register_method
+class MTGRPO(_TurnJudgeMethod):
+    """MT-GRPO with hybrid turn rewards: verifiable turns get the environment's exact turn reward, the
+    others an LLM judge's score; group-normalised per turn and added to the outcome advantage (module
+    docstring; Wei et al. 2025; survey §5.1).
+
+    Simplified: the paper's MT-GRPO normalises turn k's rewards over rollouts that share the history
+    up to turn k (a rollout tree, exponential in the turns); here turn k is normalised over the
+    group's rows at turn index k (they share the prompt, not the earlier turns), as the reference
+    code does for its two-turn search agent. Its PPO variant (MT-PPO: turn rewards at each turn's last
+    token under a token-level critic) is not implemented. The judge is one yes/no query per
+    unverifiable turn (a real model: the live policy by default, a local HF model or an endpoint), not
+    the paper's task-specific rubric; which turns are verifiable is the family's declaration."""
+
+    name = "mt_grpo"
+    Config = MTGRPOConfig
+    methodology = "Hybrid"
+    reference = ("Wei et al. 2025 (Reinforcing multi-turn reasoning in LLM agents via turn-level reward design, "
+                 "MT-GRPO, arXiv 2505.11821, NeurIPS 2025); survey §5.1")
+
+    def checklist_note(self) -> str:
+        return ("hybrid turn rewards: turns the task family declares verifiable (Turn.info['verifiable']) get the "
+                "environment's exact turn reward, the others an LLM judge's score")
+
+    def hybrid_turn_rewards(self, batch: Batch, K: int, judge: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(r, verifiable)`` (B, K): each turn's reward (nan where absent or the judge's answer did
+        not parse) and the family's verifiable flags. Only the unverifiable turns are sent to the judge."""
+        cfg: MTGRPOConfig = self.cfg  # type: ignore[assignment]
+        trajs = batch.trajectories
+        B = len(trajs)
+        where = _positions(batch, K)
+        ver = [bool(trajs[b].turns[k].info.get("verifiable", False)) for b, k in where]
+        exact = torch.tensor([float(trajs[b].turns[k].reward) for b, k in where], dtype=torch.float32)
+        ask = [(b, k) for (b, k), v in zip(where, ver) if not v]
+        scores = _scores(self.name, judge, [turn_quality_prompt(trajs[b], k) for b, k in ask])
+        verifiable = _to_grid(torch.tensor(ver, dtype=torch.float32), where, B, K) == 1
+        r = torch.where(verifiable, _to_grid(exact, where, B, K), _to_grid(cfg.judge_scale * scores, ask, B, K))
+        return r, verifiable
+
+    def assign(self, tensors: BatchTensors, batch: Batch, ctx: CreditContext) -> CreditResult:
+        cfg: MTGRPOConfig = self.cfg  # type: ignore[assignment]
+        mask = (tensors.response_mask != 0).float()
+        outcome = tensors.episode_rewards.float().unsqueeze(1)  # the terminal reward only; turn rewards apart
+        episode = F._grpo_scalars(outcome, torch.ones_like(outcome), tensors.index, cfg.epsilon, cfg.norm_adv_by_std)
+        K = _num_turns(tensors)
+        before = usage(ctx.judge)
+        r, verifiable = self.hybrid_turn_rewards(batch, K, ctx.judge)
+        rewarded = ~torch.isnan(r)
+        z = per_turn_group_normalize(torch.nan_to_num(r), rewarded, tensors.index, cfg.epsilon, cfg.norm_adv_by_std)
+        term = cfg.turn_coef * reverse_discounted_scan(z, cfg.gamma)
+        judged = rewarded & ~verifiable
+        n = len(_positions(batch, K))
+        stats = {
+            "verified_turns": float(verifiable.sum()),
+            "judged_turns": float(judged.sum()),
+            "unparsed_turns": float(n - int(rewarded.sum())),
+            "verified_turn_fraction": float(verifiable.sum()) / max(n, 1),
+            "verified_reward_mean": float(r[verifiable].mean()) if bool(verifiable.any()) else 0.0,
+            "judge_score_mean": float(r[judged].mean() / cfg.judge_scale) if bool(judged.any()) else 0.0,
+            "turn_term_abs_mean": float(term[rewarded].abs().mean()) if bool(rewarded.any()) else 0.0,
+        }
+        return self._finish(tensors, episode, mask, term, K, ctx.judge, before, stats)
