@@ -313,3 +313,28 @@ def test_mt_grpo_one_iteration_on_bifurcation_judges_only_the_unverifiable_turns
     assert 0 < m["credit.method.judge_score_mean"] < 1  # a local judge's P(yes)
     assert m["credit.method.verified_reward_mean"] in (0.0, 0.5) or 0 < m["credit.method.verified_reward_mean"] < 0.5
     assert "verifiable" in run.data.tags["checklist.ca.methodology"]
+
+
+def test_prs_shapes_then_samples_by_task_value_over_two_iterations_on_bifurcation(prefect_harness, shared_home):
+    """PRS + VSPO through the flow, two iterations: the format weight falls as configured
+    (0.5 at iteration 0, 0.25 at 1 with shaping_iterations=2) and iteration 1's environment stage
+    samples by the success rates iteration 0's credit stage recorded (VSPO's task values)."""
+    run, m = _run(shared_home, ["credit=prs", "iterations=2", "credit.shaping_iterations=2", "credit.format_weight=0.5"])
+    assert run.data.tags["creditflow.method"] == "prs" and run.data.params["update.loss"] == "grpo"
+    client = api.tracker_for(shared_home).client
+    hist = client.get_metric_history(run.info.run_id, "credit.method.format_weight")
+    assert [h.value for h in sorted(hist, key=lambda h: h.step)] == pytest.approx([0.5, 0.25])
+    assert 0.0 <= m["credit.method.format_score_mean"] <= 1.0
+    assert m["env.curriculum_tasks"] >= 1  # iteration 1 sampled by iteration 0's task values
+    assert m["env.curriculum_weight_max"] >= m["env.curriculum_weight_min"] > 0
+    assert m.get("overhead.credit.extra_forward_passes", 0) == 0  # shaping and sampling cost no passes
+
+
+def test_adaptseg_one_iteration_on_bifurcation(prefect_harness, shared_home):
+    run, m = _run(shared_home, ["credit=adaptseg", "credit.num_segments=3"])
+    assert run.data.tags["creditflow.method"] == "adaptseg"
+    # the reference forward pass over the batch is the method's overhead
+    assert m["overhead.credit.extra_forward_passes"] >= 1 and m["overhead.credit.forward_tokens"] > 0
+    # iteration 0: pi_old = pi_ref, so the segment rewards are float noise; segments stay balanced
+    assert m["credit.method.segment_reward_abs_mean"] < 1e-3
+    assert 1.0 <= m["credit.method.segments_per_response"] <= 3.0

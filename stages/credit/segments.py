@@ -173,3 +173,50 @@ def steps_to_tokens(step_values: torch.Tensor, turn_ids: torch.Tensor) -> torch.
     vals = torch.nan_to_num(step_values, nan=0.0)
     out = vals.gather(1, turn_ids.clamp(min=0, max=max(K - 1, 0)))
     return out * valid.to(out.dtype)
+
+
+def parsed_turns(batch: Optional[Batch], rows: int, method: str) -> torch.Tensor:
+    """(B, K) float: 1.0 where the environment parsed turn k's action (``Turn.action`` is set: the
+    action was well-formed and executable), 0.0 where it was invalid and beyond a row's turns.
+    Reading the turn lists is O(B*K) Python, like :meth:`stages.schema.BatchTensors.from_batch`
+    (SPA-RL's grounding signal, PRS's format stage)."""
+    trajs = batch.trajectories if batch is not None else []
+    if len(trajs) != rows:
+        raise ValueError(f"credit method {method!r}: needs the batch's turns (whether each action parsed), "
+                         f"got {len(trajs)} trajectories for {rows} rows")
+    K = max(max((len(t.turns) for t in trajs), default=0), 1)
+    out = torch.zeros((rows, K))
+    for i, t in enumerate(trajs):
+        if t.turns:
+            out[i, : len(t.turns)] = torch.tensor([float(turn.action is not None) for turn in t.turns])
+    return out
+
+
+def balanced_segments(scores: torch.Tensor, mask: torch.Tensor, num_segments: int) -> Segments:
+    """Cut each row's policy tokens into ``min(num_segments, n_row)`` consecutive segments at the
+    ``num_segments - 1`` highest-scoring *pivots* (a pivot token opens a new segment; the row's
+    first policy token cannot be one), whatever the row's length: the segment count of a row is
+    independent of its length (adaptive segment-level reward, Li et al. 2024b, survey §5.7).
+
+    ``scores`` (B, R) float: the boundary signal of each token; ``mask`` (B, R): policy tokens.
+    Ties (e.g. a flat signal) go first to the cut points of the equal-size split of the row, then
+    to earlier positions, so a flat signal gives ``num_segments`` equal-size segments. Vectorized:
+    three stable sorts (position, equal-split point, score), no loop over rows or tokens."""
+    if num_segments < 1:
+        raise ValueError(f"balanced_segments: num_segments must be >= 1, got {num_segments}")
+    m = mask != 0
+    B, R = m.shape
+    q = m.long().cumsum(-1) - 1  # rank of each policy token in its row (0..n-1)
+    n = m.long().sum(-1, keepdim=True)  # (B, 1)
+    s = torch.minimum(torch.full_like(n, num_segments), n)  # segments of each row
+    cand = m & (q >= 1)
+    nn = n.clamp(min=1)
+    even = cand & ((q * s) // nn > ((q - 1) * s) // nn)  # the equal-size split's s - 1 cut points
+    key = torch.where(cand, torch.nan_to_num(scores.float(), nan=0.0), torch.full((B, R), -float("inf")))
+    order = torch.arange(R).expand(B, R)
+    order = order.gather(1, torch.sort((~even).long(), dim=1, stable=True).indices)  # equal-split points first
+    order = order.gather(1, torch.sort(-key.gather(1, order), dim=1, stable=True).indices)  # then by score
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(R).expand(B, R).contiguous())
+    pivot = cand & (rank < (s - 1))
+    seg_id = torch.where(m, pivot.long().cumsum(-1), torch.full_like(q, -1))
+    return segments_from_ids(seg_id)

@@ -38,6 +38,8 @@ One module per method family (survey Appendix B "Methodology" column):
   novice-to-expert curriculum (§5.6).
 * :mod:`.oracle` — exact advantages from the task's MDP under the current policy (§9.3; the
   benchmark's upper bound, not a reviewed paper).
+* :mod:`.shaping` — PRS + VSPO (a format-then-outcome reward schedule over training and value-based
+  task sampling, §5.7) and the adaptive segment-level reward (balanced pivot segments, §5.7).
 
 How to add a method
 -------------------
@@ -97,3 +99,4 @@ from stages.credit.methods import judged_turns  # noqa: F401  (criticsearch, tar
 from stages.credit.methods import privileged  # noqa: F401  (sweet_rl)
 from stages.credit.methods import implicit_step  # noqa: F401  (istar)
 from stages.credit.methods import expert_irl  # noqa: F401  (stepagent)
+from stages.credit.methods import shaping  # noqa: F401  (prs, adaptseg)

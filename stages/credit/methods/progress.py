@@ -26,7 +26,7 @@ from stages.credit.base import CreditConfig, CreditContext, CreditMethod
 from stages.credit.methods.turn_level import turn_group_baseline
 from stages.credit.registry import register_method
 from stages.credit.reverse_scan import reverse_discounted_scan
-from stages.credit.segments import Segments, broadcast, policy_token_mask, turn_segments, unit_ends
+from stages.credit.segments import Segments, broadcast, parsed_turns, policy_token_mask, turn_segments, unit_ends
 from stages.schema import Batch, BatchTensors, CreditResult
 
 
@@ -95,11 +95,7 @@ def grounding(batch: Batch, tensors: BatchTensors, seg: Segments) -> torch.Tenso
     if len(batch.trajectories) != B:
         raise ValueError(f"credit method 'spa': grounding needs the batch's turns, got {len(batch.trajectories)} "
                          f"trajectories for {B} rows (set credit.grounding_coef=0 to run without them)")
-    n = max((len(t.turns) for t in batch.trajectories), default=0)
-    raw = torch.zeros((B, max(n, 1)))
-    for i, t in enumerate(batch.trajectories):
-        for k, turn in enumerate(t.turns):
-            raw[i, k] = float(turn.action is not None)
+    raw = parsed_turns(batch, B, "spa")
     turn_of_unit = tensors.turn_ids.gather(1, seg.starts.clamp(min=0)).clamp(min=0)
     return raw.gather(1, turn_of_unit.clamp(max=raw.shape[1] - 1)) * seg.present
 
