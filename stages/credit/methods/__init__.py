@@ -32,6 +32,8 @@ One module per method family (survey Appendix B "Methodology" column):
   Bradley–Terry on trajectory pairs, whose turn advantages feed a DPO actor update (§5.1).
 * :mod:`.implicit_step` — iStar: implicit step rewards from a trajectory-DPO-trained implicit PRM
   (a copy of the policy), fused with episode-level advantages (§5.6).
+* :mod:`.montecarlo` (also) — credit-uncertainty-driven branching (``uncertainty_branching``, creditflow's
+  own, §8.1/§9.2): VinePPO's continuation budget re-allocated to the boundaries whose values are most uncertain.
 * :mod:`.oracle` — exact advantages from the task's MDP under the current policy (§9.3; the
   benchmark's upper bound, not a reviewed paper).
 

@@ -30,6 +30,11 @@ the last unit). No critic is trained.
   ``k / (k + 1)``. Unlike SPO-tree the continuations are not trained on (the provider returns
   their returns, not their tokens).
 
+* **Credit-uncertainty-driven branching** (``uncertainty_branching``; creditflow's own, survey
+  §8.1/§9.2): VinePPO's budget of ``k`` continuations per step boundary, spent as ``k0`` at every
+  boundary, then the rest where the first pass's value estimates have the largest variance
+  (:class:`UncertaintyBranching`).
+
 Both telescope: the advantages of one trajectory's units sum to ``return - V(s_0)``.
 
 Overhead: the provider's :class:`~stages.schema.Overhead` (generated tokens, forward passes,
