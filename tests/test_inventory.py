@@ -161,10 +161,13 @@ def test_status_rules(rows):
 def test_registry_extras():
     extras = load_registry_extras()
     assert [e["registry_name"] for e in extras] == ["rloo", "reinforce_pp", "reinforce_pp_baseline", "gae", "remax",
-                                                     "oracle"]
+                                                     "oracle",
+                                                     "uncertainty_branching"]
     for e in extras:
         assert e["method"] and e["reference"]
-        if e["registry_name"] == "oracle":
+        if e["registry_name"] == "uncertainty_branching":
+            assert e["reason"].startswith("a method of our own") and e["simplified"]
+        elif e["registry_name"] == "oracle":
             assert e["reason"] == "benchmark instrument, not one of the 47 reviewed papers" and e["simplified"]
         else:
             assert e["reason"] == "episode-level baseline, not one of the 47 reviewed papers"

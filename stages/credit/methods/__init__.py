@@ -36,6 +36,8 @@ One module per method family (survey Appendix B "Methodology" column):
 * :mod:`.expert_irl` — StepAgent: step rewards inferred by inverse RL from expert actions (the task's
   optimal agent or the run's successes) with a step-wise DPO-trained implicit reward model, and the
   novice-to-expert curriculum (§5.6).
+* :mod:`.montecarlo` (also) — credit-uncertainty-driven branching (``uncertainty_branching``, creditflow's
+  own, §8.1/§9.2): VinePPO's continuation budget re-allocated to the boundaries whose values are most uncertain.
 * :mod:`.oracle` — exact advantages from the task's MDP under the current policy (§9.3; the
   benchmark's upper bound, not a reviewed paper).
 * :mod:`.shaping` — PRS + VSPO (a format-then-outcome reward schedule over training and value-based
