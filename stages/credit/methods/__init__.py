@@ -32,6 +32,8 @@ One module per method family (survey Appendix B "Methodology" column):
   Bradley–Terry on trajectory pairs, whose turn advantages feed a DPO actor update (§5.1).
 * :mod:`.implicit_step` — iStar: implicit step rewards from a trajectory-DPO-trained implicit PRM
   (a copy of the policy), fused with episode-level advantages (§5.6).
+* :mod:`.lightning` — LightningRL (Agent Lightning, §5.7): an outside agent program's LLM calls are
+  transitions; each episode's group-normalised reward goes to every call and token of it.
 * :mod:`.oracle` — exact advantages from the task's MDP under the current policy (§9.3; the
   benchmark's upper bound, not a reviewed paper).
 
@@ -92,3 +94,4 @@ from stages.credit.methods import belief  # noqa: F401  (igpo, hcapo)
 from stages.credit.methods import judged_turns  # noqa: F401  (criticsearch, tarl, lare)
 from stages.credit.methods import privileged  # noqa: F401  (sweet_rl)
 from stages.credit.methods import implicit_step  # noqa: F401  (istar)
+from stages.credit.methods import lightning  # noqa: F401  (lightning)
