@@ -170,6 +170,11 @@ class TaskFamily(abc.ABC):
     #: gold path); credit methods that read one (IGPO's gold answer, CriticSearch's privileged critic)
     #: declare ``needs_privileged`` and the config loader refuses a family without any of them
     privileged_keys: ClassVar[tuple[str, ...]] = ()
+    #: whether an agent program outside creditflow plays the family's episodes against the served
+    #: policy (Agent Lightning's decoupled execution, Luo et al. 2025; env=lightning): the rollout
+    #: stage plays its slots with :class:`stages.rollout.lightning.AgentProgramPlayer` instead of the
+    #: agent loop, and its episodes can be neither replayed nor forked
+    external_agent: ClassVar[bool] = False
 
     def __init__(self, cfg: Optional[EnvConfig] = None):
         self.cfg = cfg if cfg is not None else self.Config()

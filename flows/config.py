@@ -333,6 +333,19 @@ def check_learnable(cfg: DictConfig) -> Optional[ConfigError]:
             f"needs privileged training-time information ({' or '.join(method.needs_privileged)} in Trajectory.privileged) "
             f"and env.name={cfg.env.name} declares none (TaskFamily.privileged_keys); use a family that has it "
             "(e.g. env=tooluse, experiment=math)")
+    family = get_family_class(cfg.env.name)
+    replays = {"mc_rollouts", "greedy_rollout"} & set(method.needs)
+    if family.external_agent and replays:
+        return problem_error(
+            "credit.method", method.name,
+            f"needs {' and '.join(sorted(replays))} (re-running episodes from inside) and env.name={cfg.env.name}'s "
+            "episodes are played by an outside agent program, which can be neither replayed nor forked; use a method "
+            "without them (e.g. credit=lightning or grpo)")
+    if family.external_agent and cfg.runner.rollout_shards > 1:
+        return problem_error(
+            "runner.rollout_shards", cfg.runner.rollout_shards,
+            f"must be 1 for env.name={cfg.env.name}: its episodes are played by one agent program against the "
+            "endpoint this process serves")
     if "critic" in method.needs and not upd.value_coef > 0:
         return problem_error(
             "update.value_coef", upd.value_coef,

@@ -329,12 +329,17 @@ class RunState:
 
     @property
     def player(self) -> Any:
-        """A :class:`environments.start.SlotPlayer` on this run's live objects (policy built first)."""
+        """A :class:`environments.start.SlotPlayer` on this run's live objects (policy built first); for a
+        family whose episodes an outside program plays (``TaskFamily.external_agent``), a
+        :class:`stages.rollout.lightning.AgentProgramPlayer`."""
         from environments.start import SlotPlayer
+        from stages.rollout.lightning import AgentProgramPlayer
 
         self.build_policy()
         new_sandbox = (lambda: self.sandbox_backend.create()) if self.family.needs_sandbox else None
-        return SlotPlayer(family=self.family, engine=self.engine, tokenizer=self.tokenizer, rollout=self.obj.rollout,
+        # an outside agent program plays the episodes against the served policy (env=lightning)
+        player = AgentProgramPlayer if self.family.external_agent else SlotPlayer
+        return player(family=self.family, engine=self.engine, tokenizer=self.tokenizer, rollout=self.obj.rollout,
                           new_sandbox=new_sandbox)
 
     def reference_policy(self) -> torch.nn.Module:

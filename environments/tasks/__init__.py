@@ -9,3 +9,4 @@ from environments.tasks import minigrid_env  # noqa: F401  (registers "minigrid"
 from environments.tasks import sokoban  # noqa: F401  (registers "sokoban")
 from environments.tasks import textgame  # noqa: F401  (registers "textgame")
 from environments.tasks import tooluse  # noqa: F401  (registers "tooluse")
+from environments.tasks import lightning  # noqa: F401  (registers "lightning")

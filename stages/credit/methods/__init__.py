@@ -38,6 +38,8 @@ One module per method family (survey Appendix B "Methodology" column):
   novice-to-expert curriculum (§5.6).
 * :mod:`.montecarlo` (also) — credit-uncertainty-driven branching (``uncertainty_branching``, creditflow's
   own, §8.1/§9.2): VinePPO's continuation budget re-allocated to the boundaries whose values are most uncertain.
+* :mod:`.lightning` — LightningRL (Agent Lightning, §5.7): an outside agent program's LLM calls are
+  transitions; each episode's group-normalised reward goes to every call and token of it.
 * :mod:`.oracle` — exact advantages from the task's MDP under the current policy (§9.3; the
   benchmark's upper bound, not a reviewed paper).
 * :mod:`.shaping` — PRS + VSPO (a format-then-outcome reward schedule over training and value-based
@@ -102,3 +104,4 @@ from stages.credit.methods import privileged  # noqa: F401  (sweet_rl)
 from stages.credit.methods import implicit_step  # noqa: F401  (istar)
 from stages.credit.methods import expert_irl  # noqa: F401  (stepagent)
 from stages.credit.methods import shaping  # noqa: F401  (prs, adaptseg)
+from stages.credit.methods import lightning  # noqa: F401  (lightning)
