@@ -172,3 +172,22 @@ def test_config_rules():
         load_config(["env=bifurcation", "credit=uncertainty_branching", "credit.k=3", "credit.k0=4"])
     with pytest.raises(ConfigError, match=r"credit.k0"):
         load_config(["env=bifurcation", "credit=uncertainty_branching", "credit.k0=1"])
+
+
+def test_one_train_flow_iteration_on_bifurcation(prefect_harness, shared_home):
+    """The real train flow: the mc_rollouts provider (live policy, forked environments), both
+    passes billed in the overhead, the allocation logged as metrics."""
+    from flows import api
+
+    out = api.start_run(["env=bifurcation", "iterations=1", "rollout.tasks_per_iteration=2", "rollout.group_size=2",
+                         "eval_episodes=2", "tracking.heatmap_every=0", "credit=uncertainty_branching",
+                         "credit.k=4", "credit.k0=2"], home=shared_home, progress=False)
+    run = api.tracker_for(shared_home).client.get_run(out["mlflow_run_id"])
+    m = run.data.metrics
+    assert run.info.status == "FINISHED" and run.data.tags["creditflow.method"] == "uncertainty_branching"
+    points = m["credit.method.mc_points"]
+    assert points >= 4 and m["credit.method.mc_continuations"] == 4 * points
+    assert m["credit.method.branch_first_pass"] + m["credit.method.branch_extra"] == 4 * points
+    assert 2 <= m["credit.method.branch_alloc_min"] <= m["credit.method.branch_alloc_max"] <= 16
+    assert m["overhead.credit.extra_tokens"] > 0 and m["overhead.credit.env_resets"] > 0
+    assert "update.loss" in m
