@@ -12,8 +12,9 @@ with two environment variables:
 
 The task (two chained LLM calls): the program draws three digits a, b, c from (split, task_index),
 asks ``"a+b=?"``, then, appending the model's answer to the chat history, asks ``"+c=?"``. Its own
-reward: 1.0 when the final answer is a+b+c, else 0.1 for every answer that is an integer (a format
-credit, so an untrained policy already sees reward differences). It reports each episode's
+reward: 1.0 when the final answer is a+b+c, else 0.5 / (1 + |answer - (a+b+c)|) for an integer
+answer and 0 for anything else (closeness credit, so an untrained policy already sees reward
+differences). It reports each episode's
 outcome to ``POST /v1/episodes/<id>/reward``. Every call names its episode with the
 ``X-Episode-Id`` header (the ``user`` field works too).
 
@@ -63,10 +64,10 @@ def play(base: str, ep: dict, crash: bool) -> tuple[float, bool]:
         sys.exit(3)
     messages += [{"role": "assistant", "content": first}, {"role": "user", "content": f"+{c}=?"}]
     second = chat(base, ep["episode_id"], messages)
-    answers = [as_int(first), as_int(second)]
-    if answers[1] == a + b + c:
+    answer = as_int(second)
+    if answer == a + b + c:
         return 1.0, True
-    return 0.1 * sum(x is not None for x in answers), False
+    return (0.0 if answer is None else 0.5 / (1 + abs(answer - (a + b + c)))), False
 
 
 def main() -> None:

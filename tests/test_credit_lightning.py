@@ -139,7 +139,7 @@ def test_the_example_agent_plays_against_the_endpoint_and_its_calls_become_turns
     for traj in batch.trajectories:  # a chat agent extending its history: one row, the two calls its turns
         traj.validate()
         assert len(traj.turns) == 2 and traj.meta["episode_rows"] == 1 and traj.meta["episode_calls"] == 2
-        assert traj.done_reason in ("success", "failure") and traj.reward in (0.0, 0.1, 0.2, 1.0)
+        assert traj.done_reason in ("success", "failure") and 0.0 <= traj.reward <= 1.0
         t0, t1 = traj.turns
         # policy tokens exactly the completions, with the engine's log-probs; the follow-up question is an observation
         assert [i for i, m in enumerate(traj.policy_mask) if m] == [*range(*t0.action_span), *range(*t1.action_span)]

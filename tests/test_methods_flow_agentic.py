@@ -56,3 +56,26 @@ def test_agentic_method_runs_one_iteration_through_the_flow_on_bifurcation(prefe
     for k in ("extra_forward_passes", "forward_tokens", "extra_tokens", "env_resets", "env_steps", "judge_calls"):
         assert f"overhead.credit.{k}" not in m  # zero counters are not logged: no extra compute
     CHECKS[method](m)
+
+
+def test_lightning_example_agent_trains_one_iteration_through_the_flow(prefect_harness, shared_home):
+    """Agent Lightning end to end (Luo et al. 2025; issue 18's "must be shown"): ``creditflow train
+    env=lightning credit=lightning`` serves the policy, runs examples/lightning_agent.py (an outside
+    program speaking plain HTTP) for the iteration's episodes and for the eval episodes, and its
+    calls reach the reward, credit and update stages as transitions; metrics land in MLflow."""
+    # a short format warm-up of the fresh tiny policy (its chat corpus is the family's own) keeps this test small
+    out = api.start_run(["env=lightning", "credit=lightning", *SMALL[1:3], "rollout.group_size=2", *SMALL[4:],
+                         "model.warmup_steps=20", "model.warmup_batch_size=16"], home=shared_home, progress=False)
+    run = api.tracker_for(shared_home).client.get_run(out["mlflow_run_id"])
+    assert run.info.status == "FINISHED" and run.data.tags["creditflow.method"] == "lightning"
+    m = run.data.metrics
+    assert run.data.params["env.agent_command"] == "{python} examples/lightning_agent.py"
+    # 2 tasks x 2 episodes, two chained calls each: one row per episode, the calls its turns
+    assert m["credit.method.episodes"] == 4 and m["credit.method.calls_per_episode_mean"] == 2
+    assert m["credit.method.split_episode_fraction"] == 0 and m["rollout.turns_mean"] == 2
+    assert m["rollout.env_steps"] == 8 and m["rollout.generated_tokens"] > 0
+    assert m.get("reward.done.success", 0) + m.get("reward.done.failure", 0) == 4  # every episode reported its reward
+    # the agent's own rewards differ inside the groups: non-zero credit on the calls' tokens, a real gradient
+    assert m["credit.zero_fraction"] < 1 and m["credit.abs_mean"] > 0
+    assert m["update.grad_norm"] > 0 and m["update.minibatches"] >= 1
+    assert 0 <= out["success_before"] <= 1 and 0 <= out["success_after"] <= 1  # eval episodes played by the agent too

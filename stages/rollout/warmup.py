@@ -107,7 +107,7 @@ def warmup(model, tokenizer, family: TaskFamily, cfg: ModelConfig, seed: int, me
     and after the warm-up.
     """
     stats: dict[str, Any] = {"steps": cfg.warmup_steps, "batch_size": cfg.warmup_batch_size}
-    can_measure = measure and not family.needs_sandbox
+    can_measure = measure and not family.needs_sandbox and not family.external_agent  # an outside program plays env=lightning
     if can_measure:
         before = measure_policy(model, tokenizer, family, seed + 7919, rollout_cfg=rollout_cfg)
         stats["valid_action_rate_before"] = before["valid_action_rate"]
