@@ -20,7 +20,6 @@ step; the reward model's fit loops over optimizer steps only.
 
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -32,8 +31,9 @@ from stages.benchmark.oracle import optimal_values, stack_mdps
 from stages.config_fields import param
 from stages.credit.base import CreditConfig, CreditContext, CreditMethod, encode_text
 from stages.credit.functional import grpo
+from stages.credit.policy_copy import PolicyCopyHelper
 from stages.credit.registry import register_method
-from stages.credit.segments import broadcast, policy_token_mask, segments_from_ids, unit_sums
+from stages.credit.segments import Segments, broadcast, policy_token_mask, segments_from_ids, unit_sums
 from stages.rollout.policy import sequence_logprobs
 from stages.schema import Batch, BatchTensors, CreditResult, Overhead
 
@@ -164,6 +164,12 @@ def prefix_length(iteration: int, start: int, iterations: int) -> int:
     return int(math.ceil(start * max(0.0, 1.0 - iteration / iterations)))
 
 
+def turn_index_units(tensors: BatchTensors, mask: torch.Tensor) -> Segments:
+    """The policy tokens of each response with unit k = turn k itself (not compacted as
+    :func:`~stages.credit.segments.turn_segments` does: the expert pairs are indexed by turn)."""
+    return segments_from_ids(torch.where(mask.bool(), tensors.turn_ids, torch.full_like(tensors.turn_ids, -1)))
+
+
 @dataclass
 class StepAgentConfig(CreditConfig):
     method: str = param("stepagent", help="credit-assignment method (registry name; StepAgent, Deng et al. 2024)")
@@ -186,7 +192,7 @@ class StepAgentConfig(CreditConfig):
 
 
 @register_method
-class StepAgent(CreditMethod):
+class StepAgent(PolicyCopyHelper, CreditMethod):
     """StepAgent: step-wise inverse RL from expert actions (Deng et al. 2024; survey §5.6, Appendix B row 17).
 
     **Inspection.** At every step k of an agent trajectory (state ``s_k``: the prompt and the
@@ -246,29 +252,12 @@ class StepAgent(CreditMethod):
     reference = ("Deng et al. 2024 (StepAgent: step-wise inverse RL from expert actions, implicit step reward, "
                  "novice-to-expert curriculum); survey §5.6")
 
-    def __init__(self, cfg: CreditConfig):
-        super().__init__(cfg)
-        self._policy: Optional[torch.nn.Module] = None
-        self.rm: Optional[torch.nn.Module] = None
+    helper_name, helper_state_key, adopted_stat, helper_what = "stepagent_rm", "rm_state", "rm_adopted", "its reward model"
 
-    def bind_policy(self, policy: torch.nn.Module) -> None:
-        self._policy = policy
-
-    def build_helpers(self, hidden_size: int, seed: int) -> None:
-        if self._policy is None:
-            raise ValueError("credit method 'stepagent': its reward model is a copy of the policy; bind_policy() first")
-        self.rm = copy.deepcopy(self._policy).eval()
-        self.rm.requires_grad_(True)
-
-    def helper_modules(self) -> dict[str, torch.nn.Module]:
-        return {"stepagent_rm": self.rm} if self.rm is not None else {}
-
-    def update_helpers(self, credit: CreditResult, seed: int) -> dict[str, float]:
-        state = credit.helper_inputs.get("rm_state")
-        if self.rm is None or state is None:
-            return {}
-        self.rm.load_state_dict(state)
-        return {"rm_adopted": 1.0}
+    @property
+    def rm(self) -> Optional[torch.nn.Module]:
+        """The kept implicit reward model (None until built)."""
+        return self.helper_copy
 
     def checklist_note(self) -> str:
         cfg: StepAgentConfig = self.cfg  # type: ignore[assignment]
@@ -283,14 +272,13 @@ class StepAgent(CreditMethod):
         with torch.no_grad():
             lp, _ = sequence_logprobs(model, tensors.input_ids, tensors.attention_mask, tensors.position_ids,
                                       tensors.prompt_len, temperature=temperature)
-        seg = segments_from_ids(torch.where(mask.bool(), tensors.turn_ids, torch.full_like(tensors.turn_ids, -1)))
+        seg = turn_index_units(tensors, mask)
         return cfg.beta * unit_sums((lp.cpu() - tensors.old_logprobs.float()) * mask, seg), seg
 
     def assign(self, tensors: BatchTensors, batch: Batch, ctx: CreditContext) -> CreditResult:
         cfg: StepAgentConfig = self.cfg  # type: ignore[assignment]
-        if self.rm is None:
-            self.build_helpers(0, 0)
-        assert self.rm is not None and self._policy is not None
+        rm = self.copy_to_fit()
+        assert self._policy is not None
         temperature = float(ctx.rollout_temperature)
         mask = policy_token_mask(tensors)
         B = int(mask.shape[0])
@@ -311,14 +299,12 @@ class StepAgent(CreditMethod):
             contexts.append(list(traj.prompt_ids) + list(traj.response_ids[:a]))
             agent_ids.append(list(traj.response_ids[a:e]))
         n_pairs = len(contexts)
-        rm = copy.deepcopy(self.rm)  # the kept reward model moves only when the update stage adopts the fit
         stats: dict[str, float] = {"pairs": float(n_pairs), "prefix_length": float(L),
                                    "expert_agreement": float(ex.agrees.sum()) / max(float((ex.agrees | ex.paired).sum()), 1.0)}
         fwd_passes = fwd_tokens = 0
         if n_pairs:
             mask_old = tensors.old_logprobs.float() * mask
-            seg_agent_old = unit_sums(mask_old, segments_from_ids(
-                torch.where(mask.bool(), tensors.turn_ids, torch.full_like(tensors.turn_ids, -1))))[rows, turns]
+            seg_agent_old = unit_sums(mask_old, turn_index_units(tensors, mask))[rows, turns]
             with torch.no_grad():
                 ref_expert = target_logprobs(self._policy, contexts, expert_ids, temperature)
             seq_tokens = sum(len(c) + len(t) for c, t in zip(contexts, expert_ids))

@@ -15,7 +15,6 @@ Vectorized over rows, turns and tokens; the PRM's fit loops over optimizer steps
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -26,6 +25,7 @@ from stages.config_fields import param
 from stages.credit.base import CreditConfig, CreditContext, CreditMethod
 from stages.credit.functional import grpo
 from stages.credit.group_stats import group_stats
+from stages.credit.policy_copy import PolicyCopyHelper
 from stages.credit.registry import register_method
 from stages.credit.segments import broadcast, policy_token_mask, turn_segments, unit_sums
 from stages.rollout.policy import sequence_logprobs
@@ -108,7 +108,7 @@ class IStarConfig(CreditConfig):
 
 
 @register_method
-class IStar(CreditMethod):
+class IStar(PolicyCopyHelper, CreditMethod):
     """iStar: implicit step rewards for agentic RL (Liu et al. 2025; survey §5.6, Appendix B row 29).
 
     An implicit process reward model ``pi_phi`` (an LM of the policy's architecture, initialised
@@ -152,40 +152,20 @@ class IStar(CreditMethod):
     needs = frozenset({"rollout_temperature"})
     reference = "Liu et al. 2025 (iStar: implicit step rewards from a trajectory-DPO implicit PRM, step + episode advantages); survey §5.6"
 
-    def __init__(self, cfg: CreditConfig):
-        super().__init__(cfg)
-        self._policy: Optional[torch.nn.Module] = None
-        self.prm: Optional[torch.nn.Module] = None
+    helper_name, helper_state_key, adopted_stat, helper_what = "istar_prm", "prm_state", "prm_adopted", "its implicit PRM"
 
-    def bind_policy(self, policy: torch.nn.Module) -> None:
-        self._policy = policy
-
-    def build_helpers(self, hidden_size: int, seed: int) -> None:
-        if self._policy is None:
-            raise ValueError("credit method 'istar': its implicit PRM is a copy of the policy; bind_policy() first")
-        self.prm = copy.deepcopy(self._policy).eval()
-        self.prm.requires_grad_(True)
-
-    def helper_modules(self) -> dict[str, torch.nn.Module]:
-        return {"istar_prm": self.prm} if self.prm is not None else {}
-
-    def update_helpers(self, credit: CreditResult, seed: int) -> dict[str, float]:
-        state = credit.helper_inputs.get("prm_state")
-        if self.prm is None or state is None:
-            return {}
-        self.prm.load_state_dict(state)
-        return {"prm_adopted": 1.0}
+    @property
+    def prm(self) -> Optional[torch.nn.Module]:
+        """The kept implicit PRM (None until built)."""
+        return self.helper_copy
 
     def assign(self, tensors: BatchTensors, batch: Batch, ctx: CreditContext) -> CreditResult:
         cfg: IStarConfig = self.cfg  # type: ignore[assignment]
-        if self.prm is None:
-            self.build_helpers(0, 0)
-        assert self.prm is not None
+        prm = self.copy_to_fit()
         temperature = float(ctx.rollout_temperature)
         mask = policy_token_mask(tensors)
         returns = tensors.token_level_rewards.float().sum(-1)
         pairs = outcome_pairs(returns, tensors.index, cfg.pair_margin)
-        prm = copy.deepcopy(self.prm)  # the kept PRM moves only when the update stage adopts the fit
         stats = fit_prm(prm, tensors, pairs, cfg.beta, cfg.prm_steps, cfg.prm_lr, temperature)
         with torch.no_grad():
             lp, _ = sequence_logprobs(prm, tensors.input_ids, tensors.attention_mask, tensors.position_ids,
