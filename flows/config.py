@@ -333,6 +333,11 @@ def check_learnable(cfg: DictConfig) -> Optional[ConfigError]:
             f"needs privileged training-time information ({' or '.join(method.needs_privileged)} in Trajectory.privileged) "
             f"and env.name={cfg.env.name} declares none (TaskFamily.privileged_keys); use a family that has it "
             "(e.g. env=tooluse, experiment=math)")
+    if method.needs_plan_turn and not cfg.env.get("plan_first", False):
+        return problem_error(
+            "credit.method", method.name,
+            f"needs a plan turn at the start of every episode and env.name={cfg.env.name} has none (env.plan_first "
+            "is not set; the plan-first variant exists for env=bifurcation): there is no plan to credit")
     family = get_family_class(cfg.env.name)
     replays = {"mc_rollouts", "greedy_rollout"} & set(method.needs)
     if family.external_agent and replays:

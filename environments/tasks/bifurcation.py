@@ -81,6 +81,18 @@ variant; the episode, the exact DP and the exported :class:`TabularMDP` all deri
   (tested against exhaustive Monte Carlo of the environment itself in every variant).
 * The sandboxed mode implements ``decisive`` only (a config rule refuses the other variants).
 
+Plan first (``env.plan_first=true``; PilotRL, Lu et al. 2025, survey §5.4)
+-------------------------------------------------------------------------
+Any variant, in-process or sandboxed, can be played by a *planning* agent: the episode is wrapped
+in :class:`environments.plan_first.PlanFirstEnv` (see there for the parse, ``plan_score`` and the
+ground truth). The prompt is the header followed by ``"plan for cues a b b a:"`` (every turn's cue,
+in order: ``-`` on routine turns without distractors, ``*`` at varh's stop turn); the policy
+answers with its plan on one line, e.g. ``" BAAB\n"`` (one letter per turn; spaces ignored),
+and the first turn's observation ``"t1 cue a"`` follows. The optimal path the plan is scored
+against is the rule's answer at every decisive turn (routine turns: any valid letter), with
+varh's ``S`` at the stop turn (and nothing after it). The plan turn does not step the task; the
+execution turns and their ground truth are exactly those of the plain episode.
+
 Text protocol
 -------------
 The rollout and warm-up code rely on this; the transcript of an episode is exactly the
@@ -139,11 +151,13 @@ from __future__ import annotations
 import random
 from typing import Any, Optional
 
-from environments.base import SPLITS, TaskFamily, TaskInstance, derive_seed
+from environments.base import SPLITS, Environment, TaskFamily, TaskInstance, derive_seed
+from environments.plan_first import PlanFirstEnv, PlanSpec
 from environments.registry import register_family
 from environments.tasks.bifurcation_config import (
     CUES,
     NO_CUE,
+    STOP_ACTION,
     STOP_CUE,
     BifurcationConfig,
     format_action,
@@ -153,6 +167,18 @@ from environments.tasks.bifurcation_dp import exact_tables, exact_values
 from environments.tasks.bifurcation_env import BifurcationEnv
 from environments.tasks.bifurcation_sandboxed import SandboxedBifurcationEnv
 
+
+
+def plan_spec(env: BifurcationEnv) -> PlanSpec:
+    """The plan turn of a bifurcation episode (module docstring, "Plan first"): the prompt shows
+    every turn's cue; the optimal path is the rule's answer on decisive turns (``S`` at varh's
+    stop turn, where the episode ends)."""
+    optimal: list[Optional[str]] = list(env.answers)
+    stop = env.instance.spec.get("stop_turn")
+    if stop is not None:
+        optimal = optimal[:stop] + [STOP_ACTION]
+    return PlanSpec(prompt=env.prompt_header + f"plan for cues {' '.join(env.cues)}:",
+                    first_observation=env.observation(0), actions=env.letters, optimal=tuple(optimal))
 
 
 @register_family
@@ -221,9 +247,14 @@ class BifurcationFamily(TaskFamily):
             tables = self._tables_cache[key] = exact_tables(instance.spec, self.cfg)
         return tables
 
-    def make(self, instance: TaskInstance, sandbox: Any = None, episode_seed: int = 0) -> BifurcationEnv:
+    def make(self, instance: TaskInstance, sandbox: Any = None, episode_seed: int = 0) -> Environment:
         """A :class:`BifurcationEnv`; with ``env.sandboxed`` a :class:`SandboxedBifurcationEnv`,
-        which needs ``sandbox`` (ValueError without one)."""
+        which needs ``sandbox`` (ValueError without one); with ``env.plan_first`` either wrapped in
+        a :class:`~environments.plan_first.PlanFirstEnv` (module docstring, "Plan first")."""
+        env = self._make(instance, sandbox, episode_seed)
+        return PlanFirstEnv(env, plan_spec) if self.cfg.plan_first else env
+
+    def _make(self, instance: TaskInstance, sandbox: Any = None, episode_seed: int = 0) -> BifurcationEnv:
         spec = instance.spec
         for k in ("horizon", "num_actions", "decisive", "cues", "answers"):
             if k not in spec:
@@ -270,6 +301,9 @@ class BifurcationFamily(TaskFamily):
             "text_protocol": "policy emits '<LETTER>\\n' right after the observation's ':'; a turn ends at the first '\\n'",
             "execution": ("every transition computed by a stdlib step script inside the episode's sandbox"
                           if c.sandboxed else "in-process"),
+            **({"plan_first": "turn 0 is a global plan (one letter per turn, cues ahead shown) that does not step the "
+                              "task; plan_score = share of decisive turns the plan answers with the rule's action"}
+               if c.plan_first else {}),
         }
 
     def profile(self) -> dict[str, Any]:
@@ -302,6 +336,11 @@ class BifurcationFamily(TaskFamily):
             env = BifurcationEnv(self.cfg, inst, episode_seed=rng.getrandbits(31), tables=self._tables(inst))
             prompt = env.reset()
             turns: list[tuple[str, str]] = []
+            if self.cfg.plan_first:  # a plan turn of random letters, one per turn (format, not the answer)
+                spec = plan_spec(env)
+                prompt = spec.prompt
+                turns.append((" " + "".join(rng.choice(env.letters) for _ in spec.optimal) + "\n",
+                              spec.first_observation))
             while True:
                 text = format_action(rng.choice(env.letters))
                 res = env.step(text)

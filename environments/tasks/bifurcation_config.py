@@ -50,6 +50,9 @@ class BifurcationConfig(EnvConfig):
                          "stop at the turn cued '*'); survey §9.3", choices=VARIANTS)
     continue_cost: float = param(0.0, help="variant=varh: turn reward -continue_cost for every turn the policy "
                                  "continues (answers a letter instead of S)", ge=0)
+    plan_first: bool = param(False, help="turn 0 asks for a global plan of the episode (the cues ahead are shown; "
+                             "the plan names one letter per turn) before the first cue; the plan turn does not step "
+                             "the task (PilotRL's plan-first agents, Lu et al. 2025; environments/plan_first.py)")
 
     def config_rules(self):
         """Rules between fields (checked by stages.config_fields.check)."""

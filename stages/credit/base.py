@@ -179,6 +179,9 @@ class CreditMethod(abc.ABC):
     #: privileged keys (``Trajectory.privileged``) of which the method needs at least one (e.g. IGPO:
     #: ``("answer",)``): the loader refuses a family whose ``TaskFamily.privileged_keys`` has none of them
     needs_privileged: ClassVar[tuple[str, ...]] = ()
+    #: True when the method reads a plan turn at turn 0 of every trajectory (PilotRL; the plan-first
+    #: variant, :mod:`environments.plan_first`): the loader refuses it unless ``env.plan_first`` is set
+    needs_plan_turn: ClassVar[bool] = False
     #: what the method needs the stages to provide: a subset of :data:`NEEDS`
     needs: ClassVar[frozenset[str]] = frozenset()
     #: short citation of the paper / survey section the method implements

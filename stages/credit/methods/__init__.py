@@ -44,6 +44,8 @@ One module per method family (survey Appendix B "Methodology" column):
   benchmark's upper bound, not a reviewed paper).
 * :mod:`.shaping` — PRS + VSPO (a format-then-outcome reward schedule over training and value-based
   task sampling, §5.7) and the adaptive segment-level reward (balanced pivot segments, §5.7).
+* :mod:`.planning` (also) — PilotRL (§5.4): progressive plan-level, then step-level, then token-level
+  credit for agents that write a global plan first (the plan-first variant, ``env.plan_first=true``).
 
 How to add a method
 -------------------
