@@ -338,3 +338,18 @@ def test_adaptseg_one_iteration_on_bifurcation(prefect_harness, shared_home):
     # iteration 0: pi_old = pi_ref, so the segment rewards are float noise; segments stay balanced
     assert m["credit.method.segment_reward_abs_mean"] < 1e-3
     assert 1.0 <= m["credit.method.segments_per_response"] <= 3.0
+
+
+@pytest.mark.slow  # builds and warms up its own tiny policy (the plan-first corpus changes the tokenizer): 80 s here at load 9 on 2 cores
+def test_pilotrl_one_iteration_on_bifurcation_with_a_plan_turn(prefect_harness, shared_home):
+    """PilotRL through the real flow on the plan-first variant (env.plan_first=true): every episode
+    opens with a plan turn the task does not step on; iteration 0 is the cascade's phase 1, so only
+    the plan tokens carry credit; no extra passes. The refusal without a plan turn is tested in
+    tests/test_credit_pilotrl.py."""
+    run, m = _run(shared_home, ["credit=pilotrl", "env.plan_first=true"])
+    assert run.data.tags["creditflow.method"] == "pilotrl" and run.data.params["env.plan_first"] == "True"
+    assert m["credit.method.phase"] == 1.0
+    assert 0.0 < m["credit.method.plan_token_fraction"] < 1.0  # the plan turn's tokens among the policy's
+    assert m["credit.method.step_level_abs_mean"] == 0.0 and m["credit.method.token_level_abs_mean"] == 0.0
+    assert 0.0 <= m["credit.method.plan_score_mean"] <= 1.0 and 0.0 <= m["credit.method.plan_follow_rate"] <= 1.0
+    assert m.get("overhead.credit.extra_forward_passes", 0) == 0
