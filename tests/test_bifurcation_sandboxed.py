@@ -12,6 +12,7 @@ from environments.sandbox import ProcessBackend, SandboxConfig
 from environments.tasks.bifurcation import BifurcationFamily
 from environments.tasks.bifurcation_config import BifurcationConfig
 from environments.tasks.bifurcation_sandboxed import SandboxedBifurcationEnv
+from tests.env_support import play_alike
 
 CFG = BifurcationConfig(horizon=5, num_decisive=2, num_actions=3, slip_prob=0.3, decisive_reward=0.5)
 
@@ -43,14 +44,7 @@ def test_identical_trajectories(backend, terminate_on_error):
         e1, e2 = plain.make(inst, episode_seed=seed), boxed.make(inst, backend.create(), episode_seed=seed)
         assert isinstance(e2, SandboxedBifurcationEnv)
         assert e1.reset() == e2.reset() and e1.state_key() == e2.state_key()
-        actions = []
-        while True:
-            a = rng.choice(choices)
-            r1, r2 = e1.step(a), e2.step(a)
-            assert r1 == r2
-            actions.append(r1.action)
-            if r1.done:
-                break
+        actions = play_alike(e1, e2, iter(lambda: rng.choice(choices), None))
         assert e1.ground_truth(actions) == e2.ground_truth(actions)
         assert e2.stats()["sandbox_execs"] == len(actions) and e2.stats()["sandbox_seconds"] > 0
 

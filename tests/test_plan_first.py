@@ -16,6 +16,7 @@ from environments.plan_first import PlanFirstEnv, parse_plan, plan_adherence, pl
 from environments.tasks.bifurcation import BifurcationFamily
 from environments.tasks.bifurcation_config import BifurcationConfig
 from stages.benchmark.oracle import played_advantages, policy_values, stack_mdps
+from tests.env_support import play_alike
 
 CFG = BifurcationConfig(horizon=5, num_decisive=2, num_actions=3, slip_prob=0.3, decisive_reward=0.5)
 PLAN = replace(CFG, plan_first=True)
@@ -135,13 +136,7 @@ def test_sandboxed_plan_first_gives_the_in_process_episodes(tmp_path):
             seed = rng.getrandbits(31)
             e1, e2 = plain.make(inst, episode_seed=seed), boxed.make(inst, backend.create(), episode_seed=seed)
             assert e1.reset() == e2.reset()
-            actions = []
-            for a in [" ACB\n"] + [rng.choice([" A\n", " B\n", " C\n", "x\n"]) for _ in range(5)]:
-                r1, r2 = e1.step(a), e2.step(a)
-                assert r1 == r2
-                actions.append(r1.action)
-                if r1.done:
-                    break
+            actions = play_alike(e1, e2, [" ACB\n"] + [rng.choice([" A\n", " B\n", " C\n", "x\n"]) for _ in range(5)])
             assert e1.ground_truth(actions) == e2.ground_truth(actions)
             assert e2.stats()["sandbox_execs"] == len(actions) - 1  # the plan turn runs nothing in the sandbox
             assert e2.stats()["plan_score"] == e1.stats()["plan_score"]

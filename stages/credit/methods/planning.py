@@ -82,6 +82,14 @@ def _step_token_plan(pattern: re.Pattern[str], text: str, pieces: list[str]) -> 
     return (cum[ends] - cum[starts]) > 0
 
 
+def _float_rewards_and_mask(tensors: BatchTensors) -> tuple[torch.Tensor, torch.Tensor]:
+    """((B, R) token rewards as float, (B, R) 0/1 policy-token mask in their dtype)."""
+    rewards = tensors.token_level_rewards
+    if not rewards.is_floating_point():
+        rewards = rewards.float()
+    return rewards, (tensors.response_mask != 0).to(rewards.dtype)
+
+
 @register_method
 class HICRA(CreditMethod):
     """HICRA: GRPO advantage, amplified by ``alpha·|A|`` on the tokens of the family's planning
@@ -122,10 +130,7 @@ class HICRA(CreditMethod):
 
     def assign(self, tensors: BatchTensors, batch: Batch, ctx: CreditContext) -> CreditResult:
         cfg: HICRAConfig = self.cfg  # type: ignore[assignment]
-        rewards = tensors.token_level_rewards
-        if not rewards.is_floating_point():
-            rewards = rewards.float()
-        mask = (tensors.response_mask != 0).to(rewards.dtype)
+        rewards, mask = _float_rewards_and_mask(tensors)
         B, R = mask.shape
         if len(batch.trajectories) != B:
             raise ValueError(f"credit method 'hicra': batch has {len(batch.trajectories)} trajectories, tensors have {B} rows")
@@ -291,10 +296,7 @@ class PilotRL(CreditMethod):
 
     def assign(self, tensors: BatchTensors, batch: Batch, ctx: CreditContext) -> CreditResult:
         cfg: PilotRLConfig = self.cfg  # type: ignore[assignment]
-        rewards = tensors.token_level_rewards
-        if not rewards.is_floating_point():
-            rewards = rewards.float()
-        mask = (tensors.response_mask != 0).to(rewards.dtype)
+        rewards, mask = _float_rewards_and_mask(tensors)
         B, R = mask.shape
         tid = tensors.turn_ids
         K = max(tensors.max_turns, 1)
