@@ -340,7 +340,6 @@ def test_adaptseg_one_iteration_on_bifurcation(prefect_harness, shared_home):
     assert 1.0 <= m["credit.method.segments_per_response"] <= 3.0
 
 
-@pytest.mark.slow  # one train-flow iteration with judge passes and real replays (132 s alone here incl. the policy warm-up)
 def test_c3_model_counterfactual_one_iteration_on_bifurcation_compared_with_the_replay(prefect_harness, shared_home):
     """C3 with credit.counterfactual_outcome=model and the live policy as the judge (credit.judge=policy),
     compare_replay=true: the judge predicts every counterfactual's outcome, the same counterfactual
