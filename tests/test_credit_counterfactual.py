@@ -45,11 +45,8 @@ class UniformLetters(RolloutEngine):
         return out
 
 
-@pytest.fixture(scope="module")
-def setup():
-    """Horizon 3, one decisive turn, two letters, no slips: after the decisive turn the outcome is
-    fixed (any valid letter keeps the episode on track), before it it is a coin flip."""
-    family = BifurcationFamily(BifurcationConfig(horizon=3, num_decisive=1, num_actions=2, slip_prob=0.0))
+def _build(**family):
+    family = BifurcationFamily(BifurcationConfig(horizon=3, num_decisive=1, num_actions=2, slip_prob=0.0, **family))
     texts = [p + "".join(a + o for a, o in steps) for p, steps in family.warmup_corpus(32, 0)]
     tok = build_tokenizer(300, texts)
     player = SlotPlayer(family=family, engine=UniformLetters(tok, "AB"), tokenizer=tok,
@@ -57,6 +54,13 @@ def setup():
     envb = build_env_batch(family, 8, 4, family.pool_size("train"), 0, 3)
     batch, _, _ = player.play(envb.slots, 11, 1.0)
     return family, player, envb, batch
+
+
+@pytest.fixture(scope="module")
+def setup():
+    """Horizon 3, one decisive turn, two letters, no slips: after the decisive turn the outcome is
+    fixed (any valid letter keeps the episode on track), before it it is a coin flip."""
+    return _build()
 
 
 def _credit(method, setup, seed=5):
@@ -223,3 +227,245 @@ def test_one_train_flow_iteration_on_bifurcation(prefect_harness, shared_home, m
     assert m["overhead.credit.extra_tokens"] > 0 and m["overhead.credit.forward_tokens"] > 0
     assert 0.0 <= m["credit.method.counterfactual_baseline_mean"] <= 1.0 + 1e-6
     assert "update.loss" in m
+
+
+# --------------------------------------------------------------------------------------------
+# the model-based counterfactual (credit.counterfactual_outcome=model): an LLM predicts the outcome
+# --------------------------------------------------------------------------------------------
+
+
+class RuleFollower(RolloutEngine):
+    """Test policy for the replays' continuations: the family's hidden rule applied to the last cue of
+    the context (``B`` on a turn without one) — a deterministic expert, so that on bifurcation without
+    distractors and slips the outcome after a counterfactual action is a function of the turns the
+    judge is shown: the decisive turn ahead is always taken right, the one behind is as it was."""
+
+    name = "rule-follower"
+
+    def __init__(self, tok, family):
+        self.tok, self.rule = tok, family.rule
+        self.stats = {"forward_passes": 0}
+
+    def letter(self, text: str) -> str:
+        cue = text.rsplit("cue ", 1)[-1].split()[0] if "cue " in text else "-"
+        return self.rule.get(cue, "B")
+
+    def _generate(self, requests, max_new_tokens, stop_token_ids, temperature, top_p):
+        self.stats["forward_passes"] += 1
+        out = []
+        for r in requests:
+            ids = self.tok.encode(format_action(self.letter(self.tok.decode(r.context_ids))), add_special_tokens=False)
+            out.append(GenerationOutput(ids, [0.0] * len(ids), [0.0] * len(ids), "stop"))
+        return out
+
+
+class TableJudge:
+    """Test double of an LLM judge (``prompt_scores``): each prompt's answer looked up in a table
+    (nan for a prompt it was not given), with the counters real judges keep."""
+
+    def __init__(self, table: dict[str, float]):
+        self.table, self.calls, self.prompt_tokens, self.completion_tokens, self.forward_passes = table, 0, 0, 0, 0
+        self.asked: list[str] = []
+
+    def prompt_scores(self, prompts):
+        self.calls += len(prompts)
+        self.forward_passes += 1
+        self.prompt_tokens += sum(len(p.split()) for p in prompts)
+        self.asked += list(prompts)
+        return torch.tensor([self.table.get(p, float("nan")) for p in prompts])
+
+
+class ConstJudge(TableJudge):
+    def __init__(self, c: float):
+        super().__init__({})
+        self.c = c
+
+    def prompt_scores(self, prompts):
+        super().prompt_scores(prompts)
+        return torch.full((len(prompts),), self.c)
+
+
+class SampleThenReplay:
+    """The ``mc_rollouts`` provider of the model tests: counterfactual actions sampled by the batch's
+    policy (uniform letters), replays continued by :class:`RuleFollower` (a deterministic policy)."""
+
+    def __init__(self, sampler: MCContinuations, replayer: MCContinuations):
+        self.sample_actions, self._replayer = sampler.sample_actions, replayer
+
+    def __call__(self, starts, k, replacements=None):
+        return self._replayer(starts, k, replacements=replacements)
+
+
+def _true_outcome(family, follower, slot, turns_before, action: str) -> float:
+    """Independent reference: a fresh environment through the recorded turns, ``action``, then the
+    rule follower's letter for each observation until the end; the terminal reward."""
+    env = family.make(slot.instance, episode_seed=slot.episode_seed)
+    env.reset()
+    for turn in turns_before:
+        env.step(turn.action_text)
+    r = env.step(action)
+    while not r.done:
+        r = env.step(format_action(follower.letter(r.observation)))
+    return float(r.info.get("terminal_reward", r.reward))
+
+
+@pytest.fixture(scope="module")
+def model_setup():
+    """The module's task without distractor cues (only the decisive turn shows a cue, so a turn's
+    text determines its outcome, as a judge needs), a deterministic-continuation replayer, and the
+    table of true outcomes of every (trajectory, turn, letter) counterfactual, keyed by the prompt
+    the method asks the judge."""
+    from stages.reward.judge_prompts import counterfactual_outcome_prompt
+
+    setup = _build(distractors=False)
+    family, player, envb, batch = setup
+    follower = RuleFollower(player.tokenizer, family)
+    const = SlotPlayer(family=family, engine=follower, tokenizer=player.tokenizer, rollout=player.rollout)
+    slots = {s.uid: s for s in envb.slots}
+    table: dict[str, float] = {}
+    for tr in batch.trajectories:
+        for t in range(len(tr.turns)):
+            for letter in "AB":
+                p = counterfactual_outcome_prompt(tr, t, format_action(letter))
+                v = _true_outcome(family, follower, slots[tr.uid], tr.turns[:t], format_action(letter))
+                assert table.setdefault(p, v) == v, "two counterfactuals with one prompt and different outcomes"
+                table[p] = v
+    return setup, const, table
+
+
+def _model_ctx(setup, const, judge, seed=5):
+    family, player, envb, batch = setup
+    mc = SampleThenReplay(MCContinuations(player, envb, batch, lambda name: seed),
+                          MCContinuations(const, envb, batch, lambda name: seed))
+    return CreditContext(mc_rollouts=mc, judge=judge, default_action=family.default_action), mc
+
+
+@pytest.mark.parametrize("counterfactual", ["default", "resample"])
+def test_model_with_a_true_outcome_judge_equals_the_replay(model_setup, counterfactual):
+    """Defining property of counterfactual_outcome=model: the credit is the realized return-to-go
+    minus the judge's predicted outcome of each counterfactual action. With a stub judge that answers
+    the *true* outcome of the counterfactual (deterministic transitions and continuation, computed
+    independently of the method), it equals the replay's credit on every turn: for ``default``
+    against C3's own replay mode, for ``resample`` against the real replays of the same sampled
+    actions (``compare_replay``). Wrong wirings fail: asking about the real action instead of the
+    counterfactual, or pairing predictions with the wrong turns, gives a different credit."""
+    setup, const, table = model_setup
+    batch = setup[3]
+    judge = TableJudge(table)
+    ctx, mc = _model_ctx(setup, const, judge)
+    k = 1 if counterfactual == "default" else 4
+    cfg = dict(k=k, counterfactual=counterfactual)
+    res = C3(C3Config(counterfactual_outcome="model", compare_replay=True, **cfg))(batch.to_tensors(), batch, ctx)
+    present = ~torch.isnan(res.credit)
+    assert res.stats["unparsed_predictions"] == 0 and res.stats["model_predictions"] == len(judge.asked)
+    assert res.stats["compare_credit_abs_diff"] == 0.0 and res.stats["compare_outcome_mae"] == 0.0
+    assert res.stats["compare_spearman"] == pytest.approx(1.0)
+    assert bool((res.credit[present] != 0).any())  # not the degenerate all-zero credit
+    if counterfactual == "default":
+        # C3's own replay mode, the deterministic continuation: the same credit on every turn
+        rep = C3(C3Config(**cfg))(batch.to_tensors(), batch, CreditContext(mc_rollouts=mc, default_action=setup[0].default_action))
+        assert torch.equal(res.credit[present], rep.credit[present])
+        assert all("action: A\n" in p for p in judge.asked)  # the default letter, never the real one
+    else:
+        letters = {p.split("action: ")[-1][0] for p in judge.asked}
+        assert letters == {"A", "B"}  # the policy really resampled (both letters), not the real action
+    # a judge asked about the real action (the wrong wiring) answers the realized outcome: credit 0
+    real_table = {}
+    for tr in batch.trajectories:
+        for t, turn in enumerate(tr.turns):
+            from stages.reward.judge_prompts import counterfactual_outcome_prompt
+            for letter in "AB":
+                real_table[counterfactual_outcome_prompt(tr, t, format_action(letter))] = table[
+                    counterfactual_outcome_prompt(tr, t, turn.action_text)]
+    wrong = C3(C3Config(counterfactual_outcome="model", **cfg))(batch.to_tensors(), batch, _model_ctx(setup, const, TableJudge(real_table))[0])
+    assert not torch.equal(wrong.credit[present], res.credit[present])
+
+
+@pytest.mark.parametrize("counterfactual", ["default", "resample"])
+def test_model_with_a_constant_judge_is_the_realized_return_minus_the_constant(model_setup, counterfactual):
+    """A judge that says nothing (P(success) = c for every counterfactual) makes the baseline c on
+    every turn: the credit is ``G_t(real) - c`` exactly (the documented relation), not 0."""
+    setup, const, _ = model_setup
+    batch = setup[3]
+    ctx, _ = _model_ctx(setup, const, ConstJudge(0.25))
+    res = C3(C3Config(counterfactual_outcome="model", k=3, counterfactual=counterfactual))(batch.to_tensors(), batch, ctx)
+    from stages.credit.methods.counterfactual import realized_returns_to_go
+
+    real = realized_returns_to_go(batch, res.credit.shape[1])
+    present = ~torch.isnan(real)
+    assert torch.equal(torch.isnan(res.credit), ~present)
+    assert torch.allclose(res.credit[present], real[present] - 0.25)
+
+
+def test_model_spends_judge_tokens_not_environment_steps(model_setup):
+    """Overhead of counterfactual_outcome=model: the policy's samples of the counterfactual actions
+    (2 generated tokens each: letter + newline) and one judge query per counterfactual; no environment
+    reset, fork or step. compare_replay records the replay's side beside it (env steps, forks) and
+    the cost ratios."""
+    setup, const, table = model_setup
+    batch = setup[3]
+    k = 3
+    n_turns = sum(len(t.turns) for t in batch.trajectories)
+    judge = TableJudge(table)
+    ctx, _ = _model_ctx(setup, const, judge)
+    res = C3(C3Config(counterfactual_outcome="model", k=k))(batch.to_tensors(), batch, ctx)
+    o = res.overhead
+    assert o.env_steps == 0 and o.env_resets == 0 and o.env_restores == 0
+    assert o.judge_calls == k * n_turns == judge.calls and o.extra_tokens == 2 * k * n_turns
+    assert o.forward_tokens >= judge.prompt_tokens > 0
+    assert res.stats["counterfactual_replays"] == 0 and res.stats["model_env_steps"] == 0
+    cmp = C3(C3Config(counterfactual_outcome="model", k=k, compare_replay=True))(batch.to_tensors(), batch, _model_ctx(setup, const, TableJudge(table))[0])
+    s = cmp.stats
+    assert s["model_env_steps"] == 0 and s["replay_env_steps"] > 0 and s["replay_env_forks"] > 0
+    assert s["replay_judge_calls"] == 0 and s["model_judge_calls"] == k * n_turns
+    assert s["cost_ratio_env_steps"] == 0.0 and s["counterfactual_replays"] == k * n_turns
+    assert cmp.overhead.env_steps == s["replay_env_steps"] and cmp.overhead.judge_calls == k * n_turns
+    # the ground-truth comparison is there on bifurcation (exact per-turn advantages)
+    assert 0.0 <= s["compare_model_gt_sign_accuracy"] <= 1.0 and 0.0 <= s["compare_replay_gt_sign_accuracy"] <= 1.0
+
+
+def test_model_differs_from_grpo_where_the_outcome_is_decided(model_setup):
+    """Differential vs GRPO, as for replay C3: with the true-outcome judge the routine turns after the
+    decisive one get exactly 0 (the counterfactual cannot change a decided outcome) where GRPO gives
+    every token of a mixed group's row its non-zero outcome advantage."""
+    setup, const, table = model_setup
+    batch = setup[3]
+    t = batch.to_tensors()
+    grpo = F.grpo(t.token_level_rewards, t.response_mask, t.index)[0]
+    ctx, _ = _model_ctx(setup, const, TableJudge(table))
+    res = C3(C3Config(counterfactual_outcome="model", k=2))(t, batch, ctx)
+    _, dec, after = _exact(batch)
+    on = t.response_mask != 0
+    after_tok = after.gather(1, t.turn_ids.clamp(min=0)) & on & (t.turn_ids >= 0)
+    mixed = [b for b in range(len(batch)) if float(grpo[b][on[b]].abs().max()) > 1e-6 and after_tok[b].any()]
+    assert mixed
+    for b in mixed:
+        assert bool((res.advantages[b][after_tok[b]] == 0).all()) and bool((grpo[b][after_tok[b]] != 0).all())
+    assert not torch.allclose(res.advantages, grpo)
+
+
+def test_ccpo_model_with_a_true_outcome_judge_is_the_outcome_difference(model_setup):
+    """CCPO with counterfactual_outcome=model: both arms predicted, ATE = P(success | real action) -
+    P(success | default action); with the true-outcome judge and the deterministic continuation
+    it equals CCPO's replay credit (compare_replay) turn by turn."""
+    setup, const, table = model_setup
+    batch = setup[3]
+    ctx, _ = _model_ctx(setup, const, TableJudge(table))
+    res = CCPO(CCPOConfig(counterfactual_outcome="model", counterfactual="default", compare_replay=True, k=2))(
+        batch.to_tensors(), batch, ctx)
+    assert res.stats["compare_credit_abs_diff"] == 0.0 and res.stats["unparsed_predictions"] == 0
+    assert bool((res.credit[~torch.isnan(res.credit)] != 0).any())
+
+
+def test_model_config_errors_are_one_line():
+    from flows.config import ConfigError, load_config
+
+    for over, pat in ((["credit.compare_replay=true"], r"credit.compare_replay.*needs credit.counterfactual_outcome=model"),
+                      (["credit.judge=openai"], r"credit.judge.*read only with credit.counterfactual_outcome=model"),
+                      (["credit.counterfactual_outcome=oracle"], r"credit.counterfactual_outcome")):
+        with pytest.raises(ConfigError, match=pat) as exc:
+            load_config(["env=bifurcation", "credit=c3", *over])
+        assert "\n" not in str(exc.value)
+    cfg = load_config(["env=bifurcation", "credit=ccpo", "credit.counterfactual_outcome=model", "credit.compare_replay=true"])
+    assert cfg.credit.counterfactual_outcome == "model"
+    assert C3(C3Config(counterfactual_outcome="model", counterfactual="default")).needs == frozenset({"judge", "default_action"})

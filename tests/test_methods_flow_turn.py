@@ -353,3 +353,22 @@ def test_pilotrl_one_iteration_on_bifurcation_with_a_plan_turn(prefect_harness, 
     assert m["credit.method.step_level_abs_mean"] == 0.0 and m["credit.method.token_level_abs_mean"] == 0.0
     assert 0.0 <= m["credit.method.plan_score_mean"] <= 1.0 and 0.0 <= m["credit.method.plan_follow_rate"] <= 1.0
     assert m.get("overhead.credit.extra_forward_passes", 0) == 0
+
+
+def test_c3_model_counterfactual_one_iteration_on_bifurcation_compared_with_the_replay(prefect_harness, shared_home):
+    """C3 with credit.counterfactual_outcome=model and the live policy as the judge (credit.judge=policy),
+    compare_replay=true: the judge predicts every counterfactual's outcome, the same counterfactual
+    actions are also really replayed, and the agreement and cost ratio are MLflow metrics."""
+    run, m = _run(shared_home, ["credit=c3", "credit.k=2", "credit.counterfactual_outcome=model",
+                                "credit.compare_replay=true"])
+    assert run.data.params["credit.counterfactual_outcome"] == "model" and run.data.params["credit.judge"] == "policy"
+    turns = m["credit.method.predicted_turns"]
+    assert turns >= ROWS and m["credit.method.model_predictions"] == 2 * turns
+    assert m["credit.method.model_judge_calls"] == 2 * turns and m["overhead.credit.judge_calls"] == 2 * turns
+    assert m["credit.method.model_env_steps"] == 0 and m["credit.method.replay_env_steps"] >= 2 * turns
+    assert m["credit.method.counterfactual_replays"] == 2 * turns and m["credit.method.cost_ratio_env_steps"] == 0
+    assert m["credit.method.model_forward_tokens"] > 0 and m["credit.method.cost_ratio_forward_tokens"] > 0
+    assert 0.0 <= m["credit.method.predicted_success_mean"] <= 1.0
+    assert 0.0 <= m["credit.method.compare_outcome_mae"] <= 1.0
+    assert 0.0 <= m["credit.method.compare_model_gt_sign_accuracy"] <= 1.0
+    assert "update.loss" in m

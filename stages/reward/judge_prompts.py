@@ -125,3 +125,15 @@ def explanation_score_prompt(traj, k: int, explanation: str) -> str:
              f"Explanation: {_clean(explanation)}",
              f"Given this explanation, did turn {k + 1} help the outcome? Answer yes or no."]
     return "\n".join(lines) + "\nAnswer:"
+
+
+def counterfactual_outcome_prompt(traj, k: int, action: str) -> str:
+    """C3's model-based counterfactual (survey §5.2: an LLM estimates the outcome instead of a
+    replay): the task, the turns before ``k`` as they happened, turn ``k`` with the counterfactual
+    ``action`` in place of the real one (no observation: it was never executed, and no later turn or
+    outcome), "Will the episode end in success?" ending in ``"Answer:"``."""
+    lines = trajectory_lines(traj)[: k + 1]
+    lines.append(f"Turn {k + 1}: action: {_clean(action)}")
+    lines.append(f"If the agent takes this action at turn {k + 1} and then plays on, will the episode end in "
+                 "success? Answer yes or no.")
+    return "\n".join(lines) + "\nAnswer:"

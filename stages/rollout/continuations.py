@@ -187,3 +187,40 @@ class MCContinuations:
         overhead.extra_forward_passes = int(player.engine.stats["forward_passes"] - forwards)
         overhead.forward_tokens = int(player.engine.stats.get("forward_tokens", 0) - ftoks)
         return returns, overhead
+
+    def sample_actions(self, starts: list[tuple[int, int]], k: int) -> tuple[list[list[str]], Overhead]:
+        """``k`` fresh policy samples of each start's turn action, *without* the environment (C3's
+        model-based counterfactual, :mod:`stages.credit.methods.counterfactual`): every ``(row,
+        position)`` must be a turn's action start; the context is the trajectory's prompt and response
+        up to it, sampled as the agent loop samples a turn (``rollout.max_new_tokens_per_turn``, the
+        rollout temperature and top-p, the turn's stop tokens), all ``N*k`` requests in one batched
+        engine call. Returns the decoded action texts (N lists of k) and the generation's overhead
+        (no environment resets or steps)."""
+        from stages.rollout.agent_loop import _truncate, _turn_seed, stop_token_ids
+        from stages.rollout.engine import GenerationRequest
+
+        if k < 1:
+            raise ValueError(f"mc_rollouts: k must be >= 1, got {k}")
+        player, cfg = self.player, self.player.rollout
+        requests, seed = [], self.seed_for(f"cfa{self.calls}")
+        for row, pos in starts:
+            traj = self.batch.trajectories[row]
+            t = self._locate(row, pos)
+            if t is None or traj.turns[t].action_span[0] != pos:
+                raise ValueError(f"mc_rollouts: sample_actions needs a turn's action start, got position {pos} of {traj.uid}")
+            ctx = list(traj.prompt_ids) + list(traj.response_ids[:pos])
+            requests += [GenerationRequest(context_ids=ctx, seed=_turn_seed(seed, f"{traj.uid}-cfa{pos}-{j}", t),
+                                           shared_prefix=len(ctx)) for j in range(k)]
+        self.calls += 1
+        if not requests:
+            return [], Overhead()
+        engine = player.engine
+        forwards, ftoks = engine.stats["forward_passes"], engine.stats.get("forward_tokens", 0)
+        budget = int(cfg.max_new_tokens_per_turn)
+        outs = [_truncate(o, budget) for o in engine.generate(requests, budget, stop_token_ids(player.tokenizer),
+                                                               float(cfg.temperature), float(cfg.top_p))]
+        texts = [player.tokenizer.decode(list(o.token_ids), skip_special_tokens=True) for o in outs]
+        overhead = Overhead(extra_tokens=sum(len(o.token_ids) for o in outs),
+                            extra_forward_passes=int(engine.stats["forward_passes"] - forwards),
+                            forward_tokens=int(engine.stats.get("forward_tokens", 0) - ftoks))
+        return [texts[n * k:(n + 1) * k] for n in range(len(starts))], overhead
