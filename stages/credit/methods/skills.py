@@ -25,7 +25,7 @@ from torch import nn
 
 from stages.config_fields import param
 from stages.credit import functional as F
-from stages.credit.base import CreditConfig, CreditContext, CreditMethod
+from stages.credit.base import CreditConfig, CreditContext, CreditMethod, check_hidden
 from stages.credit.group_stats import pooled_turn_normalize
 from stages.credit.registry import register_method
 from stages.credit.reverse_scan import reverse_discounted_scan
@@ -253,11 +253,8 @@ class SCRIBE(CreditMethod):
 
     def assign(self, tensors: BatchTensors, batch: Batch, ctx: CreditContext) -> CreditResult:
         cfg: SCRIBEConfig = self.cfg  # type: ignore[assignment]
-        hidden = ctx.hidden_states
-        B, R = tensors.response_mask.shape
-        if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3 or tuple(hidden.shape[:2]) != (B, R):
-            got = tuple(hidden.shape) if isinstance(hidden, torch.Tensor) else type(hidden).__name__
-            raise ValueError(f"credit method 'scribe': ctx.hidden_states must be (B, R, H) with (B, R) = {(B, R)}, got {got}")
+        hidden = check_hidden(self.name, ctx.hidden_states, tensors)
+        B = hidden.shape[0]
         if len(batch.trajectories) != B:
             raise ValueError(f"credit method 'scribe': needs the batch's trajectories (which steps succeeded), "
                              f"got {len(batch.trajectories)} for {B} rows")
