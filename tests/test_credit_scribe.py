@@ -107,19 +107,25 @@ def test_differential_vs_grpo_empty_library_and_alpha_zero_are_grpo_exactly():
     # alpha > 0: SCRIBE - GRPO is alpha times the group-normalised fit x value, on each step's tokens
     m = _scribe(alpha=0.5)
     _set_library(m, [0, 1, 2], [1.0, 0.0, 0.5])
-    res = m(t, batch, ctx)
     feats = ctx.hidden_states
     K = 3
     step_x = torch.stack([torch.stack([feats[b][t.turn_ids[b] == k].mean(0) for k in range(K)]) for b in range(len(rows))])
     step_x = torch.nn.functional.normalize(step_x, dim=-1)
     fit, j = (step_x @ torch.eye(H)[:3].T).max(-1)
     r = fit * torch.tensor([1.0, 0.0, 0.5])[j]
-    z = pooled_turn_normalize(r, torch.ones_like(r, dtype=torch.bool), t.index, 1e-6)
-    diff = res.advantages - grpo
-    for b in range(len(rows)):
-        for k in range(K):
-            assert torch.allclose(diff[b][t.turn_ids[b] == k], 0.5 * z[b, k], atol=1e-5)
-    assert not torch.allclose(res.advantages, grpo)
+    everywhere = torch.ones_like(r, dtype=torch.bool)
+    for by_std in (False, True):  # centred on the group's pooled mean (default), or turn-level GRPO
+        m.cfg.step_norm_by_std = by_std
+        res = m(t, batch, ctx)
+        z = pooled_turn_normalize(r, everywhere, t.index, 1e-6, scale=by_std)
+        if not by_std:  # the reference by hand: r minus the mean of its group's 12 steps
+            g = torch.tensor([0] * 4 + [1] * 4)
+            assert torch.allclose(z, r - torch.stack([r[g == q].mean() for q in (0, 1)])[g].unsqueeze(1), atol=1e-6)
+        diff = res.advantages - grpo
+        for b in range(len(rows)):
+            for k in range(K):
+                assert torch.allclose(diff[b][t.turn_ids[b] == k], 0.5 * z[b, k], atol=1e-5)
+        assert not torch.allclose(res.advantages, grpo)
 
 
 def _reference_kmeans(x, m, iters, seed):
@@ -169,7 +175,7 @@ def test_spherical_kmeans_matches_a_reference_and_recovers_separated_clusters():
 
 
 def test_library_merge_prototypes_from_successes_values_from_all_matched_steps():
-    lib = SkillLibrary(H, capacity=3)
+    lib = SkillLibrary(H, capacity=3, centered=False)  # raw geometry: exact expectations below
     e = torch.eye(H)
     feats = torch.stack([e[0], e[0], e[1], e[1], e[2]])
     returns = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0])
@@ -188,6 +194,28 @@ def test_library_merge_prototypes_from_successes_values_from_all_matched_steps()
     # full: a new unmatched success is dropped, the size stays bounded
     out = lib.merge(e[4:5], torch.tensor([1.0]), torch.tensor([True]), 0.5, 0.5, 10, 0)
     assert int(lib.size) == 3 and out["skills_dropped_success_steps"] == 1
+
+
+def test_centring_makes_the_router_tell_actions_apart_when_hidden_states_share_a_direction():
+    """A policy's hidden states share a dominant direction: raw mean-pooled features of two different
+    actions have cosine ~1, so without centring every prototype fits every step. With the library's
+    running mean subtracted, each step fits its own skill's prototype."""
+    g = torch.Generator().manual_seed(0)
+    common = 10.0 * _basis(7)
+    skill = torch.tensor([0, 1] * 6)
+    raw = common + torch.eye(H)[skill] + 0.05 * torch.randn(12, H, generator=g)
+    returns, success = skill.float(), torch.ones(12, dtype=torch.bool)
+    for centered, expect_apart in ((False, False), (True, True)):
+        lib = SkillLibrary(H, capacity=4, centered=centered)
+        lib.merge(raw, returns, success, threshold=0.5, ema=0.5, iters=10, seed=0)
+        x = lib.embed(raw)
+        protos, values = lib.active()
+        if not expect_apart:
+            assert float((x @ protos.T).min()) > 0.98  # every step fits every prototype: no routing
+        else:
+            fit, j = (x @ protos.T).max(-1)
+            assert bool((fit > 0.9).all()) and float((x[skill == 0] @ x[skill == 1].T).max()) < 0
+            assert torch.equal(values[j], returns)  # each step routed to its skill's prototype and value
 
 
 def test_the_library_persists_in_the_policy_checkpoint(tmp_path):

@@ -3,13 +3,14 @@ Models", arXiv 2601.03555; survey §5.7, Appendix B row 39, a CA-adjacent enable
 mid level between tokens and episodes, by matching each step to a library of skill prototypes.
 
 * :func:`step_mean_features` — each step's feature: the policy's last-layer hidden states mean-pooled
-  over the step's action tokens (read from ``ctx.hidden_states``), unit-normalised;
+  over the step's action tokens (read from ``ctx.hidden_states``); the library centres it on its
+  running mean feature and scales it to unit norm (:meth:`SkillLibrary.embed`);
 * :func:`spherical_kmeans` — seeded k-means under cosine similarity (farthest-point init, Lloyd
   steps as segment reductions);
 * :class:`SkillLibrary` — the bounded library: ``num_prototypes`` unit prototypes, each with a value,
   kept in registered buffers (saved with every policy checkpoint, restored on resume);
 * :class:`SCRIBE` — the credit method: a step's reward is ``fit x value`` of its nearest prototype,
-  group-normalised over the group's matched steps and added to GRPO's outcome advantage.
+  centred on the group's pooled mean over its matched steps and added to GRPO's outcome advantage.
 
 Vectorized over rows, steps and tokens; the only Python loops are k-means iterations and the
 farthest-point initialisation over the (small, fixed) number of new prototypes.
@@ -35,12 +36,13 @@ from stages.schema import Batch, BatchTensors, CreditResult
 
 def step_mean_features(hidden: torch.Tensor, seg: Segments) -> torch.Tensor:
     """(B, R, H) hidden states -> (B, K, H): the mean of each step's hidden states over its policy
-    tokens, scaled to unit norm (cosine geometry); 0 for absent steps."""
+    tokens; 0 for absent steps."""
     B, R, H = hidden.shape
     inside = (seg.seg_id >= 0).unsqueeze(-1).to(torch.float32)
     idx = seg.seg_id.clamp(min=0).unsqueeze(-1).expand(B, R, H)
     sums = torch.zeros(B, seg.K, H).scatter_add_(1, idx, hidden.float() * inside)
-    return nn.functional.normalize(sums, dim=-1) * seg.present.unsqueeze(-1).to(torch.float32)
+    counts = torch.zeros(B, seg.K).scatter_add_(1, seg.seg_id.clamp(min=0), inside.squeeze(-1))
+    return sums / counts.clamp(min=1).unsqueeze(-1) * seg.present.unsqueeze(-1).to(torch.float32)
 
 
 def nearest(x: torch.Tensor, centroids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,11 +103,18 @@ class SkillLibrary(nn.Module):
     ``state_dict``: saved in every policy checkpoint as ``helper.skills.safetensors``).
 
     ``prototypes`` (M, H) unit vectors (rows ``0..size-1`` in use), ``value`` (M,) each prototype's
-    expected return-to-go, ``mass`` (M,) how many steps have matched it in all, ``size`` and
-    ``updates`` (batches merged) scalars."""
+    expected return-to-go, ``mass`` (M,) how many steps have matched it in all, ``center`` (H,) the
+    running mean of the raw step features (EMA over merged batches; the first batch sets it),
+    ``size`` and ``updates`` (batches merged) scalars.
 
-    def __init__(self, hidden_size: int, capacity: int):
+    Centring: a policy's hidden states share a dominant direction, so raw mean-pooled features
+    of different actions have cosines near 1 and every step would fit every prototype; the cosine
+    geometry is taken after subtracting ``center`` (``centered=False``: raw features)."""
+
+    def __init__(self, hidden_size: int, capacity: int, centered: bool = True):
         super().__init__()
+        self.centered = centered
+        self.register_buffer("center", torch.zeros(hidden_size))
         self.register_buffer("prototypes", torch.zeros(capacity, hidden_size))
         self.register_buffer("value", torch.zeros(capacity))
         self.register_buffer("mass", torch.zeros(capacity))
@@ -116,16 +125,24 @@ class SkillLibrary(nn.Module):
     def capacity(self) -> int:
         return int(self.value.shape[0])
 
+    def embed(self, raw: torch.Tensor) -> torch.Tensor:
+        """(..., H) raw step features -> unit vectors after centring on ``center``."""
+        return nn.functional.normalize(raw.float() - self.center if self.centered else raw.float(), dim=-1)
+
     def active(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(prototypes (size, H), value (size,)) of the prototypes in use."""
         n = int(self.size)
         return self.prototypes[:n], self.value[:n]
 
     @torch.no_grad()
-    def merge(self, features: torch.Tensor, returns: torch.Tensor, success: torch.Tensor, threshold: float,
+    def merge(self, raw: torch.Tensor, returns: torch.Tensor, success: torch.Tensor, threshold: float,
               ema: float, iters: int, seed: int) -> dict[str, float]:
-        """Merge one batch of steps: unit ``features`` (N, H), their ``returns`` (N,) (return-to-go)
-        and ``success`` (N,) bool (the step belongs to a successful episode).
+        """Merge one batch of steps: raw features ``raw`` (N, H) (:func:`step_mean_features`), their
+        ``returns`` (N,) (return-to-go) and ``success`` (N,) bool (the step belongs to a successful
+        episode).
+
+        0. ``center`` moves by EMA toward the batch's mean raw feature (the first batch sets it);
+           the steps are embedded with it (:meth:`embed`).
 
         1. Successful steps that fit an existing prototype (cosine >= ``threshold``) move it by EMA:
            ``p <- normalise((1 - ema) p + ema * mean of its matched successful steps)``.
@@ -134,6 +151,10 @@ class SkillLibrary(nn.Module):
         3. Values: every step (successful or not) fitting a prototype contributes its return; an old
            prototype's value moves by EMA toward the mean, a new one takes the mean (or, matched by
            no step, the mean return of its cluster's members)."""
+        if raw.shape[0]:
+            mean_raw = raw.float().mean(0)
+            self.center.copy_(mean_raw if int(self.updates) == 0 else (1 - ema) * self.center + ema * mean_raw)
+        features = self.embed(raw)
         n0 = int(self.size)
         p_old = self.prototypes[:n0]
         fit, idx = nearest(features, p_old)
@@ -173,6 +194,8 @@ class SCRIBEConfig(CreditConfig):
     method: str = param("scribe", help="credit-assignment method (registry name; SCRIBE, Jiang and Ferraro 2026)")
     num_prototypes: int = param(16, help="capacity of the skill-prototype library (SCRIBE's curated library of skill prototypes; here learned from successful steps, bounded, persisted with every checkpoint)", ge=1)
     alpha: float = param(1.0, help="weight of the prototype-fit step advantage added to GRPO's outcome advantage (SCRIBE combines the mid-level skill reward with the outcome reward); 0 = GRPO", ge=0)
+    center_features: bool = param(True, help="cosine geometry after subtracting the library's running mean step feature (the hidden states of a policy share a dominant direction: raw features of different actions have cosines near 1); false: raw mean-pooled features")
+    step_norm_by_std: bool = param(False, help="divide the step rewards' deviation from the group's pooled mean by its std (turn-level GRPO); false: centred only, so a small spread of prototype values stays a small credit")
     fit_threshold: float = param(0.5, help="cosine similarity a step needs to its nearest prototype to be routed to it (SCRIBE's router); below it the step gets only the outcome advantage", ge=-1, le=1)
     ema: float = param(0.2, help="EMA rate of a prototype's centroid and value toward each new batch's matched steps", gt=0, le=1)
     kmeans_iters: int = param(20, help="at most this many Lloyd steps of the seeded spherical k-means that turns unmatched successful steps into new prototypes", ge=1)
@@ -200,15 +223,19 @@ class SCRIBE(CreditMethod):
         f_k       = normalise(mean of the policy's hidden states over step k's action tokens)
         j_k, s_k  = argmax_j cos(f_k, p_j), max_j cos(f_k, p_j)          (the router; fit s_k)
         r_k       = s_k * v_{j_k}        if s_k >= fit_threshold, else no step reward
-        A_k       = A_GRPO + alpha * (r_k - mean_g) / (std_g + eps)      (matched steps)
+        A_k       = A_GRPO + alpha * (r_k - mean_g)                       (matched steps)
         A_k       = A_GRPO                                                (unmatched steps)
 
+    (``f_k`` is centred on the library's running mean feature before the normalisation,
+    ``credit.center_features``; ``credit.step_norm_by_std`` divides ``r_k - mean_g`` by ``std_g + eps``,
+    turn-level GRPO: off by default, because with near-equal prototype values it blows a tiny spread
+    up to unit-size credit — in the first reduced benchmark run it did, and the policy collapsed.)
     ``mean_g``, ``std_g`` pool the matched steps of a group's trajectories
     (:func:`~stages.credit.group_stats.pooled_turn_normalize`). Steps are ``Trajectory.step_spans``
     where a family declares them, else turns (:func:`~stages.credit.segments.step_segments`).
 
     The library (:class:`SkillLibrary`) persists across iterations: the credit stage scores the batch
-    with it as it stands (built from the earlier iterations) and records the batch's step features,
+    with it as it stands (built from the earlier iterations) and records the batch's raw step features,
     returns-to-go and success (``CreditResult.helper_inputs``); the update stage merges them
     (:meth:`SkillLibrary.merge`: EMA of matched prototypes, seeded k-means of the unmatched
     successful steps into the free slots, EMA of the values from every matched step), and the
@@ -238,7 +265,7 @@ class SCRIBE(CreditMethod):
 
     def build_helpers(self, hidden_size: int, seed: int) -> None:
         cfg: SCRIBEConfig = self.cfg  # type: ignore[assignment]
-        self.library = SkillLibrary(hidden_size, cfg.num_prototypes)
+        self.library = SkillLibrary(hidden_size, cfg.num_prototypes, cfg.center_features)
 
     def helper_modules(self) -> dict[str, nn.Module]:
         return {"skills": self.library} if self.library is not None else {}
@@ -264,14 +291,15 @@ class SCRIBE(CreditMethod):
         mask = policy_token_mask(tensors)
         seg = step_segments(tensors, batch)
         p = seg.present
-        feats = step_mean_features(hidden, seg)
+        raw = step_mean_features(hidden, seg)
+        feats = self.library.embed(raw) * p.unsqueeze(-1).to(torch.float32)
         protos, values = self.library.active()
         fit, j = nearest(feats.reshape(-1, feats.shape[-1]), protos)
         fit, j = fit.reshape(p.shape), j.reshape(p.shape)
         matched = p & (fit >= cfg.fit_threshold)
         v_j = values[j] if len(values) else torch.zeros_like(fit)
         r = torch.where(matched, fit * v_j, torch.zeros_like(fit))
-        step_adv = pooled_turn_normalize(r, matched, tensors.index, cfg.epsilon) if bool(matched.any()) else torch.zeros_like(r)
+        step_adv = pooled_turn_normalize(r, matched, tensors.index, cfg.epsilon, scale=cfg.step_norm_by_std)
         rewards = tensors.token_level_rewards.float()
         episode = F._grpo_scalars(rewards, mask, tensors.index, cfg.epsilon, cfg.norm_adv_by_std)  # (B,)
         adv = episode.unsqueeze(1) * mask + cfg.alpha * broadcast(step_adv, seg, mask)
@@ -283,6 +311,6 @@ class SCRIBE(CreditMethod):
                  "step_reward_mean": float(r[matched].mean()) if bool(matched.any()) else 0.0,
                  "prototype_value_mean": float(values.mean()) if len(values) else 0.0,
                  "steps_per_trajectory": float(p.sum(-1).float().mean())}
-        helper_inputs = {"features": feats[p], "returns": returns[p], "success": success[p]}
+        helper_inputs = {"features": raw[p], "returns": returns[p], "success": success[p]}
         return CreditResult(advantages=adv, granularity="step", credit=step_adv, returns=adv, stats=stats,
                             helper_inputs=helper_inputs)
