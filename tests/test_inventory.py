@@ -140,6 +140,7 @@ def test_spot_checks_against_table_10(rows):
 IMPLEMENTED = [(1, "vineppo"), (2, "red"), (3, "t_reg"), (4, "dpo_implicit"), (5, "spo"), (6, "scar"), (7, "tempo"),
                (8, "pure"), (9, "spro"), (10, "capo"), (11, "acpo"), (12, "hicra"), (13, "prl"), (14, "int"),
                (16, "archer"), (17, "stepagent"), (18, "poad"), (19, "gigpo"), (20, "sweet_rl"), (21, "agentprm"), (22, "mt_grpo"), (23, "turn_ppo"), (24, "grpo"), (25, "tarl"), (26, "itpo"), (27, "igpo"), (28, "carl"), (29, "istar"), (30, "pilotrl"), (31, "lare"), (32, "hcapo"), (33, "c3"), (34, "ccpo"), (35, "criticsearch"), (36, "spa"), (37, "lightning"), (38, "starpo"),
+               (39, "scribe"),
                (40, "prs"), (41, "adaptseg"),
                (None, "grpo")]
 

@@ -372,3 +372,32 @@ def test_c3_model_counterfactual_one_iteration_on_bifurcation_compared_with_the_
     assert 0.0 <= m["credit.method.compare_outcome_mae"] <= 1.0
     assert 0.0 <= m["credit.method.compare_model_gt_sign_accuracy"] <= 1.0
     assert "update.loss" in m
+
+
+def test_scribe_one_iteration_on_bifurcation_builds_and_saves_its_skill_library(prefect_harness, shared_home):
+    """SCRIBE through the flow, one iteration on bifurcation (4 x 4 episodes, as the SPA test: the
+    seeded batch has successes): the credit stage scores with the empty library (GRPO, nothing
+    routed), the update stage builds prototypes from the batch's successful steps, and the
+    checkpoint carries the library (scoring with a restored library: tests/test_credit_scribe.py).
+    The hidden-states forward over the batch is the overhead."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    run_id = "cf-test-scribe-library"
+    over = SMALL[:2] + ["rollout.tasks_per_iteration=4", "rollout.group_size=4"] + SMALL[4:] + ["credit=scribe"]
+    out = api.start_run(over, home=shared_home, progress=False, run_id=run_id)
+    run = api.tracker_for(shared_home).client.get_run(out["mlflow_run_id"])
+    assert run.info.status == "FINISHED" and run.data.tags["creditflow.method"] == "scribe"
+    assert run.data.params["update.loss"] == "grpo"
+    m = run.data.metrics
+    assert m["overhead.credit.extra_forward_passes"] >= 1 and m["overhead.credit.forward_tokens"] > 0
+    assert m["overhead.credit.wall_seconds"] > 0
+    assert m["credit.method.library_size"] == 0 == m["credit.method.matched_step_fraction"]
+    assert m["credit.method.steps_per_trajectory"] > 1
+    assert m["reward.reward_mean"] > 0  # the seeded batch has successes to build prototypes from
+    n0 = m["update.skills_library_size"]
+    assert 1 <= n0 <= 16
+    lib = load_file(str(Path(shared_home) / "runs" / run_id / "checkpoints" / "iter_0000" / "helper.skills.safetensors"))
+    assert int(lib["size"]) == n0 and int(lib["updates"]) == 1
+    assert bool((lib["value"][: int(n0)] >= 0).all())

@@ -48,6 +48,15 @@ def critic_values(method: str, critic: Critic, tensors: BatchTensors) -> torch.T
     return values.detach()
 
 
+def check_hidden(method: str, hidden: Any, tensors: BatchTensors) -> torch.Tensor:
+    """``ctx.hidden_states`` as a (B, R, H) tensor, else one ``ValueError`` naming the method."""
+    B, R = tensors.response_mask.shape
+    if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3 or tuple(hidden.shape[:2]) != (B, R):
+        got = tuple(hidden.shape) if isinstance(hidden, torch.Tensor) else type(hidden).__name__
+        raise ValueError(f"credit method '{method}': ctx.hidden_states must be a (B, R, H) tensor with (B, R) = {(B, R)}, got {got}")
+    return hidden.float()
+
+
 class MCRollouts(Protocol):
     """Monte Carlo continuations with the current policy from points inside the batch's episodes
     (VinePPO §3.1.1, SPO §3.1.5, Math-Shepherd-style process rewards).

@@ -71,11 +71,12 @@ def group_stats(
 
 
 def pooled_turn_normalize(u: torch.Tensor, present: torch.Tensor, index: IndexLike,
-                          epsilon: float = 1e-6) -> torch.Tensor:
+                          epsilon: float = 1e-6, scale: bool = True) -> torch.Tensor:
     """Turn-level group normalisation (IGPO, CriticSearch: survey §5.5, §5.2): every present turn
     reward ``u[b, k]`` of a group's trajectories is pooled into one sample, and each is replaced by
     ``(u - mean_g) / (std_g + epsilon)`` (unbiased std over the group's pooled turns, as
     ``torch.std``; a group with a single turn reward keeps mean 0 and std 1, verl's singleton rule).
+    ``scale=False``: centred only, ``u - mean_g`` (Dr. GRPO's rule, on the reward's own scale).
     ``u``, ``present``: (B, K); absent turns stay 0. Segment reductions, no loop."""
     B = u.shape[0]
     gid, G = group_ids(index, B, device=u.device)
@@ -86,6 +87,8 @@ def pooled_turn_normalize(u: torch.Tensor, present: torch.Tensor, index: IndexLi
     single = count <= 1
     mean = torch.where(single, torch.zeros_like(total), total / count.clamp(min=1))
     centred = (x - mean[gid].unsqueeze(1)) * p
+    if not scale:
+        return centred
     ss = torch.zeros(G, dtype=u.dtype, device=u.device).index_add_(0, gid, (centred * centred).sum(-1))
     std = torch.where(single, torch.ones_like(ss), torch.sqrt(ss / (count - 1).clamp(min=1)))
     return centred / (std[gid].unsqueeze(1) + epsilon) * p

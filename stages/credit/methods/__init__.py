@@ -46,6 +46,8 @@ One module per method family (survey Appendix B "Methodology" column):
   task sampling, §5.7) and the adaptive segment-level reward (balanced pivot segments, §5.7).
 * :mod:`.planning` (also) — PilotRL (§5.4): progressive plan-level, then step-level, then token-level
   credit for agents that write a global plan first (the plan-first variant, ``env.plan_first=true``).
+* :mod:`.skills` — SCRIBE (§5.7): a persisted library of skill prototypes (seeded k-means of successful
+  steps' hidden-state features); a step's credit is its fit to the nearest prototype times that prototype's value.
 
 How to add a method
 -------------------
@@ -107,3 +109,4 @@ from stages.credit.methods import implicit_step  # noqa: F401  (istar)
 from stages.credit.methods import expert_irl  # noqa: F401  (stepagent)
 from stages.credit.methods import shaping  # noqa: F401  (prs, adaptseg)
 from stages.credit.methods import lightning  # noqa: F401  (lightning)
+from stages.credit.methods import skills  # noqa: F401  (scribe)

@@ -19,14 +19,14 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 from torch import nn
 
 from stages.benchmark.metrics import spearman
 from stages.config_fields import param
-from stages.credit.base import CreditConfig, CreditContext, CreditMethod
+from stages.credit.base import CreditConfig, CreditContext, CreditMethod, check_hidden
 from stages.credit.group_stats import group_stats
 from stages.credit.masked_stats import masked_whiten
 from stages.credit.registry import register_method
@@ -65,15 +65,6 @@ def soft_update(target: nn.Module, online: nn.Module, tau: float) -> None:
     with torch.no_grad():
         for pt, p in zip(target.parameters(), online.parameters()):
             pt.mul_(1.0 - tau).add_(p.detach(), alpha=tau)
-
-
-def check_hidden(method: str, hidden: Any, tensors: BatchTensors) -> torch.Tensor:
-    """``ctx.hidden_states`` as a (B, R, H) tensor, else one ``ValueError`` naming the method."""
-    B, R = tensors.response_mask.shape
-    if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3 or tuple(hidden.shape[:2]) != (B, R):
-        got = tuple(hidden.shape) if isinstance(hidden, torch.Tensor) else type(hidden).__name__
-        raise ValueError(f"credit method '{method}': ctx.hidden_states must be a (B, R, H) tensor with (B, R) = {(B, R)}, got {got}")
-    return hidden.float()
 
 
 def turn_features(hidden: torch.Tensor, seg: Segments) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
