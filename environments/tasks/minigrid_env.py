@@ -283,7 +283,8 @@ class MiniGridEnv(GymTextEnv):
         mode = self.cfg.ground_truth
         if mode == "none":
             return None
-        idx = [len(ACTIONS) if a is None else self.parse(a)[0] for a in actions]
+        # names (the agent loop's StepResult.action) or indices (self.actions); None = invalid
+        idx = [a if isinstance(a, int) else (None if a is None else self.parse(a)[0]) for a in actions]
         idx = [len(ACTIONS) if a is None else a for a in idx]
         tables = self._tables() if mode in ("exact", "auto") else None
         if tables is not None:
