@@ -19,18 +19,46 @@ steps the environment with MiniGrid's no-op ``done`` action, so the environment'
 (and its success reward ``1 - 0.9 * steps / max_steps``) keeps counting turns; or ends the episode
 (``env.invalid_action=end``). Rewards, termination and truncation are MiniGrid's.
 
-Ground truth (``env.ground_truth=exact``): the reachable true states (agent cell and direction,
-what it carries, the grid's encoding with door states and object positions) are enumerated by BFS
-from the instance's reset state, stepping a working copy of the environment set to each state
-(:func:`enumerate_states`); MiniGrid's transitions are deterministic for these environments, so
-backward induction over ``env.max_turns`` turns with the time-dependent success reward gives the
-exact V/Q/advantage of every played turn under the uniform policy over the 7 actions (or the
-optimal one). More than ``env.max_states`` reachable states: no ground truth for that instance
-(counted in ``stats()["gt_missing"]``). The MDP is not exported (the horizon x states x actions x
-states table of the oracle would be too large), so ``credit=oracle`` is refused here; the
-``credit.gt_*`` metrics use the ground truth. Limits: box contents are not part of the encoding
-(no environment listed above puts objects in boxes); stochastic MiniGrid environments (dynamic
-obstacles) are outside the exact DP's assumptions.
+Layouts and splits. Procedurally generated ids (Empty-Random, DoorKey, KeyCorridor, MultiRoom,
+...) lay out a different grid per reset seed; an instance's *layout* is its reset state and
+mission, hashed into ``spec["layout"]`` (:func:`environments.tasks.minigrid_gt.layout_key`).
+``env.split_by=layout`` (the default) gives every layout to one split by that hash (1 in
+``env.eval_share`` to eval; the "warmup" stream draws train layouts): instance ``i`` of a split is
+the first reset seed of the stream ``(split, seed, i, attempt)`` whose layout hashes to the split,
+so train and eval never share a layout, for any seeds (``tests/test_minigrid_layouts.py``).
+``env.split_by=seed`` keeps disjoint reset-seed streams only (a small layout space then repeats
+layouts across the splits); ids with one fixed layout (Empty-5x5) need it, and the config loader
+says so when 64 reset seeds do not give layouts in both splits.
+
+Ground truth (``env.ground_truth``; :mod:`environments.tasks.minigrid_gt`):
+
+* ``exact``: the reachable true states (agent cell and direction, what it carries, the grid's
+  encoding with door states and object positions) are enumerated by BFS from the layout's reset
+  state, stepping working copies of the environment that keep the objects the environment refers
+  to (KeyCorridor's ball, Unlock's door: their success tests object identity); MiniGrid's
+  transitions are deterministic, so backward induction over ``env.max_turns`` turns with the
+  time-dependent success reward (0 past MiniGrid's ``max_steps``) gives the exact V/Q/advantage of
+  every played turn under the uniform policy over the 7 actions (or the optimal one). Once per
+  layout, cached (256 layouts); its cost is ``stats()["gt_bfs_seconds"]`` of the episode that
+  ran it. More than ``env.max_states`` reachable states: no ground truth for that layout
+  (``stats()["gt_missing"]``). Sizes here: Empty-Random-5x5 36 states, KeyCorridorS3R1 284,
+  DoorKey-5x5 308, MultiRoom-N2-S4 68, DoorKey-6x6 1368 (3 s), Unlock 9348 (~20 s).
+* ``mc``: the played actions are replayed on a working copy; V of every turn's state (and of the
+  state after the last) is the mean return of ``env.gt_rollouts`` uniform-policy rollouts over the
+  turns left, with MiniGrid's own rewards and truncation; Q = the turn's reward + V(next); standard
+  errors in ``value_se``/``advantage_stderr`` (:class:`environments.ground_truth.MCGroundTruth`);
+  decisive = |A| above twice its standard error; cost in ``stats()["gt_mc_rollouts"]``,
+  ``gt_mc_env_steps``, ``gt_mc_seconds``. For the ids too large to enumerate (KeyCorridorS3R2+,
+  MultiRoom-N4+, DoorKey-8x8+, ObstructedMaze).
+* ``auto``: ``exact`` where the layout has at most ``env.max_states`` states, else ``mc``.
+
+Refused at config time (one line): ``exact``/``mc``/``auto`` and ``sandboxed`` for the
+Dynamic-Obstacles ids (random obstacle moves: both estimators assume deterministic transitions);
+``exact``/``auto`` and ``sandboxed`` for ObstructedMaze (objects hidden in boxes: box contents are
+not in the grid encoding, the BFS would merge distinct states; ``mc`` works); ``mc``/``auto`` with
+``reference_policy=optimal``. The MDP is not exported (the oracle's horizon x states x actions
+tables would be too large), so ``credit=oracle`` is refused here; the ``credit.gt_*`` metrics use
+the ground truth.
 
 Sandboxed mode (``env.sandboxed=true``; survey §8.2, safety during training). Which option, and
 why: the sandboxes run the system ``python3`` with the standard library only (the process backend under bubblewrap exposes ``/usr`` but not the project's virtual environment;
