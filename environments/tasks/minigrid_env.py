@@ -50,7 +50,11 @@ Ground truth (``env.ground_truth``; :mod:`environments.tasks.minigrid_gt`):
   decisive = |A| above twice its standard error; cost in ``stats()["gt_mc_rollouts"]``,
   ``gt_mc_env_steps``, ``gt_mc_seconds``. For the ids too large to enumerate (KeyCorridorS3R2+,
   MultiRoom-N4+, DoorKey-8x8+, ObstructedMaze).
-* ``auto``: ``exact`` where the layout has at most ``env.max_states`` states, else ``mc``.
+* ``auto``: ``exact`` where the layout has at most ``env.max_states`` states, else ``mc``; the
+  BFS runs first on every new layout, and giving up costs time (KeyCorridorS3R2: 58 s to pass
+  20000 states here under load; MultiRoom-N4-S5: 5312 states in 68 s, DoorKey-8x8: 7232 in 36 s),
+  so ``mc`` (or a smaller ``env.max_states``) suits the large ids. Under the uniform policy their
+  values from a random episode are mostly 0 (no rollout reaches the goal in 30 turns).
 
 Refused at config time (one line): ``exact``/``mc``/``auto`` and ``sandboxed`` for the
 Dynamic-Obstacles ids (random obstacle moves: both estimators assume deterministic transitions);
