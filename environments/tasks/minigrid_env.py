@@ -335,7 +335,7 @@ class MiniGridEnv(GymTextEnv):
         gym_actions = [a if a < len(ACTIONS) else (DONE if noop else None) for a in idx]
         rng = random.Random(derive_seed("minigrid-gt", self.instance.seed, self.episode_seed))
         K = int(self.cfg.gt_rollouts)
-        mc = mc_credit(self.family.reset_state(self.instance), idx, gym_actions, int(self.cfg.max_turns), K, rng)
+        mc = mc_credit(self.family.reset_state(self.instance), gym_actions, int(self.cfg.max_turns), K, rng)
         n = len(idx)
         v, se = np.asarray(mc.value), np.asarray(mc.value_se)
         q = np.asarray(mc.rewards) + v[1:]

@@ -212,19 +212,17 @@ class MCCredit:
     seconds: float
 
 
-def mc_credit(u: Any, actions: list[int], gym_actions: list[Optional[int]], horizon: int, rollouts: int,
-              rng: random.Random) -> MCCredit:
+def mc_credit(u: Any, gym_actions: list[Optional[int]], horizon: int, rollouts: int, rng: random.Random) -> MCCredit:
     """MC ground truth of an episode from the reset state ``u`` holds: the played ``gym_actions``
     (None: the turn ended the episode, ``env.invalid_action=end``) are replayed on a working copy;
     at each turn t (and after the last) V is the mean return of ``rollouts`` episodes of uniformly
     random actions over the ``horizon - t`` turns left, with MiniGrid's own rewards (its step
-    counter is the turn, so the success reward is the time-dependent one) and its truncation.
-    ``actions`` is the played turns' count source only (``len``)."""
+    counter is the turn, so the success reward is the time-dependent one) and its truncation."""
     t0 = time.perf_counter()
     w = StateCopier.working_copy(u)
     copier = StateCopier(w)
     max_steps = int(w.max_steps)
-    n = len(actions)
+    n = len(gym_actions)
     values, ses, rewards = [], [], []
     steps = done_rollouts = 0
     ended = False
