@@ -8,7 +8,7 @@ that environments need nothing from ``stages`` but the config fields.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 
@@ -34,6 +34,17 @@ class GroundTruthCredit:
     #: standard error of each ``value`` (and of the value after the last turn, so ``len = turns + 1``)
     #: where the values are Monte Carlo estimates (math with ``env.ground_truth_mc``); None where exact
     value_se: Optional[list[float]] = None
+
+
+@dataclass
+class MCGroundTruth(GroundTruthCredit):
+    """Ground truth estimated from rollouts (``value``/``q_value``/``advantage``/``value_se`` as in
+    :class:`GroundTruthCredit`), with the advantages' standard errors and the estimate's cost (the textgame
+    family; MiniGrid with ``env.ground_truth=mc``)."""
+
+    advantage_stderr: list[float] = field(default_factory=list)
+    rollouts: int = 0
+    env_steps: int = 0
 
 
 @dataclass

@@ -34,14 +34,17 @@ def finite_horizon_values(transition: np.ndarray, reward: np.ndarray, horizon: i
                           reference_policy: str = "uniform", terminal: np.ndarray | None = None) -> FiniteHorizonValues:
     """Backward induction over ``horizon`` turns.
 
-    ``transition`` (S, A, S) is stationary; ``reward`` (expected immediate reward) is (S, A), or
+    ``transition`` (S, A, S) is stationary, or (S, A) integer next-state indices for a
+    deterministic MDP (MiniGrid: a dense table would be S x A x S); ``reward`` (expected immediate reward) is (S, A), or
     (H, S, A) when it depends on the turn (MiniGrid's success reward shrinks with the step count);
     actions ``0..n_valid-1`` are the valid ones the reference policy mixes over (uniformly, or the
     max for ``"optimal"``); actions past ``n_valid`` (the invalid action) get a Q but no weight.
     ``terminal`` (S,) is the value after the last turn (default 0)."""
     if reference_policy not in REFERENCE_POLICIES:
         raise ValueError(f"reference_policy must be one of {REFERENCE_POLICIES}, got {reference_policy!r}")
-    S, A, S2 = transition.shape
+    deterministic = transition.ndim == 2
+    S, A = transition.shape[:2]
+    S2 = S if deterministic else transition.shape[2]
     if reward.shape == (S, A):
         reward = np.broadcast_to(reward, (horizon, S, A))
     if S2 != S or reward.shape != (horizon, S, A) or not 1 <= n_valid <= A:
@@ -51,7 +54,7 @@ def finite_horizon_values(transition: np.ndarray, reward: np.ndarray, horizon: i
     if terminal is not None:
         V[horizon] = terminal
     for t in reversed(range(horizon)):
-        Q[t] = reward[t] + transition @ V[t + 1]
+        Q[t] = reward[t] + (V[t + 1][transition] if deterministic else transition @ V[t + 1])
         valid = Q[t, :, :n_valid]
         V[t] = valid.max(axis=1) if reference_policy == "optimal" else valid.mean(axis=1)
     return FiniteHorizonValues(V=V, Q=Q)

@@ -9,21 +9,11 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from environments.ground_truth import GroundTruthCredit
+from environments.ground_truth import MCGroundTruth  # noqa: F401  (textgame_env imports it from here)
 from environments.tasks import textgame_twx as twx
-
-
-@dataclass
-class MCGroundTruth(GroundTruthCredit):
-    """Ground truth estimated from rollouts (``value``/``q_value``/``advantage``/``value_se`` as in
-    :class:`GroundTruthCredit`), with the advantages' standard errors and the estimate's cost."""
-
-    advantage_stderr: list[float] = field(default_factory=list)
-    rollouts: int = 0
-    env_steps: int = 0
 
 
 class _Replayer:
