@@ -108,6 +108,9 @@ class Tracker:
         #: params the store has (or the journal will send) once this tracker started/attached the run
         self._server_params: Optional[dict[str, str]] = None
         self._logged: set[int] = set()
+        #: the last value this tracker logged or journaled per tag: an unchanged tag is not sent again
+        #: (the checklist is re-filled every iteration; most of its ~30 tags stay the same)
+        self._tag_values: dict[str, str] = {}
         self.buffer = Path(buffer) if buffer is not None else None
         self._pending: list[dict[str, Any]] = []
         self._down_since: Optional[float] = None
@@ -206,13 +209,60 @@ class Tracker:
         sender.stop()
         return sender.take_error()
 
-    def _sent(self) -> None:
-        """The journal's first entry reached the store: drop it (journal rewritten, its blob removed)."""
+    def _sent(self, n: int = 1) -> None:
+        """The journal's first ``n`` entries reached the store: drop them (journal rewritten once,
+        their blobs removed)."""
         with self._lock:
-            done = self._pending.pop(0)
+            done, self._pending = self._pending[:n], self._pending[n:]
             self._rewrite_buffer()
-        if done["kind"] == "artifact" and self.buffer is not None:
-            Path(done["file"]).unlink(missing_ok=True)
+        for entry in done:
+            if entry["kind"] == "artifact" and self.buffer is not None:
+                Path(entry["file"]).unlink(missing_ok=True)
+
+    def _send_prefix(self, server_steps: Optional[set[int]]) -> int:
+        """Send the journal's first entry, or the longest run of metric/param/tag entries at its
+        head that fits one ``log_batch`` (MLflow's limits: 1000 metrics, 100 params, 100 tags) as
+        that one call (one SQLite transaction: all of it reaches the store or none, so a metric
+        step's sentinel still arrives with its metrics). Returns how many entries were sent."""
+        from mlflow.entities import Metric, Param, RunTag
+
+        with self._lock:
+            head = list(self._pending[:64])
+        metrics: list[Any] = []
+        params: dict[str, str] = {}
+        tags: dict[str, str] = {}
+        n = 0
+        for entry in head:
+            kind = entry["kind"]
+            if kind == "metrics":
+                if server_steps is not None and entry["step"] in server_steps:
+                    n += 1  # reached the store before the connection broke (the sentinel says so)
+                    continue
+                add_m, add_p, add_t = len(entry["metrics"]), 0, 0
+            elif kind == "params":
+                add_m, add_p, add_t = 0, len({k for k, _ in entry["params"]} - set(params)), 0
+            elif kind == "tags":
+                add_m, add_p, add_t = 0, 0, len(set(entry["tags"]) - set(tags))
+            else:
+                break
+            if len(metrics) + add_m > 1000 or len(params) + add_p > _PARAM_CHUNK or len(tags) + add_t > 100:
+                break
+            if kind == "metrics":
+                metrics.extend(Metric(k, float(v), int(ts), int(entry["step"])) for k, v, ts in entry["metrics"])
+            elif kind == "params":
+                if any(params.get(k, v) != v for k, v in entry["params"]):
+                    break  # a conflicting value: sent on its own, so the store's error names it
+                params.update(entry["params"])
+            else:
+                tags.update(entry["tags"])  # a later value of a tag wins, as sent one by one
+            n += 1
+        if n == 0:  # an artifact, or one entry larger than a batch: sent as it is
+            self._send(head[0], server_steps)
+            return 1
+        if metrics or params or tags:
+            self.client.log_batch(self.run_id, metrics=metrics, params=[Param(k, v) for k, v in params.items()],
+                                  tags=[RunTag(k, v) for k, v in tags.items()])
+        return n
 
     def _rewrite_buffer(self) -> None:
         if self.buffer is None:
@@ -307,8 +357,8 @@ class Tracker:
                 if server_steps is None and (self._down_since is not None or self._replaying):
                     server_steps = self._server_steps()
                 while self._pending:
-                    self._send(self._pending[0], server_steps)
-                    self._sent()
+                    n = self._send_prefix(server_steps)
+                    self._sent(n)
                 if self._down_since is not None:
                     print(f"creditflow: MLflow tracking store {self.uri} is back; buffered entries replayed",
                           file=sys.stderr)
@@ -415,7 +465,12 @@ class Tracker:
         existing.update(items)
 
     def set_tags(self, tags: dict[str, Any]) -> None:
-        items = {k: str(v)[:8000] for k, v in mask_config({k: str(v) for k, v in tags.items()}).items()}
+        """Set ``tags`` (masked, truncated); those whose value this tracker already set are skipped."""
+        masked = {k: str(v)[:8000] for k, v in mask_config({k: str(v) for k, v in tags.items()}).items()}
+        items = {k: v for k, v in masked.items() if self._tag_values.get(k) != v}
+        if not items:
+            return
+        self._tag_values.update(items)
         if self.buffer is None:
             from mlflow.entities import RunTag
 

@@ -76,6 +76,36 @@ def test_sender_logs_each_step_once_and_finish_joins_it(tmp_path):
     assert not t.buffer.exists() and not t._blob_dir().exists()
 
 
+def test_journal_head_goes_in_one_log_batch_and_unchanged_tags_are_not_journaled_again(tmp_path, monkeypatch):
+    """Consecutive metric/param/tag entries reach the store as ONE log_batch (one SQLite transaction,
+    the journal rewritten once), in order (a later tag value wins); an artifact ends the batch; a tag
+    set again with its value is not journaled again."""
+    t = _tracker(tmp_path)
+    t.start("batched", {})
+    t.flush(wait=True)
+    monkeypatch.setattr(t, "_wake_sender", lambda: None)  # let the journal fill, then drain it once
+    for step in range(3):
+        t.log_step(step, {"m": float(step)})
+        t.set_tags({"fixed": "same", "last": step})
+    t.log_params({"p": "1"})
+    t.log_text("hello", "notes/a.txt")
+    t.log_step(3, {"m": 3.0})
+    assert [e["kind"] for e in _journal(t)] == ["metrics", "tags", "metrics", "tags", "metrics", "tags",
+                                                "params", "artifact", "metrics"]
+    assert [sorted(e["tags"]) for e in _journal(t) if e["kind"] == "tags"] == [["fixed", "last"], ["last"], ["last"]]
+    calls = []
+    real = t.client.log_batch
+    monkeypatch.setattr(t.client, "log_batch", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
+    assert t.flush(wait=True)
+    assert [(len(c["metrics"]), len(c["params"]), len(c["tags"])) for c in calls] == [(6, 1, 2), (2, 0, 0)]
+    run = t.client.get_run(t.run_id)
+    assert run.data.tags["last"] == "2" and run.data.tags["fixed"] == "same" and run.data.params["p"] == "1"
+    assert _steps(t, SENTINEL) == _steps(t, "m") == [0, 1, 2, 3]
+    assert [a.path for a in t.client.list_artifacts(t.run_id, "notes")] == ["notes/a.txt"]
+    assert not t.buffer.exists()
+    t.finish("FINISHED")
+
+
 def test_rejected_entry_surfaces_at_the_next_call_and_stays_in_the_journal(tmp_path, capfd):
     from mlflow.exceptions import MlflowException
 
