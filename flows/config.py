@@ -352,6 +352,9 @@ def check_learnable(cfg: DictConfig) -> Optional[ConfigError]:
             f"must be > 0 for credit.method={method.name}: it needs a critic and update.value_coef=0 trains no value "
             "loss, so the critic never learns")
     loss = get_loss(upd.loss)
+    stale = check_async(cfg, method, loss)
+    if stale is not None:
+        return stale
     if loss.accepts is not None and method.granularity not in loss.accepts:
         return problem_error(
             "update.loss", upd.loss,
@@ -370,6 +373,46 @@ def check_learnable(cfg: DictConfig) -> Optional[ConfigError]:
     return None
 
 
+
+
+#: credit needs whose estimates assume the batch was sampled by the policy the credit stage runs
+#: (the learner's): Monte Carlo continuations played by the current policy from states an older
+#: policy reached, with no importance weight for the continuation's returns (VinePPO/SPO's unbiased
+#: MC value of the sampling policy no longer holds), and they would put env rollouts on the
+#: learner's path again. Everything else (group baselines, critics, reference/scorer log-probs of
+#: the batch's tokens) is a function of the batch that the loss's off-policy correction covers.
+ON_POLICY_NEEDS = ("mc_rollouts",)
+
+
+def check_async(cfg: DictConfig, method: Any, loss: Any) -> Optional[ConfigError]:
+    """``rollout.max_staleness >= 1`` (bounded-staleness asynchronous rollouts, flows/train.py): the
+    one place that says which combinations may learn from stale rollouts. Refused, in one line: a
+    loss that declares no off-policy correction (``LossSpec.off_policy``), a credit method whose
+    needs are on-policy quantities (:data:`ON_POLICY_NEEDS`, and MC process rewards), and the
+    engines/runners the asynchronous loop does not drive (vLLM, rollout shards, Dask/Ray)."""
+    n = cfg.rollout.max_staleness
+    if not n:
+        return None
+    if not loss.off_policy:
+        return problem_error(
+            "update.loss", cfg.update.loss,
+            f"declares no off-policy correction (LossSpec.off_policy) and rollout.max_staleness={n} trains on "
+            "rollouts of a policy up to that many updates old; use update.loss=grpo, ppo, turn_ppo or sorl")
+    on_policy = [n_ for n_ in ON_POLICY_NEEDS if n_ in method.needs]
+    if "process_rewards" in method.needs and cfg.credit.get("process_reward") == "mc":
+        on_policy.append("process_rewards (credit.process_reward=mc)")
+    if on_policy:
+        return problem_error(
+            "rollout.max_staleness", n,
+            f"credit.method={method.name} needs {', '.join(on_policy)}: Monte Carlo continuations of the current "
+            "policy from states a stale policy reached, which no importance ratio corrects; use rollout.max_staleness=0")
+    if cfg.rollout.engine != "hf" or cfg.runner.kind != "local" or cfg.runner.rollout_shards != 1:
+        return problem_error(
+            "rollout.max_staleness", n,
+            "asynchronous rollouts are implemented for rollout.engine=hf with runner.kind=local and "
+            f"runner.rollout_shards=1 (got engine={cfg.rollout.engine}, runner.kind={cfg.runner.kind}, "
+            f"rollout_shards={cfg.runner.rollout_shards}); use rollout.max_staleness=0")
+    return None
 
 
 def _validate_vllm(cfg: DictConfig) -> None:
@@ -440,10 +483,19 @@ def to_object(cfg: DictConfig) -> TrainConfig:
     return OmegaConf.to_object(cfg)  # type: ignore[return-value]
 
 
+#: keys added to a hashed section after runs existed, with the value that reproduces what those runs
+#: computed: at that value the key stays out of the hash, so a run created before it resumes (its
+#: saved config lacks the key) and keeps its cache keys; any other value enters the hash
+HASH_NEUTRAL: dict[tuple[str, str], Any] = {("rollout", "max_staleness"): 0}
+
+
 def config_hash(cfg: DictConfig) -> str:
     """Hash of the sections that change what training computes (not iterations, tracking, debug)."""
     data = {k: OmegaConf.to_container(cfg[k], resolve=True) if isinstance(cfg[k], DictConfig) else cfg[k]
             for k in HASHED_SECTIONS}
+    for (section, key), neutral in HASH_NEUTRAL.items():
+        if isinstance(data.get(section), dict) and data[section].get(key, neutral) == neutral:
+            data[section].pop(key, None)
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
