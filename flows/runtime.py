@@ -165,6 +165,7 @@ class RunState:
     _judge: Any = field(default=None, repr=False)
     _behaviour: Any = field(default=None, repr=False)
     _behaviour_engine: Any = field(default=None, repr=False)
+    _behaviour_tokenizer: Any = field(default=None, repr=False)
     _lock: Any = field(default_factory=threading.Lock, repr=False)
     #: held by the rollout lane while it samples from the behaviour copy (one rollout at a time)
     behaviour_lock: Any = field(default_factory=threading.Lock, repr=False)
@@ -249,10 +250,10 @@ class RunState:
             self.executed_count += 1
             if key is not None:
                 self.executed_keys[key] += 1
-        with open(self.paths.executions, "a") as fh:
-            fh.write(json.dumps({"iteration": iteration, "stage": stage, "pid": os.getpid(), "t": time.time()}) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
+            with open(self.paths.executions, "a") as fh:
+                fh.write(json.dumps({"iteration": iteration, "stage": stage, "pid": os.getpid(), "t": time.time()}) + "\n")
+                fh.flush()
+                os.fsync(fh.fileno())
 
     def executions(self) -> list[dict[str, Any]]:
         if not self.paths.executions.is_file():
@@ -345,8 +346,14 @@ class RunState:
         from stages.rollout.engines import make_engine
 
         self._behaviour = copy.deepcopy(self.policy).eval().requires_grad_(False)
-        self._behaviour_engine = make_engine(self.obj.rollout, self._behaviour, self.tokenizer, seed=self.obj.seed)
+        # the lane encodes observations with a tokenizer of its own: a fast tokenizer is one Rust
+        # object, and the learner's credit stage (prompts, decoding) uses the run's at the same time
+        self._behaviour_tokenizer = copy.deepcopy(self.tokenizer)
+        self._behaviour_engine = make_engine(self.obj.rollout, self._behaviour, self._behaviour_tokenizer,
+                                             seed=self.obj.seed)
         self.behaviour_version = None
+        if self.family.needs_sandbox:  # created here, once: not lazily by two threads at the same time
+            _ = self.sandbox_backend
 
     def behaviour_player(self, checkpoint: str) -> Any:
         """A :class:`environments.start.SlotPlayer` sampling from the frozen behaviour copy loaded
@@ -356,7 +363,7 @@ class RunState:
         if self.behaviour_version != checkpoint:
             load_checkpoint(Path(checkpoint), self._behaviour, None)
             self.behaviour_version = checkpoint
-        return self._player(self._behaviour_engine)
+        return self._player(self._behaviour_engine, self._behaviour_tokenizer)
 
     @property
     def sandbox_backend(self) -> Any:
@@ -373,16 +380,16 @@ class RunState:
         family whose episodes an outside program plays (``TaskFamily.external_agent``), a
         :class:`stages.rollout.lightning.AgentProgramPlayer`."""
         self.build_policy()
-        return self._player(self.engine)
+        return self._player(self.engine, self.tokenizer)
 
-    def _player(self, engine: Any) -> Any:
+    def _player(self, engine: Any, tokenizer: Any) -> Any:
         from environments.start import SlotPlayer
         from stages.rollout.lightning import AgentProgramPlayer
 
         new_sandbox = (lambda: self.sandbox_backend.create()) if self.family.needs_sandbox else None
         # an outside agent program plays the episodes against the served policy (env=lightning)
         player = AgentProgramPlayer if self.family.external_agent else SlotPlayer
-        return player(family=self.family, engine=engine, tokenizer=self.tokenizer, rollout=self.obj.rollout,
+        return player(family=self.family, engine=engine, tokenizer=tokenizer, rollout=self.obj.rollout,
                           new_sandbox=new_sandbox)
 
     def reference_policy(self) -> torch.nn.Module:
