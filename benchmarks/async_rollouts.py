@@ -43,9 +43,9 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
 
 
-def run(overrides: list[str], home: Path) -> tuple[float, float, int]:
+def run(overrides: list[str], home: Path) -> tuple[float, float, int, float]:
     """One training run through the flow: (steady-state seconds, rollout tokens in that window,
-    iterations in it)."""
+    iterations in it, seconds of its rollout stages)."""
     from flows import api, train
 
     ends: list[float] = []
@@ -55,9 +55,10 @@ def run(overrides: list[str], home: Path) -> tuple[float, float, int]:
         out = api.start_run(overrides, home=home, progress=False)
     finally:
         train.ITERATION_HOOKS.remove(hook)
-    hist = api.tracker_for(home).client.get_metric_history(out["mlflow_run_id"], "rollout.generated_tokens")
-    tokens = sum(m.value for m in hist if m.step >= 1)
-    return ends[-1] - ends[0], tokens, len(ends) - 1
+    client = api.tracker_for(home).client
+    tokens = sum(m.value for m in client.get_metric_history(out["mlflow_run_id"], "rollout.generated_tokens") if m.step >= 1)
+    rollout_s = sum(m.value for m in client.get_metric_history(out["mlflow_run_id"], "time.rollout_seconds") if m.step >= 1)
+    return ends[-1] - ends[0], tokens, len(ends) - 1, rollout_s
 
 
 def main() -> None:
@@ -76,14 +77,14 @@ def main() -> None:
 
     # the cached warmed-up policy, Prefect's ephemeral server and MLflow's store: outside the timings
     run(["iterations=2", "eval_episodes=2", *args.overrides], home)
-    sides: dict[str, list[tuple[float, float, int]]] = {"sync": [], "async": []}
+    sides: dict[str, list[tuple[float, float, int, float]]] = {"sync": [], "async": []}
     for _ in range(args.repeats):  # interleaved, so background load hits both sides alike
         sides["sync"].append(run(base + ["rollout.max_staleness=0"], home))
         sides["async"].append(run(base + [f"rollout.max_staleness={args.staleness}"], home))
 
     def rates(rows):
-        its = statistics.median(n / s for s, _, n in rows)
-        toks = statistics.median(t / s for s, t, _ in rows)
+        its = statistics.median(n / s for s, _, n, _ in rows)
+        toks = statistics.median(t / s for s, t, _, _ in rows)
         return its, toks
 
     (s_it, s_tok), (a_it, a_tok) = rates(sides["sync"]), rates(sides["async"])
@@ -97,7 +98,12 @@ def main() -> None:
     print(f"{f'max_staleness={args.staleness}':<26}{a_it:>14.3f}{a_tok:>18.1f}")
     print(f"ratio async / sync        {a_it / s_it:>14.2f}x{a_tok / s_tok:>17.2f}x")
     for name, rows in sides.items():
-        print(f"  {name} runs: " + ", ".join(f"{n / s:.3f} it/s" for s, _, n in rows))
+        print(f"  {name} runs: " + ", ".join(f"{n / s:.3f} it/s" for s, _, n, _ in rows))
+    # the bound with one free core per lane: the synchronous iteration's time over the longer lane
+    # (the rollout stage vs everything else the flow's thread does)
+    share = statistics.median(r / s for s, _, _, r in sides["sync"])
+    print(f"rollout share of a synchronous iteration {share:.0%}: with a free core per lane the ratio is "
+          f"at most {1 / max(share, 1 - share):.2f}x")
 
 
 if __name__ == "__main__":
