@@ -21,17 +21,11 @@ import torch
 from flows import api
 from flows.config import ConfigError, load_config
 from flows.runtime import RunState
+from tests.test_flow import _persisted  # the value of a persisted stage result
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["env=bifurcation", "env.horizon=3", "env.num_decisive=1", "rollout.tasks_per_iteration=2",
         "rollout.group_size=2", "eval_episodes=2", "tracking.heatmap_every=0", "update.keep_checkpoints=8"]
-
-
-def _persisted(state: RunState, key: str):
-    from prefect.results import ResultRecord
-
-    record = ResultRecord.deserialize((state.paths.results / f"{state.run_id}-{key}-{state.chash}").read_bytes())
-    return record.result.value
 
 
 def _history(home: Path, mlflow_run_id: str, key: str) -> list[tuple[int, float]]:
