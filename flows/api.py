@@ -99,7 +99,11 @@ def run_plain(overrides: Optional[list[str]] = None, home: Optional[Path] = None
 
     from flows import train
 
-    state = RunState.create(load_config(overrides), home or creditflow_home())
+    cfg = load_config(overrides)
+    if cfg.rollout.max_staleness:  # the asynchronous rollout lane needs the flow's task runner
+        raise ConfigError(f"rollout.max_staleness={cfg.rollout.max_staleness}: run_plain calls the stages one after "
+                          "the other (synchronous); asynchronous rollouts run in the flow (api.start_run)")
+    state = RunState.create(cfg, home or creditflow_home())
     train._RUNS[state.run_id] = state
     per_stage: dict[str, list[float]] = defaultdict(list)
 

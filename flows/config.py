@@ -32,7 +32,7 @@ from stages.credit.base import CreditConfig
 from stages.credit.registry import get_method_class
 from stages.rollout.config import ModelConfig, RolloutConfig
 from stages.update.config import UpdateConfig
-from stages.update.loss_registry import get_loss
+from stages.update.loss_registry import get_loss, loss_names
 from flows.runner_config import RunnerConfig
 from stages.benchmark.budget import BudgetConfig
 from stages.config_fields import Problem, check, format_value, param
@@ -357,6 +357,9 @@ def check_learnable(cfg: DictConfig) -> Optional[ConfigError]:
             f"must be > 0 for credit.method={method.name}: it needs a critic and update.value_coef=0 trains no value "
             "loss, so the critic never learns")
     loss = get_loss(upd.loss)
+    stale = check_async(cfg, method, loss)
+    if stale is not None:
+        return stale
     if loss.accepts is not None and method.granularity not in loss.accepts:
         return problem_error(
             "update.loss", upd.loss,
@@ -375,6 +378,58 @@ def check_learnable(cfg: DictConfig) -> Optional[ConfigError]:
     return None
 
 
+
+
+#: credit needs that play the environment with the learner's policy inside the credit stage, and why
+#: each cannot take stale rollouts. They all put environment rollouts back on the learner's path
+#: (beside the rollout lane's environments), the work asynchronous rollouts exist to take off it.
+#: Everything else (group baselines, critics, reference/scorer log-probs of the batch's tokens,
+#: judges, helpers) is a function of the batch that the loss's off-policy correction covers.
+ON_POLICY_NEEDS: dict[str, str] = {
+    "mc_rollouts": "Monte Carlo continuations of the learner's policy from states a stale policy reached: one value "
+                   "estimate mixing two policies, which no importance ratio of the loss corrects",
+    "greedy_rollout": "a greedy episode of the learner's policy per task, played in the credit stage",
+}
+
+
+def check_async(cfg: DictConfig, method: Any, loss: Any) -> Optional[ConfigError]:
+    """``rollout.max_staleness >= 1`` (bounded-staleness asynchronous rollouts, flows/train.py): the
+    one place that says which combinations may learn from stale rollouts. Refused, in one line: a
+    loss that declares no off-policy correction (``LossSpec.off_policy``), a credit method whose
+    needs replay the environment with the learner's policy (:data:`ON_POLICY_NEEDS`, and MC process
+    rewards), families played by an outside agent program, and the engines/runners the
+    asynchronous loop does not drive (vLLM, rollout shards, Dask/Ray)."""
+    n = cfg.rollout.max_staleness
+    if not n:
+        return None
+    if not loss.off_policy:
+        ok = ", ".join(name for name in loss_names() if get_loss(name).off_policy)
+        return problem_error(
+            "update.loss", cfg["update"].loss,
+            f"declares no off-policy correction (LossSpec.off_policy) and rollout.max_staleness={n} trains on "
+            f"rollouts of a policy up to that many updates old; use a loss that declares one ({ok}) or "
+            "rollout.max_staleness=0")
+    on_policy = [(need, ON_POLICY_NEEDS[need]) for need in ON_POLICY_NEEDS if need in method.needs]
+    if "process_rewards" in method.needs and cfg.credit.get("process_reward") == "mc":
+        on_policy.append(("process_rewards (credit.process_reward=mc)", ON_POLICY_NEEDS["mc_rollouts"]))
+    if on_policy:
+        need, why = on_policy[0]
+        return problem_error(
+            "rollout.max_staleness", n,
+            f"credit.method={method.name} needs {need}: {why}, and environment rollouts back on the learner's path; "
+            "use rollout.max_staleness=0")
+    if get_family_class(cfg.env.name).external_agent:
+        return problem_error(
+            "rollout.max_staleness", n,
+            f"env.name={cfg.env.name}'s episodes are played by one outside agent program against the endpoint this "
+            "process serves, which the rollout lane cannot share with the learner's evaluations; use rollout.max_staleness=0")
+    if cfg.rollout.engine != "hf" or cfg.runner.kind != "local" or cfg.runner.rollout_shards != 1:
+        return problem_error(
+            "rollout.max_staleness", n,
+            "asynchronous rollouts are implemented for rollout.engine=hf with runner.kind=local and "
+            f"runner.rollout_shards=1 (got engine={cfg.rollout.engine}, runner.kind={cfg.runner.kind}, "
+            f"rollout_shards={cfg.runner.rollout_shards}); use rollout.max_staleness=0")
+    return None
 
 
 def _validate_vllm(cfg: DictConfig) -> None:
@@ -445,10 +500,19 @@ def to_object(cfg: DictConfig) -> TrainConfig:
     return OmegaConf.to_object(cfg)  # type: ignore[return-value]
 
 
+#: keys added to a hashed section after runs existed, with the value that reproduces what those runs
+#: computed: at that value the key stays out of the hash, so a run created before it resumes (its
+#: saved config lacks the key) and keeps its cache keys; any other value enters the hash
+HASH_NEUTRAL: dict[tuple[str, str], Any] = {("rollout", "max_staleness"): 0}
+
+
 def config_hash(cfg: DictConfig) -> str:
     """Hash of the sections that change what training computes (not iterations, tracking, debug)."""
     data = {k: OmegaConf.to_container(cfg[k], resolve=True) if isinstance(cfg[k], DictConfig) else cfg[k]
             for k in HASHED_SECTIONS}
+    for (section, key), neutral in HASH_NEUTRAL.items():
+        if isinstance(data.get(section), dict) and data[section].get(key, neutral) == neutral:
+            data[section].pop(key, None)
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

@@ -16,7 +16,9 @@ Run directory layout (``$CREDITFLOW_HOME/runs/<run_id>/``)::
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import copy
 import fcntl
 import json
 import os
@@ -127,8 +129,11 @@ class RunState:
     (:meth:`build_policy`), the sandbox backend (:attr:`sandbox_backend`), the frozen reference
     policy (:meth:`reference_policy`) and the LLM judge (:meth:`judge`). Bookkeeping:
     ``policy_version`` (checkpoint the live policy equals), ``model_info``, ``executed_count``
-    (stage bodies run by this process: a stage is cached when it does not move), and the checklist's
-    ``checklist_raw`` / ``baseline_tags`` (:mod:`flows.checklist`).
+    (stage bodies run by this process: a stage is cached when its key's count in ``executed_keys``
+    does not move), and the checklist's ``checklist_raw`` / ``baseline_tags`` (:mod:`flows.checklist`).
+    Asynchronous rollouts (``rollout.max_staleness >= 1``): the frozen behaviour copy of the policy
+    and its engine (:meth:`behaviour_player`), ``behaviour_version`` (the checkpoint it equals) and
+    ``rollout_threads`` (torch intra-op threads of the rollout lane; the learner keeps the rest).
     """
 
     run_id: str
@@ -147,6 +152,10 @@ class RunState:
     model_info: dict[str, Any] = field(default_factory=dict)
     policy_version: Optional[str] = None
     executed_count: int = 0
+    #: stage key -> stage bodies of that key run by this process (concurrent stages: per key, not a total)
+    executed_keys: collections.Counter = field(default_factory=collections.Counter)
+    behaviour_version: Optional[str] = None
+    rollout_threads: int = 1
     #: raw checklist values other runs compare against (``checklist.fill`` writes them)
     checklist_raw: dict[str, Any] = field(default_factory=dict)
     #: ``report.baseline_run`` -> that run's checklist tags (looked up once per run; None = not found)
@@ -154,6 +163,12 @@ class RunState:
     _sandbox_backend: Any = field(default=None, repr=False)
     _reference: Any = field(default=None, repr=False)
     _judge: Any = field(default=None, repr=False)
+    _behaviour: Any = field(default=None, repr=False)
+    _behaviour_engine: Any = field(default=None, repr=False)
+    _behaviour_tokenizer: Any = field(default=None, repr=False)
+    _lock: Any = field(default_factory=threading.Lock, repr=False)
+    #: held by the rollout lane while it samples from the behaviour copy (one rollout at a time)
+    behaviour_lock: Any = field(default_factory=threading.Lock, repr=False)
 
     def __post_init__(self) -> None:
         self.obj = to_object(self.cfg)
@@ -230,12 +245,15 @@ class RunState:
             fh.close()
 
     # ------------------------------------------------------------------ execution audit
-    def record_execution(self, iteration: int, stage: str) -> None:
-        self.executed_count += 1
-        with open(self.paths.executions, "a") as fh:
-            fh.write(json.dumps({"iteration": iteration, "stage": stage, "pid": os.getpid(), "t": time.time()}) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
+    def record_execution(self, iteration: int, stage: str, key: Optional[str] = None) -> None:
+        with self._lock:  # the rollout lane of an asynchronous run records from another thread
+            self.executed_count += 1
+            if key is not None:
+                self.executed_keys[key] += 1
+            with open(self.paths.executions, "a") as fh:
+                fh.write(json.dumps({"iteration": iteration, "stage": stage, "pid": os.getpid(), "t": time.time()}) + "\n")
+                fh.flush()
+                os.fsync(fh.fileno())
 
     def executions(self) -> list[dict[str, Any]]:
         if not self.paths.executions.is_file():
@@ -318,6 +336,35 @@ class RunState:
         self.engine.sync_weights(self.policy)
         self.policy_version = checkpoint
 
+    def prepare_behaviour(self) -> None:
+        """Asynchronous rollouts: make the frozen behaviour copy of the policy and its own engine
+        (called by the flow's thread before the rollout lane starts, so the copy is never taken
+        while the learner mutates the policy). The copy never trains: no grad, eval mode."""
+        self.build_policy()
+        if self._behaviour is not None:
+            return
+        from stages.rollout.engines import make_engine
+
+        self._behaviour = copy.deepcopy(self.policy).eval().requires_grad_(False)
+        # the lane encodes observations with a tokenizer of its own: a fast tokenizer is one Rust
+        # object, and the learner's credit stage (prompts, decoding) uses the run's at the same time
+        self._behaviour_tokenizer = copy.deepcopy(self.tokenizer)
+        self._behaviour_engine = make_engine(self.obj.rollout, self._behaviour, self._behaviour_tokenizer,
+                                             seed=self.obj.seed)
+        self.behaviour_version = None
+        if self.family.needs_sandbox:  # created here, once: not lazily by two threads at the same time
+            _ = self.sandbox_backend
+
+    def behaviour_player(self, checkpoint: str) -> Any:
+        """A :class:`environments.start.SlotPlayer` sampling from the frozen behaviour copy loaded
+        with ``checkpoint``'s policy weights (never the live policy the update mutates)."""
+        if self._behaviour is None:
+            raise RuntimeError("prepare_behaviour() must run before the rollout lane samples")
+        if self.behaviour_version != checkpoint:
+            load_checkpoint(Path(checkpoint), self._behaviour, None)
+            self.behaviour_version = checkpoint
+        return self._player(self._behaviour_engine, self._behaviour_tokenizer)
+
     @property
     def sandbox_backend(self) -> Any:
         """The sandbox backend of this run (created on first use, for families that need one)."""
@@ -332,14 +379,17 @@ class RunState:
         """A :class:`environments.start.SlotPlayer` on this run's live objects (policy built first); for a
         family whose episodes an outside program plays (``TaskFamily.external_agent``), a
         :class:`stages.rollout.lightning.AgentProgramPlayer`."""
+        self.build_policy()
+        return self._player(self.engine, self.tokenizer)
+
+    def _player(self, engine: Any, tokenizer: Any) -> Any:
         from environments.start import SlotPlayer
         from stages.rollout.lightning import AgentProgramPlayer
 
-        self.build_policy()
         new_sandbox = (lambda: self.sandbox_backend.create()) if self.family.needs_sandbox else None
         # an outside agent program plays the episodes against the served policy (env=lightning)
         player = AgentProgramPlayer if self.family.external_agent else SlotPlayer
-        return player(family=self.family, engine=self.engine, tokenizer=self.tokenizer, rollout=self.obj.rollout,
+        return player(family=self.family, engine=engine, tokenizer=tokenizer, rollout=self.obj.rollout,
                           new_sandbox=new_sandbox)
 
     def reference_policy(self) -> torch.nn.Module:

@@ -50,6 +50,9 @@ class RolloutConfig:
     max_new_tokens_per_turn: int = param(4, help="cap on tokens the policy emits in one turn", ge=1)
     max_context_tokens: int = param(1024, help="episode ends with reason 'length' beyond this", ge=1)
     hf_max_batch_rows: int = param(256, help="hf engine: most rows sampled in one batch; larger calls (MC continuations) run in chunks sorted by context length", ge=1)
+    # bounded-staleness asynchronous rollouts (survey §8.2; AReaL, prime-rl's async_level, SkyRL's fully-async
+    # trainer): iteration k's rollout samples from the checkpoint of iteration k-1-N while k-1 still updates
+    max_staleness: int = param(0, help="0 = synchronous (rollout k samples the policy update k-1 wrote); N >= 1 = asynchronous: iteration k's env + rollout stages run concurrently with the reward/credit/update of earlier iterations, sampling a frozen copy of the checkpoint N versions older than the one its update starts from (flows/train.py)", ge=0)
     env_start_retries: int = param(2, help="a group whose environment fails to start is retried this often, then dropped whole", ge=0)
     # ---- vLLM engine (rollout.engine=vllm; stages/rollout/vllm_engine.py) ----
     vllm_url: Optional[str] = param(None, help="OpenAI-compatible vLLM server (http://host:port); unset = in-process engine", check=_http_url, rule="must start with http:// or https://")

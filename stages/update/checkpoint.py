@@ -178,6 +178,17 @@ def load_checkpoint(
     return manifest, optim_state
 
 
+def checkpoint_version(path: str | Path) -> int:
+    """The policy version a checkpoint holds: the number of updates applied to the base policy
+    (``init`` = 0, ``iter_<k>`` = k + 1, written by iteration k's update)."""
+    name = Path(path).name
+    if name == "init":
+        return 0
+    if name.startswith("iter_") and name[5:].isdigit():
+        return int(name[5:]) + 1
+    raise ValueError(f"{path} is not a run checkpoint (init or iter_<k>)")
+
+
 def prune_checkpoints(root: Path, keep: int, protect: tuple[str, ...] = ("init",)) -> None:
     """Delete all but the ``keep`` newest ``iter_*`` checkpoints (``protect`` names are kept)."""
     ckpts = sorted(p for p in root.glob("iter_*") if p.is_dir() and p.name not in protect)

@@ -67,7 +67,8 @@ def dpo_from_logratios(chosen: torch.Tensor, rejected: torch.Tensor, beta: float
 
 @register_loss("dpo", aggregation="seq-mean-token-mean", needs=("ref_logprobs", "trajectory_pairs"),
                accepts=("episode",), reads="ranks a group's trajectories by one advantage per trajectory",
-               reference="Rafailov et al. 2023 (DPO, eq. 7) on trajectory pairs: best vs worst of a group")
+               reference="Rafailov et al. 2023 (DPO, eq. 7) on trajectory pairs: best vs worst of a group",
+               off_policy="none needed: an offline preference objective against the frozen reference (no behaviour log-probs)")
 def dpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
              cfg: Any, ref_logprobs: torch.Tensor, trajectory_pairs: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
     """DPO on (chosen row, rejected row) pairs: each row's summed policy/reference log-ratio."""
@@ -80,7 +81,8 @@ def dpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: tor
 
 @register_loss("turn_dpo", aggregation="seq-mean-token-mean", needs=("ref_logprobs", "turn_ids", "turn_pairs"),
                accepts=TURN_CREDIT, reads="ranks turns at an anchor state by one advantage per turn",
-               reference="Rafailov et al. 2023 (DPO) on turn pairs at the same anchor state (SWEET-RL's actor loss, Zhou et al. 2025)")
+               reference="Rafailov et al. 2023 (DPO) on turn pairs at the same anchor state (SWEET-RL's actor loss, Zhou et al. 2025)",
+               off_policy="none needed: an offline preference objective against the frozen reference (no behaviour log-probs)")
 def turn_dpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
                   cfg: Any, ref_logprobs: torch.Tensor, turn_ids: torch.Tensor,
                   turn_pairs: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:

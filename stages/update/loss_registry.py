@@ -82,6 +82,10 @@ class LossSpec:
     accepts: "frozenset[str] | None" = None
     #: what the loss reads of the credit, for the one-line refusal of a granularity it does not accept
     reads: str = "takes one advantage per turn"
+    #: how the loss corrects for rollouts sampled by an older policy than the one it updates
+    #: (``rollout.max_staleness >= 1``), e.g. "token ratio to the behaviour log-probs, clipped"; ""
+    #: = none declared, and :func:`flows.config.check_learnable` refuses the loss with stale rollouts
+    off_policy: str = ""
 
     @property
     def needs_pairs(self) -> bool:
@@ -100,8 +104,8 @@ _LOSSES: dict[str, LossSpec] = {}
 
 
 def register_loss(name: str, *, aggregation: str, needs: tuple[str, ...] = (), reference: str = "",
-                  accepts: "tuple[str, ...] | None" = None, reads: str = "takes one advantage per turn"
-                  ) -> Callable[[PolicyLoss], PolicyLoss]:
+                  accepts: "tuple[str, ...] | None" = None, reads: str = "takes one advantage per turn",
+                  off_policy: str = "") -> Callable[[PolicyLoss], PolicyLoss]:
     """Decorator adding a :data:`PolicyLoss` to the registry under ``name`` (see the module docstring)."""
     unknown = set(needs) - set(LOSS_NEEDS)
     if unknown:
@@ -113,7 +117,7 @@ def register_loss(name: str, *, aggregation: str, needs: tuple[str, ...] = (), r
         if name in _LOSSES:
             raise ValueError(f"loss {name!r} registered twice")
         _LOSSES[name] = LossSpec(name, fn, aggregation, frozenset(needs), reference,
-                                 frozenset(accepts) if accepts is not None else None, reads)
+                                 frozenset(accepts) if accepts is not None else None, reads, off_policy)
         return fn
 
     return add

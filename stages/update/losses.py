@@ -54,7 +54,8 @@ def clipped_policy_loss(
     return loss, {"clip_fraction": float(clipfrac), "approx_kl_old": float(approx_kl)}
 
 
-@register_loss("ppo", aggregation="token-mean", reference="Schulman et al. 2017, PPO eq. 7 (clipped surrogate)")
+@register_loss("ppo", aggregation="token-mean", reference="Schulman et al. 2017, PPO eq. 7 (clipped surrogate)",
+               off_policy="token ratio to the behaviour log-probs, clipped (AReaL's decoupled objective with the behaviour policy as proximal)")
 def ppo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
              cfg: Any) -> tuple[torch.Tensor, dict[str, float]]:
     """PPO-clip: the clipped surrogate averaged over all policy tokens of the mini-batch, so a
@@ -63,7 +64,8 @@ def ppo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: tor
 
 
 @register_loss("grpo", aggregation="seq-mean-token-mean",
-               reference="Shao et al. 2024, DeepSeekMath eq. 3 (GRPO objective)")
+               reference="Shao et al. 2024, DeepSeekMath eq. 3 (GRPO objective)",
+               off_policy="token ratio to the behaviour log-probs, clipped (AReaL's decoupled objective with the behaviour policy as proximal)")
 def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
               cfg: Any) -> tuple[torch.Tensor, dict[str, float]]:
     """GRPO: the same clipped surrogate, averaged over each response's tokens (``1/|o_i|``) and

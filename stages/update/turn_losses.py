@@ -86,7 +86,8 @@ def _stats(log_r, ratio, took_clip, present) -> dict[str, float]:
 
 
 @register_loss("turn_ppo", aggregation="token-mean", needs=("turn_ids",), accepts=TURN_CREDIT,
-               reference="Li et al. 2025b (Turn-PPO): turn-level ratio (geometric mean) and clipping per turn")
+               reference="Li et al. 2025b (Turn-PPO): turn-level ratio (geometric mean) and clipping per turn",
+               off_policy="turn-level ratio (geometric mean) to the behaviour log-probs, clipped per turn")
 def turn_ppo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
                   cfg: Any, turn_ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
     """Turn-PPO's clipped surrogate: one ratio and one clip per turn, mean over the batch's turns."""
@@ -97,7 +98,8 @@ def turn_ppo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages
 
 
 @register_loss("sorl", aggregation="seq-mean-token-mean", needs=("turn_ids",), accepts=TURN_CREDIT,
-               reference="Li et al. 2025a (SORL: SO-PPO / SO-GRPO): turn-level IS + clipping-triggered normalization (simplified factor)")
+               reference="Li et al. 2025a (SORL: SO-PPO / SO-GRPO): turn-level IS + clipping-triggered normalization (simplified factor)",
+               off_policy="turn-level importance sampling against the behaviour log-probs, trajectories with clipped turns suppressed")
 def sorl_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
               cfg: Any, turn_ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
     """SORL: the turn-level clipped surrogate, per trajectory, rescaled by its share of turns whose
