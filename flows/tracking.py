@@ -60,7 +60,7 @@ from flows.tracking_store import (  # noqa: F401 - re-exported: the public names
 
 SENTINEL = "progress.iteration"
 #: MLflow allows 100 params / 1000 metrics / 100 tags per log_batch
-_PARAM_CHUNK = 100
+_PARAM_CHUNK, _METRIC_CHUNK, _TAG_CHUNK = 100, 1000, 100
 #: default of ``tracking.retry_seconds``
 DEFAULT_RETRY_SECONDS = 300.0
 
@@ -245,7 +245,8 @@ class Tracker:
                 add_m, add_p, add_t = 0, 0, len(set(entry["tags"]) - set(tags))
             else:
                 break
-            if len(metrics) + add_m > 1000 or len(params) + add_p > _PARAM_CHUNK or len(tags) + add_t > 100:
+            if (len(metrics) + add_m > _METRIC_CHUNK or len(params) + add_p > _PARAM_CHUNK
+                    or len(tags) + add_t > _TAG_CHUNK):
                 break
             if kind == "metrics":
                 metrics.extend(Metric(k, float(v), int(ts), int(entry["step"])) for k, v, ts in entry["metrics"])
@@ -289,17 +290,17 @@ class Tracker:
             if server_steps is not None and entry["step"] in server_steps:
                 return  # reached the store before the connection broke (the sentinel says so)
             items = [Metric(k, float(v), int(ts), int(entry["step"])) for k, v, ts in entry["metrics"]]
-            for i in range(0, len(items), 1000):
+            for i in range(0, len(items), _METRIC_CHUNK):
                 # the sentinel is the last metric of the last chunk: it is written only when all others are
-                self.client.log_batch(self.run_id, metrics=items[i : i + 1000])
+                self.client.log_batch(self.run_id, metrics=items[i : i + _METRIC_CHUNK])
         elif kind == "params":
             items = [Param(k, v) for k, v in entry["params"]]
             for i in range(0, len(items), _PARAM_CHUNK):
                 self.client.log_batch(self.run_id, params=items[i : i + _PARAM_CHUNK])
         elif kind == "tags":
             items = [RunTag(k, v) for k, v in entry["tags"].items()]
-            for i in range(0, len(items), 100):
-                self.client.log_batch(self.run_id, tags=items[i : i + 100])
+            for i in range(0, len(items), _TAG_CHUNK):
+                self.client.log_batch(self.run_id, tags=items[i : i + _TAG_CHUNK])
         elif kind == "artifact":
             src = Path(entry["file"])
             if not src.is_file():
@@ -470,15 +471,15 @@ class Tracker:
         items = {k: v for k, v in masked.items() if self._tag_values.get(k) != v}
         if not items:
             return
-        self._tag_values.update(items)
         if self.buffer is None:
             from mlflow.entities import RunTag
 
             tag_list = [RunTag(k, v) for k, v in items.items()]
-            for i in range(0, len(tag_list), 100):
-                self._retry("set tags", self.client.log_batch, self.run_id, tags=tag_list[i : i + 100])
-            return
-        self._enqueue({"kind": "tags", "tags": items})
+            for i in range(0, len(tag_list), _TAG_CHUNK):
+                self._retry("set tags", self.client.log_batch, self.run_id, tags=tag_list[i : i + _TAG_CHUNK])
+        else:
+            self._enqueue({"kind": "tags", "tags": items})
+        self._tag_values.update(items)  # only once sent or journaled: a failed call is not remembered
 
     def has_step(self, step: int) -> bool:
         return step in self._logged
